@@ -1,0 +1,274 @@
+"""One benchmark configuration: how the model is loaded, adapted and trained.
+
+A configuration is plain data. It validates itself on construction (like peft's
+``LoraConfig``), round-trips through ``to_dict`` / ``from_dict`` (and so YAML), and
+derives its pytest markers from its own fields.
+
+Training hyper-parameters that depend on the model (steps, batch size, sequence
+length, learning rate) may be left as ``None``: :func:`resolve` fills them from the
+model's :class:`TrainDefaults` at run time, and the resolved copy is what every
+result records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorabench.errors import ConfigError
+
+METHODS = ("full", "lora")
+QUANTS = ("none", "nf4", "fp4", "int8")
+DTYPES = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+TARGET_MODULE_PRESETS = ("all-linear", "attention")
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Markers a configuration may add through ``tags`` on top of the derived ones.
+EXTRA_TAGS = ("sweep", "slow", "gpu")
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """Hyper-parameters a model brings when a configuration leaves them open."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr_full: float
+    lr_lora: float
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A fine-tuning configuration: one pytest case per model and data set.
+
+    Args:
+        id: short readable name, used as the pytest id (``qlora_nf4``).
+        method: ``full`` (every weight trains) or ``lora`` (a peft adapter trains).
+        quant: base weights as loaded: ``none``, 4-bit ``nf4`` / ``fp4``, or LLM.int8 ``int8``.
+        double_quant: quantize the 4-bit scales again (QLoRA's double quantization).
+        dtype: weight dtype of an unquantized base, compute dtype of a quantized one.
+        rank, alpha, dropout: LoRA hyper-parameters.
+        target_modules: ``all-linear``, ``attention``, or a list of module names.
+        optimizer: ``adamw`` (torch), ``adamw_8bit`` or ``paged_adamw_8bit`` (bitsandbytes).
+        gradient_checkpointing: recompute activations in the backward pass.
+        batch_size, grad_accum, seq_len, lr, steps: training; ``None`` takes the model's default.
+        warmup_steps: leading optimizer steps excluded from every speed figure.
+        seed: seeds data order, adapter initialisation and dropout.
+        tags: extra pytest markers (``sweep``, ``slow``, ``gpu``).
+
+    Raises:
+        ConfigError: a field is out of range or two fields contradict each other.
+    """
+
+    id: str
+    method: str = "lora"
+    quant: str = "none"
+    double_quant: bool = False
+    dtype: str = "bf16"
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    batch_size: int | None = None
+    grad_accum: int = 1
+    seq_len: int | None = None
+    lr: float | None = None
+    steps: int | None = None
+    warmup_steps: int = 3
+    seed: int = 1234
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.tags, list):
+            object.__setattr__(self, "tags", tuple(self.tags))
+        _validate(self)
+
+    # ----- derived views -------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return self.quant != "none"
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """pytest markers derived from the fields (all registered in pytest.ini)."""
+        marks = [self.method]
+        if self.quant in ("nf4", "fp4"):
+            marks += ["qlora", self.quant]
+        elif self.quant == "int8":
+            marks.append("int8")
+        if self.quantized:
+            marks.append("quantized")
+        if self.optimizer != "adamw":
+            marks.append("optim8bit")
+        if self.gradient_checkpointing:
+            marks.append("checkpointing")
+        marks += [t for t in self.tags if t not in marks]
+        return tuple(marks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so the result is YAML- and JSON-safe."""
+        out = dataclasses.asdict(self)
+        if isinstance(self.target_modules, tuple):
+            out["target_modules"] = list(self.target_modules)
+        out["tags"] = list(self.tags)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "configuration") -> BenchConfig:
+        """Build from a mapping, rejecting unknown keys by name.
+
+        Args:
+            data: the mapping, e.g. one entry of a matrix file.
+            where: how to name the source in errors (``matrix.yaml: configs[2]``).
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(known))}"
+            )
+        if "id" not in data:
+            raise ConfigError(f"{where}: missing required field 'id'")
+        try:
+            return cls(**{k: _coerce(k, v, where) for k, v in data.items()})
+        except ConfigError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def replace(self, **changes: Any) -> BenchConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve(config: BenchConfig, defaults: TrainDefaults) -> BenchConfig:
+    """Fill the fields left as ``None`` from the model's defaults."""
+    lr = config.lr if config.lr is not None else (defaults.lr_full if config.method == "full" else defaults.lr_lora)
+    return config.replace(
+        steps=config.steps if config.steps is not None else defaults.steps,
+        batch_size=config.batch_size if config.batch_size is not None else defaults.batch_size,
+        seq_len=config.seq_len if config.seq_len is not None else defaults.seq_len,
+        lr=lr,
+    )
+
+
+def apply_overrides(config: BenchConfig, overrides: dict[str, Any], *, where: str = "--set") -> BenchConfig:
+    """Return ``config`` with ``overrides`` applied and validated again."""
+    if not overrides:
+        return config
+    merged = config.to_dict() | overrides
+    return BenchConfig.from_dict(merged, where=f"{where} on {config.id!r}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``KEY=VALUE`` command-line override; the value is read as YAML.
+
+    Raises:
+        ConfigError: no ``=``, or an unknown key.
+    """
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rank=32")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    known = {f.name for f in dataclasses.fields(BenchConfig)} - {"id"}
+    if key not in known:
+        raise ConfigError(f"--set {text!r}: unknown key {key!r}; allowed: {', '.join(sorted(known))}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key, value
+
+
+# ----- validation ----------------------------------------------------------
+_INT_FIELDS = ("rank", "alpha", "grad_accum", "warmup_steps", "seed", "batch_size", "seq_len", "steps")
+_FLOAT_FIELDS = ("dropout", "lr")
+_BOOL_FIELDS = ("double_quant", "gradient_checkpointing")
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Accept what YAML and the command line naturally give (``1e-4`` as a string, lists)."""
+    if key in _FLOAT_FIELDS and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(c: BenchConfig) -> None:
+    def fail(msg: str) -> None:
+        raise ConfigError(f"configuration {c.id!r}: {msg}")
+
+    if not isinstance(c.id, str) or not _ID_PATTERN.match(c.id):
+        raise ConfigError(
+            f"configuration id {c.id!r}: use letters, digits, '_', '.', '-' and start with a letter or digit"
+        )
+    for name, allowed in (("method", METHODS), ("quant", QUANTS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS)):
+        value = getattr(c, name)
+        if value not in allowed:
+            fail(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    for name in _INT_FIELDS:
+        value = getattr(c, name)
+        if value is None and name in ("batch_size", "seq_len", "steps"):
+            continue
+        if not _is_int(value):
+            fail(f"{name}={value!r} must be a whole number")
+    for name in _FLOAT_FIELDS:
+        value = getattr(c, name)
+        if value is None and name == "lr":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{name}={value!r} must be a number")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(c, name), bool):
+            fail(f"{name}={getattr(c, name)!r} must be true or false")
+    if c.rank < 1:
+        fail(f"rank={c.rank} must be at least 1")
+    if c.alpha < 1:
+        fail(f"alpha={c.alpha} must be at least 1")
+    if not 0.0 <= c.dropout < 1.0:
+        fail(f"dropout={c.dropout} must be in [0, 1)")
+    if c.grad_accum < 1:
+        fail(f"grad_accum={c.grad_accum} must be at least 1")
+    if c.warmup_steps < 0:
+        fail(f"warmup_steps={c.warmup_steps} must not be negative")
+    if c.seed < 0:
+        fail(f"seed={c.seed} must not be negative")
+    for name in ("batch_size", "seq_len", "steps"):
+        value = getattr(c, name)
+        if value is not None and value < 1:
+            fail(f"{name}={value} must be at least 1")
+    if c.lr is not None and not c.lr > 0:
+        fail(f"lr={c.lr} must be positive")
+    if c.steps is not None and c.steps <= c.warmup_steps:
+        fail(f"steps={c.steps} must exceed warmup_steps={c.warmup_steps}: no step would be measured")
+    if c.method == "full" and c.quantized:
+        fail(f"method='full' with quant={c.quant!r}: quantized weights cannot be trained directly; use method='lora'")
+    if c.double_quant and c.quant not in ("nf4", "fp4"):
+        fail(f"double_quant=true needs a 4-bit quant (nf4 or fp4), not {c.quant!r}")
+    if isinstance(c.target_modules, str):
+        if c.target_modules not in TARGET_MODULE_PRESETS:
+            fail(
+                f"target_modules={c.target_modules!r}: use {' or '.join(TARGET_MODULE_PRESETS)}"
+                " or a list of module names"
+            )
+    elif not c.target_modules or not all(isinstance(m, str) and m for m in c.target_modules):
+        fail("target_modules must be a preset or a non-empty list of module names")
+    unknown_tags = [t for t in c.tags if t not in EXTRA_TAGS]
+    if unknown_tags:
+        fail(f"tags {unknown_tags} are not allowed; choose from {', '.join(EXTRA_TAGS)}")

@@ -1,0 +1,213 @@
+"""Data: the embedded tasks, user data sets through ``datasets``, and tokenization.
+
+A data set is a pair of ``datasets.Dataset`` splits, ``train`` and ``eval``, that
+never share an example. Rows are either prompt/completion pairs (the loss and the
+accuracy look at the completion only) or plain ``text`` (the loss looks at every
+token, and there is no accuracy).
+
+The embedded task, ``digit-reverse``, asks for a digit string reversed
+(``r:4821>`` -> ``1284``). Its answers are checkable, a tiny model learns it in a
+few dozen steps, and the eval strings are drawn apart from the training strings
+so no eval example is ever trained on. ``digit-copy-sort`` is the task the tiny
+models are pre-trained on; it doubles as the reference text for forgetting.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorabench.errors import DatasetError
+
+if TYPE_CHECKING:
+    import datasets
+
+# Column pairs accepted for prompt/completion data, in order of preference.
+PROMPT_COLUMNS = (("prompt", "completion"), ("question", "answer"), ("instruction", "output"), ("input", "output"))
+TEXT_COLUMN = "text"
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+EVAL_FRACTION = 0.1
+MAX_EVAL_EXAMPLES = 256
+
+DIGITS = "0123456789"
+EMBEDDED_DIGIT_LENGTH = 4
+EMBEDDED_TRAIN_EXAMPLES = 4096
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train and eval splits of one data set, with what is known about them."""
+
+    name: str
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    has_answers: bool
+    eval_overlap_removed: int = 0
+    reference: datasets.Dataset | None = None  # text the fine-tune never sees, for forgetting
+
+    @property
+    def prompt_column(self) -> str | None:
+        return "prompt" if self.has_answers else None
+
+
+# ----- embedded tasks ------------------------------------------------------
+def _digit_strings(rng: random.Random, length: int) -> list[str]:
+    pool = [str(i).zfill(length) for i in range(10**length)]
+    rng.shuffle(pool)
+    return pool
+
+
+def digit_task_examples(op: str, strings: list[str]) -> list[dict[str, str]]:
+    """Prompt/completion rows for a digit-string task: ``c`` copy, ``s`` sort, ``r`` reverse."""
+    transform = {"c": lambda s: s, "s": lambda s: "".join(sorted(s)), "r": lambda s: s[::-1]}[op]
+    return [{"prompt": f"{op}:{s}>", "completion": transform(s)} for s in strings]
+
+
+def embedded_reverse(seed: int = 0) -> TaskData:
+    """The default fine-tuning task. Eval strings are set apart before any training string is drawn."""
+    import datasets
+
+    pool = _digit_strings(random.Random(seed), EMBEDDED_DIGIT_LENGTH)
+    eval_strings, train_strings = pool[:MAX_EVAL_EXAMPLES], pool[MAX_EVAL_EXAMPLES:]
+    train_strings = train_strings[:EMBEDDED_TRAIN_EXAMPLES]
+    reference_strings = pool[MAX_EVAL_EXAMPLES + EMBEDDED_TRAIN_EXAMPLES:][: MAX_EVAL_EXAMPLES // 2]
+    reference = digit_task_examples("c", reference_strings) + digit_task_examples("s", reference_strings)
+    return TaskData(
+        name="digit-reverse",
+        train=datasets.Dataset.from_list(digit_task_examples("r", train_strings)),
+        eval=datasets.Dataset.from_list(digit_task_examples("r", eval_strings)),
+        has_answers=True,
+        reference=datasets.Dataset.from_list(reference),
+    )
+
+
+def pretraining_examples(rng: random.Random, count: int) -> list[dict[str, str]]:
+    """Copy and sort problems for the tiny models' pre-training."""
+    strings = [
+        "".join(rng.choice(DIGITS) for _ in range(EMBEDDED_DIGIT_LENGTH)) for _ in range(count)
+    ]
+    return [digit_task_examples(rng.choice("cs"), [s])[0] for s in strings]
+
+
+EMBEDDED_DATASETS = {"digit-reverse": embedded_reverse}
+
+
+# ----- user data -----------------------------------------------------------
+def load_task_data(spec: str, *, seed: int = 0) -> TaskData:
+    """Load a data set by embedded name, file path or cached hub name.
+
+    Args:
+        spec: ``digit-reverse``; a ``.jsonl`` / ``.json`` / ``.csv`` / ``.txt`` file; or a hub
+            data set already in the local cache.
+        seed: seeds the train/eval split of user data.
+
+    Raises:
+        DatasetError: the data set is missing, empty, or lacks the needed columns.
+    """
+    if spec in EMBEDDED_DATASETS:
+        return EMBEDDED_DATASETS[spec](seed)
+    path = Path(spec)
+    if path.suffix in FILE_BUILDERS or path.exists():
+        return _from_file(path, seed)
+    return _from_hub_cache(spec, seed)
+
+
+def _from_file(path: Path, seed: int) -> TaskData:
+    import datasets
+
+    if not path.is_file():
+        raise DatasetError(f"--dataset {path}: file not found")
+    builder = FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise DatasetError(
+            f"--dataset {path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_BUILDERS)}"
+        )
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DatasetError(f"--dataset {path}: could not be read as {builder}: {exc}") from None
+    return _split(ds, f"{path}", seed)
+
+
+def _from_hub_cache(name: str, seed: int) -> TaskData:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as exc:
+        raise DatasetError(
+            f"--dataset {name!r}: not an embedded data set ({', '.join(EMBEDDED_DATASETS)}), not a file, "
+            f"and not loadable from the local Hugging Face cache (runs are offline): {exc}"
+        ) from None
+    return _split(ds, name, seed)
+
+
+def _columns(ds: datasets.Dataset, where: str) -> tuple[str, str] | str:
+    cols = set(ds.column_names)
+    for prompt, completion in PROMPT_COLUMNS:
+        if {prompt, completion} <= cols:
+            return prompt, completion
+    if TEXT_COLUMN in cols:
+        return TEXT_COLUMN
+    allowed = ", ".join(f"{p}+{c}" for p, c in PROMPT_COLUMNS) + f", or {TEXT_COLUMN}"
+    raise DatasetError(f"--dataset {where}: columns {sorted(cols)} lack the needed ones; provide {allowed}")
+
+
+def _split(ds: datasets.Dataset, where: str, seed: int) -> TaskData:
+    """Normalise columns, drop empty rows, and split off an eval set that shares no example with train."""
+    columns = _columns(ds, where)
+    if isinstance(columns, tuple):
+        prompt, completion = columns
+        ds = ds.select_columns([prompt, completion]).rename_columns({prompt: "prompt", completion: "completion"})
+        ds = ds.filter(lambda r: bool(str(r["prompt"] or "").strip()) and bool(str(r["completion"] or "").strip()))
+        ds = ds.map(lambda r: {"prompt": str(r["prompt"]), "completion": str(r["completion"])})
+        key = ("prompt", "completion")
+    else:
+        ds = ds.select_columns([TEXT_COLUMN]).filter(lambda r: bool(str(r[TEXT_COLUMN] or "").strip()))
+        key = (TEXT_COLUMN,)
+    if len(ds) < 2:
+        raise DatasetError(f"--dataset {where}: needs at least 2 non-empty rows (one to train on, one to evaluate), has {len(ds)}")
+    n_eval = min(MAX_EVAL_EXAMPLES, max(1, round(len(ds) * EVAL_FRACTION)))
+    parts = ds.train_test_split(test_size=n_eval, seed=seed)
+    train, eval_ = parts["train"], parts["test"]
+    # An eval row identical to a training row would be scored on memorised data.
+    seen = {tuple(r[k] for k in key) for r in train}
+    kept = eval_.filter(lambda r: tuple(r[k] for k in key) not in seen)
+    if len(kept) == 0:
+        raise DatasetError(f"--dataset {where}: every eval row also appears in the training rows; no honest eval set")
+    return TaskData(
+        name=where,
+        train=train,
+        eval=kept,
+        has_answers=isinstance(columns, tuple),
+        eval_overlap_removed=len(eval_) - len(kept),
+    )
+
+
+# ----- tokenization --------------------------------------------------------
+def tokenize(ds: datasets.Dataset, tokenizer: Any, seq_len: int) -> datasets.Dataset:
+    """Token ids and labels, truncated to ``seq_len``; prompts are masked out of the labels."""
+    eos = tokenizer.eos_token_id
+
+    def encode(row: dict[str, str]) -> dict[str, list[int]]:
+        if "prompt" in row:
+            prompt_ids = tokenizer(row["prompt"])["input_ids"]
+            answer_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [eos]
+            ids = (prompt_ids + answer_ids)[:seq_len]
+            labels = ([-100] * len(prompt_ids) + answer_ids)[:seq_len]
+        else:
+            ids = (tokenizer(row[TEXT_COLUMN])["input_ids"] + [eos])[:seq_len]
+            labels = list(ids)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    out = ds.map(encode, remove_columns=ds.column_names)
+    return out.filter(lambda r: any(label != -100 for label in r["labels"]))
+
+
+def collator(tokenizer: Any):
+    """Pads input ids with the pad token and labels with -100, to the longest row of the batch."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")

@@ -1,0 +1,79 @@
+"""What a result was measured on: hardware and library versions, recorded with every result."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "pytest-benchmark")
+
+# Dense bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets; matched by substring of the device name.
+GPU_BF16_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100 SXM", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> dict[str, object]:
+    """Hardware and versions; GPU fields are ``None`` (not 0, not "") where there is no GPU."""
+    import torch
+
+    info: dict[str, object] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        **{f"{k}_version": v for k, v in library_versions().items()},
+        "cuda_version": torch.version.cuda,
+        "gpu_name": None,
+        "gpu_count": 0,
+        "gpu_memory_mib": None,
+        "gpu_driver": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu_name=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_mib=props.total_memory // (1024 * 1024),
+            gpu_capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+        )
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["gpu_driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+    return info
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU, or ``None`` when the device is not in the table."""
+    for key, flops in GPU_BF16_PEAK_FLOPS:
+        if key in device_name:
+            return flops
+    return None

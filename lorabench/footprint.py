@@ -1,0 +1,123 @@
+"""Bytes held by tensors: weights, trainable parameters, gradients, optimizer state.
+
+Counts come from the tensors themselves (storage sizes, each storage once), so they
+are exact on any device. Quantized bitsandbytes weights count their packed data
+plus their quantization state (scales, nested scales, code books).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+def _storage_key(t) -> tuple[str, int]:
+    storage = t.untyped_storage()
+    return (str(t.device), storage.data_ptr())
+
+
+def unique_bytes(tensors: Iterable[Any]) -> int:
+    """Total storage bytes of ``tensors``, each underlying storage counted once."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        key = _storage_key(t)
+        if key not in seen:
+            seen[key] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def quant_state_tensors(quant_state) -> list[Any]:
+    """Tensors inside a bitsandbytes 4-bit ``QuantState`` (and its nested state)."""
+    import torch
+
+    out = []
+    for name in ("absmax", "code", "offset"):
+        value = getattr(quant_state, name, None)
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+    nested = getattr(quant_state, "state2", None)
+    if nested is not None:
+        out += quant_state_tensors(nested)
+    return out
+
+
+def _module_state_tensors(module) -> list[Any]:
+    """Parameters, buffers and bitsandbytes quantization state directly owned by ``module``."""
+    import torch
+
+    out = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    weight = getattr(module, "weight", None)
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        out += quant_state_tensors(quant_state)
+    scb = getattr(weight, "SCB", None)  # LLM.int8 row scales
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    return out
+
+
+def weight_bytes(model) -> int:
+    """Bytes of everything the model holds: parameters, buffers and quantization state."""
+    return unique_bytes(t for m in model.modules() for t in _module_state_tensors(m))
+
+
+def trainable_bytes(model) -> int:
+    return unique_bytes(p for p in model.parameters() if p.requires_grad)
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts; a packed 4-bit parameter counts its original elements."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def grad_bytes(model) -> int:
+    return unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (moments, 8-bit quantization maps, ...)."""
+    import torch
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from walk(v)
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
+    return unique_bytes(walk(dict(inner.state)))
+
+
+def quantized_linear_ratio(model) -> float | None:
+    """Bytes of quantized linear layers' weights over the bytes the same weights take in bf16.
+
+    Returns:
+        The ratio, or ``None`` when the model has no quantized linear layer.
+    """
+    quantized = original_elements = 0
+    for module in model.modules():
+        # bitsandbytes' own layers only: peft's LoRA wrappers reuse the class names.
+        if not type(module).__module__.startswith("bitsandbytes") or not hasattr(module, "in_features"):
+            continue
+        weight = module.weight
+        quantized += unique_bytes([weight] + [t for t in _module_state_tensors(module) if t is not module.bias])
+        original_elements += module.in_features * module.out_features
+    if not original_elements:
+        return None
+    return quantized / (original_elements * 2)

@@ -1,0 +1,155 @@
+"""The configuration matrix: which cases a run holds.
+
+A case is one configuration applied to one model and one data set. The default
+matrix covers the reference reports (full fine-tuning baseline, LoRA, QLoRA NF4 and
+FP4, LLM.int8, and an NF4 rank sweep); a YAML matrix file can replace or extend it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorabench.config import BenchConfig, apply_overrides
+from lorabench.errors import ConfigError
+
+BASELINE_ID = "full_bf16"
+SWEEP_RANKS = (8, 16, 32, 64)
+
+DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
+    BenchConfig("full_bf16", method="full"),
+    BenchConfig("lora_bf16", method="lora"),
+    BenchConfig("qlora_nf4", method="lora", quant="nf4", double_quant=True),
+    BenchConfig("qlora_fp4", method="lora", quant="fp4"),
+    BenchConfig("lora_int8", method="lora", quant="int8"),
+    *(
+        BenchConfig(f"qlora_nf4_r{r}", method="lora", quant="nf4", double_quant=True, rank=r, alpha=2 * r, tags=("sweep",))
+        for r in SWEEP_RANKS
+    ),
+)
+
+DEFAULT_MODEL = "tiny-llama"
+DEFAULT_DATASET = "digit-reverse"
+_MATRIX_KEYS = ("models", "datasets", "defaults", "configs")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One pytest case: a configuration on a model and a data set."""
+
+    model: str
+    dataset: str
+    config: BenchConfig
+
+    def case_id(self, *, with_model: bool, with_dataset: bool) -> str:
+        """The pytest id: the configuration id, prefixed by model and data set when a run has several."""
+        parts = []
+        if with_model:
+            parts.append(short_name(self.model))
+        if with_dataset:
+            parts.append(short_name(self.dataset))
+        parts.append(self.config.id)
+        return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    models: tuple[str, ...]
+    datasets: tuple[str, ...]
+    configs: tuple[BenchConfig, ...]
+
+    def cases(self) -> list[Case]:
+        """Models x data sets x configurations, configurations in matrix order (baseline first)."""
+        return [Case(m, d, c) for m in self.models for d in self.datasets for c in self.configs]
+
+    def ids(self) -> list[str]:
+        multi_model, multi_data = len(self.models) > 1, len(self.datasets) > 1
+        return [c.case_id(with_model=multi_model, with_dataset=multi_data) for c in self.cases()]
+
+
+def short_name(spec: str) -> str:
+    """A readable, id-safe name for a model or data set spec (a hub id, a path or a zoo name)."""
+    name = spec.rstrip("/").replace("\\", "/").split("/")[-1]
+    for suffix in (".jsonl", ".json", ".csv", ".txt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in name) or "x"
+
+
+def build_matrix(
+    *,
+    matrix_file: str | Path | None = None,
+    models: list[str] | None = None,
+    datasets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Matrix:
+    """Assemble the run's matrix.
+
+    Precedence, lowest first: built-in defaults, the matrix file, command-line
+    ``--model`` / ``--dataset``, command-line overrides (``--set``, ``--steps``).
+
+    Raises:
+        ConfigError: the matrix file is unreadable or malformed, ids repeat, or an override is invalid.
+    """
+    file_models: list[str] = []
+    file_datasets: list[str] = []
+    configs = list(DEFAULT_CONFIGS)
+    if matrix_file is not None:
+        file_models, file_datasets, configs = _read_matrix_file(Path(matrix_file))
+    configs = [apply_overrides(c, overrides or {}) for c in configs]
+    return Matrix(
+        models=tuple(models or file_models or [DEFAULT_MODEL]),
+        datasets=tuple(datasets or file_datasets or [DEFAULT_DATASET]),
+        configs=tuple(configs),
+    )
+
+
+def _read_matrix_file(path: Path) -> tuple[list[str], list[str], list[BenchConfig]]:
+    if not path.is_file():
+        raise ConfigError(f"matrix file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"matrix file {path}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"matrix file {path}: expected a mapping with keys {', '.join(_MATRIX_KEYS)}")
+    unknown = sorted(set(data) - set(_MATRIX_KEYS))
+    if unknown:
+        raise ConfigError(f"matrix file {path}: unknown key(s) {unknown}; allowed: {', '.join(_MATRIX_KEYS)}")
+
+    def names(key: str) -> list[str]:
+        value = data.get(key) or []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"matrix file {path}: '{key}' must be a list of names")
+        return value
+
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"matrix file {path}: 'defaults' must be a mapping of configuration fields")
+    if "id" in defaults:
+        raise ConfigError(f"matrix file {path}: 'defaults' may not set 'id'")
+    raw_configs = data.get("configs")
+    if raw_configs is None:
+        configs = [apply_overrides(c, defaults, where=f"{path}: defaults") for c in DEFAULT_CONFIGS]
+    else:
+        if not isinstance(raw_configs, list) or not raw_configs:
+            raise ConfigError(f"matrix file {path}: 'configs' must be a non-empty list of configurations")
+        configs = []
+        for i, entry in enumerate(raw_configs):
+            where = f"{path}: configs[{i}]"
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where}: expected a mapping of configuration fields, got {entry!r}")
+            configs.append(BenchConfig.from_dict({**defaults, **entry}, where=where))
+    seen: set[str] = set()
+    for c in configs:
+        if c.id in seen:
+            raise ConfigError(f"matrix file {path}: configuration id {c.id!r} appears twice")
+        seen.add(c.id)
+    return names("models"), names("datasets"), configs

@@ -1,0 +1,75 @@
+"""Every metric lorabench records: name (with its unit), direction, group and meaning.
+
+This registry is the one place a metric is defined. Gates reject names not listed
+here, comparisons read the direction from here, and reports take labels from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    better: str | None  # "lower", "higher", or None when neither direction is better
+    group: str  # memory, speed, quality, size
+    help: str
+
+
+def _m(name: str, unit: str, better: str | None, group: str, help: str) -> Metric:
+    return Metric(name, unit, better, group, help)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        # memory: process (any device)
+        _m("rss_before_mib", "MiB", None, "memory", "process RSS at case start"),
+        _m("peak_rss_mib", "MiB", "lower", "memory", "process peak RSS during the case (kernel VmHWM)"),
+        _m("peak_rss_delta_mib", "MiB", "lower", "memory", "peak RSS minus RSS at case start: what the case added"),
+        _m("avg_rss_delta_mib", "MiB", "lower", "memory", "mean RSS over step ends, minus RSS at case start"),
+        # memory: CUDA
+        _m("peak_alloc_mib", "MiB", "lower", "memory", "CUDA allocator peak allocated bytes"),
+        _m("peak_reserved_mib", "MiB", "lower", "memory", "CUDA allocator peak reserved bytes"),
+        _m("alloc_before_mib", "MiB", None, "memory", "CUDA bytes allocated at case start"),
+        _m("avg_alloc_mib", "MiB", "lower", "memory", "mean CUDA allocated bytes over step ends"),
+        _m("device_used_max_mib", "MiB", "lower", "memory", "NVML device memory in use, max over step ends"),
+        # memory: breakdown, from the tensors themselves
+        _m("weights_mib", "MiB", "lower", "memory", "parameters, buffers and quantization state of the model"),
+        _m("trainable_mib", "MiB", "lower", "memory", "bytes of the parameters that train"),
+        _m("grads_mib", "MiB", "lower", "memory", "gradient bytes after the last backward pass"),
+        _m("optimizer_state_mib", "MiB", "lower", "memory", "optimizer state bytes after the last step"),
+        _m("other_mib", "MiB", "lower", "memory", "peak minus weights, gradients and optimizer state: activations, buffers, workspace"),
+        # size
+        _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
+        _m("params_trainable", "count", "lower", "size", "parameters that train"),
+        _m("trainable_pct", "%", "lower", "size", "trainable share of all parameters"),
+        _m("quant_linear_ratio", "ratio", "lower", "size", "quantized linear weights' bytes over their bf16 bytes"),
+        # speed
+        _m("step_ms", "ms", "lower", "speed", "median optimizer-step time over the measured (post-warm-up) steps"),
+        _m("samples_per_s", "1/s", "higher", "speed", "training examples per second over the measured steps"),
+        _m("tokens_per_s", "1/s", "higher", "speed", "non-padding tokens per second over the measured steps"),
+        _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included"),
+        _m("load_s", "s", "lower", "speed", "model load plus quantization time"),
+        _m("mfu_pct", "%", "higher", "speed", "model FLOP utilisation against the GPU's dense bf16 peak"),
+        # quality
+        _m("train_loss_first", "nats", None, "quality", "training loss of the first step"),
+        _m("train_loss_final", "nats", "lower", "quality", "mean training loss of the last 10% of steps"),
+        _m("loss_drop", "nats", "higher", "quality", "train_loss_first minus train_loss_final"),
+        _m("eval_loss_before", "nats", "lower", "quality", "held-out loss of the base model before training"),
+        _m("eval_loss", "nats", "lower", "quality", "held-out loss after training, token-weighted"),
+        _m("perplexity", "ratio", "lower", "quality", "exp(eval_loss)"),
+        _m("eval_examples", "count", None, "quality", "held-out examples scored"),
+    )
+}
+
+
+def direction(name: str) -> str | None:
+    """``lower``, ``higher`` or ``None`` for a metric name.
+
+    Raises:
+        KeyError: the metric is unknown.
+    """
+    return METRICS[name].better

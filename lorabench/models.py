@@ -1,0 +1,222 @@
+"""Models: resolve a ``--model`` spec, load it (quantized through bitsandbytes), attach the adapter.
+
+The embedded zoo, a local checkpoint directory and a hub id from the local cache
+all go through the same ``AutoModelForCausalLM.from_pretrained`` call; only where
+the checkpoint comes from differs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorabench.config import BenchConfig, TrainDefaults
+from lorabench.errors import ConfigError, ModelError
+from lorabench.zoo import ZOO, checkpoint_dir
+
+# Defaults for a real checkpoint, where the configuration leaves them open.
+CHECKPOINT_TRAIN_DEFAULTS = TrainDefaults(steps=100, batch_size=4, seq_len=512, lr_full=2e-5, lr_lora=2e-4)
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_ATTENTION_PARENT = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from."""
+
+    spec: str  # what the user passed
+    path: str  # what from_pretrained receives
+    embedded: bool
+    defaults: TrainDefaults
+    trust_remote_code: bool = False
+
+
+def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
+    """Turn a ``--model`` value into a loadable source, checking it is a causal LM.
+
+    Args:
+        spec: a zoo name (``tiny-llama``), a checkpoint directory, or a hub id in the local cache.
+        trust_remote_code: allow the checkpoint's own modelling code (off unless the user asks).
+
+    Raises:
+        ModelError: the path is missing, the hub id is not cached, or the model is not a causal LM.
+    """
+    if spec in ZOO:
+        return ModelSource(spec, str(checkpoint_dir(spec)), True, ZOO[spec].defaults)
+    path = Path(spec)
+    looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix
+    if looks_local and not path.is_dir():
+        raise ModelError(f"--model {spec}: no such checkpoint directory")
+    if looks_local and not (path / "config.json").is_file():
+        raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
+    _check_causal_lm(spec, trust_remote_code)
+    return ModelSource(spec, spec, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
+
+
+def _check_causal_lm(spec: str, trust_remote_code: bool) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(spec, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        known = ", ".join(ZOO)
+        raise ModelError(
+            f"--model {spec!r}: not an embedded model ({known}), not a checkpoint directory, and not in the local "
+            f"Hugging Face cache (runs are offline; download it first with `hf download {spec}`): {exc}"
+        ) from None
+    auto_map = getattr(config, "auto_map", None) or {}
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map:
+        raise ModelError(
+            f"--model {spec!r}: model type {config.model_type!r} is not a causal language model "
+            "(AutoModelForCausalLM cannot load it)"
+        )
+
+
+def bnb_config(config: BenchConfig):
+    """The ``BitsAndBytesConfig`` for a configuration, or ``None`` for an unquantized base."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if config.quant in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.quant,
+            bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[config.dtype]),
+        )
+    if config.quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    load_s: float
+
+
+def load_tokenizer(source: ModelSource):
+    """The checkpoint's tokenizer, with a pad token (the EOS token where it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        source.path, local_files_only=True, trust_remote_code=source.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, config: BenchConfig, device) -> LoadedModel:
+    """Load the base model as the configuration asks, timing load plus quantization.
+
+    Raises:
+        ConfigError: the configuration's dtype is not usable on ``device``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_dtype_supported(config.dtype, device)
+    tokenizer = load_tokenizer(source)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path,
+        dtype=getattr(torch, TORCH_DTYPES[config.dtype]),
+        quantization_config=bnb_config(config),
+        device_map={"": (device.index or 0) if device.type == "cuda" else "cpu"},
+        local_files_only=True,
+        trust_remote_code=source.trust_remote_code,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    load_s = time.perf_counter() - started
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, load_s)
+
+
+def check_dtype_supported(dtype: str, device) -> None:
+    """Fail early, with the reason, where a device cannot compute in ``dtype``."""
+    import torch
+
+    if device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"dtype='bf16' is not supported on {torch.cuda.get_device_name(device)}; use dtype=fp16 (--set dtype=fp16)"
+        )
+
+
+def attention_module_names(model) -> list[str]:
+    """Names of the linear layers inside attention blocks, for ``target_modules: attention``."""
+    names = []
+    for name, module in model.named_modules():
+        is_linear = type(module).__name__ in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+        if is_linear and _ATTENTION_PARENT.search(name.rsplit(".", 1)[0]):
+            names.append(name)
+    if not names:
+        raise ModelError(f"{type(model).__name__}: found no linear layers inside attention blocks")
+    return names
+
+
+def apply_adapter(model, config: BenchConfig):
+    """Make the model trainable as the configuration asks: every weight, or a LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing_kwargs = {"use_reentrant": False}
+    if config.method == "full":
+        model.requires_grad_(True)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        return model
+    if config.quantized:
+        # Casts norms and embeddings to fp32 and readies inputs for checkpointing (QLoRA practice).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model.enable_input_require_grads()
+    if config.target_modules == "attention":
+        targets: Any = attention_module_names(model)
+    elif isinstance(config.target_modules, tuple):
+        targets = list(config.target_modules)
+    else:
+        targets = config.target_modules
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"configuration {config.id!r}: target_modules={config.target_modules!r}: {exc}") from None
+
+
+def resolve_device(choice: str):
+    """``auto`` picks CUDA when present, else the CPU.
+
+    Raises:
+        ConfigError: an unknown choice, or ``cuda`` asked for where none is present.
+    """
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {choice}: no CUDA device is available here (torch {torch.__version__})")
+        return torch.device(choice)
+    raise ConfigError(f"--device {choice!r}: use auto, cpu, cuda or cuda:N")

@@ -1,0 +1,62 @@
+"""The result record: one case's outcome, the one currency shared by gates, history and reports.
+
+It serializes to the ``extra_info`` JSON that pytest-benchmark stores, and back.
+A metric that was not measured is absent from ``metrics`` and present in
+``absent`` with the reason; it is never recorded as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATUS_OK = "ok"
+STATUS_DOES_NOT_FIT = "does_not_fit"
+STATUS_ERROR = "error"
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    config_id: str
+    model: str
+    dataset: str
+    device: str
+    config: dict[str, Any]
+    status: str = STATUS_OK
+    metrics: dict[str, float] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    loss_curve: list[float] = field(default_factory=list)
+    step_ms_curve: list[float] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def set(self, name: str, value: float | None, *, reason: str = "", source: str = "") -> None:
+        """Record a metric, or its absence with ``reason`` when ``value`` is None or not finite."""
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            self.absent[name] = reason or f"not finite: {value!r}"
+            self.metrics.pop(name, None)
+            return
+        self.metrics[name] = float(value)
+        self.absent.pop(name, None)
+        if source:
+            self.sources[name] = source
+
+    def to_extra_info(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_extra_info(cls, data: dict[str, Any]) -> CaseResult:
+        """Rebuild from stored ``extra_info``.
+
+        Raises:
+            ValueError: the data is not a lorabench record of a known schema.
+        """
+        if data.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"not a lorabench result of schema {SCHEMA_VERSION}: schema={data.get('schema')!r}")
+        fields = {k: v for k, v in data.items() if k != "schema"}
+        return cls(**fields)

@@ -1,0 +1,160 @@
+"""The terminal summary: one table per model and data set, a baseline column, worded deltas.
+
+A delta is the relative change of a value against the baseline's, signed the way the
+numbers move: a memory reduction prints as ``-78.4%`` and reads "78.4% less". Whether
+that is better or worse comes from the metric's direction in :mod:`lorabench.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from lorabench.matrix import BASELINE_ID
+from lorabench.metrics import METRICS
+from lorabench.result import STATUS_OK, CaseResult
+
+# (metric, column title, noun for findings)
+_CPU_PEAK = ("peak_rss_delta_mib", "peak RSS+ MiB", "peak memory (process RSS added)")
+_CUDA_PEAK = ("peak_alloc_mib", "peak alloc MiB", "peak GPU memory (allocator)")
+COLUMNS = (
+    ("weights_mib", "weights MiB", "weight memory"),
+    ("step_ms", "step ms", "step time"),
+    ("tokens_per_s", "tokens/s", "throughput"),
+    ("train_loss_final", "train loss", "final train loss"),
+    ("eval_loss", "eval loss", "eval loss"),
+    ("perplexity", "ppl", "perplexity"),
+)
+
+
+def relative_change(value: float, baseline: float) -> float | None:
+    """(value - baseline) / |baseline|, or ``None`` when the baseline is 0."""
+    if baseline == 0:
+        return None
+    return (value - baseline) / abs(baseline)
+
+
+def format_delta(value: float, baseline: float) -> str:
+    change = relative_change(value, baseline)
+    if change is None:
+        return "n/a"
+    return f"{change * 100:+.1f}%"
+
+
+def verdict(metric: str, value: float, baseline: float) -> str:
+    """``better``, ``worse`` or ``same`` for a metric's move from the baseline."""
+    better = METRICS[metric].better
+    if value == baseline or better is None:
+        return "same"
+    improved = value < baseline if better == "lower" else value > baseline
+    return "better" if improved else "worse"
+
+
+def describe(metric: str, noun: str, value: float, baseline: float) -> str:
+    """A phrase such as "51.6% less weight memory (3.01 vs 6.23 MiB, better)"."""
+    change = relative_change(value, baseline)
+    figures = f"{_fmt(value)} vs {_fmt(baseline)} {METRICS[metric].unit}"
+    if change is None or abs(change) < 0.0005:
+        return f"the same {noun} ({figures})"
+    if metric in ("tokens_per_s", "samples_per_s"):
+        direction = "lower" if change < 0 else "higher"
+    else:
+        direction = "less" if change < 0 else "more"
+    return f"{abs(change) * 100:.1f}% {direction} {noun} ({figures}, {verdict(metric, value, baseline)})"
+
+
+def _fmt(x: float) -> str:
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.1f}"
+    return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+
+
+def group_results(results: Iterable[CaseResult]) -> dict[tuple[str, str, str], list[CaseResult]]:
+    """Results by (model, data set, device), in run order."""
+    groups: dict[tuple[str, str, str], list[CaseResult]] = defaultdict(list)
+    for r in results:
+        groups[(r.model, r.dataset, r.device)].append(r)
+    return groups
+
+
+def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
+    """``full_bf16`` where it ran, otherwise the first case that ran."""
+    ok = [r for r in results if r.status == STATUS_OK]
+    for r in ok:
+        if r.config_id == BASELINE_ID:
+            return r
+    return ok[0] if ok else None
+
+
+def columns_for(device: str) -> tuple[tuple[str, str, str], ...]:
+    return ((_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK),) + COLUMNS
+
+
+def render_table(results: list[CaseResult]) -> list[str]:
+    """Rows of one group's table; each cell shows the value and its delta against the baseline."""
+    base = pick_baseline(results)
+    cols = columns_for(results[0].device)
+    header = ["config", "status"] + [title for _, title, _ in cols]
+    rows = [header]
+    for r in results:
+        row = [r.config_id, r.status]
+        for metric, _, _ in cols:
+            if metric not in r.metrics:
+                row.append("-")
+                continue
+            cell = _fmt(r.metrics[metric])
+            if base is not None and r is not base and metric in base.metrics:
+                cell += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
+            row.append(cell)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def findings(results: list[CaseResult]) -> list[str]:
+    """Key findings computed from the data: each case against the baseline, and the best eval loss."""
+    base = pick_baseline(results)
+    if base is None:
+        return []
+    out = []
+    peak_metric, _, peak_noun = columns_for(base.device)[0]
+    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"))
+    for r in results:
+        if r is base or r.status != STATUS_OK:
+            continue
+        phrases = [
+            describe(metric, noun, r.metrics[metric], base.metrics[metric])
+            for metric, noun in compared
+            if metric in r.metrics and metric in base.metrics
+        ]
+        if phrases:
+            out.append(f"{r.config_id} vs {base.config_id}: " + "; ".join(phrases))
+    scored = [r for r in results if "eval_loss" in r.metrics]
+    if scored:
+        best = min(scored, key=lambda r: r.metrics["eval_loss"])
+        out.append(f"lowest eval loss: {best.config_id} ({best.metrics['eval_loss']:.4f} nats)")
+    return out
+
+
+def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
+    lines: list[str] = []
+    for (model, dataset, device), group in group_results(results).items():
+        base = pick_baseline(group)
+        base_text = f"baseline {base.config_id}" if base else "no baseline (no case ran)"
+        lines.append(f"{model} on {dataset} ({device}), {base_text}; deltas are (value - baseline) / baseline")
+        lines += render_table(group)
+        not_ok = [r for r in group if r.status != STATUS_OK]
+        for r in not_ok:
+            lines.append(f"  {r.config_id}: {r.status}: {r.error or ''}".rstrip())
+        found = findings(group)
+        if found:
+            lines.append("findings:")
+            lines += [f"  - {f}" for f in found]
+        lines.append("")
+    if gate_counts:
+        lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))
+    return lines

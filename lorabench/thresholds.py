@@ -1,0 +1,322 @@
+"""Gates from thresholds.yaml: parse them (with file lines), validate them, evaluate them.
+
+The file::
+
+    version: 1
+    profiles:
+      default:                         # always applies
+        "*":                           # every configuration
+          - loss_drop >= 0.1           # sanity: it learned
+        qlora_nf4:
+          - quant_linear_ratio <= 0.3                       # absolute
+          - eval_loss <= 1.10 * lora_bf16.eval_loss         # relative to another configuration
+      cuda:                            # applies to cases run on a CUDA device
+        ...
+      "cuda & model=Qwen/Qwen3-0.6B":  # selectors combine with '&'
+        ...
+    compare: {...}                     # tolerances for `python -m lorabench compare`
+
+A rule reads ``METRIC OP BOUND`` where OP is one of ``<= >= < >`` and BOUND is a number,
+or ``[FACTOR *] CONFIG.METRIC``: a metric of another configuration of the same run,
+model and data set, or of the case itself when CONFIG is ``self``
+(``peak_alloc_mib >= self.weights_mib``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorabench.errors import ThresholdError
+from lorabench.metrics import METRICS
+
+TOP_LEVEL_KEYS = ("version", "profiles", "compare")
+DEVICE_SELECTORS = ("cpu", "cuda")
+OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda a, b: a <= b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+}
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_CONFIG = r"[A-Za-z0-9][A-Za-z0-9_.-]*?"
+_RULE = re.compile(
+    rf"^\s*(?P<metric>{_NAME})\s*(?P<op><=|>=|<|>)\s*"
+    rf"(?:(?P<number>{_NUMBER})\s*$|(?:(?P<factor>{_NUMBER})\s*\*\s*)?(?P<ref_config>{_CONFIG})\.(?P<ref_metric>{_NAME})\s*$)"
+)
+
+PASS, FAIL, NOT_EVALUATED = "pass", "fail", "not evaluated"
+SELF = "self"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One rule, with where it is written."""
+
+    profile: str
+    config: str  # a configuration id, or "*" for every configuration
+    metric: str
+    op: str
+    text: str
+    file: str
+    line: int
+    number: float | None = None
+    factor: float = 1.0
+    ref_config: str | None = None
+    ref_metric: str | None = None
+
+    @property
+    def relative(self) -> bool:
+        return self.ref_config is not None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    key: str
+    device: str | None = None
+    model: str | None = None
+
+    def applies(self, device_type: str, model: str) -> bool:
+        return (self.device is None or self.device == device_type) and (self.model is None or self.model == model)
+
+    def can_coapply(self, other: Profile) -> bool:
+        same_or_open = lambda a, b: a is None or b is None or a == b  # noqa: E731
+        return same_or_open(self.device, other.device) and same_or_open(self.model, other.model)
+
+
+@dataclass
+class Thresholds:
+    path: str
+    gates: list[Gate] = field(default_factory=list)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    compare: dict[str, Any] = field(default_factory=dict)
+
+    def gates_for(self, config_id: str, device_type: str, model: str) -> list[Gate]:
+        return [
+            g for g in self.gates
+            if g.config in ("*", config_id) and self.profiles[g.profile].applies(device_type, model)
+        ]
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    gate: Gate
+    status: str
+    message: str
+    value: float | None = None
+    bound: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.gate.text,
+            "config": self.gate.config,
+            "where": self.gate.where,
+            "profile": self.gate.profile,
+            "status": self.status,
+            "value": self.value,
+            "bound": self.bound,
+            "message": self.message,
+        }
+
+
+# ----- parsing ---------------------------------------------------------------
+def load_thresholds(path: str | Path, known_configs: Iterable[str]) -> Thresholds:
+    """Read and validate a thresholds file.
+
+    Args:
+        path: the YAML file.
+        known_configs: configuration ids a rule may name (the run's and the default matrix's).
+
+    Raises:
+        ThresholdError: with the file, line, key and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ThresholdError(f"{path}: thresholds file not found")
+    return parse_thresholds(path.read_text(), str(path), set(known_configs))
+
+
+def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thresholds:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark else filename
+        raise ThresholdError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if root is None:
+        raise ThresholdError(f"{filename}: file is empty; expected keys {', '.join(TOP_LEVEL_KEYS)}")
+    top = _mapping(root, filename, "the top level")
+    unknown = [k for k in top if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        key_node = top[unknown[0]][0]
+        raise ThresholdError(
+            f"{filename}:{key_node.start_mark.line + 1}: unknown key {unknown[0]!r}; allowed: {', '.join(TOP_LEVEL_KEYS)}"
+        )
+    result = Thresholds(path=filename)
+    if "version" in top:
+        version_node = top["version"][1]
+        if yaml.safe_load(yaml.serialize(version_node)) != 1:
+            raise ThresholdError(f"{filename}:{version_node.start_mark.line + 1}: version must be 1")
+    if "compare" in top:
+        result.compare = yaml.safe_load(yaml.serialize(top["compare"][1])) or {}
+        if not isinstance(result.compare, dict):
+            raise ThresholdError(f"{filename}:{top['compare'][1].start_mark.line + 1}: 'compare' must be a mapping")
+    if "profiles" not in top:
+        raise ThresholdError(f"{filename}: missing key 'profiles'")
+    for profile_key, (key_node, body) in _mapping(top["profiles"][1], filename, "'profiles'").items():
+        line = key_node.start_mark.line + 1
+        result.profiles[profile_key] = _parse_profile(profile_key, f"{filename}:{line}")
+        for config_key, (cfg_node, rules) in _mapping(body, filename, f"profile {profile_key!r}").items():
+            where = f"{filename}:{cfg_node.start_mark.line + 1}"
+            if config_key != "*" and config_key not in known_configs:
+                raise ThresholdError(
+                    f"{where}: unknown configuration {config_key!r} in profile {profile_key!r}; "
+                    f"use '*' or one of: {', '.join(sorted(known_configs))}"
+                )
+            if not isinstance(rules, yaml.SequenceNode):
+                raise ThresholdError(f"{where}: rules for {config_key!r} must be a list of strings like 'loss_drop >= 0.1'")
+            for rule in rules.value:
+                result.gates.append(_parse_rule(rule, profile_key, config_key, filename, known_configs))
+    _check_contradictions(result)
+    return result
+
+
+def _mapping(node, filename: str, what: str) -> dict[str, tuple[Any, Any]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise ThresholdError(f"{filename}:{node.start_mark.line + 1}: {what} must be a mapping")
+    out: dict[str, tuple[Any, Any]] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value
+        if key in out:
+            raise ThresholdError(f"{filename}:{key_node.start_mark.line + 1}: key {key!r} repeats in {what}")
+        out[key] = (key_node, value_node)
+    return out
+
+
+def _parse_profile(key: str, where: str) -> Profile:
+    if key == "default":
+        return Profile(key)
+    device = model = None
+    for part in (p.strip() for p in key.split("&")):
+        if part in DEVICE_SELECTORS:
+            if device:
+                raise ThresholdError(f"{where}: profile {key!r} names two devices")
+            device = part
+        elif part.startswith("model=") and len(part) > len("model="):
+            if model:
+                raise ThresholdError(f"{where}: profile {key!r} names two models")
+            model = part[len("model="):]
+        else:
+            raise ThresholdError(
+                f"{where}: profile {key!r}: unknown selector {part!r}; use 'default', "
+                f"{', '.join(map(repr, DEVICE_SELECTORS))}, 'model=NAME', joined with '&'"
+            )
+    return Profile(key, device, model)
+
+
+def _unknown_metric(name: str, where: str) -> ThresholdError:
+    close = difflib.get_close_matches(name, METRICS, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ThresholdError(f"{where}: unknown metric {name!r}{hint}; known metrics: {', '.join(sorted(METRICS))}")
+
+
+def _parse_rule(node, profile: str, config: str, filename: str, known_configs: set[str]) -> Gate:
+    line = node.start_mark.line + 1
+    where = f"{filename}:{line}"
+    if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
+        raise ThresholdError(f"{where}: a rule must be a string like 'loss_drop >= 0.1', got {node.value!r}")
+    text = node.value
+    m = _RULE.match(text)
+    if not m:
+        raise ThresholdError(
+            f"{where}: cannot read rule {text!r}; write 'METRIC OP NUMBER' or 'METRIC OP [FACTOR *] CONFIG.METRIC' "
+            f"with OP one of {' '.join(OPS)}"
+        )
+    metric = m["metric"]
+    if metric not in METRICS:
+        raise _unknown_metric(metric, where)
+    common = dict(profile=profile, config=config, metric=metric, op=m["op"], text=text, file=filename, line=line)
+    if m["number"] is not None:
+        return Gate(number=float(m["number"]), **common)
+    ref_config, ref_metric = m["ref_config"], m["ref_metric"]
+    if ref_config != SELF and ref_config not in known_configs:
+        raise ThresholdError(
+            f"{where}: rule {text!r} names unknown configuration {ref_config!r}; known: {', '.join(sorted(known_configs))}"
+        )
+    if ref_metric not in METRICS:
+        raise _unknown_metric(ref_metric, where)
+    factor = float(m["factor"]) if m["factor"] else 1.0
+    if factor <= 0:
+        raise ThresholdError(f"{where}: rule {text!r}: the factor must be positive, got {factor}")
+    if ref_config in (config, SELF) and ref_metric == metric:
+        raise ThresholdError(f"{where}: rule {text!r} compares {config}.{metric} with itself")
+    return Gate(factor=factor, ref_config=ref_config, ref_metric=ref_metric, **common)
+
+
+def _check_contradictions(t: Thresholds) -> None:
+    """Absolute bounds on one metric that no value can meet together are an error in the file."""
+    absolute = [g for g in t.gates if not g.relative]
+    for i, a in enumerate(absolute):
+        for b in absolute[i + 1:]:
+            if a.metric != b.metric or not (a.config == b.config or "*" in (a.config, b.config)):
+                continue
+            if not t.profiles[a.profile].can_coapply(t.profiles[b.profile]):
+                continue
+            lower, upper = (a, b) if a.op in (">=", ">") else (b, a)
+            if lower.op not in (">=", ">") or upper.op not in ("<=", "<"):
+                continue
+            strict = lower.op == ">" or upper.op == "<"
+            if lower.number > upper.number or (strict and lower.number == upper.number):
+                raise ThresholdError(
+                    f"{upper.where}: {upper.text!r} contradicts {lower.text!r} at {lower.where}: "
+                    f"no value of {a.metric} can meet both"
+                )
+
+
+# ----- evaluation --------------------------------------------------------------
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def evaluate(gate: Gate, config_id: str, metrics: dict[str, float], absent: dict[str, str],
+             reference: Callable[[str], tuple[dict[str, float], dict[str, str]] | None]) -> GateOutcome:
+    """Check one gate against a case's metrics.
+
+    Args:
+        reference: returns (metrics, absent) of another configuration of the same run, model and
+            data set, or ``None`` when that configuration has not run.
+    """
+    head = f"{config_id}: {gate.metric}"
+    if gate.metric not in metrics:
+        reason = absent.get(gate.metric, "not recorded")
+        return GateOutcome(gate, NOT_EVALUATED, f"{head} is absent ({reason}) [{gate.where}]")
+    value = metrics[gate.metric]
+    if gate.relative:
+        ref = (metrics, absent) if gate.ref_config == SELF else reference(gate.ref_config)
+        if ref is None:
+            return GateOutcome(gate, NOT_EVALUATED, f"{head}: {gate.ref_config} did not run before it in this session [{gate.where}]", value)
+        ref_metrics, ref_absent = ref
+        if gate.ref_metric not in ref_metrics:
+            reason = ref_absent.get(gate.ref_metric, "not recorded")
+            return GateOutcome(gate, NOT_EVALUATED, f"{head}: {gate.ref_config}.{gate.ref_metric} is absent ({reason}) [{gate.where}]", value)
+        ref_value = ref_metrics[gate.ref_metric]
+        bound = gate.factor * ref_value
+        bound_text = f"{_fmt(bound)} (= {_fmt(gate.factor)} x {gate.ref_config}.{gate.ref_metric} {_fmt(ref_value)})"
+    else:
+        bound = gate.number
+        bound_text = _fmt(bound)
+    ok = OPS[gate.op](value, bound)
+    verdict = "meets" if ok else "violates"
+    message = f"{head} = {_fmt(value)} {verdict} '{gate.text}': bound {gate.op} {bound_text} [{gate.where}, profile {gate.profile}]"
+    return GateOutcome(gate, PASS if ok else FAIL, message, value, bound)

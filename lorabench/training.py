@@ -1,0 +1,159 @@
+"""Training, one optimizer step at a time, with the ``transformers.Trainer`` doing the work.
+
+The Trainer builds the optimizer (``adamw_torch``, bitsandbytes' ``adamw_bnb_8bit`` and
+``paged_adamw_8bit``), the scheduler, the data loader and the forward/backward pass
+(``Trainer.training_step``). :class:`StepRunner` drives those pieces one optimizer step
+per call, so that pytest-benchmark can time each real step as one round, and the
+Trainer's callbacks (TensorBoard, W&B) still receive every step's loss through
+``Trainer.log``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from lorabench.config import BenchConfig
+
+TRAINER_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+MAX_GRAD_NORM = 1.0
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"training diverged: loss is {loss} at step {step}")
+        self.step = step
+        self.loss = loss
+
+
+@dataclass
+class StepRecord:
+    """What each optimizer step took and gave."""
+
+    seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+
+
+def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, device, report_to: str = "none"):
+    """A Trainer set up for ``config``; its optimizer and scheduler are created here."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="lorabench-trainer-"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        max_steps=config.steps,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        optim=TRAINER_OPTIMIZERS[config.optimizer],
+        logging_steps=1,
+        report_to=report_to,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device.type == "cpu",
+        bf16=False,  # weights already sit in the configured dtype; no autocast on top
+        fp16=False,
+        save_strategy="no",
+        eval_strategy="no",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collate,
+        processing_class=tokenizer,
+    )
+    # Progress goes through the lorabench.progress logger; the Trainer's printer would break pytest's output.
+    trainer.remove_callback(PrinterCallback)
+    trainer.create_optimizer_and_scheduler(num_training_steps=config.steps)
+    return trainer
+
+
+class StepRunner:
+    """Runs optimizer steps of a Trainer, one per :meth:`step` call, and records each one.
+
+    Args:
+        trainer: from :func:`make_trainer`.
+        on_step_end: called after every step with the step number (1-based); meters sample here.
+    """
+
+    def __init__(self, trainer, *, on_step_end=None) -> None:
+        self.trainer = trainer
+        self.model = trainer.model
+        self.device = trainer.args.device
+        self.grad_accum = trainer.args.gradient_accumulation_steps
+        self.record = StepRecord()
+        self.on_step_end = on_step_end
+        self.grad_bytes_seen: int | None = None
+        self._batches = self._endless(trainer.get_train_dataloader())
+
+    @staticmethod
+    def _endless(loader):
+        while True:  # a new epoch whenever the data runs out
+            yield from loader
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.record.losses)
+
+    def step(self) -> float:
+        """One optimizer step: ``grad_accum`` forward/backward passes, clip, update. Returns the loss."""
+        import torch
+
+        from lorabench.footprint import grad_bytes
+
+        trainer, model = self.trainer, self.model
+        started = time.perf_counter()
+        batches, num_items = trainer.get_batch_samples(self._batches, self.grad_accum, self.device)
+        trainer.current_gradient_accumulation_steps = len(batches)
+        loss = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), dtype=torch.long, device=self.device)
+        samples = 0
+        for inputs in batches:
+            tokens += inputs["attention_mask"].sum()
+            samples += int(inputs["input_ids"].shape[0])
+            loss += trainer.training_step(model, inputs, num_items)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        if self.grad_bytes_seen is None:  # gradients have the same size every step
+            self.grad_bytes_seen = grad_bytes(model)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        value = float(loss)  # a host sync: the step's GPU work is finished here
+        tokens = int(tokens)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        step_number = self.steps_done + 1
+        rec = self.record
+        rec.seconds.append(elapsed)
+        rec.losses.append(value)
+        rec.tokens.append(tokens)
+        rec.samples.append(samples)
+        trainer.state.global_step = step_number
+        trainer.log({"loss": value, "learning_rate": trainer.lr_scheduler.get_last_lr()[0]})
+        if not math.isfinite(value):
+            raise DivergenceError(step_number, value)
+        if self.on_step_end is not None:
+            self.on_step_end(step_number)
+        return value
+
+    def run_until(self, total_steps: int) -> None:
+        while self.steps_done < total_steps:
+            self.step()
+
+
+def simple_timer(step, rounds: int, warmup_rounds: int) -> None:
+    """Run warm-up then measured steps without pytest-benchmark (library use, tests)."""
+    for _ in range(warmup_rounds + rounds):
+        step()

@@ -1,0 +1,190 @@
+"""The embedded model zoo: tiny causal LMs built from a config, no download needed.
+
+Each zoo model is built with a fixed seed, briefly pre-trained in fp32 on the
+digit copy/sort task (so that fine-tuning adapts a model that already knows
+something, as it does at full size), and saved as an ordinary Hugging Face
+checkpoint directory with its tokenizer. The benchmark then loads it through the
+same ``from_pretrained`` path as a hub model, quantization included.
+
+Checkpoints are cached on disk under ``$LORABENCH_CACHE`` (default
+``~/.cache/lorabench``), keyed by everything that shapes them, and written
+atomically so an interrupted build never leaves a half checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import string
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorabench.config import TrainDefaults
+
+log = logging.getLogger("lorabench.zoo")
+
+SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+# Printable ASCII, so a tiny model can also read a user's English data set.
+VOCAB_CHARS = string.printable[:95]
+ZOO_RECIPE_VERSION = 1  # bump when the build or pre-training recipe changes
+
+TINY_TRAIN_DEFAULTS = TrainDefaults(steps=60, batch_size=16, seq_len=32, lr_full=1e-3, lr_lora=3e-3)
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A tiny model: a transformers config class, its arguments, and how to pre-train it."""
+
+    name: str
+    family: str
+    config_class: str
+    config_kwargs: dict[str, Any]
+    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
+    defaults: TrainDefaults = TINY_TRAIN_DEFAULTS
+
+    def cache_key(self) -> str:
+        import torch
+        import transformers
+
+        blob = json.dumps(
+            {
+                "recipe": ZOO_RECIPE_VERSION,
+                "spec": asdict(self),
+                "vocab": VOCAB_CHARS,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_HIDDEN, _LAYERS, _HEADS, _FFN = 256, 4, 4, 704
+ZOO: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel("tiny-llama", "llama", "LlamaConfig", dict(
+            hidden_size=_HIDDEN, intermediate_size=_FFN, num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS, num_key_value_heads=_HEADS, max_position_embeddings=256,
+            tie_word_embeddings=False)),
+        ZooModel("tiny-qwen", "qwen3", "Qwen3Config", dict(
+            hidden_size=_HIDDEN, intermediate_size=_FFN, num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS, num_key_value_heads=2, head_dim=_HIDDEN // _HEADS,
+            max_position_embeddings=256, tie_word_embeddings=False)),
+        ZooModel("tiny-gpt2", "gpt2", "GPT2Config", dict(
+            n_embd=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS, n_positions=256, tie_word_embeddings=False)),
+        ZooModel("tiny-neox", "gpt_neox", "GPTNeoXConfig", dict(
+            hidden_size=_HIDDEN, intermediate_size=_FFN, num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS, max_position_embeddings=256, tie_word_embeddings=False)),
+    )
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORABENCH_CACHE", Path.home() / ".cache" / "lorabench"))
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer over printable ASCII, built offline with ``tokenizers``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
+    for ch in VOCAB_CHARS:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=SPECIAL_TOKENS["pad"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        unk_token=SPECIAL_TOKENS["unk"],
+    )
+
+
+def checkpoint_dir(name: str) -> Path:
+    """The checkpoint directory of zoo model ``name``, built and pre-trained on first use.
+
+    Raises:
+        KeyError: ``name`` is not in the zoo.
+    """
+    spec = ZOO[name]
+    target = cache_root() / "zoo" / f"{name}-{spec.cache_key()}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        started = time.perf_counter()
+        _build(spec, staging)
+        log.info("built %s in %.1f s (cached at %s)", name, time.perf_counter() - started, target)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished the same build first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _build(spec: ZooModel, out: Path) -> None:
+    import torch
+    import transformers
+
+    tokenizer = build_tokenizer()
+    config_cls = getattr(transformers, spec.config_class)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        **spec.config_kwargs,
+    )
+    torch.manual_seed(spec.pretrain.seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _pretrain(model, tokenizer, spec.pretrain)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "lorabench_zoo.json").write_text(json.dumps({"name": spec.name, **asdict(spec.pretrain)}, indent=2))
+
+
+def _pretrain(model, tokenizer, recipe: PretrainRecipe) -> None:
+    """Plain fp32 training on copy/sort problems: model preparation, not part of any measurement."""
+    import torch
+
+    from lorabench.data import collator, pretraining_examples, tokenize
+
+    import datasets
+
+    rng = random.Random(recipe.seed)
+    rows = pretraining_examples(rng, recipe.steps * recipe.batch_size)
+    ds = tokenize(datasets.Dataset.from_list(rows), tokenizer, seq_len=64)
+    collate = collator(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    model.train()
+    for step in range(recipe.steps):
+        batch = collate([ds[i] for i in range(step * recipe.batch_size, (step + 1) * recipe.batch_size)])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0:
+            log.info("pre-training %s: step %d/%d loss %.3f", model.config.model_type, step + 1, recipe.steps, loss.item())
+    model.eval()
