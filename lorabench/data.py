@@ -6,10 +6,12 @@ accuracy look at the completion only) or plain ``text`` (the loss looks at every
 token, and there is no accuracy).
 
 The embedded task, ``digit-reverse``, asks for a digit string reversed
-(``r:4821>`` -> ``1284``). Its answers are checkable, a tiny model learns it in a
-few dozen steps, and the eval strings are drawn apart from the training strings
-so no eval example is ever trained on. ``digit-copy-sort`` is the task the tiny
-models are pre-trained on; it doubles as the reference text for forgetting.
+(``rev 4821=`` -> ``1284``). The tiny zoo models are pre-trained on copy, sort and
+reverse problems in another format (``r:4821>``), so fine-tuning teaches a known skill
+a new format, as instruction tuning does at full size: a tiny model gets there in a
+few dozen steps, and its answers can be checked. Eval strings are drawn apart from
+the training strings, so no eval example is ever trained on. Held-out problems in the
+pre-training format are the reference text for forgetting.
 """
 
 from __future__ import annotations
@@ -59,10 +61,17 @@ def _digit_strings(rng: random.Random, length: int) -> list[str]:
     return pool
 
 
-def digit_task_examples(op: str, strings: list[str]) -> list[dict[str, str]]:
-    """Prompt/completion rows for a digit-string task: ``c`` copy, ``s`` sort, ``r`` reverse."""
-    transform = {"c": lambda s: s, "s": lambda s: "".join(sorted(s)), "r": lambda s: s[::-1]}[op]
-    return [{"prompt": f"{op}:{s}>", "completion": transform(s)} for s in strings]
+_DIGIT_OPS = {"c": lambda s: s, "s": lambda s: "".join(sorted(s)), "r": lambda s: s[::-1]}
+
+
+def pretraining_example(op: str, digits: str) -> dict[str, str]:
+    """A pre-training problem: ``c`` copy, ``s`` sort or ``r`` reverse, as ``r:4821>`` -> ``1284``."""
+    return {"prompt": f"{op}:{digits}>", "completion": _DIGIT_OPS[op](digits)}
+
+
+def reverse_example(digits: str) -> dict[str, str]:
+    """A fine-tuning problem of the embedded task: ``rev 4821=`` -> ``1284``."""
+    return {"prompt": f"rev {digits}=", "completion": digits[::-1]}
 
 
 def embedded_reverse(seed: int = 0) -> TaskData:
@@ -70,25 +79,25 @@ def embedded_reverse(seed: int = 0) -> TaskData:
     import datasets
 
     pool = _digit_strings(random.Random(seed), EMBEDDED_DIGIT_LENGTH)
-    eval_strings, train_strings = pool[:MAX_EVAL_EXAMPLES], pool[MAX_EVAL_EXAMPLES:]
-    train_strings = train_strings[:EMBEDDED_TRAIN_EXAMPLES]
-    reference_strings = pool[MAX_EVAL_EXAMPLES + EMBEDDED_TRAIN_EXAMPLES:][: MAX_EVAL_EXAMPLES // 2]
-    reference = digit_task_examples("c", reference_strings) + digit_task_examples("s", reference_strings)
+    eval_strings = pool[:MAX_EVAL_EXAMPLES]
+    train_strings = pool[MAX_EVAL_EXAMPLES:MAX_EVAL_EXAMPLES + EMBEDDED_TRAIN_EXAMPLES]
+    reference_strings = pool[MAX_EVAL_EXAMPLES + EMBEDDED_TRAIN_EXAMPLES:][:MAX_EVAL_EXAMPLES]
+    reference = [pretraining_example("csr"[i % 3], s) for i, s in enumerate(reference_strings)]
     return TaskData(
         name="digit-reverse",
-        train=datasets.Dataset.from_list(digit_task_examples("r", train_strings)),
-        eval=datasets.Dataset.from_list(digit_task_examples("r", eval_strings)),
+        train=datasets.Dataset.from_list([reverse_example(s) for s in train_strings]),
+        eval=datasets.Dataset.from_list([reverse_example(s) for s in eval_strings]),
         has_answers=True,
         reference=datasets.Dataset.from_list(reference),
     )
 
 
 def pretraining_examples(rng: random.Random, count: int) -> list[dict[str, str]]:
-    """Copy and sort problems for the tiny models' pre-training."""
-    strings = [
-        "".join(rng.choice(DIGITS) for _ in range(EMBEDDED_DIGIT_LENGTH)) for _ in range(count)
+    """Copy, sort and reverse problems for the tiny models' pre-training."""
+    return [
+        pretraining_example(rng.choice("csr"), "".join(rng.choice(DIGITS) for _ in range(EMBEDDED_DIGIT_LENGTH)))
+        for _ in range(count)
     ]
-    return [digit_task_examples(rng.choice("cs"), [s])[0] for s in strings]
 
 
 EMBEDDED_DATASETS = {"digit-reverse": embedded_reverse}

@@ -164,6 +164,25 @@ def attention_module_names(model) -> list[str]:
     return names
 
 
+def keep_4bit_layout_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference when a layer runs in eval mode.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` that runs one eval-mode forward converts its
+    weight to a packed inference layout for good, and from then on its forward uses a kernel
+    with no autograd: gradients to the layer's input are silently dropped in training. An eval
+    pass before or during training would trigger it, so training models opt out.
+
+    Returns:
+        How many layers were switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def apply_adapter(model, config: BenchConfig):
     """Make the model trainable as the configuration asks: every weight, or a LoRA adapter."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -175,6 +194,7 @@ def apply_adapter(model, config: BenchConfig):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         return model
     if config.quantized:
+        keep_4bit_layout_trainable(model)
         # Casts norms and embeddings to fp32 and readies inputs for checkpointing (QLoRA practice).
         model = prepare_model_for_kbit_training(
             model,

@@ -1,7 +1,7 @@
 """The embedded model zoo: tiny causal LMs built from a config, no download needed.
 
-Each zoo model is built with a fixed seed, briefly pre-trained in fp32 on the
-digit copy/sort task (so that fine-tuning adapts a model that already knows
+Each zoo model is built with a fixed seed, briefly pre-trained in fp32 on digit
+copy, sort and reverse problems (so that fine-tuning adapts a model that already knows
 something, as it does at full size), and saved as an ordinary Hugging Face
 checkpoint directory with its tokenizer. The benchmark then loads it through the
 same ``from_pretrained`` path as a hub model, quantization included.
@@ -40,9 +40,9 @@ TINY_TRAIN_DEFAULTS = TrainDefaults(steps=60, batch_size=16, seq_len=32, lr_full
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-3
     seed: int = 0
 
 
@@ -166,7 +166,7 @@ def _build(spec: ZooModel, out: Path) -> None:
 
 
 def _pretrain(model, tokenizer, recipe: PretrainRecipe) -> None:
-    """Plain fp32 training on copy/sort problems: model preparation, not part of any measurement."""
+    """Plain fp32 training on copy/sort/reverse problems: model preparation, not part of any measurement."""
     import torch
 
     from lorabench.data import collator, pretraining_examples, tokenize
