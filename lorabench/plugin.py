@@ -28,6 +28,7 @@ from lorabench.summary import render_summary  # noqa: E402
 from lorabench.thresholds import FAIL, GateOutcome, Thresholds, evaluate, load_thresholds  # noqa: E402
 
 REPORT_TO = ("none", "tensorboard", "wandb")
+ISOLATION = ("process", "none")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class BenchSession:
     device_choice: str
     report_to: str
     trust_remote_code: bool
+    isolate: str
     thresholds_path: Path
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
@@ -92,6 +94,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--thresholds", default=None, metavar="FILE", help="gates file (default: thresholds.yaml at the root)")
     g.addoption("--report-to", dest="report_to", default="none", choices=REPORT_TO,
                 help="stream training curves through the Trainer's integration (tensorboard, or wandb offline)")
+    g.addoption("--isolate", default="process", choices=ISOLATION,
+                help="run each case in its own process (default; memory figures independent of earlier cases) "
+                     "or in the pytest process (none; faster to debug)")
     g.addoption("--trust-remote-code", action="store_true", default=False,
                 help="allow a checkpoint's own modelling code (off by default)")
 
@@ -122,6 +127,7 @@ def pytest_configure(config: pytest.Config) -> None:
         device_choice=config.getoption("bench_device"),
         report_to=config.getoption("report_to"),
         trust_remote_code=config.getoption("trust_remote_code"),
+        isolate=config.getoption("isolate"),
         thresholds_path=Path(thresholds),
     )
 

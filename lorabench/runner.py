@@ -1,12 +1,14 @@
 """Run one case end to end: load, adapt, train with meters attached, evaluate, record.
 
-This is the engine's one entry point for a case. It knows nothing of pytest: the
-step timer is passed in (pytest-benchmark's ``pedantic`` in the suite,
-:func:`lorabench.training.simple_timer` elsewhere).
+:class:`CaseRun` is the engine's one way to run a case, and :func:`measure` drives it.
+It knows nothing of pytest: the step timer is passed in (pytest-benchmark's
+``pedantic`` in the suite, :func:`lorabench.training.simple_timer` elsewhere), and
+:mod:`lorabench.isolation` runs the same phases in a child process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import statistics
@@ -59,109 +61,169 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
-def run_case(
-    case: Case,
-    *,
-    case_id: str,
-    source: ModelSource,
-    tokens_for: Callable[[BenchConfig], TokenizedTask],
-    device,
-    timer: Timer = simple_timer,
-    report_to: str = "none",
-) -> CaseResult:
-    """Measure one case.
+class CaseAborted(Exception):
+    """A case stopped early (out of memory, divergence); ``result`` holds what was measured."""
+
+    def __init__(self, result: CaseResult) -> None:
+        super().__init__(result.error)
+        self.result = result
+
+
+class CaseRun:
+    """One case in three phases, so a timer can drive the training steps in between.
+
+    ``prepare`` loads and adapts the model and builds the Trainer; ``step`` runs one
+    optimizer step; ``finish`` completes any steps the timer did not run, stops the
+    meters and evaluates. A phase that runs out of memory or diverges raises
+    :class:`CaseAborted` with the partial result; any other error propagates.
 
     Args:
         case: the configuration, model and data set.
         case_id: the pytest id, recorded with the result.
         source: the resolved model.
-        tokens_for: tokenized data for a resolved configuration (cached by the caller).
+        tokens_for: tokenized data for a resolved configuration.
         device: where to train.
-        timer: runs ``step`` for ``warmup_rounds`` then ``rounds`` measured rounds.
         report_to: the Trainer's ``report_to`` (``none``, ``tensorboard``, ``wandb``).
+    """
+
+    def __init__(self, case: Case, *, case_id: str, source: ModelSource,
+                 tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none") -> None:
+        self.config = config = resolve(case.config, source.defaults)
+        self.case_id = case_id
+        self.source = source
+        self.tokens_for = tokens_for
+        self.device = device
+        self.report_to = report_to
+        self.on_cuda = device.type == "cuda"
+        self.result = CaseResult(
+            case_id=case_id,
+            config_id=config.id,
+            model=case.model,
+            dataset=case.dataset,
+            device=str(device),
+            config=config.to_dict(),
+            environment=dict(machine()),
+        )
+        self.rss = RssMeter()
+        self.cuda = CudaMeter(device) if self.on_cuda else None
+        self._meters_running = False
+        self.model = self.trainer = self.runner = self.tokens = self.collate = None
+        self.started = 0.0
+
+    # ----- phases ------------------------------------------------------------
+    def prepare(self) -> None:
+        from transformers import set_seed
+
+        with self._guard():
+            config, result = self.config, self.result
+            set_seed(config.seed)
+            self.tokens = self.tokens_for(config)
+            self._start_meters()
+            loaded = load_model(self.source, config, self.device)
+            self.model = apply_adapter(loaded.model, config)
+            result.set("load_s", loaded.load_s, source="wall clock around from_pretrained (load + quantize)")
+            _record_model(result, self.model)
+            self.collate = collator(loaded.tokenizer)
+            before = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size, device=self.device)
+            result.set("eval_loss_before", before.loss)
+            self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
+                                        self.device, self.report_to)
+            self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
+            self.started = time.perf_counter()
+
+    def step(self) -> float:
+        with self._guard():
+            return self.runner.step()
+
+    def finish(self) -> CaseResult:
+        with self._guard():
+            config, result = self.config, self.result
+            self.runner.run_until(config.steps)  # where the timer ran fewer (pytest-benchmark disabled)
+            train_s = time.perf_counter() - self.started
+            _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
+            _record_speed(result, self.runner, config, train_s, self.model, self.device)
+            after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size, device=self.device)
+            _record_quality(result, self.runner, after)
+        self.close()
+        return self.result
+
+    def close(self) -> None:
+        """Drop the model and everything that holds device memory."""
+        self.model = self.trainer = self.runner = None
+        gc.collect()
+        if self.on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+        if not self.on_cuda:
+            reason = f"not measured: the case ran on {self.device.type}, not CUDA"
+            for name, why in cuda_only_absent(reason).items():
+                self.result.absent.setdefault(name, why)
+
+    # ----- helpers -------------------------------------------------------------
+    def _start_meters(self) -> None:
+        self.rss.start()
+        if self.cuda:
+            self.cuda.start()
+        self._meters_running = True
+
+    def _stop_meters(self):
+        self._meters_running = False
+        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else [])
+
+    def _on_step_end(self, step: int) -> None:
+        self.rss.sample()
+        if self.cuda:
+            self.cuda.sample()
+        steps = self.config.steps
+        if step % max(1, steps // 5) == 0 or step == steps:
+            log.info("%s: step %d/%d loss %.4f elapsed %.1f s", self.case_id, step, steps,
+                     self.runner.record.losses[-1], time.perf_counter() - self.started)
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Turn out-of-memory and divergence into :class:`CaseAborted` with the partial result."""
+        try:
+            yield
+        except DivergenceError as exc:
+            self._abort(STATUS_ERROR, f"{exc} (configuration {self.config.id})")
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            self._abort(STATUS_DOES_NOT_FIT, f"out of memory: {type(exc).__name__}: {first_line}".rstrip(": "))
+
+    def _abort(self, status: str, error: str) -> None:
+        result = self.result
+        result.status, result.error = status, error
+        if self._meters_running:
+            for reading in self._stop_meters():
+                result.metrics.update(reading.metrics)
+                result.absent.update(reading.absent)
+                result.sources.update(reading.sources)
+        _record_partial(result, self.runner)
+        self.close()
+        raise CaseAborted(result) from None
+
+
+def measure(run, timer: Timer = simple_timer) -> CaseResult:
+    """Drive a case run (in this process or another): prepare, timed steps, finish.
 
     Returns:
-        The result; ``status`` says whether it ran, did not fit, or failed (with ``error``).
+        The result, also when the case aborted (``status`` says how).
     """
-    import torch
-    from transformers import set_seed
-
-    config = resolve(case.config, source.defaults)
-    result = CaseResult(
-        case_id=case_id,
-        config_id=config.id,
-        model=case.model,
-        dataset=case.dataset,
-        device=str(device),
-        config=config.to_dict(),
-        environment=dict(machine()),
-    )
-    on_cuda = device.type == "cuda"
-    rss = RssMeter()
-    cuda = CudaMeter(device) if on_cuda else None
-    state: dict[str, Any] = {}
     try:
-        set_seed(config.seed)
-        tokens = tokens_for(config)
-        rss.start()
-        if cuda:
-            cuda.start()
-        loaded = load_model(source, config, device)
-        state["model"] = model = apply_adapter(loaded.model, config)
-        result.set("load_s", loaded.load_s, source="wall clock around from_pretrained (load + quantize)")
-        _record_model(result, model)
-        collate = collator(loaded.tokenizer)
-        before = eval_loss(model, tokens.eval, collate, batch_size=config.batch_size, device=device)
-        result.set("eval_loss_before", before.loss)
-
-        state["trainer"] = trainer = make_trainer(model, loaded.tokenizer, tokens.train, collate, config, device, report_to)
-
-        def on_step_end(step: int) -> None:
-            rss.sample()
-            if cuda:
-                cuda.sample()
-            every = max(1, config.steps // 5)
-            if step % every == 0 or step == config.steps:
-                log.info("%s: step %d/%d loss %.4f elapsed %.1f s", case_id, step, config.steps,
-                         runner.record.losses[-1], time.perf_counter() - started)
-
-        runner = StepRunner(trainer, on_step_end=on_step_end)
-        state["runner"] = runner
-        started = time.perf_counter()
-        timer(runner.step, config.steps - config.warmup_steps, config.warmup_steps)
-        runner.run_until(config.steps)  # where the timer ran fewer (pytest-benchmark disabled)
-        train_s = time.perf_counter() - started
-        readings = [rss.stop()] + ([cuda.stop()] if cuda else [])
-        _record_memory(result, readings, runner, trainer, on_cuda)
-        _record_speed(result, runner, config, train_s, model, device)
-        after = eval_loss(model, tokens.eval, collate, batch_size=config.batch_size, device=device)
-        _record_quality(result, runner, after)
-    except DivergenceError as exc:
-        result.status = STATUS_ERROR
-        result.error = f"{exc} (configuration {config.id})"
-        _record_partial(result, state)
-    except Exception as exc:
-        if not _is_out_of_memory(exc):
-            raise
-        result.status = STATUS_DOES_NOT_FIT
-        result.error = f"out of memory: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        for reading in [rss.stop()] + ([cuda.stop()] if cuda else []):
-            result.metrics.update(reading.metrics)
-            result.sources.update(reading.sources)
-        _record_partial(result, state)
+        run.prepare()
+        warmup = run.config.warmup_steps
+        timer(run.step, run.config.steps - warmup, warmup)
+        return run.finish()
+    except CaseAborted as exc:
+        return exc.result
     finally:
-        state.clear()
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
-    if not on_cuda:
-        for name, reason in cuda_only_absent(f"not measured: the case ran on {device.type}, not CUDA").items():
-            result.absent.setdefault(name, reason)
-    return result
+        run.close()
 
 
-def _record_partial(result: CaseResult, state: dict[str, Any]) -> None:
-    runner = state.get("runner")
+def _record_partial(result: CaseResult, runner: StepRunner | None) -> None:
     if runner is not None:
         result.loss_curve = list(runner.record.losses)
         result.step_ms_curve = [s * 1000 for s in runner.record.seconds]

@@ -1,0 +1,173 @@
+"""Run each case in its own process, so no case's memory figures depend on the cases before it.
+
+The child is forked from a forkserver that has already imported torch, transformers,
+peft and bitsandbytes (never CUDA), so a case starts in milliseconds from the same
+clean state every time. The parent keeps the pytest side: each
+:meth:`IsolatedCaseRun.step` is one round trip (send "step", the child runs one
+optimizer step, reply), which is what pytest-benchmark times. Log records from the
+child are re-emitted in the parent, so progress shows in pytest's live log.
+
+If the child dies (the kernel's OOM killer, a crash), the case records it instead
+of taking the session down.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import traceback
+from typing import Any
+
+from lorabench.errors import LorabenchError
+from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
+from lorabench.runner import CaseAborted
+
+# Imported once by the forkserver; every case process inherits them.
+PRELOAD = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "lorabench.runner"]
+
+
+class ChildFailed(LorabenchError):
+    """The case process raised an error that is not a measurement outcome (bad input, a bug)."""
+
+
+def _context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class _PipeLogHandler(logging.Handler):
+    def __init__(self, conn) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.conn.send(("log", record.name, record.levelno, record.getMessage()))
+
+
+def _child_main(conn, payload: dict[str, Any]) -> None:
+    """The case process: build the run, then obey "step" and "finish" until done."""
+    import torch
+
+    from lorabench.data import load_task_data
+    from lorabench.models import load_tokenizer
+    from lorabench.runner import CaseRun, tokenize_task
+
+    handler = _PipeLogHandler(conn)
+    root = logging.getLogger("lorabench")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    try:
+        source = payload["source"]
+        task = load_task_data(payload["case"].dataset)
+        tokenizer = load_tokenizer(source)
+        run = CaseRun(
+            payload["case"],
+            case_id=payload["case_id"],
+            source=source,
+            tokens_for=lambda config: tokenize_task(task, tokenizer, config.seq_len),
+            device=torch.device(payload["device"]),
+            report_to=payload["report_to"],
+        )
+        run.prepare()
+        conn.send(("ready", run.config.to_dict()))
+        while True:
+            command = conn.recv()
+            if command == "step":
+                conn.send(("stepped", run.step()))
+            elif command == "finish":
+                conn.send(("result", run.finish().to_extra_info()))
+                return
+            else:
+                return
+    except CaseAborted as exc:
+        conn.send(("aborted", exc.result.to_extra_info()))
+    except BaseException as exc:  # report, then let the process end
+        conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    finally:
+        root.removeHandler(handler)
+        conn.close()
+
+
+class IsolatedCaseRun:
+    """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
+
+    def __init__(self, case, *, case_id: str, source, device, report_to: str = "none") -> None:
+        from lorabench.config import resolve
+
+        self.case = case
+        self.case_id = case_id
+        self.config = resolve(case.config, source.defaults)
+        self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
+                         "report_to": report_to}
+        self._device = str(device)
+        self._process = None
+        self._conn = None
+
+    def prepare(self) -> None:
+        ctx = _context()
+        parent_end, child_end = ctx.Pipe()
+        self._process = ctx.Process(target=_child_main, args=(child_end, self._payload), daemon=True,
+                                    name=f"lorabench-{self.case_id}")
+        self._process.start()
+        child_end.close()
+        self._conn = parent_end
+        self._await("ready")
+
+    def step(self) -> float:
+        self._conn.send("step")
+        return self._await("stepped")
+
+    def finish(self) -> CaseResult:
+        self._conn.send("finish")
+        return CaseResult.from_extra_info(self._await("result"))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._process = None
+
+    def _await(self, expected: str):
+        """Read messages until the expected reply, re-emitting log records on the way."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                raise CaseAborted(self._death_result()) from None
+            kind = message[0]
+            if kind == "log":
+                _, name, level, text = message
+                logging.getLogger(name).log(level, "%s", text)
+            elif kind == expected:
+                return message[1]
+            elif kind == "aborted":
+                raise CaseAborted(CaseResult.from_extra_info(message[1]))
+            elif kind == "failed":
+                raise ChildFailed(f"{self.case_id}: {message[1]}\n{message[2]}")
+            else:
+                raise ChildFailed(f"{self.case_id}: unexpected message {kind!r} from the case process")
+
+    def _death_result(self) -> CaseResult:
+        """The record of a case whose process died without reporting."""
+        self._process.join(timeout=10)
+        code = self._process.exitcode
+        killed = code is not None and code < 0 and -code == signal.SIGKILL
+        result = CaseResult(case_id=self.case_id, config_id=self.config.id, model=self.case.model,
+                            dataset=self.case.dataset, device=self._device, config=self.config.to_dict())
+        if killed:
+            result.status = STATUS_DOES_NOT_FIT
+            result.error = "the case process was killed (SIGKILL), most likely by the kernel's out-of-memory killer"
+        else:
+            result.status = STATUS_ERROR
+            result.error = f"the case process died with exit code {code}"
+        return result
