@@ -187,7 +187,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
-    return key, value
+    return key, _coerce(key, value, f"--set {text!r}")
 
 
 # ----- validation ----------------------------------------------------------

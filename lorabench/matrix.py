@@ -76,7 +76,7 @@ def short_name(spec: str) -> str:
     for suffix in (".jsonl", ".json", ".csv", ".txt"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
-    return "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in name) or "x"
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name) or "x"
 
 
 def build_matrix(

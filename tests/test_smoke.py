@@ -1,0 +1,58 @@
+"""End to end: the bench as a user runs it, in a subprocess, with storage and gates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "bench"), "-p", "no:cacheprovider", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_one_case_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("-k", "qlora_nf4_r8", "--steps", "8", f"--benchmark-json={out}", "--rootdir", str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lorabench summary" in proc.stdout
+    assert "qlora_nf4_r8" in proc.stdout
+    data = json.loads(out.read_text())
+    (bench,) = data["benchmarks"]
+    assert bench["stats"]["rounds"] == 8 - 3  # measured steps: all but the warm-up
+    assert 0 < bench["stats"]["median"] < 10
+    info = bench["extra_info"]
+    assert info["status"] == "ok" and info["config_id"] == "qlora_nf4_r8"
+    assert info["metrics"]["quant_linear_ratio"] <= 0.3
+    assert info["metrics"]["peak_rss_delta_mib"] > 0
+    assert "not CUDA" in info["absent"]["peak_alloc_mib"]
+    assert info["gates"] and all(g["status"] in ("pass", "not evaluated") for g in info["gates"])
+    machine = data["machine_info"]
+    for key in ("torch_version", "transformers_version", "peft_version", "bitsandbytes_version", "gpu_name"):
+        assert key in machine
+
+
+def test_a_violated_gate_fails_its_case_and_says_where(tmp_path):
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("version: 1\nprofiles:\n  default:\n    '*':\n      - step_ms <= 0.001\n")
+    proc = run_bench("-k", "qlora_nf4_r8", "--steps", "5", f"--thresholds={gates}", "--benchmark-disable",
+                     "--rootdir", str(ROOT))
+    assert proc.returncode == 1
+    assert "qlora_nf4_r8: step_ms = " in proc.stdout
+    assert "violates 'step_ms <= 0.001'" in proc.stdout
+    assert f"{gates}:5" in proc.stdout
+
+
+def test_a_malformed_thresholds_file_stops_the_run_before_training(tmp_path):
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("version: 1\nprofiles:\n  default:\n    '*':\n      - peak_vram <= 3\n")
+    proc = run_bench("-k", "qlora_nf4_r8", f"--thresholds={gates}", "--rootdir", str(ROOT))
+    assert proc.returncode == 4  # pytest's usage error
+    assert f"{gates}:5: unknown metric 'peak_vram'" in proc.stderr
+    assert "step 1/" not in proc.stdout

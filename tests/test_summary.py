@@ -1,0 +1,66 @@
+"""Summary wording: a reduction reads as a reduction, deltas are signed the way numbers move."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lorabench.result import CaseResult
+from lorabench.summary import describe, findings, format_delta, relative_change, render_summary, verdict
+
+positive = st.floats(1e-3, 1e6, allow_nan=False)
+
+
+def result(config_id: str, **metrics) -> CaseResult:
+    r = CaseResult(case_id=config_id, config_id=config_id, model="m", dataset="d", device="cpu", config={})
+    r.metrics.update(metrics)
+    return r
+
+
+def test_memory_reduction_is_negative_and_worded_as_less():
+    assert format_delta(3.1, 14.4) == "-78.5%"
+    text = describe("peak_rss_delta_mib", "peak memory", 3.1, 14.4)
+    assert text.startswith("78.5% less peak memory") and text.endswith("better)")
+    assert describe("step_ms", "step time", 150, 100).startswith("50.0% more step time")
+    assert describe("tokens_per_s", "throughput", 50, 100).startswith("50.0% lower throughput")
+
+
+@given(value=positive, base=positive)
+def test_delta_sign_matches_the_move(value, base):
+    delta = format_delta(value, base)
+    change = relative_change(value, base)
+    if change * 100 >= 0.05:
+        assert delta.startswith("+")
+    elif change * 100 <= -0.05:
+        assert delta.startswith("-")
+    text = describe("weights_mib", "weight memory", value, base)
+    if value < base and abs(change) >= 0.0005:
+        assert " less " in text and "better" in text
+    if value > base and abs(change) >= 0.0005:
+        assert " more " in text and "worse" in text
+
+
+def test_verdict_follows_the_metric_direction():
+    assert verdict("step_ms", 1, 2) == "better"
+    assert verdict("tokens_per_s", 1, 2) == "worse"
+    assert verdict("train_loss_first", 1, 2) == "same"
+
+
+def test_summary_has_a_baseline_column_and_computed_findings():
+    rows = [result("full_bf16", peak_rss_delta_mib=100.0, weights_mib=10.0, step_ms=50.0, eval_loss=1.0),
+            result("qlora_nf4", peak_rss_delta_mib=40.0, weights_mib=3.0, step_ms=60.0, eval_loss=0.9)]
+    text = "\n".join(render_summary(rows, {"pass": 3}))
+    assert "baseline full_bf16" in text
+    assert "40.00 (-60.0%)" in text
+    assert "gates: 3 pass" in text
+    found = findings(rows)
+    assert found[0].startswith("qlora_nf4 vs full_bf16: 60.0% less peak memory")
+    assert "20.0% more step time" in found[0]
+    assert found[-1].startswith("lowest eval loss: qlora_nf4")
+
+
+def test_a_case_that_did_not_run_is_never_the_baseline():
+    failed = result("full_bf16")
+    failed.status = "does_not_fit"
+    ok = result("lora_bf16", weights_mib=1.0)
+    assert "baseline lora_bf16" in render_summary([failed, ok])[0]

@@ -1,0 +1,143 @@
+"""Gates: parsing with file lines, validation errors, evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lorabench.errors import ThresholdError
+from lorabench.matrix import DEFAULT_CONFIGS
+from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate, load_thresholds, parse_thresholds
+
+KNOWN = {c.id for c in DEFAULT_CONFIGS}
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+version: 1
+profiles:
+  default:
+    "*":
+      - loss_drop >= 0.1
+    qlora_nf4:
+      - eval_loss <= 1.05 * lora_bf16.eval_loss
+      - peak_rss_delta_mib >= self.weights_mib
+  "cuda & model=Qwen/Qwen3-0.6B":
+    qlora_nf4:
+      - peak_alloc_mib <= 0.6 * full_bf16.peak_alloc_mib
+compare:
+  default_tolerance_pct: 5
+"""
+
+
+def parse(text: str):
+    return parse_thresholds(text, "th.yaml", KNOWN)
+
+
+def no_reference(_config_id):
+    return None
+
+
+def test_the_shipped_thresholds_file_is_valid():
+    t = load_thresholds(ROOT / "thresholds.yaml", KNOWN)
+    assert t.gates and {"default", "cpu", "cuda"} <= set(t.profiles)
+    assert any(g.metric == "quant_linear_ratio" and g.number == 0.3 for g in t.gates)
+
+
+def test_rules_carry_their_file_line_and_kind():
+    t = parse(GOOD)
+    sanity, relative, self_ref, cuda = t.gates
+    assert (sanity.config, sanity.metric, sanity.op, sanity.number, sanity.line) == ("*", "loss_drop", ">=", 0.1, 5)
+    assert (relative.factor, relative.ref_config, relative.ref_metric, relative.line) == (1.05, "lora_bf16", "eval_loss", 7)
+    assert self_ref.ref_config == "self"
+    assert t.compare == {"default_tolerance_pct": 5}
+    assert [g.metric for g in t.gates_for("qlora_nf4", "cpu", "tiny-llama")] == ["loss_drop", "eval_loss", "peak_rss_delta_mib"]
+    assert len(t.gates_for("qlora_nf4", "cuda", "Qwen/Qwen3-0.6B")) == 4
+    assert len(t.gates_for("full_bf16", "cuda", "Qwen/Qwen3-0.6B")) == 1
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("version: 1\nprofiles: {default: {'*': [loss_drop >= ]}}", r"th.yaml:2: cannot read rule 'loss_drop >='"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [peak_mem <= 3]", r"th.yaml:4: unknown metric 'peak_mem'"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_msec <= 3]", r"did you mean step_ms"),
+        ("version: 1\nprofiles:\n  default:\n    qlora_nf5: [step_ms <= 3]", r"th.yaml:4: unknown configuration 'qlora_nf5'"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 2 * lora_bf17.step_ms]", r"unknown configuration 'lora_bf17'"),
+        ("version: 1\nprofiles:\n  default:\n    '*': step_ms <= 3", r"th.yaml:4: rules for '\*' must be a list"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [3]", r"th.yaml:4: a rule must be a string"),
+        ("version: 1\nprofiles:\n  gpu:\n    '*': [step_ms <= 3]", r"th.yaml:3: profile 'gpu': unknown selector 'gpu'"),
+        ("version: 2\nprofiles: {}", r"th.yaml:1: version must be 1"),
+        ("version: 1\nprofile: {}", r"th.yaml:2: unknown key 'profile'; allowed: version, profiles, compare"),
+        ("version: 1\n", r"missing key 'profiles'"),
+        ("", r"file is empty"),
+        ("version: 1\nprofiles: [a]", r"'profiles' must be a mapping"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 0 * lora_bf16.step_ms]", r"factor must be positive"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= self.step_ms]", r"compares \*.step_ms with itself"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [a: b: c]", r"not valid YAML"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 100]\n  cpu:\n    qlora_nf4: [step_ms >= 200]",
+         r"th.yaml:6: 'step_ms >= 200' contradicts|th.yaml:4: 'step_ms <= 100' contradicts"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 1, step_ms <= 2]\n    '*': []", r"key '\*' repeats"),
+    ],
+)
+def test_malformed_files_name_the_line_and_what_is_allowed(text, match):
+    with pytest.raises(ThresholdError, match=match):
+        parse(text)
+
+
+def test_bounds_on_exclusive_devices_do_not_contradict():
+    parse("version: 1\nprofiles:\n  cpu:\n    '*': [step_ms <= 100]\n  cuda:\n    '*': [step_ms >= 200]\n")
+
+
+def test_missing_file():
+    with pytest.raises(ThresholdError, match="nope.yaml: thresholds file not found"):
+        load_thresholds("nope.yaml", KNOWN)
+
+
+def test_violated_relative_gate_names_metric_values_bound_and_line():
+    gate = parse(GOOD).gates[1]
+    lookup = {"lora_bf16": ({"eval_loss": 2.0}, {})}.get
+    out = evaluate(gate, "qlora_nf4", {"eval_loss": 2.2}, {}, lookup)
+    assert out.status == FAIL
+    for text in ("qlora_nf4: eval_loss = 2.2", "violates", "<= 2.1", "1.05 x lora_bf16.eval_loss 2", "th.yaml:7"):
+        assert text in out.message
+    assert evaluate(gate, "qlora_nf4", {"eval_loss": 2.0}, {}, lookup).status == PASS
+
+
+def test_gates_that_cannot_be_checked_say_why_and_never_pass():
+    relative, self_ref = parse(GOOD).gates[1:3]
+    out = evaluate(relative, "qlora_nf4", {"eval_loss": 2.0}, {}, no_reference)
+    assert out.status == NOT_EVALUATED and "lora_bf16 did not run" in out.message
+    out = evaluate(relative, "qlora_nf4", {}, {"eval_loss": "diverged"}, no_reference)
+    assert out.status == NOT_EVALUATED and "diverged" in out.message
+    out = evaluate(self_ref, "qlora_nf4", {"peak_rss_delta_mib": 3.0}, {"weights_mib": "x"}, no_reference)
+    assert out.status == NOT_EVALUATED
+
+
+def test_self_reference_reads_the_case_itself():
+    gate = parse(GOOD).gates[2]
+    assert evaluate(gate, "qlora_nf4", {"peak_rss_delta_mib": 3.0, "weights_mib": 4.0}, {}, no_reference).status == FAIL
+    assert evaluate(gate, "qlora_nf4", {"peak_rss_delta_mib": 5.0, "weights_mib": 4.0}, {}, no_reference).status == PASS
+
+
+finite = st.floats(-1e9, 1e9, allow_nan=False)
+
+
+@given(value=finite, bound=finite, op=st.sampled_from(sorted(OPS)))
+def test_absolute_gates_fail_exactly_when_the_bound_is_crossed(value, bound, op):
+    gate = Gate(profile="default", config="*", metric="step_ms", op=op, text=f"step_ms {op} {bound}",
+                file="t", line=1, number=bound)
+    out = evaluate(gate, "x", {"step_ms": value}, {}, no_reference)
+    assert (out.status == PASS) == OPS[op](value, bound)
+    assert out.status != NOT_EVALUATED
+
+
+@given(value=st.floats(0, 1e6), ref=st.floats(1e-3, 1e6), factor=st.floats(0.01, 10))
+def test_relative_gates_scale_the_reference(value, ref, factor):
+    gate = Gate(profile="default", config="*", metric="peak_alloc_mib", op="<=", text="t", file="t", line=1,
+                factor=factor, ref_config="full_bf16", ref_metric="peak_alloc_mib")
+    out = evaluate(gate, "x", {"peak_alloc_mib": value}, {}, {"full_bf16": ({"peak_alloc_mib": ref}, {})}.get)
+    assert out.bound == pytest.approx(factor * ref)
+    assert (out.status == PASS) == (value <= factor * ref)

@@ -1,0 +1,64 @@
+"""Training steps: real steps through the Trainer, honest counters, divergence caught."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lorabench.config import BenchConfig, resolve
+from lorabench.data import collator, load_task_data
+from lorabench.matrix import Case
+from lorabench.models import apply_adapter, load_model, load_tokenizer
+from lorabench.runner import CaseRun, measure, tokenize_task
+from lorabench.training import DivergenceError, StepRunner, make_trainer
+
+
+def _runner(source, device, **fields):
+    config = resolve(BenchConfig("t", **fields), source.defaults)
+    tokenizer = load_tokenizer(source)
+    tokens = tokenize_task(load_task_data("digit-reverse"), tokenizer, config.seq_len)
+    model = apply_adapter(load_model(source, config, device).model, config)
+    trainer = make_trainer(model, tokenizer, tokens.train, collator(tokenizer), config, device)
+    return StepRunner(trainer), config
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
+def test_steps_count_samples_and_tokens_with_accumulation(tiny_llama, cpu, optimizer):
+    runner, config = _runner(tiny_llama, cpu, steps=4, warmup_steps=1, batch_size=4, grad_accum=2, optimizer=optimizer)
+    runner.run_until(3)
+    rec = runner.record
+    assert rec.samples == [8, 8, 8]
+    # every row of the embedded task is "rev dddd=" + 4 digits + eos: 14 tokens, no padding counted
+    assert rec.tokens == [8 * 14] * 3
+    assert all(math.isfinite(x) and x > 0 for x in rec.losses)
+    assert runner.grad_bytes_seen > 0
+    assert runner.trainer.optimizer is not None
+
+
+def test_divergence_names_the_step(tiny_llama, cpu):
+    runner, _ = _runner(tiny_llama, cpu, steps=4, warmup_steps=1)
+    runner.step()
+    for p in runner.model.parameters():
+        if p.requires_grad:
+            p.data.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="loss is nan at step 2"):
+        runner.step()
+
+
+def test_a_case_records_every_metric_or_why_not(tiny_llama, cpu):
+    from lorabench.metrics import METRICS
+
+    case = Case("tiny-llama", "digit-reverse", BenchConfig("qlora_nf4", quant="nf4", double_quant=True, steps=6))
+    tokenizer = load_tokenizer(tiny_llama)
+    task = load_task_data("digit-reverse")
+    run = CaseRun(case, case_id="qlora_nf4", source=tiny_llama, device=cpu,
+                  tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len))
+    result = measure(run)
+    assert result.status == "ok"
+    assert set(result.metrics) | set(result.absent) == set(METRICS)
+    assert not set(result.metrics) & set(result.absent)
+    assert all(reason for reason in result.absent.values())
+    assert len(result.loss_curve) == 6 and len(result.step_ms_curve) == 6
+    assert result.metrics["peak_rss_delta_mib"] >= result.metrics["weights_mib"] > 0
+    assert result.environment["torch_version"]
