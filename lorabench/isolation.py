@@ -76,9 +76,14 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
         run.prepare()
         conn.send(("ready", run.config.to_dict()))
         while True:
-            command = conn.recv()
+            try:
+                command = conn.recv()
+            except EOFError:  # the parent closed the case early
+                return
             if command == "step":
                 conn.send(("stepped", run.step()))
+            elif command == "ping":
+                conn.send(("pong", None))
             elif command == "finish":
                 conn.send(("result", run.finish().to_extra_info()))
                 return
@@ -122,12 +127,21 @@ class IsolatedCaseRun:
         self._conn.send("step")
         return self._await("stepped")
 
+    def ping(self) -> None:
+        """One round trip with no work, to measure what isolation adds to a step."""
+        self._conn.send("ping")
+        self._await("pong")
+
     def finish(self) -> CaseResult:
         self._conn.send("finish")
         return CaseResult.from_extra_info(self._await("result"))
 
     def close(self) -> None:
         if self._conn is not None:
+            try:
+                self._conn.send("exit")
+            except OSError:  # the child is gone already
+                pass
             self._conn.close()
             self._conn = None
         if self._process is not None:

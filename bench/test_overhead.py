@@ -1,0 +1,71 @@
+"""Harness overhead: the suite's lora_bf16 step against a bare PyTorch loop, in one process.
+
+Target: the suite costs at most 5% of tokens/s, isolation's round trip included.
+"""
+
+import pytest
+
+from lorabench.config import resolve
+from lorabench.isolation import IsolatedCaseRun
+from lorabench.matrix import DEFAULT_CONFIGS, Case
+from lorabench.overhead import BareLoop, compare, round_trip_s
+from lorabench.runner import CaseRun
+
+MAX_OVERHEAD_PCT = 5.0
+
+
+@pytest.mark.overhead
+def test_harness_overhead(benchmark, bench_session, model_source, task_tokens):
+    model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
+    source = model_source(model)
+    lora = next((c for c in bench_session.matrix.configs if c.id == "lora_bf16"),
+                next(c for c in DEFAULT_CONFIGS if c.id == "lora_bf16"))
+    config = resolve(lora, source.defaults)
+    case = Case(model, dataset, lora)
+    tokens = task_tokens(model, dataset, config.seq_len)
+    device = bench_session.device
+
+    run = CaseRun(case, case_id="overhead", source=source, tokens_for=lambda c: tokens, device=device)
+    run.prepare()
+    bare = BareLoop(source, config, tokens.train, device)
+    suite_s, bare_s = [], []
+
+    def pair():  # one suite step, then one bare step, each timed on its own
+        import time
+
+        for step, times in ((run.step, suite_s), (bare.step, bare_s)):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+
+    benchmark.group = "overhead"
+    for _ in range(config.warmup_steps):
+        pair()
+    benchmark.pedantic(pair, rounds=config.steps - config.warmup_steps, iterations=1)
+    reading = compare(suite_s, bare_s, run.runner.record.tokens, bare.tokens, config.warmup_steps)
+    run.close()
+
+    isolated = IsolatedCaseRun(case, case_id="overhead-isolated", source=source, device=device)
+    isolated.prepare()
+    trip_s = round_trip_s(isolated)
+    isolated.close()
+    trip_pct = 100.0 * trip_s * 1000 / reading.bare_step_ms
+    total_pct = reading.overhead_pct + trip_pct
+
+    benchmark.extra_info.update({
+        "overhead": {
+            "config": lora.id, "model": model, "dataset": dataset, "device": str(device),
+            "suite_step_ms": reading.suite_step_ms, "bare_step_ms": reading.bare_step_ms,
+            "suite_tokens_per_s": reading.suite_tokens_per_s, "bare_tokens_per_s": reading.bare_tokens_per_s,
+            "tokens_per_s_ratio": reading.ratio, "in_process_overhead_pct": reading.overhead_pct,
+            "isolation_round_trip_ms": trip_s * 1000, "isolation_overhead_pct": trip_pct,
+            "total_overhead_pct": total_pct,
+        }
+    })
+    print(f"\nsuite {reading.suite_tokens_per_s:.0f} tokens/s, bare {reading.bare_tokens_per_s:.0f} tokens/s, "
+          f"ratio {reading.ratio:.4f}; isolation round trip {trip_s * 1e6:.0f} us ({trip_pct:.3f}% of a bare step)")
+    assert total_pct <= MAX_OVERHEAD_PCT, (
+        f"harness overhead {total_pct:.2f}% exceeds {MAX_OVERHEAD_PCT}% "
+        f"(suite {reading.suite_tokens_per_s:.0f} vs bare {reading.bare_tokens_per_s:.0f} tokens/s, "
+        f"round trip {trip_s * 1000:.3f} ms)"
+    )
