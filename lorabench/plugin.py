@@ -41,6 +41,7 @@ class BenchSession:
     trust_remote_code: bool
     isolate: str
     thresholds_path: Path
+    reports_dir: Path
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
     _device: Any = None
@@ -52,6 +53,10 @@ class BenchSession:
         if self._device is None:
             self._device = resolve_device(self.device_choice)
         return self._device
+
+    def log_dir(self, case_id: str) -> str:
+        """Where the Trainer's integrations (TensorBoard) write for one case."""
+        return str(self.reports_dir / "runs" / case_id)
 
     def reference(self, model: str, dataset: str):
         """Lookup of another configuration's (metrics, absent) in this session, for relative gates."""
@@ -129,6 +134,7 @@ def pytest_configure(config: pytest.Config) -> None:
         trust_remote_code=config.getoption("trust_remote_code"),
         isolate=config.getoption("isolate"),
         thresholds_path=Path(thresholds),
+        reports_dir=Path(config.rootpath) / "reports",
     )
 
 

@@ -84,16 +84,19 @@ class CaseRun:
         tokens_for: tokenized data for a resolved configuration.
         device: where to train.
         report_to: the Trainer's ``report_to`` (``none``, ``tensorboard``, ``wandb``).
+        log_dir: where those integrations write.
     """
 
     def __init__(self, case: Case, *, case_id: str, source: ModelSource,
-                 tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none") -> None:
+                 tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
+                 log_dir: str | None = None) -> None:
         self.config = config = resolve(case.config, source.defaults)
         self.case_id = case_id
         self.source = source
         self.tokens_for = tokens_for
         self.device = device
         self.report_to = report_to
+        self.log_dir = log_dir
         self.on_cuda = device.type == "cuda"
         self.result = CaseResult(
             case_id=case_id,
@@ -127,7 +130,7 @@ class CaseRun:
             before = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size, device=self.device)
             result.set("eval_loss_before", before.loss)
             self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
-                                        self.device, self.report_to)
+                                        self.device, self.report_to, self.log_dir)
             self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
             self.started = time.perf_counter()
 
@@ -140,6 +143,7 @@ class CaseRun:
             config, result = self.config, self.result
             self.runner.run_until(config.steps)  # where the timer ran fewer (pytest-benchmark disabled)
             train_s = time.perf_counter() - self.started
+            self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
             _record_speed(result, self.runner, config, train_s, self.model, self.device)
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size, device=self.device)

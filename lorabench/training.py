@@ -39,10 +39,20 @@ class StepRecord:
     samples: list[int] = field(default_factory=list)
 
 
-def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, device, report_to: str = "none"):
-    """A Trainer set up for ``config``; its optimizer and scheduler are created here."""
+def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, device, report_to: str = "none",
+                 log_dir: str | None = None):
+    """A Trainer set up for ``config``; its optimizer and scheduler are created here.
+
+    Args:
+        report_to: the Trainer integrations that receive every step's loss (``none``, ``tensorboard``, ``wandb``).
+        log_dir: where the integrations write (TensorBoard event files); a temporary directory if ``None``.
+    """
+    import os
+
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
+    if log_dir is not None and report_to != "none":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = log_dir  # read when the TensorBoard callback is built
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="lorabench-trainer-"),
         per_device_train_batch_size=config.batch_size,
@@ -96,6 +106,7 @@ class StepRunner:
         self.on_step_end = on_step_end
         self.grad_bytes_seen: int | None = None
         self._batches = self._endless(trainer.get_train_dataloader())
+        trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
 
     @staticmethod
     def _endless(loader):
@@ -151,6 +162,10 @@ class StepRunner:
     def run_until(self, total_steps: int) -> None:
         while self.steps_done < total_steps:
             self.step()
+
+    def end(self) -> None:
+        """Tell the Trainer's callbacks that training is over (integrations flush and close here)."""
+        self.trainer.callback_handler.on_train_end(self.trainer.args, self.trainer.state, self.trainer.control)
 
 
 def simple_timer(step, rounds: int, warmup_rounds: int) -> None:

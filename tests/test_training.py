@@ -62,3 +62,22 @@ def test_a_case_records_every_metric_or_why_not(tiny_llama, cpu):
     assert len(result.loss_curve) == 6 and len(result.step_ms_curve) == 6
     assert result.metrics["peak_rss_delta_mib"] >= result.metrics["weights_mib"] > 0
     assert result.environment["torch_version"]
+
+
+def test_report_to_tensorboard_streams_every_step(tiny_llama, cpu, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = resolve(BenchConfig("t", steps=5, warmup_steps=1), tiny_llama.defaults)
+    tokenizer = load_tokenizer(tiny_llama)
+    tokens = tokenize_task(load_task_data("digit-reverse"), tokenizer, config.seq_len)
+    model = apply_adapter(load_model(tiny_llama, config, cpu).model, config)
+    trainer = make_trainer(model, tokenizer, tokens.train, collator(tokenizer), config, cpu,
+                           report_to="tensorboard", log_dir=str(tmp_path))
+    runner = StepRunner(trainer)
+    runner.run_until(5)
+    runner.end()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx(runner.record.losses, rel=1e-6)
