@@ -73,6 +73,7 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
             device=torch.device(payload["device"]),
             report_to=payload["report_to"],
             log_dir=payload["log_dir"],
+            memory_budget=payload["memory_budget"],
         )
         run.prepare()
         conn.send(("ready", run.config.to_dict()))
@@ -103,14 +104,14 @@ class IsolatedCaseRun:
     """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
-                 log_dir: str | None = None) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None) -> None:
         from lorabench.config import resolve
 
         self.case = case
         self.case_id = case_id
         self.config = resolve(case.config, source.defaults)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
-                         "report_to": report_to, "log_dir": log_dir}
+                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
         self._device = str(device)
         self._process = None
         self._conn = None

@@ -156,6 +156,7 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
         raise ThresholdError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if root is None:
         raise ThresholdError(f"{filename}: file is empty; expected keys {', '.join(TOP_LEVEL_KEYS)}")
+    _reject_custom_tags(root, filename)
     top = _mapping(root, filename, "the top level")
     unknown = [k for k in top if k not in TOP_LEVEL_KEYS]
     if unknown:
@@ -190,6 +191,24 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
                 result.gates.append(_parse_rule(rule, profile_key, config_key, filename, known_configs))
     _check_contradictions(result)
     return result
+
+
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+def _reject_custom_tags(node, filename: str) -> None:
+    """Plain YAML only: a tag such as ``!!python/object`` is refused, never constructed."""
+    if node.tag not in _PLAIN_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise ThresholdError(f"{filename}:{node.start_mark.line + 1}: YAML tag {tag!r} is not allowed; "
+                             "use plain strings, numbers, lists and mappings")
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _reject_custom_tags(child, filename)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _reject_custom_tags(key, filename)
+            _reject_custom_tags(value, filename)
 
 
 def _mapping(node, filename: str, what: str) -> dict[str, tuple[Any, Any]]:
