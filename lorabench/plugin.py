@@ -69,6 +69,15 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """After pytest-benchmark has set up its storage: make its writes atomic."""
+    from lorabench.storage import make_atomic
+
+    benchmark_session = getattr(session.config, "_benchmarksession", None)
+    if benchmark_session is not None:
+        make_atomic(benchmark_session.storage)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "bench_case" not in metafunc.fixturenames:
         return

@@ -13,6 +13,7 @@ from typing import Any
 
 from lorabench.budget import parse_size
 from lorabench.config import parse_override
+from lorabench.environment import machine
 from lorabench.errors import ConfigError
 from lorabench.matrix import DEFAULT_CONFIGS, Matrix, build_matrix
 from lorabench.result import STATUS_OK, CaseResult
@@ -116,7 +117,7 @@ class BenchSession:
         device_type = result.device.split(":")[0]
         outcomes = [
             evaluate(g, result.config_id, result.metrics, result.absent, self.reference(result.model, result.dataset))
-            for g in self.thresholds.gates_for(result.config_id, device_type, result.model)
+            for g in self.thresholds.gates_for(result.config_id, device_type, result.model, machine()["cpu_isa"])
         ]
         result.gates = [o.to_dict() for o in outcomes]
         return outcomes
