@@ -12,7 +12,7 @@ move counts comes from a tolerance per metric, per group or by default, written 
         speed: 10           # a group: memory, speed, quality, size, ...
         load_s: 50          # a metric
 
-Per-step timings (``step_ms`` and the throughputs computed from the same steps) are
+Per-step timings (``step_ms``, ``train_s`` and the throughputs computed from the same steps) are
 compared on the stored per-round times: a move counts only when it exceeds the
 tolerance *and* the two samples of steps differ significantly, so noise between two
 runs of unchanged code does not fail a gate while a real slowdown does.
@@ -31,7 +31,8 @@ from lorabench.result import STATUS_OK, CaseResult
 
 DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 10.0, "quality": 5.0, "size": 0.0}
 DEFAULT_ALPHA = 0.05
-PER_STEP_METRICS = ("step_ms", "samples_per_s", "tokens_per_s")  # judged on the per-step times
+# Judged on the per-step times as well: each is the step times' median, a rate over them, or their sum.
+PER_STEP_METRICS = ("step_ms", "samples_per_s", "tokens_per_s", "train_s")
 MIN_ROUNDS_FOR_TEST = 3
 # Facts about the machine that change what a figure means.
 MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python")
@@ -171,8 +172,7 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
     if metric.name in PER_STEP_METRICS and step_p is not None:
         # slower steps show as a higher step_ms and a lower throughput; both read the same samples
         p_slower, p_faster = step_p
-        slower = vb > va if metric.name == "step_ms" else vb < va
-        p = p_slower if slower else p_faster
+        p = p_slower if worse else p_faster  # each per-step metric gets worse exactly when steps get slower
         row.note = f"Mann-Whitney p={p:.3g} over per-step times"
         if p >= tolerances.alpha:
             row.note += f" (not significant at alpha {tolerances.alpha:g})"
