@@ -123,6 +123,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     from lorabench.environment import machine
 
     machine_info.update(machine())
+    session = config.stash.get(SESSION_KEY, None)
+    if hasattr(os, "getloadavg"):
+        machine_info["load_avg_1m_start"] = session.load_at_start if session is not None else None
+        machine_info["load_avg_1m_end"] = os.getloadavg()[0]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
