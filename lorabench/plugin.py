@@ -69,14 +69,18 @@ class BenchSession:
 
         return lookup
 
-    def gate(self, result: CaseResult) -> list[GateOutcome]:
-        """Evaluate every applicable gate on ``result`` and store the outcomes in it."""
+    def gate(self, result: CaseResult, *, wildcard: bool = True) -> list[GateOutcome]:
+        """Evaluate every applicable gate on ``result`` and store the outcomes in it.
+
+        Args:
+            wildcard: whether the ``"*"`` rules (written for fine-tuning cases) apply.
+        """
         if self.thresholds is None or result.status != STATUS_OK:
             return []
         device_type = result.device.split(":")[0]
         outcomes = [
             evaluate(g, result.config_id, result.metrics, result.absent, self.reference(result.model, result.dataset))
-            for g in self.thresholds.gates_for(result.config_id, device_type, result.model)
+            for g in self.thresholds.gates_for(result.config_id, device_type, result.model, wildcard=wildcard)
         ]
         result.gates = [o.to_dict() for o in outcomes]
         return outcomes
@@ -151,10 +155,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Read the gates once, before any case trains, if any bench case was collected."""
-    if not any("bench_case" in getattr(item, "fixturenames", ()) for item in items):
+    from lorabench.inference import VARIANTS
+
+    gated = ("bench_case", "inference_adapter")
+    if not any(name in getattr(item, "fixturenames", ()) for item in items for name in gated):
         return
     session = config.stash[SESSION_KEY]
-    known = {c.id for c in DEFAULT_CONFIGS} | {c.id for c in session.matrix.configs}
+    known = {c.id for c in DEFAULT_CONFIGS} | {c.id for c in session.matrix.configs} | {v.id for v in VARIANTS}
     try:
         session.thresholds = load_thresholds(session.thresholds_path, known)
     except LorabenchError as exc:

@@ -26,6 +26,19 @@ COLUMNS = (
     ("perplexity", "ppl", "perplexity"),
 )
 
+INFERENCE_COLUMNS = (
+    ("weights_mib", "weights MiB", "weight memory"),
+    ("ttft_ms", "TTFT ms", "time to first token"),
+    ("decode_tokens_per_s", "decode tok/s", "decode rate"),
+    ("latency_ms", "latency ms", "end-to-end latency"),
+    ("drift_cosine_mean", "cos to base", "similarity to the base's generations"),
+)
+
+
+def is_inference(result: CaseResult) -> bool:
+    """An inference variant's record (lorabench.inference), which gets its own table and columns."""
+    return result.config.get("kind") == "inference"
+
 
 def relative_change(value: float, baseline: float) -> float | None:
     """(value - baseline) / |baseline|, or ``None`` when the baseline is 0."""
@@ -56,7 +69,7 @@ def describe(metric: str, noun: str, value: float, baseline: float) -> str:
     figures = f"{_fmt(value)} vs {_fmt(baseline)} {METRICS[metric].unit}"
     if change is None or abs(change) < 0.0005:
         return f"the same {noun} ({figures})"
-    if metric in ("tokens_per_s", "samples_per_s"):
+    if metric in ("tokens_per_s", "samples_per_s", "decode_tokens_per_s"):
         direction = "lower" if change < 0 else "higher"
     else:
         direction = "less" if change < 0 else "more"
@@ -75,7 +88,7 @@ def group_results(results: Iterable[CaseResult]) -> dict[tuple[str, str, str], l
     """Results by (model, data set, device), in run order."""
     groups: dict[tuple[str, str, str], list[CaseResult]] = defaultdict(list)
     for r in results:
-        groups[(r.model, r.dataset, r.device)].append(r)
+        groups[(r.model, r.dataset, r.device + (" inference" if is_inference(r) else ""))].append(r)
     return groups
 
 
@@ -88,14 +101,14 @@ def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
     return ok[0] if ok else None
 
 
-def columns_for(device: str) -> tuple[tuple[str, str, str], ...]:
-    return ((_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK),) + COLUMNS
+def columns_for(device: str, inference: bool = False) -> tuple[tuple[str, str, str], ...]:
+    return ((_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK),) + (INFERENCE_COLUMNS if inference else COLUMNS)
 
 
 def render_table(results: list[CaseResult]) -> list[str]:
     """Rows of one group's table; each cell shows the value and its delta against the baseline."""
     base = pick_baseline(results)
-    cols = columns_for(results[0].device)
+    cols = columns_for(results[0].device, is_inference(results[0]))
     header = ["config", "status"] + [title for _, title, _ in cols]
     rows = [header]
     for r in results:
@@ -122,7 +135,8 @@ def findings(results: list[CaseResult]) -> list[str]:
         return []
     out = []
     peak_metric, _, peak_noun = columns_for(base.device)[0]
-    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"))
+    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"),
+                ("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))
     for r in results:
         if r is base or r.status != STATUS_OK:
             continue

@@ -102,10 +102,13 @@ class Thresholds:
     profiles: dict[str, Profile] = field(default_factory=dict)
     compare: dict[str, Any] = field(default_factory=dict)
 
-    def gates_for(self, config_id: str, device_type: str, model: str) -> list[Gate]:
+    def gates_for(self, config_id: str, device_type: str, model: str, *, wildcard: bool = True) -> list[Gate]:
+        """The gates of a case. ``wildcard=False`` leaves out the ``"*"`` rules, which are written for
+        fine-tuning cases (an inference variant has no training loss)."""
+        configs = ("*", config_id) if wildcard else (config_id,)
         return [
             g for g in self.gates
-            if g.config in ("*", config_id) and self.profiles[g.profile].applies(device_type, model)
+            if g.config in configs and self.profiles[g.profile].applies(device_type, model)
         ]
 
 
