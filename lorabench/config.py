@@ -218,6 +218,9 @@ def _validate(c: BenchConfig) -> None:
         raise ConfigError(
             f"configuration id {c.id!r}: use letters, digits, '_', '.', '-' and start with a letter or digit"
         )
+    if isinstance(c.quant, (list, tuple)):
+        fail(f"quant={list(c.quant)!r}: a base loads either in 4-bit (nf4, fp4) or in 8-bit (int8), not both; "
+             "give one value")
     for name, allowed in (("method", METHODS), ("quant", QUANTS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS)):
         value = getattr(c, name)
         if value not in allowed:

@@ -128,6 +128,8 @@ def _from_file(path: Path, seed: int) -> TaskData:
 
     if not path.is_file():
         raise DatasetError(f"--dataset {path}: file not found")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"--dataset {path}: the file is empty")
     builder = FILE_BUILDERS.get(path.suffix)
     if builder is None:
         raise DatasetError(

@@ -45,6 +45,7 @@ def machine() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...: selects calibrated timing gates
         "torch_threads": torch.get_num_threads(),
         **{f"{k}_version": v for k, v in library_versions().items()},
         "cuda_version": torch.version.cuda,

@@ -73,6 +73,7 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
             device=torch.device(payload["device"]),
             report_to=payload["report_to"],
             log_dir=payload["log_dir"],
+            memory_budget=payload["memory_budget"],
         )
         run.prepare()
         conn.send(("ready", run.config.to_dict()))
@@ -103,17 +104,18 @@ class IsolatedCaseRun:
     """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
-                 log_dir: str | None = None) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None) -> None:
         from lorabench.config import resolve
 
         self.case = case
         self.case_id = case_id
         self.config = resolve(case.config, source.defaults)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
-                         "report_to": report_to, "log_dir": log_dir}
+                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
         self._device = str(device)
         self._process = None
         self._conn = None
+        self._finished = False
 
     def prepare(self) -> None:
         ctx = _context()
@@ -136,7 +138,9 @@ class IsolatedCaseRun:
 
     def finish(self) -> CaseResult:
         self._conn.send("finish")
-        return CaseResult.from_extra_info(self._await("result"))
+        result = CaseResult.from_extra_info(self._await("result"))
+        self._finished = True
+        return result
 
     def close(self) -> None:
         if self._conn is not None:
@@ -147,7 +151,8 @@ class IsolatedCaseRun:
             self._conn.close()
             self._conn = None
         if self._process is not None:
-            self._process.join(timeout=10)
+            # A child stopped mid-phase (time limit, Ctrl-C) is busy and would not read "exit".
+            self._process.join(timeout=10 if self._finished else 0)
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join()
@@ -178,12 +183,10 @@ class IsolatedCaseRun:
         self._process.join(timeout=10)
         code = self._process.exitcode
         killed = code is not None and code < 0 and -code == signal.SIGKILL
-        result = CaseResult(case_id=self.case_id, config_id=self.config.id, model=self.case.model,
-                            dataset=self.case.dataset, device=self._device, config=self.config.to_dict())
         if killed:
-            result.status = STATUS_DOES_NOT_FIT
-            result.error = "the case process was killed (SIGKILL), most likely by the kernel's out-of-memory killer"
+            status = STATUS_DOES_NOT_FIT
+            error = "the case process was killed (SIGKILL), most likely by the kernel's out-of-memory killer"
         else:
-            result.status = STATUS_ERROR
-            result.error = f"the case process died with exit code {code}"
-        return result
+            status, error = STATUS_ERROR, f"the case process died with exit code {code}"
+        return CaseResult.unmeasured(self.case, self.config, case_id=self.case_id, device=self._device,
+                                     status=status, error=error)

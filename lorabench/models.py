@@ -101,13 +101,24 @@ class LoadedModel:
 
 
 def load_tokenizer(source: ModelSource):
-    """The checkpoint's tokenizer, with a pad token (the EOS token where it has none)."""
+    """The checkpoint's tokenizer, with a pad token (the EOS token where it has none).
+
+    Raises:
+        ModelError: the checkpoint has no loadable tokenizer, or one with neither a pad nor an EOS token.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        source.path, local_files_only=True, trust_remote_code=source.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path, local_files_only=True, trust_remote_code=source.trust_remote_code
+        )
+    except Exception as exc:  # transformers raises OSError, ValueError or KeyError by case
+        raise ModelError(f"--model {source.spec}: no usable tokenizer in the checkpoint (it needs tokenizer.json, or a "
+                         f"tokenizer_config.json with its vocabulary files): {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"--model {source.spec}: the tokenizer has neither a pad token nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -15,6 +15,7 @@ SCHEMA_VERSION = 1
 STATUS_OK = "ok"
 STATUS_DOES_NOT_FIT = "does_not_fit"
 STATUS_ERROR = "error"
+STATUS_TIMEOUT = "timeout"
 
 
 @dataclass
@@ -45,6 +46,12 @@ class CaseResult:
         self.absent.pop(name, None)
         if source:
             self.sources[name] = source
+
+    @classmethod
+    def unmeasured(cls, case, config, *, case_id: str, device, status: str, error: str) -> CaseResult:
+        """The record of a case that stopped before it could report anything."""
+        return cls(case_id=case_id, config_id=config.id, model=case.model, dataset=case.dataset,
+                   device=str(device), config=config.to_dict(), status=status, error=error)
 
     def to_extra_info(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, **asdict(self)}

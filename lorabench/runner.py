@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorabench.adapters import check_case_adapter
+from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
 from lorabench.data import TaskData, collator, tokenize
 from lorabench.environment import gpu_peak_flops, machine
@@ -86,12 +87,14 @@ class CaseRun:
         device: where to train.
         report_to: the Trainer's ``report_to`` (``none``, ``tensorboard``, ``wandb``).
         log_dir: where those integrations write.
+        memory_budget: bytes the case may use (``--memory-budget``); ``None`` for no cap.
         adapter_dir: where to keep the trained adapter (``None``: a temporary directory).
     """
 
     def __init__(self, case: Case, *, case_id: str, source: ModelSource,
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
-                 log_dir: str | None = None, adapter_dir: str | None = None) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None,
+                 adapter_dir: str | None = None) -> None:
         self.config = config = resolve(case.config, source.defaults)
         self.case_id = case_id
         self.source = source
@@ -112,6 +115,9 @@ class CaseRun:
         )
         self.rss = RssMeter()
         self.cuda = CudaMeter(device) if self.on_cuda else None
+        self.budget = MemoryBudget(memory_budget, device) if memory_budget else None
+        if self.budget:
+            self.result.environment["memory_budget_mib"] = self.budget.limit_mib
         self._meters_running = False
         self.model = self.trainer = self.runner = self.tokens = self.collate = None
         self.started = 0.0
@@ -153,6 +159,7 @@ class CaseRun:
             _record_quality(result, self.runner, after)
             check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
                                self.adapter_dir)
+            self._judge_budget()
         self.close()
         return self.result
 
@@ -174,11 +181,24 @@ class CaseRun:
         self.rss.start()
         if self.cuda:
             self.cuda.start()
+        if self.budget:
+            self.budget.start(self.rss.before)
         self._meters_running = True
 
     def _stop_meters(self):
         self._meters_running = False
+        if self.budget:
+            self.budget.stop()
         return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else [])
+
+    def _judge_budget(self) -> None:
+        """A case whose measured peak passed the budget between two watchdog samples does not fit either."""
+        if not self.budget:
+            return
+        peak = self.result.metrics.get("peak_alloc_mib" if self.on_cuda else "peak_rss_delta_mib")
+        violation = self.budget.violation(peak)
+        if violation:
+            self.result.status, self.result.error = STATUS_DOES_NOT_FIT, violation
 
     def _on_step_end(self, step: int) -> None:
         self.rss.sample()
@@ -254,12 +274,15 @@ def _record_memory(result: CaseResult, readings, runner: StepRunner, trainer, on
         result.metrics.update(reading.metrics)
         result.absent.update(reading.absent)
         result.sources.update(reading.sources)
-    grads = (runner.grad_bytes_seen or 0) / MIB
-    result.set("grads_mib", grads, source="storage bytes of .grad tensors after the first backward pass")
+    grads = None if runner.grad_bytes_seen is None else runner.grad_bytes_seen / MIB
+    result.set("grads_mib", grads, reason="no backward pass completed",
+               source="storage bytes of .grad tensors after the first backward pass")
     opt = optimizer_state_bytes(trainer.optimizer) / MIB
     result.set("optimizer_state_mib", opt, source="storage bytes of optimizer.state tensors")
     peak_name = "peak_alloc_mib" if on_cuda else "peak_rss_delta_mib"
-    if peak_name in result.metrics:
+    if grads is None:
+        result.set("other_mib", None, reason="grads_mib is absent: no backward pass completed")
+    elif peak_name in result.metrics:
         other = result.metrics[peak_name] - result.metrics["weights_mib"] - grads - opt
         if other >= 0:
             result.set("other_mib", other, source=f"{peak_name} minus weights, gradients and optimizer state")

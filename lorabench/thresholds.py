@@ -14,6 +14,8 @@ The file::
         ...
       "cuda & model=Qwen/Qwen3-0.6B":  # selectors combine with '&'
         ...
+      "cpu & isa=AVX2":                # the CPU's vector ISA, as torch.backends.cpu.get_cpu_capability() names it
+        ...
     compare: {...}                     # tolerances for `python -m lorabench compare`
 
 A rule reads ``METRIC OP BOUND`` where OP is one of ``<= >= < >`` and BOUND is a number,
@@ -86,13 +88,16 @@ class Profile:
     key: str
     device: str | None = None
     model: str | None = None
+    isa: str | None = None  # absolute timings hold only on the CPU class they were calibrated on
 
-    def applies(self, device_type: str, model: str) -> bool:
-        return (self.device is None or self.device == device_type) and (self.model is None or self.model == model)
+    def applies(self, device_type: str, model: str, isa: str | None = None) -> bool:
+        return all(want is None or want == have
+                   for want, have in ((self.device, device_type), (self.model, model), (self.isa, isa)))
 
     def can_coapply(self, other: Profile) -> bool:
         same_or_open = lambda a, b: a is None or b is None or a == b  # noqa: E731
-        return same_or_open(self.device, other.device) and same_or_open(self.model, other.model)
+        return (same_or_open(self.device, other.device) and same_or_open(self.model, other.model)
+                and same_or_open(self.isa, other.isa))
 
 
 @dataclass
@@ -102,13 +107,17 @@ class Thresholds:
     profiles: dict[str, Profile] = field(default_factory=dict)
     compare: dict[str, Any] = field(default_factory=dict)
 
-    def gates_for(self, config_id: str, device_type: str, model: str, *, wildcard: bool = True) -> list[Gate]:
-        """The gates of a case. ``wildcard=False`` leaves out the ``"*"`` rules, which are written for
-        fine-tuning cases (an inference variant has no training loss)."""
+    def gates_for(self, config_id: str, device_type: str, model: str, isa: str | None = None, *,
+                  wildcard: bool = True) -> list[Gate]:
+        """The gates that apply; ``isa`` is the CPU's vector ISA (``None`` matches no ``isa=`` profile).
+
+        ``wildcard=False`` leaves out the ``"*"`` rules, which are written for fine-tuning cases
+        (an inference variant has no training loss).
+        """
         configs = ("*", config_id) if wildcard else (config_id,)
         return [
             g for g in self.gates
-            if g.config in configs and self.profiles[g.profile].applies(device_type, model)
+            if g.config in configs and self.profiles[g.profile].applies(device_type, model, isa)
         ]
 
 
@@ -159,6 +168,7 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
         raise ThresholdError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if root is None:
         raise ThresholdError(f"{filename}: file is empty; expected keys {', '.join(TOP_LEVEL_KEYS)}")
+    _reject_custom_tags(root, filename)
     top = _mapping(root, filename, "the top level")
     unknown = [k for k in top if k not in TOP_LEVEL_KEYS]
     if unknown:
@@ -195,6 +205,24 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
     return result
 
 
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+def _reject_custom_tags(node, filename: str) -> None:
+    """Plain YAML only: a tag such as ``!!python/object`` is refused, never constructed."""
+    if node.tag not in _PLAIN_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise ThresholdError(f"{filename}:{node.start_mark.line + 1}: YAML tag {tag!r} is not allowed; "
+                             "use plain strings, numbers, lists and mappings")
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _reject_custom_tags(child, filename)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _reject_custom_tags(key, filename)
+            _reject_custom_tags(value, filename)
+
+
 def _mapping(node, filename: str, what: str) -> dict[str, tuple[Any, Any]]:
     if not isinstance(node, yaml.MappingNode):
         raise ThresholdError(f"{filename}:{node.start_mark.line + 1}: {what} must be a mapping")
@@ -210,7 +238,7 @@ def _mapping(node, filename: str, what: str) -> dict[str, tuple[Any, Any]]:
 def _parse_profile(key: str, where: str) -> Profile:
     if key == "default":
         return Profile(key)
-    device = model = None
+    device = model = isa = None
     for part in (p.strip() for p in key.split("&")):
         if part in DEVICE_SELECTORS:
             if device:
@@ -220,12 +248,17 @@ def _parse_profile(key: str, where: str) -> Profile:
             if model:
                 raise ThresholdError(f"{where}: profile {key!r} names two models")
             model = part[len("model="):]
+        elif part.startswith("isa=") and len(part) > len("isa="):
+            if isa:
+                raise ThresholdError(f"{where}: profile {key!r} names two instruction sets")
+            isa = part[len("isa="):]
         else:
             raise ThresholdError(
                 f"{where}: profile {key!r}: unknown selector {part!r}; use 'default', "
-                f"{', '.join(map(repr, DEVICE_SELECTORS))}, 'model=NAME', joined with '&'"
+                f"{', '.join(map(repr, DEVICE_SELECTORS))}, 'model=NAME', 'isa=NAME' (e.g. AVX2, AVX512), "
+                f"joined with '&'"
             )
-    return Profile(key, device, model)
+    return Profile(key, device, model, isa)
 
 
 def _unknown_metric(name: str, where: str) -> ThresholdError:

@@ -124,23 +124,25 @@ def checkpoint_dir(name: str) -> Path:
     Raises:
         KeyError: ``name`` is not in the zoo.
     """
+    from filelock import FileLock
+
     spec = ZOO[name]
     target = cache_root() / "zoo" / f"{name}-{spec.cache_key()}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        started = time.perf_counter()
-        _build(spec, staging)
-        log.info("built %s in %.1f s (cached at %s)", name, time.perf_counter() - started, target)
+    # One build at a time per model: concurrent sessions wait for it instead of repeating it.
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
-            staging.rename(target)
-        except OSError:  # another process finished the same build first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            started = time.perf_counter()
+            _build(spec, staging)
+            log.info("built %s in %.1f s (cached at %s)", name, time.perf_counter() - started, target)
+            staging.rename(target)  # atomic: readers see no checkpoint or a whole one
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

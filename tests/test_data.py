@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from lorabench.data import load_task_data, tokenize
-from lorabench.errors import DatasetError
 from lorabench.zoo import build_tokenizer
 
 
@@ -58,26 +56,3 @@ def test_csv_and_txt(tmp_path):
     (tmp_path / "d.txt").write_text("".join(f"line number {i}\n" for i in range(20)))
     assert load_task_data(str(tmp_path / "d.csv")).has_answers
     assert not load_task_data(str(tmp_path / "d.txt")).has_answers
-
-
-@pytest.mark.parametrize(
-    "name, content, match",
-    [
-        ("missing.jsonl", None, "missing.jsonl: file not found"),
-        ("empty.jsonl", "", "needs at least 2 non-empty rows|could not be read"),
-        ("cols.jsonl", '{"foo": 1}\n{"foo": 2}', r"columns \['foo'\] lack the needed ones; provide prompt\+completion"),
-        ("blank.jsonl", '{"text": " "}\n{"text": ""}', "needs at least 2 non-empty rows .*has 0"),
-        ("data.parquet", "x", "unsupported file type '.parquet'"),
-    ],
-)
-def test_bad_datasets_name_the_file_and_the_problem(tmp_path, name, content, match):
-    path = tmp_path / name
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(DatasetError, match=match):
-        load_task_data(str(path))
-
-
-def test_hub_name_not_in_cache_says_so():
-    with pytest.raises(DatasetError, match="not loadable from the local Hugging Face cache"):
-        load_task_data("no-such-org/no-such-dataset")

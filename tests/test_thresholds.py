@@ -141,3 +141,25 @@ def test_relative_gates_scale_the_reference(value, ref, factor):
     out = evaluate(gate, "x", {"peak_alloc_mib": value}, {}, {"full_bf16": ({"peak_alloc_mib": ref}, {})}.get)
     assert out.bound == pytest.approx(factor * ref)
     assert (out.status == PASS) == (value <= factor * ref)
+
+
+def test_isa_profiles_apply_only_on_their_cpu_class():
+    t = parse("""version: 1
+profiles:
+  "cpu & isa=AVX512 & model=tiny-llama":
+    "*":
+      - step_ms <= 1000
+  "cpu & isa=AVX2":
+    "*":
+      - step_ms <= 10000
+""")
+    bounds = lambda isa: [g.number for g in t.gates_for("lora_bf16", "cpu", "tiny-llama", isa)]  # noqa: E731
+    assert bounds("AVX512") == [1000]
+    assert bounds("AVX2") == [10000]
+    assert bounds(None) == [] and bounds("DEFAULT") == []
+    assert t.gates_for("lora_bf16", "cuda", "tiny-llama", "AVX2") == []
+
+
+def test_a_profile_naming_two_isas_is_refused():
+    with pytest.raises(ThresholdError, match="names two instruction sets"):
+        parse('version: 1\nprofiles:\n  "isa=AVX2 & isa=AVX512":\n    "*":\n      - step_ms <= 1\n')
