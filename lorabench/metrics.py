@@ -76,7 +76,6 @@ METRICS: dict[str, Metric] = {
         _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
         _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),
         _m("inference_repeats", "count", None, "speed", "measured generate calls (after warm-up)"),
-        _m("gguf_mib", "MiB", "lower", "size", "bytes of the GGUF file"),
         # semantic drift (lorabench.drift): generations against the base model's, all-MiniLM-L6-v2 embeddings
         _m("drift_cosine_mean", "cosine", "higher", "quality", "mean cosine similarity of generations to the base's"),
         _m("drift_cosine_min", "cosine", "higher", "quality", "lowest cosine similarity of a generation to the base's"),
