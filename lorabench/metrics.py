@@ -80,6 +80,12 @@ METRICS: dict[str, Metric] = {
         _m("drift_cosine_mean", "cosine", "higher", "quality", "mean cosine similarity of generations to the base's"),
         _m("drift_cosine_min", "cosine", "higher", "quality", "lowest cosine similarity of a generation to the base's"),
         _m("drift_exact_match_pct", "%", "higher", "quality", "generations identical to the base model's"),
+        _m("adapter_drift_cosine_mean", "cosine", "higher", "quality",
+           "mean cosine similarity of generations to the unmerged bf16 adapter's"),
+        _m("adapter_drift_cosine_min", "cosine", "higher", "quality",
+           "lowest cosine similarity of a generation to the unmerged bf16 adapter's"),
+        _m("adapter_drift_exact_match_pct", "%", "higher", "quality",
+           "generations identical to the unmerged bf16 adapter's"),
     )
 }
 

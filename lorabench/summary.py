@@ -32,6 +32,7 @@ INFERENCE_COLUMNS = (
     ("decode_tokens_per_s", "decode tok/s", "decode rate"),
     ("latency_ms", "latency ms", "end-to-end latency"),
     ("drift_cosine_mean", "cos to base", "similarity to the base's generations"),
+    ("adapter_drift_cosine_mean", "cos to adapter", "similarity to the unmerged adapter's generations"),
 )
 
 

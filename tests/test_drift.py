@@ -54,3 +54,21 @@ def test_min_and_mean_over_pairs(encoder):
 def test_drift_needs_one_generation_per_reference(encoder):
     with pytest.raises(ValueError, match="one generation per reference"):
         drift(encoder, ["a", "b"], ["a"])
+
+
+def test_record_drift_names_the_reference():
+    from lorabench.drift import DriftReading, record_drift, record_no_drift
+    from lorabench.result import CaseResult
+
+    result = CaseResult("c", "infer_merged", "m", "d", "cpu", {})
+    record_drift(result, DriftReading(0.9, 0.5, 75.0, 4), "base")
+    record_drift(result, DriftReading(1.0, 1.0, 100.0, 4), "adapter")
+    assert result.metrics["drift_cosine_mean"] == 0.9 and result.metrics["adapter_drift_cosine_mean"] == 1.0
+    assert result.metrics["adapter_drift_exact_match_pct"] == 100.0
+    assert "unmerged bf16 adapter" in result.sources["adapter_drift_cosine_min"]
+    other = CaseResult("c", "infer_nf4_adapter", "m", "d", "cpu", {})
+    record_no_drift(other, "adapter", "infer_adapter did not run")
+    assert "adapter_drift_cosine_mean" not in other.metrics
+    assert other.absent["adapter_drift_exact_match_pct"] == "infer_adapter did not run"
+    with pytest.raises(KeyError):
+        record_drift(other, DriftReading(1.0, 1.0, 100.0, 1), "merged")
