@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from lorabench.errors import LorabenchError
-from lorabench.session import DEFAULT_CASE_TIMEOUT_S, ISOLATION, REPORT_TO, BenchSession, open_session
+from lorabench.session import (
+    DEFAULT_CASE_TIMEOUT_S,
+    ISOLATION,
+    REPORT_TO,
+    BenchSession,
+    open_session,
+)
 from lorabench.summary import render_summary
 from lorabench.thresholds import FAIL
 
@@ -78,6 +84,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         make_atomic(benchmark_session.storage)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With --alluredir: the launch's environment (device, versions) and result categories."""
+    from lorabench import allure_results
+    from lorabench.environment import machine
+
+    if allure_results.enabled(session.config) and session.config.stash.get(SESSION_KEY, None) is not None:
+        allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "bench_case" not in metafunc.fixturenames:
         return
@@ -109,6 +124,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     from lorabench.environment import machine
 
     machine_info.update(machine())
+    session = config.stash.get(SESSION_KEY, None)
+    if hasattr(os, "getloadavg"):
+        machine_info["load_avg_1m_start"] = session.load_at_start if session is not None else None
+        machine_info["load_avg_1m_end"] = os.getloadavg()[0]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -7,6 +7,7 @@ plugin only calls these and turns their errors into usage errors.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class BenchSession:
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
+    # 1-minute load average when the session began: other work on the machine slows every timing
+    load_at_start: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     _device: Any = None
     _models: dict[str, Any] = field(default_factory=dict)
     _tasks: dict[str, Any] = field(default_factory=dict)
