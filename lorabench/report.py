@@ -17,12 +17,12 @@ from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.summary import (
     columns_for,
-    is_inference,
     describe,
     findings,
     fmt,
     format_delta,
     group_results,
+    is_inference,
     pick_baseline,
     table_cells,
 )
