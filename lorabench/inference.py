@@ -155,15 +155,6 @@ def timed_generate(model, input_ids, new_tokens: int, device) -> GenerationTimin
     return timing_from_stamps(started, clock.stamps, time.perf_counter())
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear between order statistics, as numpy's default."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def summarize_timings(timings: list[GenerationTiming]) -> dict[str, float]:
     """Statistics over the measured repeats (warm-up calls must not be in ``timings``).
 
@@ -174,6 +165,8 @@ def summarize_timings(timings: list[GenerationTiming]) -> dict[str, float]:
     Raises:
         ValueError: ``timings`` is empty, or no repeat generated two tokens.
     """
+    import numpy as np
+
     if not timings:
         raise ValueError("no measured repeat")
     ttft = [t.ttft_s * 1000 for t in timings]
@@ -183,10 +176,10 @@ def summarize_timings(timings: list[GenerationTiming]) -> dict[str, float]:
         raise ValueError("no repeat generated two tokens, so no decode rate")
     return {
         "ttft_ms": statistics.median(ttft),
-        "ttft_ms_p90": _percentile(ttft, 90),
+        "ttft_ms_p90": float(np.percentile(ttft, 90)),  # linear between order statistics
         "decode_tokens_per_s": statistics.median(rates),
         "latency_ms": statistics.median(total),
-        "latency_ms_p90": _percentile(total, 90),
+        "latency_ms_p90": float(np.percentile(total, 90)),
         "new_tokens": float(timings[0].new_tokens),
         "inference_repeats": float(len(timings)),
     }
@@ -290,10 +283,12 @@ class InferenceRun:
             The greedy generations for ``prompts``.
 
         Raises:
-            ValueError: there were no calls after the warm-up.
+            ValueError: no measured call generated two tokens.
         """
         from lorabench.meters import cuda_only_absent
 
+        while len(self.timings) < self.warmup + self.repeats:  # where the timer ran fewer (--benchmark-disable)
+            self.call()
         result = self.result
         for reading in [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else []):
             result.metrics.update(reading.metrics)

@@ -90,3 +90,36 @@ def test_timed_generate_stamps_exactly_the_new_tokens(tiny_llama, cpu):
     ids = load_tokenizer(tiny_llama)("rev 4821=", return_tensors="pt")["input_ids"]
     t = timed_generate(model, ids, 8, cpu)
     assert t.new_tokens == 8 and 0 < t.ttft_s <= t.total_s and t.decode_tokens_per_s > 0
+
+
+def test_warm_up_calls_are_left_out_of_every_figure(tiny_llama, cpu):
+    """A run whose timer called once (pytest-benchmark disabled) is topped up; the figures cover
+    only the calls after the warm-up, the curve all of them."""
+    from lorabench.inference import InferenceRun
+    from lorabench.models import load_tokenizer
+
+    run = InferenceRun(variant_by_id("infer_base"), source=tiny_llama, adapter_dir=None,
+                       tokenizer=load_tokenizer(tiny_llama), prompt="rev 4821=", device=cpu, model_name="tiny-llama",
+                       dataset="digit-reverse", new_tokens=4, warmup=2, repeats=3)
+    run.prepare()
+    run.call()
+    texts = run.finish(["rev 4821=", "rev 0093="])
+    result = run.result
+    assert len(texts) == 2 and run.model is None
+    assert len(result.step_ms_curve) == 5 and result.metrics["inference_repeats"] == 3
+    measured = sorted(result.step_ms_curve[2:])
+    assert result.metrics["latency_ms"] == pytest.approx(measured[1])  # the median of the 3 measured calls
+    assert "after 2 warm-up calls" in result.sources["latency_ms"]
+    assert result.metrics["weights_mib"] > 0 and "peak_alloc_mib" in result.absent
+
+
+def test_int8_cast_notice_is_dropped_and_nothing_else():
+    import logging
+
+    from lorabench.inference import _INT8_NOTICE_FILTER
+
+    def record(msg):
+        return logging.LogRecord("bitsandbytes.autograd._functions", logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not _INT8_NOTICE_FILTER.filter(record("MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16"))
+    assert _INT8_NOTICE_FILTER.filter(record("something else"))
