@@ -10,6 +10,7 @@ variant ids (infer_*).
 import pytest
 
 from fixtures.case import assert_gates_pass
+from lorabench import allure_results
 from lorabench.inference import VARIANTS, InferenceRun
 
 ADAPTER_ID = "infer_adapter"  # the reference of what merging or a quantized base changes
@@ -25,7 +26,7 @@ def _param(variant):
 
 @pytest.mark.parametrize("variant", [_param(v) for v in VARIANTS])
 def test_inference(variant, benchmark, bench_session, inference_adapter, inference_prompts, base_generations, drift_encoder,
-                   variant_generations, model_source, tokenizer_for):
+                   variant_generations, model_source, tokenizer_for, request):
     model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
     adapter_dir, trained = inference_adapter
     run = InferenceRun(variant, source=model_source(model), adapter_dir=adapter_dir, tokenizer=tokenizer_for(model),
@@ -41,6 +42,9 @@ def test_inference(variant, benchmark, bench_session, inference_adapter, inferen
     bench_session.gate(result, wildcard=False)
     bench_session.results.append(result)
     benchmark.extra_info.update(result.to_extra_info())
+    if allure_results.enabled(request.config):
+        allure_results.set_parameters(variant.id, model, dataset, result.config)
+        allure_results.attach_result(result)
     assert_gates_pass(result)
 
 
