@@ -160,6 +160,25 @@ def findings(results: list[CaseResult]) -> list[str]:
     return out
 
 
+def adapter_lines(results: list[CaseResult]) -> list[str]:
+    """One line per case with an adapter check: size on disk, trainable parameters, reload and merge parity."""
+    lines = []
+    for r in results:
+        m = r.metrics
+        if "adapter_mib" not in m:
+            continue
+        parts = [f"{r.config_id}: {fmt(m['adapter_mib'])} MiB on disk"]
+        if "params_trainable" in m:
+            parts.append(f"{m['params_trainable']:,.0f} trainable parameters")
+        if "reload_max_abs_diff" in m:
+            parts.append(f"reloaded vs trained max |logit diff| {m['reload_max_abs_diff']:.3g}")
+        if "merge_max_abs_diff" in m and "merge_argmax_agree_pct" in m:
+            parts.append(f"merged vs unmerged max |logit diff| {m['merge_max_abs_diff']:.3g}, "
+                         f"same greedy token at {fmt(m['merge_argmax_agree_pct'])}% of positions")
+        lines.append(", ".join(parts))
+    return lines
+
+
 def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
@@ -174,6 +193,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if found:
             lines.append("findings:")
             lines += [f"  - {f}" for f in found]
+        adapters = adapter_lines(group)
+        if adapters:
+            lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
+            lines += [f"  - {a}" for a in adapters]
         lines.append("")
     if gate_counts:
         lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))
