@@ -62,6 +62,30 @@ METRICS: dict[str, Metric] = {
         _m("eval_loss", "nats", "lower", "quality", "held-out loss after training, token-weighted"),
         _m("perplexity", "ratio", "lower", "quality", "exp(eval_loss)"),
         _m("eval_examples", "count", None, "quality", "held-out examples scored"),
+        # adapters: save, reload, merge (lorabench.adapters)
+        _m("adapter_mib", "MiB", "lower", "size", "the saved adapter's bytes on disk (safetensors + config)"),
+        _m("reload_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, trained vs reloaded adapter"),
+        _m("merge_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, merged vs unmerged adapter"),
+        _m("merge_argmax_agree_pct", "%", "higher", "quality", "positions with the same greedy token, merged vs unmerged"),
+        _m("adapter_check_s", "s", "lower", "speed", "wall time of the adapter save, reload and merge check"),
+        # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
+        _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
+        _m("ttft_ms_p90", "ms", "lower", "speed", "90th percentile of the time to first token"),
+        _m("decode_tokens_per_s", "1/s", "higher", "speed", "median decode rate after the first token, batch 1"),
+        _m("latency_ms", "ms", "lower", "speed", "median end-to-end time of one generate call"),
+        _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
+        _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),
+        _m("inference_repeats", "count", None, "speed", "measured generate calls (after warm-up)"),
+        # semantic drift (lorabench.drift): generations against the base model's, all-MiniLM-L6-v2 embeddings
+        _m("drift_cosine_mean", "cosine", "higher", "quality", "mean cosine similarity of generations to the base's"),
+        _m("drift_cosine_min", "cosine", "higher", "quality", "lowest cosine similarity of a generation to the base's"),
+        _m("drift_exact_match_pct", "%", "higher", "quality", "generations identical to the base model's"),
+        _m("adapter_drift_cosine_mean", "cosine", "higher", "quality",
+           "mean cosine similarity of generations to the unmerged bf16 adapter's"),
+        _m("adapter_drift_cosine_min", "cosine", "higher", "quality",
+           "lowest cosine similarity of a generation to the unmerged bf16 adapter's"),
+        _m("adapter_drift_exact_match_pct", "%", "higher", "quality",
+           "generations identical to the unmerged bf16 adapter's"),
     )
 }
 

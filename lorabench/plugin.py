@@ -109,7 +109,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Read the gates and check every user input once, before any case trains, if a bench case was collected."""
-    if not any("bench_case" in getattr(item, "fixturenames", ()) for item in items):
+    gated = ("bench_case", "inference_adapter")  # the inference cases train an adapter first
+    if not any(name in getattr(item, "fixturenames", ()) for item in items for name in gated):
         return
     session = config.stash[SESSION_KEY]
     try:

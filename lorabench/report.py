@@ -22,6 +22,7 @@ from lorabench.summary import (
     fmt,
     format_delta,
     group_results,
+    is_inference,
     pick_baseline,
     table_cells,
 )
@@ -51,7 +52,7 @@ def build_groups(results: list[CaseResult]) -> list[Group]:
             for r in members:
                 if r is base or r.status != STATUS_OK:
                     continue
-                for metric, _, noun in columns_for(device):
+                for metric, _, noun in columns_for(device, is_inference(members[0])):
                     if metric in r.metrics and metric in base.metrics:
                         a, b = base.metrics[metric], r.metrics[metric]
                         rows.append([r.config_id, metric, fmt(a), fmt(b), format_delta(b, a), describe(metric, noun, b, a)])

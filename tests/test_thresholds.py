@@ -9,10 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorabench.errors import ThresholdError
+from lorabench.inference import VARIANTS
 from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate, load_thresholds, parse_thresholds
 
-KNOWN = {c.id for c in DEFAULT_CONFIGS}
+KNOWN = {c.id for c in DEFAULT_CONFIGS} | {v.id for v in VARIANTS}
 ROOT = Path(__file__).resolve().parent.parent
 
 GOOD = """\
