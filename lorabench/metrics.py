@@ -62,6 +62,18 @@ METRICS: dict[str, Metric] = {
         _m("eval_loss", "nats", "lower", "quality", "held-out loss after training, token-weighted"),
         _m("perplexity", "ratio", "lower", "quality", "exp(eval_loss)"),
         _m("eval_examples", "count", None, "quality", "held-out examples scored"),
+        # task accuracy and forgetting (lorabench.accuracy, lorabench.quality)
+        _m("accuracy_pct", "%", "higher", "quality", "held-out answers matched exactly by greedy decoding, after training"),
+        _m("accuracy_ci_low_pct", "%", "higher", "quality", "lower bound of accuracy_pct's 95% Wilson interval"),
+        _m("accuracy_ci_high_pct", "%", "higher", "quality", "upper bound of accuracy_pct's 95% Wilson interval"),
+        _m("accuracy_n", "count", None, "quality", "held-out answers scored for accuracy"),
+        _m("accuracy_before_pct", "%", None, "quality", "accuracy_pct of the base model before training"),
+        _m("accuracy_before_ci_low_pct", "%", None, "quality", "lower 95% Wilson bound of accuracy_before_pct"),
+        _m("accuracy_before_ci_high_pct", "%", None, "quality", "upper 95% Wilson bound of accuracy_before_pct"),
+        _m("accuracy_gain_pp", "pp", "higher", "quality", "accuracy_pct minus accuracy_before_pct, percentage points"),
+        _m("reference_loss_before", "nats", None, "quality", "loss on a reference text never trained on, before training"),
+        _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
+        _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
     )
 }
 
