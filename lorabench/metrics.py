@@ -74,6 +74,14 @@ METRICS: dict[str, Metric] = {
         _m("reference_loss_before", "nats", None, "quality", "loss on a reference text never trained on, before training"),
         _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
         _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
+        # quantization error (lorabench.quant_error): relative Frobenius error of a quantize/dequantize round trip
+        _m("quant_error_layers", "count", None, "quality", "weight matrices measured for quantization error"),
+        _m("nf4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - NF4(W)|| / ||W||"),
+        _m("nf4_rel_error_max", "ratio", "lower", "quality", "largest layer's NF4 relative error"),
+        _m("fp4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - FP4(W)|| / ||W||"),
+        _m("fp4_rel_error_max", "ratio", "lower", "quality", "largest layer's FP4 relative error"),
+        _m("int8_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - int8(W)|| / ||W|| (row-wise absmax)"),
+        _m("int8_rel_error_max", "ratio", "lower", "quality", "largest layer's int8 relative error"),
     )
 }
 

@@ -16,12 +16,15 @@ from lorabench.config import parse_override
 from lorabench.environment import machine
 from lorabench.errors import ConfigError
 from lorabench.matrix import DEFAULT_CONFIGS, Matrix, build_matrix
+from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
+# Cases outside the fine-tuning matrix that thresholds.yaml may gate by id.
+EXTRA_CASE_IDS = (NORMAL_CASE_ID, MODEL_CASE_ID)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class BenchSession:
             ThresholdError: the file is malformed (with file, line, key and what is allowed).
         """
         known = {c.id for c in DEFAULT_CONFIGS} | {c.id for c in self.matrix.configs}
+        known |= set(EXTRA_CASE_IDS)
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
     def check_inputs(self) -> None:
