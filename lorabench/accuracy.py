@@ -47,8 +47,10 @@ def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tup
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1); got {confidence}")
     low, high = proportion_confint(correct, n, alpha=1 - confidence, method="wilson")
-    # Clamp float rounding at the ends (the interval at 0/n starts at 0 up to ~1e-17).
-    return max(0.0, float(low)), min(1.0, float(high))
+    # The exact interval always holds the point estimate; at 0/n and n/n float rounding can put
+    # the bound a few ulps past it (a lower bound of 1e-18 for 0 of 75), so clamp to it.
+    share = correct / n
+    return min(max(0.0, float(low)), share), max(min(1.0, float(high)), share)
 
 
 def accuracy(correct: int, n: int) -> Accuracy:
