@@ -8,11 +8,12 @@ checks the gates in thresholds.yaml.
 import pytest
 
 from fixtures.case import assert_gates_pass
+from lorabench.allure_results import CASE_ERROR, DOES_NOT_FIT
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_OK
 
 
 def test_finetune(finetune_result):
     if finetune_result.status == STATUS_DOES_NOT_FIT:
-        pytest.skip(f"does not fit: {finetune_result.error}")
-    assert finetune_result.status == STATUS_OK, finetune_result.error
+        pytest.skip(f"{DOES_NOT_FIT}: {finetune_result.error}")
+    assert finetune_result.status == STATUS_OK, f"{CASE_ERROR} ({finetune_result.status}): {finetune_result.error}"
     assert_gates_pass(finetune_result)

@@ -19,3 +19,7 @@ class ModelError(LorabenchError):
 
 class DatasetError(LorabenchError):
     """A --dataset is missing, empty or lacks the needed columns."""
+
+
+class HistoryError(LorabenchError):
+    """A stored run cannot be found or read."""

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from lorabench.errors import LorabenchError
-from lorabench.session import DEFAULT_CASE_TIMEOUT_S, ISOLATION, REPORT_TO, BenchSession, open_session
+from lorabench.session import (
+    DEFAULT_CASE_TIMEOUT_S,
+    ISOLATION,
+    REPORT_TO,
+    BenchSession,
+    open_session,
+)
 from lorabench.summary import render_summary
 from lorabench.thresholds import FAIL
 
@@ -76,6 +82,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     benchmark_session = getattr(session.config, "_benchmarksession", None)
     if benchmark_session is not None:
         make_atomic(benchmark_session.storage)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With --alluredir: the launch's environment (device, versions) and result categories."""
+    from lorabench import allure_results
+    from lorabench.environment import machine
+
+    if allure_results.enabled(session.config) and session.config.stash.get(SESSION_KEY, None) is not None:
+        allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -70,7 +70,7 @@ def verdict(metric: str, value: float, baseline: float) -> str:
 def describe(metric: str, noun: str, value: float, baseline: float) -> str:
     """A phrase such as "51.6% less weight memory (3.01 vs 6.23 MiB, better)"."""
     change = relative_change(value, baseline)
-    figures = f"{_fmt(value)} vs {_fmt(baseline)} {METRICS[metric].unit}"
+    figures = f"{fmt(value)} vs {fmt(baseline)} {METRICS[metric].unit}"
     if change is None or abs(change) < 0.0005:
         return f"the same {noun} ({figures})"
     if metric in ("tokens_per_s", "samples_per_s"):
@@ -80,7 +80,7 @@ def describe(metric: str, noun: str, value: float, baseline: float) -> str:
     return f"{abs(change) * 100:.1f}% {direction} {noun} ({figures}, {verdict(metric, value, baseline)})"
 
 
-def _fmt(x: float) -> str:
+def fmt(x: float) -> str:
     if abs(x) >= 1000:
         return f"{x:,.0f}"
     if abs(x) >= 100:
@@ -115,18 +115,17 @@ def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, st
 def _cell(result: CaseResult, metric: str) -> str:
     """A value; accuracy with its Wilson interval."""
     m = result.metrics
-    text = _fmt(m[metric])
+    text = fmt(m[metric])
     if metric == "accuracy_pct" and "accuracy_ci_low_pct" in m and "accuracy_ci_high_pct" in m:
-        text += f" [{_fmt(m['accuracy_ci_low_pct'])}-{_fmt(m['accuracy_ci_high_pct'])}]"
+        text += f" [{fmt(m['accuracy_ci_low_pct'])}-{fmt(m['accuracy_ci_high_pct'])}]"
     return text
 
 
-def render_table(results: list[CaseResult]) -> list[str]:
-    """Rows of one group's table; each cell shows the value and its delta against the baseline."""
+def table_cells(results: list[CaseResult]) -> list[list[str]]:
+    """One group's table, header first; each cell shows the value and its delta against the baseline."""
     base = pick_baseline(results)
     cols = columns_for(results[0].device, kind(results[0]))
-    header = ["config", "status"] + [title for _, title, _ in cols]
-    rows = [header]
+    rows = [["config", "status"] + [title for _, title, _ in cols]]
     for r in results:
         row = [r.config_id, r.status]
         for metric, _, _ in cols:
@@ -138,7 +137,13 @@ def render_table(results: list[CaseResult]) -> list[str]:
                 cell += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
             row.append(cell)
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return rows
+
+
+def render_table(results: list[CaseResult]) -> list[str]:
+    """One group's table as aligned text lines."""
+    rows = table_cells(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return lines

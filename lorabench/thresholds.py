@@ -179,6 +179,9 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
         result.compare = yaml.safe_load(yaml.serialize(top["compare"][1])) or {}
         if not isinstance(result.compare, dict):
             raise ThresholdError(f"{filename}:{top['compare'][1].start_mark.line + 1}: 'compare' must be a mapping")
+        from lorabench.compare import parse_tolerances  # checked now, so a typo stops the bench, not CI later
+
+        parse_tolerances(result.compare, f"{filename}:{top['compare'][1].start_mark.line + 1}")
     if "profiles" not in top:
         raise ThresholdError(f"{filename}: missing key 'profiles'")
     for profile_key, (key_node, body) in _mapping(top["profiles"][1], filename, "'profiles'").items():

@@ -28,7 +28,8 @@ profiles:
     qlora_nf4:
       - peak_alloc_mib <= 0.6 * full_bf16.peak_alloc_mib
 compare:
-  default_tolerance_pct: 5
+  tolerance_pct:
+    default: 5
 """
 
 
@@ -52,7 +53,7 @@ def test_rules_carry_their_file_line_and_kind():
     assert (sanity.config, sanity.metric, sanity.op, sanity.number, sanity.line) == ("*", "loss_drop", ">=", 0.1, 5)
     assert (relative.factor, relative.ref_config, relative.ref_metric, relative.line) == (1.05, "lora_bf16", "eval_loss", 7)
     assert self_ref.ref_config == "self"
-    assert t.compare == {"default_tolerance_pct": 5}
+    assert t.compare == {"tolerance_pct": {"default": 5}}
     assert [g.metric for g in t.gates_for("qlora_nf4", "cpu", "tiny-llama")] == ["loss_drop", "eval_loss", "peak_rss_delta_mib"]
     assert len(t.gates_for("qlora_nf4", "cuda", "Qwen/Qwen3-0.6B")) == 4
     assert len(t.gates_for("full_bf16", "cuda", "Qwen/Qwen3-0.6B")) == 1

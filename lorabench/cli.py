@@ -1,0 +1,103 @@
+"""``python -m lorabench``: compare stored runs and render reports.
+
+    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--csv F] [--json F] [--markdown F]
+    python -m lorabench report [RUN] [--out reports/]
+
+A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
+prefix; by default the two latest runs (compare) or the latest (report).
+Exit codes: 0 fine, 1 a regression with ``--fail``, 2 bad input (a message says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lorabench.errors import LorabenchError
+
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except LorabenchError as exc:
+        print(f"lorabench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument("--storage", type=Path, default=Path(".benchmarks"), metavar="DIR",
+                         help="pytest-benchmark file storage (default .benchmarks)")
+
+    cmp = sub.add_parser("compare", parents=[storage], help="compare every metric of two stored runs")
+    cmp.add_argument("run_a", nargs="?", help="the earlier run (default: the second latest)")
+    cmp.add_argument("run_b", nargs="?", help="the later run (default: the latest)")
+    cmp.add_argument("--fail", action="store_true", help="exit 1 when any metric regressed")
+    cmp.add_argument("--thresholds", type=Path, default=Path("thresholds.yaml"), metavar="FILE",
+                     help="tolerances from its 'compare:' section (default thresholds.yaml; built-in defaults if absent)")
+    cmp.add_argument("--all", action="store_true", help="show unchanged rows on the terminal too")
+    cmp.add_argument("--csv", type=Path, metavar="FILE", help="write every row as CSV")
+    cmp.add_argument("--json", type=Path, metavar="FILE", help="write every row and warning as JSON")
+    cmp.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown")
+    cmp.set_defaults(command=_compare)
+
+    rep = sub.add_parser("report", parents=[storage], help="write summary.md, summary.html and plots for a run")
+    rep.add_argument("run", nargs="?", help="the run (default: the latest)")
+    rep.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
+    rep.set_defaults(command=_report)
+    return parser
+
+
+def _compare(args) -> int:
+    from lorabench import compare_output
+    from lorabench.compare import compare_runs
+    from lorabench.history import latest_runs, select_run
+
+    if args.run_a and args.run_b:
+        run_a, run_b = select_run(args.run_a, args.storage), select_run(args.run_b, args.storage)
+    elif args.run_a:
+        run_a, run_b = select_run(args.run_a, args.storage), latest_runs(1, args.storage)[0]
+    else:
+        run_a, run_b = latest_runs(2, args.storage)
+    tolerances = _tolerances(args.thresholds)
+    comparison = compare_runs(run_a, run_b, tolerances)
+    for line in compare_output.terminal(comparison, show_all=args.all):
+        print(line)
+    for path, write in ((args.csv, compare_output.write_csv), (args.json, compare_output.write_json),
+                        (args.markdown, compare_output.write_markdown)):
+        if path is not None:
+            write(comparison, path)
+    return EXIT_REGRESSION if args.fail and comparison.regressions else EXIT_OK
+
+
+def _tolerances(path: Path):
+    """The ``compare:`` section of the thresholds file (its gates are the bench's business)."""
+    import yaml
+
+    from lorabench.compare import Tolerances, parse_tolerances
+    from lorabench.errors import ThresholdError
+
+    if not path.exists():
+        return Tolerances()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ThresholdError(f"{path}: not valid YAML: {exc}") from None
+    section = data.get("compare") if isinstance(data, dict) else None
+    return parse_tolerances(section or {}, str(path))
+
+
+def _report(args) -> int:
+    from lorabench.history import latest_runs, select_run
+    from lorabench.report import write_report
+
+    run = select_run(args.run, args.storage) if args.run else latest_runs(1, args.storage)[0]
+    for path in write_report(run, args.out):
+        print(f"wrote {path}")
+    return EXIT_OK

@@ -1,0 +1,215 @@
+"""Compare two stored runs metric by metric, the way a regression gate needs.
+
+Every metric of every case is compared, not only timings. Whether a move is a
+regression comes from the metric's direction in :mod:`lorabench.metrics`; how large a
+move counts comes from a tolerance per metric, per group or by default, written under
+``compare:`` in thresholds.yaml::
+
+    compare:
+      alpha: 0.05           # significance for per-step timings (one-sided Mann-Whitney U)
+      tolerance_pct:        # relative change that still counts as unchanged
+        default: 5
+        speed: 10           # a group: memory, speed, quality, size, ...
+        load_s: 50          # a metric
+
+Per-step timings (``step_ms``, ``train_s`` and the throughputs computed from the same steps) are
+compared on the stored per-round times: a move counts only when it exceeds the
+tolerance *and* the two samples of steps differ significantly, so noise between two
+runs of unchanged code does not fail a gate while a real slowdown does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lorabench.errors import ThresholdError
+from lorabench.history import StoredRun
+from lorabench.metrics import METRICS, Metric
+from lorabench.result import STATUS_OK, CaseResult
+
+DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 10.0, "quality": 5.0, "size": 0.0}
+DEFAULT_ALPHA = 0.05
+# Judged on the per-step times as well: each is the step times' median, a rate over them, or their sum.
+PER_STEP_METRICS = ("step_ms", "samples_per_s", "tokens_per_s", "train_s")
+MIN_ROUNDS_FOR_TEST = 3
+# Facts about the machine that change what a figure means.
+MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python")
+
+REGRESSED, IMPROVED, UNCHANGED, CHANGED, NEW = "regressed", "improved", "unchanged", "changed", "new"
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Relative tolerances (percent) by metric, group and default, and the significance level."""
+
+    pct: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE_PCT))
+    alpha: float = DEFAULT_ALPHA
+
+    def for_metric(self, metric: Metric) -> float:
+        for key in (metric.name, metric.group, "default"):
+            if key in self.pct:
+                return self.pct[key] / 100.0
+        return DEFAULT_TOLERANCE_PCT["default"] / 100.0
+
+
+def parse_tolerances(section: dict[str, Any], where: str) -> Tolerances:
+    """Validate the ``compare:`` section of a thresholds file.
+
+    Raises:
+        ThresholdError: an unknown key, an unknown metric or group, or a value that is not a number >= 0.
+    """
+    allowed = ("alpha", "tolerance_pct")
+    for key in section:
+        if key not in allowed:
+            raise ThresholdError(f"{where}: compare: unknown key {key!r}; allowed: {', '.join(allowed)}")
+    alpha = section.get("alpha", DEFAULT_ALPHA)
+    if not _is_number(alpha) or not 0 < alpha < 1:
+        raise ThresholdError(f"{where}: compare.alpha: {alpha!r} must be a number between 0 and 1")
+    given = section.get("tolerance_pct", {})
+    if not isinstance(given, dict):
+        raise ThresholdError(f"{where}: compare.tolerance_pct must be a mapping of metric, group or 'default' to percent")
+    groups = {m.group for m in METRICS.values()}
+    pct = dict(DEFAULT_TOLERANCE_PCT)
+    for key, value in given.items():
+        if key != "default" and key not in groups and key not in METRICS:
+            raise ThresholdError(
+                f"{where}: compare.tolerance_pct: unknown key {key!r}; use 'default', a group "
+                f"({', '.join(sorted(groups))}) or a metric name"
+            )
+        if not _is_number(value) or value < 0:
+            raise ThresholdError(f"{where}: compare.tolerance_pct.{key}: {value!r} must be a number >= 0 (percent)")
+        pct[key] = float(value)
+    return Tolerances(pct=pct, alpha=float(alpha))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class Row:
+    """One metric of one case in run A and run B."""
+
+    case_id: str
+    metric: str
+    a: float | None
+    b: float | None
+    change_pct: float | None
+    tolerance_pct: float | None
+    status: str
+    note: str = ""
+
+
+@dataclass
+class Comparison:
+    run_a: str
+    run_b: str
+    rows: list[Row]
+    warnings: list[str]
+
+    @property
+    def regressions(self) -> list[Row]:
+        return [r for r in self.rows if r.status == REGRESSED]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_a": self.run_a, "run_b": self.run_b, "warnings": self.warnings,
+                "rows": [asdict(r) for r in self.rows]}
+
+
+def compare_runs(a: StoredRun, b: StoredRun, tolerances: Tolerances | None = None) -> Comparison:
+    """Every case and metric of run ``b`` against run ``a``."""
+    tolerances = tolerances or Tolerances()
+    rows: list[Row] = []
+    for case_id in sorted(set(a.results) | set(b.results)):
+        rows += compare_cases(case_id, a.results.get(case_id), b.results.get(case_id), tolerances)
+    return Comparison(a.label, b.label, rows, machine_warnings(a.machine, b.machine))
+
+
+def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tolerances: Tolerances) -> list[Row]:
+    """The rows of one case; a case that ran in A and not in B (or stopped working) is a regression."""
+    if b is None:
+        status = REGRESSED if a.status == STATUS_OK else CHANGED
+        return [Row(case_id, "status", None, None, None, None, status, f"ran in A ({a.status}), absent from B")]
+    if a is None:
+        return [Row(case_id, "status", None, None, None, None, NEW, f"only in B ({b.status})")]
+    if a.status != b.status:
+        status = REGRESSED if a.status == STATUS_OK else (IMPROVED if b.status == STATUS_OK else CHANGED)
+        return [Row(case_id, "status", None, None, None, None, status,
+                    f"{a.status} -> {b.status}" + (f": {b.error}" if b.error else ""))]
+    if a.status != STATUS_OK:
+        return [Row(case_id, "status", None, None, None, None, UNCHANGED, f"{a.status} in both")]
+    step_p = _step_time_p_values(a, b)
+    rows = []
+    for name in sorted(set(a.metrics) | set(b.metrics) | set(a.absent) | set(b.absent)):
+        if name not in METRICS:
+            continue  # a metric this version no longer records
+        rows.append(_compare_metric(case_id, METRICS[name], a, b, tolerances, step_p))
+    return rows
+
+
+def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, tolerances: Tolerances,
+                    step_p: tuple[float, float] | None) -> Row:
+    va, vb = a.metrics.get(metric.name), b.metrics.get(metric.name)
+    tol = tolerances.for_metric(metric)
+    if va is None and vb is None:
+        return Row(case_id, metric.name, None, None, None, None, UNCHANGED, "not measured in either run")
+    if vb is None:
+        return Row(case_id, metric.name, va, None, None, None, REGRESSED,
+                   f"not measured in B: {b.absent.get(metric.name, 'no reason recorded')}")
+    if va is None:
+        return Row(case_id, metric.name, None, vb, None, None, NEW, "not measured in A")
+    change = _relative(va, vb)
+    row = Row(case_id, metric.name, va, vb, None if change is None else change * 100, tol * 100, UNCHANGED)
+    moved = change is None and va != vb or change is not None and abs(change) > tol
+    if not moved:
+        return row
+    if metric.better is None:
+        row.status = CHANGED
+        return row
+    worse = (vb > va) if metric.better == "lower" else (vb < va)
+    if metric.name in PER_STEP_METRICS and step_p is not None:
+        # slower steps show as a higher step_ms and a lower throughput; both read the same samples
+        p_slower, p_faster = step_p
+        p = p_slower if worse else p_faster  # each per-step metric gets worse exactly when steps get slower
+        row.note = f"Mann-Whitney p={p:.3g} over per-step times"
+        if p >= tolerances.alpha:
+            row.note += f" (not significant at alpha {tolerances.alpha:g})"
+            return row
+    row.status = REGRESSED if worse else IMPROVED
+    return row
+
+
+def _relative(a: float, b: float) -> float | None:
+    if a == 0:
+        return None if b != 0 else 0.0
+    return (b - a) / abs(a)
+
+
+def measured_step_ms(result: CaseResult) -> list[float]:
+    """The per-step times of the measured (post-warm-up) steps."""
+    warmup = int(result.config.get("warmup_steps") or 0)
+    return list(result.step_ms_curve[warmup:])
+
+
+def _step_time_p_values(a: CaseResult, b: CaseResult) -> tuple[float, float] | None:
+    """One-sided p-values that B's steps are slower, and that they are faster, than A's."""
+    from scipy.stats import mannwhitneyu
+
+    sa, sb = measured_step_ms(a), measured_step_ms(b)
+    if min(len(sa), len(sb)) < MIN_ROUNDS_FOR_TEST:
+        return None
+    return (float(mannwhitneyu(sb, sa, alternative="greater").pvalue),
+            float(mannwhitneyu(sb, sa, alternative="less").pvalue))
+
+
+def machine_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """A line for each machine fact or library version that differs between the runs."""
+    keys = [k for k in MACHINE_KEYS if k in a or k in b]
+    keys += sorted(k for k in set(a) | set(b) if k.endswith("_version") and k not in keys)
+    return [
+        f"the runs differ in {key}: {a.get(key)!r} (A) vs {b.get(key)!r} (B); figures may not be comparable"
+        for key in keys
+        if a.get(key) != b.get(key)
+    ]

@@ -1,0 +1,104 @@
+"""The reports as a person sees them: headless Chromium opens them and the tables and plots must render.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package; skipped
+without them. With ``LORABENCH_SCREENSHOTS=DIR`` it also saves a screenshot of each page
+(``docs/`` holds the committed ones).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from lorabench.history import read_run
+from lorabench.report import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+STORED_RUN = Path(__file__).parent / "data" / "stored-run.json"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("chromium") is None or shutil.which("chromedriver") is None,
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
+                              options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def serve():
+    """Serve a folder over HTTP on a free port (the Allure report fetches its data, which file:// forbids)."""
+    servers = []
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def screenshot(driver, name: str) -> None:
+    folder = os.environ.get("LORABENCH_SCREENSHOTS")
+    if folder:
+        driver.save_screenshot(str(Path(folder) / name))
+
+
+def wait_for(driver, script: str, timeout: float = 30.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
+
+
+def test_summary_html_tables_and_plots_render(tmp_path, browser, serve):
+    write_report(read_run(STORED_RUN), tmp_path)
+    browser.get(serve(tmp_path) + "summary.html")
+    rows = browser.execute_script("return document.querySelectorAll('#results-1 tbody tr').length")
+    assert rows == 3
+    loaded = wait_for(browser, """
+        const imgs = [...document.images];
+        return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 100) ? imgs.length : false;""")
+    assert loaded == 4
+    screenshot(browser, "report-summary.png")
+
+
+@pytest.mark.skipif(not (ROOT / "node_modules" / ".bin" / "allure").exists() and shutil.which("npm") is None,
+                    reason="needs the Allure 3 command line (scripts/allure-report installs it with npm)")
+def test_allure_report_renders_the_cases(tmp_path, browser, serve):
+    results = Path(os.environ.get("LORABENCH_ALLURE_RESULTS", ROOT / "reports" / "allure-results"))
+    if not any(results.glob("*-result.json")):
+        pytest.skip(f"no Allure results in {results}; run 'pytest bench/ -m qlora --alluredir {results}' first")
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("allurerc.mjs", "package.json", "package-lock.json", "scripts"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    if (ROOT / "node_modules").is_dir():
+        (work / "node_modules").symlink_to(ROOT / "node_modules")
+    subprocess.run([str(work / "scripts" / "allure-report"), str(results)], check=True, capture_output=True,
+                   timeout=600, cwd=work)
+    browser.get(serve(work / "reports" / "allure-report") + "index.html")
+    text = wait_for(browser, "const t = document.body.innerText; return t.includes('test_finetune') ? t : false;", 60)
+    assert "test_finetune" in text
+    screenshot(browser, "report-allure.png")
