@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from lorabench.errors import ThresholdError
 from lorabench.matrix import DEFAULT_CONFIGS
+from lorabench.session import EXTRA_CASE_IDS
 from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate, load_thresholds, parse_thresholds
 
-KNOWN = {c.id for c in DEFAULT_CONFIGS}
+KNOWN = {c.id for c in DEFAULT_CONFIGS} | set(EXTRA_CASE_IDS)
 ROOT = Path(__file__).resolve().parent.parent
 
 GOOD = """\
