@@ -99,3 +99,15 @@ def summarize(layers: list[LayerError]) -> dict[str, float]:
         out[f"{q}_rel_error_mean"] = statistics.fmean(values)
         out[f"{q}_rel_error_max"] = max(values)
     return out
+
+
+def quant_error_result(case_id: str, model: str, layers: list[LayerError]):
+    """The record of one quantization-error case: summary metrics, per-layer errors in ``details``."""
+    from lorabench.result import CaseResult
+
+    result = CaseResult(case_id=case_id, config_id=case_id, model=model, dataset="(weights only)", device="cpu",
+                        config={"kind": "quant_error", "quant_types": list(QUANT_TYPES), "blocksize": BLOCKSIZE})
+    for name, value in summarize(layers).items():
+        result.set(name, value, source="relative Frobenius error of a bitsandbytes quantize/dequantize round trip")
+    result.details["layers"] = [{"name": layer.name, "shape": list(layer.shape), **layer.errors} for layer in layers]
+    return result

@@ -16,6 +16,8 @@ from lorabench.config import parse_override
 from lorabench.environment import machine
 from lorabench.errors import ConfigError
 from lorabench.matrix import DEFAULT_CONFIGS, Matrix, build_matrix
+from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
+from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
 from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
@@ -24,7 +26,7 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
 # Cases outside the fine-tuning matrix that thresholds.yaml may gate by id.
-EXTRA_CASE_IDS = (NORMAL_CASE_ID, MODEL_CASE_ID)
+EXTRA_CASE_IDS = (NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_QUANT_ERROR_ID, *(c.id for c in CLASSIFY_CONFIGS))
 
 
 @dataclass

@@ -156,7 +156,7 @@ def findings(results: list[CaseResult]) -> list[str]:
                                                           r.metrics["nf4_rel_error_mean"], r.metrics["fp4_rel_error_mean"])
                 for r in results if "nf4_rel_error_mean" in r.metrics and "fp4_rel_error_mean" in r.metrics]
     base = pick_baseline(results)
-    if base is None or kind(base) != "finetune":
+    if base is None:
         return []
     out = []
     peak_metric, _, peak_noun = columns_for(base.device)[0]
