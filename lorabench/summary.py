@@ -115,10 +115,9 @@ def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, st
 def _cell(result: CaseResult, metric: str) -> str:
     """A value; accuracy with its Wilson interval."""
     m = result.metrics
-    text = fmt(m[metric])
     if metric == "accuracy_pct" and "accuracy_ci_low_pct" in m and "accuracy_ci_high_pct" in m:
-        text += f" [{fmt(m['accuracy_ci_low_pct'])}-{fmt(m['accuracy_ci_high_pct'])}]"
-    return text
+        return f"{m[metric]:.1f} [{m['accuracy_ci_low_pct']:.1f}-{m['accuracy_ci_high_pct']:.1f}]"
+    return fmt(m[metric])
 
 
 def table_cells(results: list[CaseResult]) -> list[list[str]]:

@@ -118,3 +118,18 @@ def test_teacher_forced_exact_match_agrees_with_greedy_generation(tiny_llama, cp
 
     assert forced == generated
     assert 0 < sum(forced) < len(forced)  # both outcomes occur
+
+
+def test_task_change_records_gain_and_forgetting_or_says_why_not():
+    from lorabench.runner import _record_task_change
+
+    result = _result()
+    result.metrics.update(accuracy_pct=80.0, accuracy_before_pct=5.0)
+    _record_task_change(result, EvalLoss(0.07, 640, 128), EvalLoss(0.20, 640, 128))
+    assert result.metrics["accuracy_gain_pp"] == 75.0
+    assert result.metrics["forgetting_nats"] == pytest.approx(0.13)
+    text_only = _result()
+    text_only.absent["accuracy_pct"] = "the data set has plain text rows, no answers to match"
+    _record_task_change(text_only, None, None)
+    assert "plain text" in text_only.absent["accuracy_gain_pp"]
+    assert "no reference text" in text_only.absent["forgetting_nats"] and not text_only.metrics
