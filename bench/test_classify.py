@@ -22,8 +22,8 @@ def _finish(result, benchmark, bench_session):
     assert_gates_pass(result)
 
 
-@pytest.mark.parametrize("config", [pytest.param(c, id=c.id, marks=[getattr(pytest.mark, m) for m in c.markers])
-                                    for c in CONFIGS])
+# Not marked lora/qlora: `pytest bench/ -m qlora` stays the quick run of the tiny matrix.
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.id for c in CONFIGS])
 def test_minilm_finetune(config, benchmark, bench_session):
     benchmark.group = f"finetune {MODEL_NAME} {DATASET_NAME}"
     result = run_case(config, _cpu(),
