@@ -170,10 +170,11 @@ class CaseRun:
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
                               device=self.device, eos_token_id=self.eos_token_id)
             _record_quality(result, self.runner, after)
-            check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
-                               self.adapter_dir)
             record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
             _record_task_change(result, self.reference_before, self._reference_loss())
+            # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
+            check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
+                               self.adapter_dir)
             self._judge_budget()
         self.close()
         return self.result
