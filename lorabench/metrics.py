@@ -86,6 +86,26 @@ METRICS: dict[str, Metric] = {
            "lowest cosine similarity of a generation to the unmerged bf16 adapter's"),
         _m("adapter_drift_exact_match_pct", "%", "higher", "quality",
            "generations identical to the unmerged bf16 adapter's"),
+        # task accuracy and forgetting (lorabench.accuracy, lorabench.quality)
+        _m("accuracy_pct", "%", "higher", "quality", "held-out answers matched exactly by greedy decoding, after training"),
+        _m("accuracy_ci_low_pct", "%", "higher", "quality", "lower bound of accuracy_pct's 95% Wilson interval"),
+        _m("accuracy_ci_high_pct", "%", "higher", "quality", "upper bound of accuracy_pct's 95% Wilson interval"),
+        _m("accuracy_n", "count", None, "quality", "held-out answers scored for accuracy"),
+        _m("accuracy_before_pct", "%", None, "quality", "accuracy_pct of the base model before training"),
+        _m("accuracy_before_ci_low_pct", "%", None, "quality", "lower 95% Wilson bound of accuracy_before_pct"),
+        _m("accuracy_before_ci_high_pct", "%", None, "quality", "upper 95% Wilson bound of accuracy_before_pct"),
+        _m("accuracy_gain_pp", "pp", "higher", "quality", "accuracy_pct minus accuracy_before_pct, percentage points"),
+        _m("reference_loss_before", "nats", None, "quality", "loss on a reference text never trained on, before training"),
+        _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
+        _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
+        # quantization error (lorabench.quant_error): relative Frobenius error of a quantize/dequantize round trip
+        _m("quant_error_layers", "count", None, "quality", "weight matrices measured for quantization error"),
+        _m("nf4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - NF4(W)|| / ||W||"),
+        _m("nf4_rel_error_max", "ratio", "lower", "quality", "largest layer's NF4 relative error"),
+        _m("fp4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - FP4(W)|| / ||W||"),
+        _m("fp4_rel_error_max", "ratio", "lower", "quality", "largest layer's FP4 relative error"),
+        _m("int8_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - int8(W)|| / ||W|| (row-wise absmax)"),
+        _m("int8_rel_error_max", "ratio", "lower", "quality", "largest layer's int8 relative error"),
     )
 }
 

@@ -22,7 +22,7 @@ from lorabench.summary import (
     fmt,
     format_delta,
     group_results,
-    is_inference,
+    kind,
     pick_baseline,
     table_cells,
 )
@@ -52,7 +52,7 @@ def build_groups(results: list[CaseResult]) -> list[Group]:
             for r in members:
                 if r is base or r.status != STATUS_OK:
                     continue
-                for metric, _, noun in columns_for(device, is_inference(members[0])):
+                for metric, _, noun in columns_for(device, kind(members[0])):
                     if metric in r.metrics and metric in base.metrics:
                         a, b = base.metrics[metric], r.metrics[metric]
                         rows.append([r.config_id, metric, fmt(a), fmt(b), format_delta(b, a), describe(metric, noun, b, a)])
@@ -65,6 +65,7 @@ def build_groups(results: list[CaseResult]) -> list[Group]:
 
 def model_by_dataset(results: list[CaseResult]) -> list[list[str]] | None:
     """Best eval loss (and its configuration) per model and data set, when a run has several of either."""
+    results = [r for r in results if kind(r) == "finetune"]  # quantization-error records have no eval loss
     models = sorted({r.model for r in results})
     datasets = sorted({r.dataset for r in results})
     if len(models) < 2 and len(datasets) < 2:

@@ -35,6 +35,7 @@ class CaseResult:
     environment: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # breakdowns behind a metric (per-layer errors)
 
     def set(self, name: str, value: float | None, *, reason: str = "", source: str = "") -> None:
         """Record a metric, or its absence with ``reason`` when ``value`` is None or not finite."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorabench.adapters import check_case_adapter
+from lorabench.accuracy import record_accuracy
 from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
 from lorabench.data import TaskData, collator, tokenize
@@ -38,6 +39,10 @@ from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
 from lorabench.training import DivergenceError, StepRunner, make_trainer, simple_timer
 
 log = logging.getLogger("lorabench.progress")
+
+# Reference rows scored for forgetting, before and after training: two extra eval passes per
+# case, so a subset keeps them cheap (128 rows, 640 scored tokens on the embedded task).
+REFERENCE_EXAMPLES = 128
 
 Timer = Callable[[Callable[[], Any], int, int], Any]  # (step, rounds, warmup_rounds)
 
@@ -120,6 +125,8 @@ class CaseRun:
             self.result.environment["memory_budget_mib"] = self.budget.limit_mib
         self._meters_running = False
         self.model = self.trainer = self.runner = self.tokens = self.collate = None
+        self.eos_token_id = None
+        self.reference_before = None
         self.started = 0.0
 
     # ----- phases ------------------------------------------------------------
@@ -136,8 +143,13 @@ class CaseRun:
             result.set("load_s", loaded.load_s, source="wall clock around from_pretrained (load + quantize)")
             _record_model(result, self.model)
             self.collate = collator(loaded.tokenizer)
-            before = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size, device=self.device)
+            self.eos_token_id = loaded.tokenizer.eos_token_id
+            before = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
+                               device=self.device, eos_token_id=self.eos_token_id)
             result.set("eval_loss_before", before.loss)
+            record_accuracy(result, before, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len,
+                            stage="_before")
+            self.reference_before = self._reference_loss()
             self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
                                         self.device, self.report_to, self.log_dir)
             self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
@@ -155,8 +167,12 @@ class CaseRun:
             self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
             _record_speed(result, self.runner, config, train_s, self.model, self.device)
-            after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size, device=self.device)
+            after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
+                              device=self.device, eos_token_id=self.eos_token_id)
             _record_quality(result, self.runner, after)
+            record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
+            _record_task_change(result, self.reference_before, self._reference_loss())
+            # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
             check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
                                self.adapter_dir)
             self._judge_budget()
@@ -177,6 +193,14 @@ class CaseRun:
                 self.result.absent.setdefault(name, why)
 
     # ----- helpers -------------------------------------------------------------
+    def _reference_loss(self):
+        """Loss on the reference text the fine-tune never sees, or ``None`` where the data set has none."""
+        reference = self.tokens.reference
+        if reference is None:
+            return None
+        rows = reference.select(range(min(REFERENCE_EXAMPLES, len(reference))))
+        return eval_loss(self.model, rows, self.collate, batch_size=self.config.batch_size, device=self.device)
+
     def _start_meters(self) -> None:
         self.rss.start()
         if self.cuda:
@@ -333,3 +357,22 @@ def _record_quality(result: CaseResult, runner: StepRunner, after) -> None:
     result.set("eval_loss", after.loss, source=f"token-weighted over {after.tokens} held-out tokens")
     result.set("perplexity", after.perplexity)
     result.set("eval_examples", after.examples)
+
+
+def _record_task_change(result: CaseResult, reference_before, reference_after) -> None:
+    """What fine-tuning changed: accuracy gained on the task, loss added on the reference text."""
+    metrics = result.metrics
+    if "accuracy_pct" in metrics and "accuracy_before_pct" in metrics:
+        result.set("accuracy_gain_pp", metrics["accuracy_pct"] - metrics["accuracy_before_pct"])
+    else:
+        result.set("accuracy_gain_pp", None, reason=result.absent.get("accuracy_pct", "accuracy not measured"))
+    if reference_before is None:
+        reason = "the data set has no reference text (only the embedded digit-reverse ships one)"
+        for name in ("reference_loss_before", "reference_loss", "forgetting_nats"):
+            result.set(name, None, reason=reason)
+        return
+    source = f"token-weighted loss on {reference_after.tokens} tokens of {reference_after.examples} reference rows"
+    result.set("reference_loss_before", reference_before.loss, source=source)
+    result.set("reference_loss", reference_after.loss, source=source)
+    result.set("forgetting_nats", reference_after.loss - reference_before.loss,
+               source="reference_loss minus reference_loss_before")

@@ -17,12 +17,17 @@ from lorabench.config import parse_override
 from lorabench.environment import machine
 from lorabench.errors import ConfigError
 from lorabench.matrix import DEFAULT_CONFIGS, Matrix, build_matrix
+from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
+from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
+from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
+# Cases outside the fine-tuning matrix that thresholds.yaml may gate by id.
+EXTRA_CASE_IDS = (NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_QUANT_ERROR_ID, *(c.id for c in CLASSIFY_CONFIGS))
 
 
 @dataclass
@@ -80,6 +85,7 @@ class BenchSession:
         from lorabench.inference import VARIANTS
 
         known = {c.id for c in DEFAULT_CONFIGS} | {c.id for c in self.matrix.configs} | {v.id for v in VARIANTS}
+        known |= set(EXTRA_CASE_IDS)
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
     def check_inputs(self) -> None:

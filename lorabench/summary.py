@@ -24,7 +24,24 @@ COLUMNS = (
     ("train_loss_final", "train loss", "final train loss"),
     ("eval_loss", "eval loss", "eval loss"),
     ("perplexity", "ppl", "perplexity"),
+    ("accuracy_pct", "acc % [95% CI]", "accuracy"),
+    ("forgetting_nats", "forgetting", "forgetting"),
 )
+# Records that are not fine-tuning cases carry ``config["kind"]`` and get a table of their own.
+KIND_COLUMNS = {
+    "quant_error": (
+        ("nf4_rel_error_mean", "NF4 err", "NF4 error"),
+        ("fp4_rel_error_mean", "FP4 err", "FP4 error"),
+        ("int8_rel_error_mean", "int8 err", "int8 error"),
+        ("nf4_rel_error_max", "NF4 max", "largest NF4 layer error"),
+        ("fp4_rel_error_max", "FP4 max", "largest FP4 layer error"),
+    ),
+}
+
+
+def kind(result: CaseResult) -> str:
+    """``finetune`` for matrix cases, else the record's own ``config["kind"]``."""
+    return result.config.get("kind", "finetune")
 
 INFERENCE_COLUMNS = (
     ("weights_mib", "weights MiB", "weight memory"),
@@ -34,11 +51,6 @@ INFERENCE_COLUMNS = (
     ("drift_cosine_mean", "cos to base", "similarity to the base's generations"),
     ("adapter_drift_cosine_mean", "cos to adapter", "similarity to the unmerged adapter's generations"),
 )
-
-
-def is_inference(result: CaseResult) -> bool:
-    """An inference variant's record (lorabench.inference), which gets its own table and columns."""
-    return result.config.get("kind") == "inference"
 
 
 def relative_change(value: float, baseline: float) -> float | None:
@@ -89,7 +101,8 @@ def group_results(results: Iterable[CaseResult]) -> dict[tuple[str, str, str], l
     """Results by (model, data set, device), in run order."""
     groups: dict[tuple[str, str, str], list[CaseResult]] = defaultdict(list)
     for r in results:
-        groups[(r.model, r.dataset, r.device + (" inference" if is_inference(r) else ""))].append(r)
+        suffix = "" if kind(r) == "finetune" else f" {kind(r)}"
+        groups[(r.model, r.dataset, r.device + suffix)].append(r)
     return groups
 
 
@@ -102,14 +115,25 @@ def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
     return ok[0] if ok else None
 
 
-def columns_for(device: str, inference: bool = False) -> tuple[tuple[str, str, str], ...]:
-    return ((_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK),) + (INFERENCE_COLUMNS if inference else COLUMNS)
+def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, str, str], ...]:
+    if case_kind in KIND_COLUMNS:
+        return KIND_COLUMNS[case_kind]
+    peak = (_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK,)
+    return peak + (INFERENCE_COLUMNS if case_kind == "inference" else COLUMNS)
+
+
+def _cell(result: CaseResult, metric: str) -> str:
+    """A value; accuracy with its Wilson interval."""
+    m = result.metrics
+    if metric == "accuracy_pct" and "accuracy_ci_low_pct" in m and "accuracy_ci_high_pct" in m:
+        return f"{m[metric]:.1f} [{m['accuracy_ci_low_pct']:.1f}-{m['accuracy_ci_high_pct']:.1f}]"
+    return fmt(m[metric])
 
 
 def table_cells(results: list[CaseResult]) -> list[list[str]]:
     """One group's table, header first; each cell shows the value and its delta against the baseline."""
     base = pick_baseline(results)
-    cols = columns_for(results[0].device, is_inference(results[0]))
+    cols = columns_for(results[0].device, kind(results[0]))
     rows = [["config", "status"] + [title for _, title, _ in cols]]
     for r in results:
         row = [r.config_id, r.status]
@@ -117,7 +141,7 @@ def table_cells(results: list[CaseResult]) -> list[list[str]]:
             if metric not in r.metrics:
                 row.append("-")
                 continue
-            cell = fmt(r.metrics[metric])
+            cell = _cell(r, metric)
             if base is not None and r is not base and metric in base.metrics:
                 cell += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
             row.append(cell)
@@ -136,6 +160,10 @@ def render_table(results: list[CaseResult]) -> list[str]:
 
 def findings(results: list[CaseResult]) -> list[str]:
     """Key findings computed from the data: each case against the baseline, and the best eval loss."""
+    if results and kind(results[0]) == "quant_error":
+        return [f"{r.config_id}: NF4 vs FP4: " + describe("nf4_rel_error_mean", "reconstruction error",
+                                                          r.metrics["nf4_rel_error_mean"], r.metrics["fp4_rel_error_mean"])
+                for r in results if "nf4_rel_error_mean" in r.metrics and "fp4_rel_error_mean" in r.metrics]
     base = pick_baseline(results)
     if base is None:
         return []
@@ -157,6 +185,18 @@ def findings(results: list[CaseResult]) -> list[str]:
     if scored:
         best = min(scored, key=lambda r: r.metrics["eval_loss"])
         out.append(f"lowest eval loss: {best.config_id} ({best.metrics['eval_loss']:.4f} nats)")
+    answered = [r for r in results if "accuracy_pct" in r.metrics]
+    if answered:
+        best = max(answered, key=lambda r: r.metrics["accuracy_pct"])
+        m = best.metrics
+        gain = f", {m['accuracy_gain_pp']:+.1f} pp over the base model" if "accuracy_gain_pp" in m else ""
+        out.append(f"highest accuracy: {best.config_id} ({m['accuracy_pct']:.1f}%, 95% CI "
+                   f"{m['accuracy_ci_low_pct']:.1f}-{m['accuracy_ci_high_pct']:.1f}%, n={m['accuracy_n']:.0f}{gain})")
+    forgot = [r for r in results if "forgetting_nats" in r.metrics]
+    if forgot:
+        least = min(forgot, key=lambda r: r.metrics["forgetting_nats"])
+        out.append(f"least forgetting: {least.config_id} (reference loss {least.metrics['reference_loss_before']:.4f} "
+                   f"-> {least.metrics['reference_loss']:.4f} nats)")
     return out
 
 

@@ -64,3 +64,14 @@ def test_a_case_that_did_not_run_is_never_the_baseline():
     failed.status = "does_not_fit"
     ok = result("lora_bf16", weights_mib=1.0)
     assert "baseline lora_bf16" in render_summary([failed, ok])[0]
+
+
+def test_accuracy_shows_its_interval_and_quantization_error_gets_its_own_table():
+    ok = result("full_bf16", accuracy_pct=88.7, accuracy_ci_low_pct=84.2, accuracy_ci_high_pct=92.0, accuracy_n=256,
+                accuracy_gain_pp=88.7, eval_loss=0.1)
+    quant = result("quant_error_normal", nf4_rel_error_mean=0.092, fp4_rel_error_mean=0.122)
+    quant.config = {"kind": "quant_error"}
+    text = "\n".join(render_summary([ok, quant]))
+    assert "88.7 [84.2-92.0]" in text
+    assert "highest accuracy: full_bf16 (88.7%, 95% CI 84.2-92.0%, n=256, +88.7 pp over the base model)" in text
+    assert "NF4 err" in text and "24.6% less reconstruction error" in text

@@ -1,0 +1,47 @@
+"""A real pretrained model: all-MiniLM-L6-v2 fine-tuned for sentiment with LoRA and with QLoRA (NF4), on the CPU.
+
+Each post-warm-up optimizer step is one pytest-benchmark round; memory, speed, loss and
+accuracy (with its Wilson interval) go into the record and through thresholds.yaml. A
+quantization-error record of the encoder's own pretrained linear layers goes beside them.
+Marked ``slow``: together they take about a minute or more on a 2-core CPU.
+"""
+
+import pytest
+
+from fixtures.case import assert_gates_pass
+from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, QUANT_ERROR_CASE_ID, encoder_linear_weights, run_case
+from lorabench.quant_error import layer_errors, quant_error_result
+
+pytestmark = [pytest.mark.minilm, pytest.mark.slow]
+
+
+def _finish(result, benchmark, bench_session):
+    bench_session.gate(result)
+    bench_session.results.append(result)
+    benchmark.extra_info.update(result.to_extra_info())
+    assert_gates_pass(result)
+
+
+# Not marked lora/qlora: `pytest bench/ -m qlora` stays the quick run of the tiny matrix.
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.id for c in CONFIGS])
+def test_minilm_finetune(config, benchmark, bench_session):
+    benchmark.group = f"finetune {MODEL_NAME} {DATASET_NAME}"
+    result = run_case(config, _cpu(),
+                      lambda step, rounds, warmup: benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup,
+                                                                      iterations=1))
+    _finish(result, benchmark, bench_session)
+
+
+@pytest.mark.quant_error
+def test_minilm_quant_error(benchmark, bench_session):
+    """NF4, FP4 and int8 round trips of the pretrained encoder's linear layers: real trained weights."""
+    layers = []
+    benchmark.group = "quantization error"
+    benchmark.pedantic(lambda: layers.extend(layer_errors(encoder_linear_weights())), rounds=1, iterations=1)
+    _finish(quant_error_result(QUANT_ERROR_CASE_ID, MODEL_NAME, layers), benchmark, bench_session)
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")

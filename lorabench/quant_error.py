@@ -1,0 +1,113 @@
+"""Quantization error: how far NF4, FP4 and int8 round-trips land from the original weights.
+
+Each weight matrix is quantized and dequantized with bitsandbytes' own functions, the
+ones its ``Linear4bit`` and ``Linear8bitLt`` layers use (4-bit: blockwise absmax with
+block size 64; int8: one absmax scale per row), and the error is the relative Frobenius
+norm ``||W - deq(q(W))|| / ||W||``. NF4's code points are the quantiles of a normal
+distribution, so on normally distributed weights its error should be below FP4's: the
+ordering the QLoRA paper reports.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+NORMAL_CASE_ID, MODEL_CASE_ID = "quant_error_normal", "quant_error_model"  # configuration ids gates name
+BLOCKSIZE = 64  # bitsandbytes' default 4-bit block on CPU and CUDA
+# Shapes of the synthetic normal layers: the tiny zoo's attention and MLP matrices, and a larger one.
+NORMAL_SHAPES = ((256, 256), (704, 256), (256, 704), (512, 512))
+
+
+@dataclass(frozen=True)
+class LayerError:
+    name: str
+    shape: tuple[int, ...]
+    errors: dict[str, float]  # quant type -> relative Frobenius error
+
+
+def round_trip(weight, quant_type: str):
+    """``weight`` quantized and dequantized as bitsandbytes stores it, in float32.
+
+    Raises:
+        ValueError: an unknown quant type, or a weight that is not a matrix.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight matrix, got shape {tuple(weight.shape)}")
+    if quant_type in ("nf4", "fp4"):
+        packed, state = bnbf.quantize_4bit(weight.to(torch.bfloat16), blocksize=BLOCKSIZE, quant_type=quant_type)
+        return bnbf.dequantize_4bit(packed, state).float()
+    if quant_type == "int8":
+        codes, scales, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
+        return bnbf.int8_vectorwise_dequant(codes, scales).float()
+    raise ValueError(f"unknown quant type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}")
+
+
+def relative_error(weight, quant_type: str) -> float:
+    """``||W - deq(q(W))||_F / ||W||_F`` for one matrix.
+
+    Raises:
+        ValueError: the weight is all zeros (no relative error is defined), or see :func:`round_trip`.
+    """
+    w = weight.detach().float()
+    norm = float(w.norm())
+    if norm == 0.0:
+        raise ValueError("an all-zero weight has no relative error")
+    return float((round_trip(w, quant_type) - w).norm()) / norm
+
+
+def layer_errors(named_weights, quant_types=QUANT_TYPES) -> list[LayerError]:
+    """Relative error of every named 2-D weight under each quant type."""
+    return [
+        LayerError(name, tuple(w.shape), {q: relative_error(w, q) for q in quant_types})
+        for name, w in named_weights
+    ]
+
+
+def normal_weights(shapes=NORMAL_SHAPES, seed: int = 0):
+    """Named standard-normal matrices, seeded: the distribution NF4 is built for."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return [(f"normal_{r}x{c}", torch.randn(r, c, generator=gen)) for r, c in shapes]
+
+
+def linear_weights(model):
+    """(name, weight) of the ``nn.Linear`` layers a bitsandbytes config quantizes: all but the output head."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return [(name, m.weight) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def summarize(layers: list[LayerError]) -> dict[str, float]:
+    """``{quant}_rel_error_mean`` and ``{quant}_rel_error_max`` over layers, plus ``quant_error_layers``.
+
+    Raises:
+        ValueError: no layer to summarize.
+    """
+    if not layers:
+        raise ValueError("no weight matrix to measure")
+    out: dict[str, float] = {"quant_error_layers": float(len(layers))}
+    for q in layers[0].errors:
+        values = [layer.errors[q] for layer in layers]
+        out[f"{q}_rel_error_mean"] = statistics.fmean(values)
+        out[f"{q}_rel_error_max"] = max(values)
+    return out
+
+
+def quant_error_result(case_id: str, model: str, layers: list[LayerError]):
+    """The record of one quantization-error case: summary metrics, per-layer errors in ``details``."""
+    from lorabench.result import CaseResult
+
+    result = CaseResult(case_id=case_id, config_id=case_id, model=model, dataset="(weights only)", device="cpu",
+                        config={"kind": "quant_error", "quant_types": list(QUANT_TYPES), "blocksize": BLOCKSIZE})
+    for name, value in summarize(layers).items():
+        result.set(name, value, source="relative Frobenius error of a bitsandbytes quantize/dequantize round trip")
+    result.details["layers"] = [{"name": layer.name, "shape": list(layer.shape), **layer.errors} for layer in layers]
+    return result
