@@ -36,6 +36,8 @@ PER_STEP_METRICS = ("step_ms", "samples_per_s", "tokens_per_s", "train_s")
 MIN_ROUNDS_FOR_TEST = 3
 # Facts about the machine that change what a figure means.
 MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python")
+LOAD_KEYS = ("load_avg_1m_start", "load_avg_1m_end")
+LOAD_DIFFERENCE = 1.0  # runnable processes: on a 2-core machine one more busy process halves a step's share
 
 REGRESSED, IMPROVED, UNCHANGED, CHANGED, NEW = "regressed", "improved", "unchanged", "changed", "new"
 
@@ -131,7 +133,8 @@ def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tole
     """The rows of one case; a case that ran in A and not in B (or stopped working) is a regression."""
     if b is None:
         status = REGRESSED if a.status == STATUS_OK else CHANGED
-        return [Row(case_id, "status", None, None, None, None, status, f"ran in A ({a.status}), absent from B")]
+        return [Row(case_id, "status", None, None, None, None, status, f"ran in A ({a.status}), absent from B: not selected, or stopped before its timed steps "
+                    "(pytest-benchmark stores no run without timings)")]
     if a is None:
         return [Row(case_id, "status", None, None, None, None, NEW, f"only in B ({b.status})")]
     if a.status != b.status:
@@ -205,11 +208,23 @@ def _step_time_p_values(a: CaseResult, b: CaseResult) -> tuple[float, float] | N
 
 
 def machine_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """A line for each machine fact or library version that differs between the runs."""
+    """A line for each machine fact or library version that differs between the runs, and for a load change."""
     keys = [k for k in MACHINE_KEYS if k in a or k in b]
     keys += sorted(k for k in set(a) | set(b) if k.endswith("_version") and k not in keys)
-    return [
+    warnings = [
         f"the runs differ in {key}: {a.get(key)!r} (A) vs {b.get(key)!r} (B); figures may not be comparable"
         for key in keys
         if a.get(key) != b.get(key)
     ]
+    load_a, load_b = _peak_load(a), _peak_load(b)
+    if load_a is not None and load_b is not None and abs(load_a - load_b) > LOAD_DIFFERENCE:
+        warnings.append(
+            f"the machine was busier in one run (1-minute load average up to {load_a:.1f} in A, {load_b:.1f} in B): "
+            "timings reflect other work on the machine, not only the code"
+        )
+    return warnings
+
+
+def _peak_load(machine: dict[str, Any]) -> float | None:
+    loads = [machine[k] for k in LOAD_KEYS if isinstance(machine.get(k), (int, float))]
+    return max(loads) if loads else None

@@ -194,16 +194,15 @@ def keep_4bit_layout_trainable(model) -> int:
     return switched
 
 
-def apply_adapter(model, config: BenchConfig):
-    """Make the model trainable as the configuration asks: every weight, or a LoRA adapter."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare_base(model, config: BenchConfig):
+    """Ready a loaded base for a LoRA adapter as the configuration asks (k-bit preparation, checkpointing).
+
+    A base that an adapter is reloaded onto goes through the same preparation, so that it
+    computes exactly what the trained one did.
+    """
+    from peft import prepare_model_for_kbit_training
 
     checkpointing_kwargs = {"use_reentrant": False}
-    if config.method == "full":
-        model.requires_grad_(True)
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
-        return model
     if config.quantized:
         keep_4bit_layout_trainable(model)
         # Casts norms and embeddings to fp32 and readies inputs for checkpointing (QLoRA practice).
@@ -215,6 +214,19 @@ def apply_adapter(model, config: BenchConfig):
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
+    return model
+
+
+def apply_adapter(model, config: BenchConfig):
+    """Make the model trainable as the configuration asks: every weight, or a LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    if config.method == "full":
+        model.requires_grad_(True)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    model = prepare_base(model, config)
     if config.target_modules == "attention":
         targets: Any = attention_module_names(model)
     elif isinstance(config.target_modules, tuple):

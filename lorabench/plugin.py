@@ -109,7 +109,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Read the gates and check every user input once, before any case trains, if a bench case was collected."""
-    if not any("bench_case" in getattr(item, "fixturenames", ()) for item in items):
+    gated = ("bench_case", "inference_adapter")  # the inference cases train an adapter first
+    if not any(name in getattr(item, "fixturenames", ()) for item in items for name in gated):
         return
     session = config.stash[SESSION_KEY]
     try:
@@ -123,6 +124,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     from lorabench.environment import machine
 
     machine_info.update(machine())
+    session = config.stash.get(SESSION_KEY, None)
+    if hasattr(os, "getloadavg"):
+        machine_info["load_avg_1m_start"] = session.load_at_start if session is not None else None
+        machine_info["load_avg_1m_end"] = os.getloadavg()[0]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -8,6 +8,7 @@ hand-written; a metric a run did not measure shows as "-" and the reason is list
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from lorabench.summary import (
 )
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
+NUMERIC_CELL = re.compile(r"^[-+]?[\d,.]+%?( \([-+][\d.]+%\))?$")  # right-aligned in HTML tables
 
 
 @dataclass
@@ -135,4 +137,5 @@ def _render(template: str, context: dict) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
     env.filters["md"] = lambda text: str(text).replace("|", "\\|")
+    env.tests["numeric_cell"] = lambda text: NUMERIC_CELL.match(str(text)) is not None
     return env.get_template(template).render(**context)

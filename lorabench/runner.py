@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lorabench.adapters import check_case_adapter
 from lorabench.accuracy import record_accuracy
 from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
@@ -92,11 +93,13 @@ class CaseRun:
         report_to: the Trainer's ``report_to`` (``none``, ``tensorboard``, ``wandb``).
         log_dir: where those integrations write.
         memory_budget: bytes the case may use (``--memory-budget``); ``None`` for no cap.
+        adapter_dir: where to keep the trained adapter (``None``: a temporary directory).
     """
 
     def __init__(self, case: Case, *, case_id: str, source: ModelSource,
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
-                 log_dir: str | None = None, memory_budget: int | None = None) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None,
+                 adapter_dir: str | None = None) -> None:
         self.config = config = resolve(case.config, source.defaults)
         self.case_id = case_id
         self.source = source
@@ -104,6 +107,7 @@ class CaseRun:
         self.device = device
         self.report_to = report_to
         self.log_dir = log_dir
+        self.adapter_dir = adapter_dir
         self.on_cuda = device.type == "cuda"
         self.result = CaseResult(
             case_id=case_id,
@@ -168,6 +172,9 @@ class CaseRun:
             _record_quality(result, self.runner, after)
             record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
             _record_task_change(result, self.reference_before, self._reference_loss())
+            # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
+            check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
+                               self.adapter_dir)
             self._judge_budget()
         self.close()
         return self.result

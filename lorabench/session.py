@@ -7,6 +7,7 @@ plugin only calls these and turns their errors into usage errors.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class BenchSession:
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
+    # 1-minute load average when the session began: other work on the machine slows every timing
+    load_at_start: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     _device: Any = None
     _models: dict[str, Any] = field(default_factory=dict)
     _tasks: dict[str, Any] = field(default_factory=dict)
@@ -73,12 +76,15 @@ class BenchSession:
         return self._tasks[spec]
 
     def load_gates(self) -> None:
-        """Read thresholds.yaml; rules may name the run's and the default matrix's configurations.
+        """Read thresholds.yaml; rules may name the run's and the default matrix's configurations,
+        and the inference variants.
 
         Raises:
             ThresholdError: the file is malformed (with file, line, key and what is allowed).
         """
-        known = {c.id for c in DEFAULT_CONFIGS} | {c.id for c in self.matrix.configs}
+        from lorabench.inference import VARIANTS
+
+        known = {c.id for c in DEFAULT_CONFIGS} | {c.id for c in self.matrix.configs} | {v.id for v in VARIANTS}
         known |= set(EXTRA_CASE_IDS)
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
@@ -116,14 +122,19 @@ class BenchSession:
 
         return lookup
 
-    def gate(self, result: CaseResult) -> list[GateOutcome]:
-        """Evaluate every applicable gate on ``result`` and store the outcomes in it."""
+    def gate(self, result: CaseResult, *, wildcard: bool = True) -> list[GateOutcome]:
+        """Evaluate every applicable gate on ``result`` and store the outcomes in it.
+
+        Args:
+            wildcard: whether the ``"*"`` rules (written for fine-tuning cases) apply.
+        """
         if self.thresholds is None or result.status != STATUS_OK:
             return []
         device_type = result.device.split(":")[0]
         outcomes = [
             evaluate(g, result.config_id, result.metrics, result.absent, self.reference(result.model, result.dataset))
-            for g in self.thresholds.gates_for(result.config_id, device_type, result.model, machine()["cpu_isa"])
+            for g in self.thresholds.gates_for(result.config_id, device_type, result.model, machine()["cpu_isa"],
+                                                   wildcard=wildcard)
         ]
         result.gates = [o.to_dict() for o in outcomes]
         return outcomes

@@ -43,6 +43,15 @@ def kind(result: CaseResult) -> str:
     """``finetune`` for matrix cases, else the record's own ``config["kind"]``."""
     return result.config.get("kind", "finetune")
 
+INFERENCE_COLUMNS = (
+    ("weights_mib", "weights MiB", "weight memory"),
+    ("ttft_ms", "TTFT ms", "time to first token"),
+    ("decode_tokens_per_s", "decode tok/s", "decode rate"),
+    ("latency_ms", "latency ms", "end-to-end latency"),
+    ("drift_cosine_mean", "cos to base", "similarity to the base's generations"),
+    ("adapter_drift_cosine_mean", "cos to adapter", "similarity to the unmerged adapter's generations"),
+)
+
 
 def relative_change(value: float, baseline: float) -> float | None:
     """(value - baseline) / |baseline|, or ``None`` when the baseline is 0."""
@@ -73,7 +82,7 @@ def describe(metric: str, noun: str, value: float, baseline: float) -> str:
     figures = f"{fmt(value)} vs {fmt(baseline)} {METRICS[metric].unit}"
     if change is None or abs(change) < 0.0005:
         return f"the same {noun} ({figures})"
-    if metric in ("tokens_per_s", "samples_per_s"):
+    if metric in ("tokens_per_s", "samples_per_s", "decode_tokens_per_s"):
         direction = "lower" if change < 0 else "higher"
     else:
         direction = "less" if change < 0 else "more"
@@ -109,7 +118,8 @@ def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
 def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, str, str], ...]:
     if case_kind in KIND_COLUMNS:
         return KIND_COLUMNS[case_kind]
-    return ((_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK),) + COLUMNS
+    peak = (_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK,)
+    return peak + (INFERENCE_COLUMNS if case_kind == "inference" else COLUMNS)
 
 
 def _cell(result: CaseResult, metric: str) -> str:
@@ -159,7 +169,8 @@ def findings(results: list[CaseResult]) -> list[str]:
         return []
     out = []
     peak_metric, _, peak_noun = columns_for(base.device)[0]
-    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"))
+    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"),
+                ("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))
     for r in results:
         if r is base or r.status != STATUS_OK:
             continue
@@ -189,6 +200,25 @@ def findings(results: list[CaseResult]) -> list[str]:
     return out
 
 
+def adapter_lines(results: list[CaseResult]) -> list[str]:
+    """One line per case with an adapter check: size on disk, trainable parameters, reload and merge parity."""
+    lines = []
+    for r in results:
+        m = r.metrics
+        if "adapter_mib" not in m:
+            continue
+        parts = [f"{r.config_id}: {fmt(m['adapter_mib'])} MiB on disk"]
+        if "params_trainable" in m:
+            parts.append(f"{m['params_trainable']:,.0f} trainable parameters")
+        if "reload_max_abs_diff" in m:
+            parts.append(f"reloaded vs trained max |logit diff| {m['reload_max_abs_diff']:.3g}")
+        if "merge_max_abs_diff" in m and "merge_argmax_agree_pct" in m:
+            parts.append(f"merged vs unmerged max |logit diff| {m['merge_max_abs_diff']:.3g}, "
+                         f"same greedy token at {fmt(m['merge_argmax_agree_pct'])}% of positions")
+        lines.append(", ".join(parts))
+    return lines
+
+
 def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
@@ -203,6 +233,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if found:
             lines.append("findings:")
             lines += [f"  - {f}" for f in found]
+        adapters = adapter_lines(group)
+        if adapters:
+            lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
+            lines += [f"  - {a}" for a in adapters]
         lines.append("")
     if gate_counts:
         lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))

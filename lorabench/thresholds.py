@@ -107,11 +107,17 @@ class Thresholds:
     profiles: dict[str, Profile] = field(default_factory=dict)
     compare: dict[str, Any] = field(default_factory=dict)
 
-    def gates_for(self, config_id: str, device_type: str, model: str, isa: str | None = None) -> list[Gate]:
-        """The gates that apply; ``isa`` is the CPU's vector ISA (``None`` matches no ``isa=`` profile)."""
+    def gates_for(self, config_id: str, device_type: str, model: str, isa: str | None = None, *,
+                  wildcard: bool = True) -> list[Gate]:
+        """The gates that apply; ``isa`` is the CPU's vector ISA (``None`` matches no ``isa=`` profile).
+
+        ``wildcard=False`` leaves out the ``"*"`` rules, which are written for fine-tuning cases
+        (an inference variant has no training loss).
+        """
+        configs = ("*", config_id) if wildcard else (config_id,)
         return [
             g for g in self.gates
-            if g.config in ("*", config_id) and self.profiles[g.profile].applies(device_type, model, isa)
+            if g.config in configs and self.profiles[g.profile].applies(device_type, model, isa)
         ]
 
 

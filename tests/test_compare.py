@@ -16,6 +16,7 @@ from lorabench.cli import main
 from lorabench.compare import (
     IMPROVED,
     NEW,
+    PER_STEP_METRICS,
     REGRESSED,
     UNCHANGED,
     Tolerances,
@@ -73,12 +74,11 @@ def test_comparing_any_run_with_itself_never_regresses(values):
 @given(name=metric_names, factor=st.floats(1.3, 10))
 def test_a_move_past_the_tolerance_is_judged_by_direction(name, factor):
     """Up by 30%+ is a regression for lower-is-better metrics and an improvement for higher-is-better."""
-    steps = [100.0] * 22 if name in ("step_ms", "samples_per_s", "tokens_per_s") else None
-    a = case(steps=steps, **{name: 50.0})
-    b = case(steps=steps, **{name: 50.0 * factor})
-    if name == "step_ms" or name in ("samples_per_s", "tokens_per_s"):
-        # per-step metrics also need the steps themselves to differ; make them
-        b.step_ms_curve = [100.0 * (factor if name == "step_ms" else 1 / factor)] * 22
+    a = case(steps=[100.0] * 22, **{name: 50.0})
+    b = case(steps=[100.0] * 22, **{name: 50.0 * factor})
+    if name in PER_STEP_METRICS:  # these also need the steps themselves to move the same way
+        worse = METRICS[name].better == "lower"
+        b.step_ms_curve = [100.0 * (factor if worse else 1 / factor)] * 22
     status = statuses(compare_runs(run(a), run(b)))[("qlora_nf4", name)]
     assert status == (REGRESSED if METRICS[name].better == "lower" else IMPROVED)
 
@@ -151,6 +151,14 @@ def test_machine_differences_are_warned_about():
     assert any("torch_version" in w for w in warnings)
     assert machine_warnings(MACHINE, dict(MACHINE)) == []
     assert compare_runs(run(case()), run(case(), machine=other)).warnings == warnings
+
+
+def test_a_change_in_machine_load_is_warned_about():
+    quiet = dict(MACHINE, load_avg_1m_start=0.2, load_avg_1m_end=1.1)
+    busy = dict(MACHINE, load_avg_1m_start=0.5, load_avg_1m_end=6.8)
+    assert machine_warnings(quiet, dict(quiet, load_avg_1m_end=1.9)) == []
+    [warning] = machine_warnings(quiet, busy)
+    assert "up to 1.1 in A, 6.8 in B" in warning
 
 
 @pytest.mark.parametrize("section, match", [

@@ -9,11 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorabench.errors import ThresholdError
+from lorabench.inference import VARIANTS
 from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.session import EXTRA_CASE_IDS
 from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate, load_thresholds, parse_thresholds
 
-KNOWN = {c.id for c in DEFAULT_CONFIGS} | set(EXTRA_CASE_IDS)
+KNOWN = {c.id for c in DEFAULT_CONFIGS} | {v.id for v in VARIANTS} | set(EXTRA_CASE_IDS)
 ROOT = Path(__file__).resolve().parent.parent
 
 GOOD = """\

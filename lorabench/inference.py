@@ -1,0 +1,318 @@
+"""Inference with a trained adapter: the variants, token timing, and statistics over repeats.
+
+A variant is the base model in some form with or without the adapter: the base alone,
+the base with the adapter unmerged, the adapter merged into the base
+(``merge_and_unload``), and an NF4- or int8-quantized base with the adapter unmerged.
+Every variant loads through :func:`lorabench.models.load_model`, so a quantized base is
+the same ``BitsAndBytesConfig`` load the fine-tuning cases use.
+
+Timing: one greedy ``generate`` call with a :class:`TokenClock` streamer. ``generate``
+hands every new token to the streamer with ``tokens.cpu()``, which waits for the device
+(transformers' ``StopCheck``), so the clock's stamps are when each token was on the host.
+Time to first token is the first new token's stamp minus the start of the call (prefill
+plus one sampling step); decode tokens/s is the remaining tokens over the time from the
+first to the last stamp. On CUDA the device is synchronized before the start clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorabench.config import BenchConfig
+
+DEFAULT_NEW_TOKENS = 32
+DEFAULT_PROMPTS = 64  # held-out prompts whose generations are compared for drift
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to serve the fine-tuned model."""
+
+    id: str
+    quant: str  # none, nf4, int8: how the base is loaded
+    adapter: bool  # whether the trained adapter is attached
+    merged: bool = False  # whether the adapter is folded into the base weights
+    markers: tuple[str, ...] = ()
+
+    def base_config(self, dtype: str) -> BenchConfig:
+        """The loading configuration of this variant's base (bf16 compute for a quantized one)."""
+        return BenchConfig(self.id, method="lora", quant=self.quant, double_quant=self.quant == "nf4", dtype=dtype)
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("infer_base", "none", adapter=False),
+    Variant("infer_adapter", "none", adapter=True),
+    Variant("infer_merged", "none", adapter=True, merged=True),
+    Variant("infer_nf4_adapter", "nf4", adapter=True, markers=("quantized", "nf4")),
+    Variant("infer_int8_adapter", "int8", adapter=True, markers=("quantized", "int8")),
+)
+REFERENCE_ID = "infer_base"
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" for every int8 matmul of every token:
+    thousands of lines per call, whose writing would be timed with the call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+_INT8_NOTICE_FILTER = _DropInt8CastNotice()
+
+
+def load_variant(variant: Variant, source, adapter_dir: str | Path | None, device, dtype: str = "bf16"):
+    """Load a variant for inference, in eval mode.
+
+    Raises:
+        ValueError: the variant needs an adapter and ``adapter_dir`` is ``None``.
+    """
+    from peft import PeftModel
+
+    from lorabench.models import load_model
+
+    if variant.quant == "int8":  # the int8 matmul takes fp16 inputs: said once, in the README
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_NOTICE_FILTER)
+    model = load_model(source, variant.base_config(dtype), device).model
+    if variant.adapter:
+        if adapter_dir is None:
+            raise ValueError(f"variant {variant.id} needs a trained adapter directory")
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if variant.merged:
+            model = model.merge_and_unload()
+    return model.eval()
+
+
+class TokenClock:
+    """A ``generate`` streamer that stamps when each new token reaches the host.
+
+    The first ``put`` is the prompt (transformers streams it before decoding starts); every
+    later ``put`` is one new token for the batch.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """One timed ``generate`` call."""
+
+    ttft_s: float  # start of the call to the first new token on the host
+    total_s: float  # start to the end of the call
+    new_tokens: int
+    decode_s: float  # first new token to the last
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first over the time they took; ``None`` with fewer than two tokens."""
+        if self.new_tokens < 2 or self.decode_s <= 0:
+            return None
+        return (self.new_tokens - 1) / self.decode_s
+
+
+def timing_from_stamps(started: float, stamps: list[float], ended: float) -> GenerationTiming:
+    """A :class:`GenerationTiming` from the start clock, the per-token stamps and the end clock.
+
+    Raises:
+        ValueError: no token was stamped, or the clocks run backwards.
+    """
+    if not stamps:
+        raise ValueError("generate produced no new token")
+    if stamps[0] < started or ended < stamps[-1] or any(b < a for a, b in zip(stamps, stamps[1:])):
+        raise ValueError("token stamps are not in order between the start and the end of the call")
+    return GenerationTiming(stamps[0] - started, ended - started, len(stamps), stamps[-1] - stamps[0])
+
+
+def timed_generate(model, input_ids, new_tokens: int, device) -> GenerationTiming:
+    """Greedy-generate exactly ``new_tokens`` tokens (EOS does not stop it) and time each one."""
+    import torch
+
+    clock = TokenClock()
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    return timing_from_stamps(started, clock.stamps, time.perf_counter())
+
+
+def summarize_timings(timings: list[GenerationTiming]) -> dict[str, float]:
+    """Statistics over the measured repeats (warm-up calls must not be in ``timings``).
+
+    Returns:
+        Metric name to value: medians and 90th percentiles of time to first token and of
+        end-to-end latency in ms, the median decode rate, and the number of repeats.
+
+    Raises:
+        ValueError: ``timings`` is empty, or no repeat generated two tokens.
+    """
+    import numpy as np
+
+    if not timings:
+        raise ValueError("no measured repeat")
+    ttft = [t.ttft_s * 1000 for t in timings]
+    total = [t.total_s * 1000 for t in timings]
+    rates = [r for r in (t.decode_tokens_per_s for t in timings) if r is not None]
+    if not rates:
+        raise ValueError("no repeat generated two tokens, so no decode rate")
+    return {
+        "ttft_ms": statistics.median(ttft),
+        "ttft_ms_p90": float(np.percentile(ttft, 90)),  # linear between order statistics
+        "decode_tokens_per_s": statistics.median(rates),
+        "latency_ms": statistics.median(total),
+        "latency_ms_p90": float(np.percentile(total, 90)),
+        "new_tokens": float(timings[0].new_tokens),
+        "inference_repeats": float(len(timings)),
+    }
+
+
+def greedy_texts(model, tokenizer, prompts: list[str], device, max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    """Greedy completions of ``prompts`` (stopping at EOS), decoded without special tokens."""
+    import torch
+
+    out: list[str] = []
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = previous_side
+    return out
+
+
+def variant_by_id(variant_id: str) -> Variant:
+    """Raises: KeyError naming the known variants."""
+    for v in VARIANTS:
+        if v.id == variant_id:
+            return v
+    raise KeyError(f"unknown inference variant {variant_id!r}; known: {', '.join(v.id for v in VARIANTS)}")
+
+
+def variant_result_config(variant: Variant, dtype: str, new_tokens: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """What a variant's result record says about how it ran."""
+    return {"id": variant.id, "quant": variant.quant, "adapter": variant.adapter, "merged": variant.merged,
+            "dtype": dtype, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "batch_size": 1}
+
+
+class InferenceRun:
+    """One inference variant in phases, so a timer can drive the measured calls in between.
+
+    ``prepare`` starts the memory meters and loads the variant; ``call`` runs one timed
+    ``generate`` (the first ``warmup`` calls are warm-up and excluded from every figure);
+    ``finish`` stops the meters, records the statistics and then, outside the memory
+    window, the greedy generations that semantic drift compares.
+
+    Args:
+        variant: which form of the model.
+        source: the base model (:class:`lorabench.models.ModelSource`).
+        adapter_dir: the trained adapter (``None`` only for a variant without one).
+        tokenizer: the model's tokenizer.
+        prompt: the prompt of the timed calls (batch 1).
+        device: where to run.
+        new_tokens: tokens each timed call generates.
+        warmup: how many of the calls are warm-up.
+    """
+
+    def __init__(self, variant: Variant, *, source, adapter_dir, tokenizer, prompt: str, device, model_name: str,
+                 dataset: str, new_tokens: int = DEFAULT_NEW_TOKENS, warmup: int = 2, repeats: int = 10,
+                 dtype: str = "bf16") -> None:
+        from lorabench.environment import machine
+        from lorabench.meters import CudaMeter, RssMeter
+        from lorabench.result import CaseResult
+
+        self.variant, self.source, self.adapter_dir, self.tokenizer = variant, source, adapter_dir, tokenizer
+        self.device, self.new_tokens, self.warmup, self.repeats = device, new_tokens, warmup, repeats
+        self.prompt, self.dtype = prompt, dtype
+        self.result = CaseResult(case_id=variant.id, config_id=variant.id, model=model_name, dataset=dataset,
+                                 device=str(device), environment=dict(machine()),
+                                 config={"kind": "inference", **variant_result_config(variant, dtype, new_tokens,
+                                                                                      repeats, warmup)})
+        self.rss = RssMeter()
+        self.cuda = CudaMeter(device) if device.type == "cuda" else None
+        self.timings: list[GenerationTiming] = []
+        self.model = self.input_ids = None
+
+    def prepare(self) -> None:
+        from lorabench.footprint import MIB, weight_bytes
+
+        self.rss.start()
+        if self.cuda:
+            self.cuda.start()
+        started = time.perf_counter()
+        self.model = load_variant(self.variant, self.source, self.adapter_dir, self.device, self.dtype)
+        self.result.set("load_s", time.perf_counter() - started,
+                        source="wall clock: from_pretrained, adapter load and merge where the variant has them")
+        self.result.set("weights_mib", weight_bytes(self.model) / MIB,
+                        source="storage bytes of parameters, buffers, quantization state")
+        self.input_ids = self.tokenizer(self.prompt, return_tensors="pt")["input_ids"].to(self.device)
+
+    def call(self) -> None:
+        self.timings.append(timed_generate(self.model, self.input_ids, self.new_tokens, self.device))
+        self.rss.sample()  # averages are over call ends, as they are over step ends in training
+        if self.cuda:
+            self.cuda.sample()
+
+    def finish(self, prompts: list[str]) -> list[str]:
+        """Record memory and timing statistics, then generate for ``prompts`` (drift) and free the model.
+
+        Returns:
+            The greedy generations for ``prompts``.
+
+        Raises:
+            ValueError: no measured call generated two tokens.
+        """
+        from lorabench.meters import cuda_only_absent
+
+        while len(self.timings) < self.warmup + self.repeats:  # where the timer ran fewer (--benchmark-disable)
+            self.call()
+        result = self.result
+        for reading in [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else []):
+            result.metrics.update(reading.metrics)
+            result.absent.update(reading.absent)
+            result.sources.update(reading.sources)
+        if not self.cuda:
+            for name, why in cuda_only_absent(f"not measured: the case ran on {self.device.type}, not CUDA").items():
+                result.absent.setdefault(name, why)
+        measured = self.timings[self.warmup:]
+        source = f"over {len(measured)} measured calls after {self.warmup} warm-up calls; batch 1, greedy, " \
+                 f"{self.new_tokens} new tokens; per-token stamps from a generate streamer"
+        for name, value in summarize_timings(measured).items():
+            result.set(name, value, source=source)
+        result.step_ms_curve = [t.total_s * 1000 for t in self.timings]
+        texts = greedy_texts(self.model, self.tokenizer, prompts, self.device)
+        self.close()
+        return texts
+
+    def close(self) -> None:
+        import gc
+
+        self.model = None
+        gc.collect()
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()
