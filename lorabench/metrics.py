@@ -22,92 +22,97 @@ def _m(name: str, unit: str, better: str | None, group: str, help: str) -> Metri
     return Metric(name, unit, better, group, help)
 
 
-METRICS: dict[str, Metric] = {
-    m.name: m
-    for m in (
-        # memory: process (any device)
-        _m("rss_before_mib", "MiB", None, "memory", "process RSS at case start"),
-        _m("peak_rss_mib", "MiB", "lower", "memory", "process peak RSS during the case (kernel VmHWM)"),
-        _m("peak_rss_delta_mib", "MiB", "lower", "memory", "peak RSS minus RSS at case start: what the case added"),
-        _m("avg_rss_delta_mib", "MiB", "lower", "memory", "mean RSS over step ends, minus RSS at case start"),
-        # memory: CUDA
-        _m("peak_alloc_mib", "MiB", "lower", "memory", "CUDA allocator peak allocated bytes"),
-        _m("peak_reserved_mib", "MiB", "lower", "memory", "CUDA allocator peak reserved bytes"),
-        _m("alloc_before_mib", "MiB", None, "memory", "CUDA bytes allocated at case start"),
-        _m("avg_alloc_mib", "MiB", "lower", "memory", "mean CUDA allocated bytes over step ends"),
-        _m("device_used_max_mib", "MiB", "lower", "memory", "NVML device memory in use, max over step ends"),
-        # memory: breakdown, from the tensors themselves
-        _m("weights_mib", "MiB", "lower", "memory", "parameters, buffers and quantization state of the model"),
-        _m("trainable_mib", "MiB", "lower", "memory", "bytes of the parameters that train"),
-        _m("grads_mib", "MiB", "lower", "memory", "gradient bytes after the last backward pass"),
-        _m("optimizer_state_mib", "MiB", "lower", "memory", "optimizer state bytes after the last step"),
-        _m("other_mib", "MiB", "lower", "memory", "peak minus weights, gradients and optimizer state: activations, buffers, workspace"),
-        # size
-        _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
-        _m("params_trainable", "count", "lower", "size", "parameters that train"),
-        _m("trainable_pct", "%", "lower", "size", "trainable share of all parameters"),
-        _m("quant_linear_ratio", "ratio", "lower", "size", "quantized linear weights' bytes over their bf16 bytes"),
-        # speed
-        _m("step_ms", "ms", "lower", "speed", "median optimizer-step time over the measured (post-warm-up) steps"),
-        _m("samples_per_s", "1/s", "higher", "speed", "training examples per second over the measured steps"),
-        _m("tokens_per_s", "1/s", "higher", "speed", "non-padding tokens per second over the measured steps"),
-        _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included"),
-        _m("load_s", "s", "lower", "speed", "model load plus quantization time"),
-        _m("mfu_pct", "%", "higher", "speed", "model FLOP utilisation against the GPU's dense bf16 peak"),
-        # quality
-        _m("train_loss_first", "nats", None, "quality", "training loss of the first step"),
-        _m("train_loss_final", "nats", "lower", "quality", "mean training loss of the last 10% of steps"),
-        _m("loss_drop", "nats", "higher", "quality", "train_loss_first minus train_loss_final"),
-        _m("eval_loss_before", "nats", "lower", "quality", "held-out loss of the base model before training"),
-        _m("eval_loss", "nats", "lower", "quality", "held-out loss after training, token-weighted"),
-        _m("perplexity", "ratio", "lower", "quality", "exp(eval_loss)"),
-        _m("eval_examples", "count", None, "quality", "held-out examples scored"),
-        # adapters: save, reload, merge (lorabench.adapters)
-        _m("adapter_mib", "MiB", "lower", "size", "the saved adapter's bytes on disk (safetensors + config)"),
-        _m("reload_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, trained vs reloaded adapter"),
-        _m("merge_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, merged vs unmerged adapter"),
-        _m("merge_argmax_agree_pct", "%", "higher", "quality", "positions with the same greedy token, merged vs unmerged"),
-        _m("adapter_check_s", "s", "lower", "speed", "wall time of the adapter save, reload and merge check"),
-        # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
-        _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
-        _m("ttft_ms_p90", "ms", "lower", "speed", "90th percentile of the time to first token"),
-        _m("decode_tokens_per_s", "1/s", "higher", "speed", "median decode rate after the first token, batch 1"),
-        _m("latency_ms", "ms", "lower", "speed", "median end-to-end time of one generate call"),
-        _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
-        _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),
-        _m("inference_repeats", "count", None, "speed", "measured generate calls (after warm-up)"),
-        # semantic drift (lorabench.drift): generations against the base model's, all-MiniLM-L6-v2 embeddings
-        _m("drift_cosine_mean", "cosine", "higher", "quality", "mean cosine similarity of generations to the base's"),
-        _m("drift_cosine_min", "cosine", "higher", "quality", "lowest cosine similarity of a generation to the base's"),
-        _m("drift_exact_match_pct", "%", "higher", "quality", "generations identical to the base model's"),
-        _m("adapter_drift_cosine_mean", "cosine", "higher", "quality",
-           "mean cosine similarity of generations to the unmerged bf16 adapter's"),
-        _m("adapter_drift_cosine_min", "cosine", "higher", "quality",
-           "lowest cosine similarity of a generation to the unmerged bf16 adapter's"),
-        _m("adapter_drift_exact_match_pct", "%", "higher", "quality",
-           "generations identical to the unmerged bf16 adapter's"),
-        # task accuracy and forgetting (lorabench.accuracy, lorabench.quality)
-        _m("accuracy_pct", "%", "higher", "quality", "held-out answers matched exactly by greedy decoding, after training"),
-        _m("accuracy_ci_low_pct", "%", "higher", "quality", "lower bound of accuracy_pct's 95% Wilson interval"),
-        _m("accuracy_ci_high_pct", "%", "higher", "quality", "upper bound of accuracy_pct's 95% Wilson interval"),
-        _m("accuracy_n", "count", None, "quality", "held-out answers scored for accuracy"),
-        _m("accuracy_before_pct", "%", None, "quality", "accuracy_pct of the base model before training"),
-        _m("accuracy_before_ci_low_pct", "%", None, "quality", "lower 95% Wilson bound of accuracy_before_pct"),
-        _m("accuracy_before_ci_high_pct", "%", None, "quality", "upper 95% Wilson bound of accuracy_before_pct"),
-        _m("accuracy_gain_pp", "pp", "higher", "quality", "accuracy_pct minus accuracy_before_pct, percentage points"),
-        _m("reference_loss_before", "nats", None, "quality", "loss on a reference text never trained on, before training"),
-        _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
-        _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
-        # quantization error (lorabench.quant_error): relative Frobenius error of a quantize/dequantize round trip
-        _m("quant_error_layers", "count", None, "quality", "weight matrices measured for quantization error"),
-        _m("nf4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - NF4(W)|| / ||W||"),
-        _m("nf4_rel_error_max", "ratio", "lower", "quality", "largest layer's NF4 relative error"),
-        _m("fp4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - FP4(W)|| / ||W||"),
-        _m("fp4_rel_error_max", "ratio", "lower", "quality", "largest layer's FP4 relative error"),
-        _m("int8_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - int8(W)|| / ||W|| (row-wise absmax)"),
-        _m("int8_rel_error_max", "ratio", "lower", "quality", "largest layer's int8 relative error"),
-    )
-}
+_FINETUNE: tuple[Metric, ...] = (
+    # memory: process (any device)
+    _m("rss_before_mib", "MiB", None, "memory", "process RSS at case start"),
+    _m("peak_rss_mib", "MiB", "lower", "memory", "process peak RSS during the case (kernel VmHWM)"),
+    _m("peak_rss_delta_mib", "MiB", "lower", "memory", "peak RSS minus RSS at case start: what the case added"),
+    _m("avg_rss_delta_mib", "MiB", "lower", "memory", "mean RSS over step ends, minus RSS at case start"),
+    # memory: CUDA
+    _m("peak_alloc_mib", "MiB", "lower", "memory", "CUDA allocator peak allocated bytes"),
+    _m("peak_reserved_mib", "MiB", "lower", "memory", "CUDA allocator peak reserved bytes"),
+    _m("alloc_before_mib", "MiB", None, "memory", "CUDA bytes allocated at case start"),
+    _m("avg_alloc_mib", "MiB", "lower", "memory", "mean CUDA allocated bytes over step ends"),
+    _m("device_used_max_mib", "MiB", "lower", "memory", "NVML device memory in use, max over step ends"),
+    # memory: breakdown, from the tensors themselves
+    _m("weights_mib", "MiB", "lower", "memory", "parameters, buffers and quantization state of the model"),
+    _m("trainable_mib", "MiB", "lower", "memory", "bytes of the parameters that train"),
+    _m("grads_mib", "MiB", "lower", "memory", "gradient bytes after the last backward pass"),
+    _m("optimizer_state_mib", "MiB", "lower", "memory", "optimizer state bytes after the last step"),
+    _m("other_mib", "MiB", "lower", "memory", "peak minus weights, gradients and optimizer state: activations, buffers, workspace"),
+    # size
+    _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
+    _m("params_trainable", "count", "lower", "size", "parameters that train"),
+    _m("trainable_pct", "%", "lower", "size", "trainable share of all parameters"),
+    _m("quant_linear_ratio", "ratio", "lower", "size", "quantized linear weights' bytes over their bf16 bytes"),
+    # speed
+    _m("step_ms", "ms", "lower", "speed", "median optimizer-step time over the measured (post-warm-up) steps"),
+    _m("samples_per_s", "1/s", "higher", "speed", "training examples per second over the measured steps"),
+    _m("tokens_per_s", "1/s", "higher", "speed", "non-padding tokens per second over the measured steps"),
+    _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included"),
+    _m("load_s", "s", "lower", "speed", "model load plus quantization time"),
+    _m("mfu_pct", "%", "higher", "speed", "model FLOP utilisation against the GPU's dense bf16 peak"),
+    # quality
+    _m("train_loss_first", "nats", None, "quality", "training loss of the first step"),
+    _m("train_loss_final", "nats", "lower", "quality", "mean training loss of the last 10% of steps"),
+    _m("loss_drop", "nats", "higher", "quality", "train_loss_first minus train_loss_final"),
+    _m("eval_loss_before", "nats", "lower", "quality", "held-out loss of the base model before training"),
+    _m("eval_loss", "nats", "lower", "quality", "held-out loss after training, token-weighted"),
+    _m("perplexity", "ratio", "lower", "quality", "exp(eval_loss)"),
+    _m("eval_examples", "count", None, "quality", "held-out examples scored"),
+    # adapters: save, reload, merge (lorabench.adapters)
+    _m("adapter_mib", "MiB", "lower", "size", "the saved adapter's bytes on disk (safetensors + config)"),
+    _m("reload_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, trained vs reloaded adapter"),
+    _m("merge_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, merged vs unmerged adapter"),
+    _m("merge_argmax_agree_pct", "%", "higher", "quality", "positions with the same greedy token, merged vs unmerged"),
+    _m("adapter_check_s", "s", "lower", "speed", "wall time of the adapter save, reload and merge check"),
+    # task accuracy and forgetting (lorabench.accuracy, lorabench.quality)
+    _m("accuracy_pct", "%", "higher", "quality", "held-out answers matched exactly by greedy decoding, after training"),
+    _m("accuracy_ci_low_pct", "%", "higher", "quality", "lower bound of accuracy_pct's 95% Wilson interval"),
+    _m("accuracy_ci_high_pct", "%", "higher", "quality", "upper bound of accuracy_pct's 95% Wilson interval"),
+    _m("accuracy_n", "count", None, "quality", "held-out answers scored for accuracy"),
+    _m("accuracy_before_pct", "%", None, "quality", "accuracy_pct of the base model before training"),
+    _m("accuracy_before_ci_low_pct", "%", None, "quality", "lower 95% Wilson bound of accuracy_before_pct"),
+    _m("accuracy_before_ci_high_pct", "%", None, "quality", "upper 95% Wilson bound of accuracy_before_pct"),
+    _m("accuracy_gain_pp", "pp", "higher", "quality", "accuracy_pct minus accuracy_before_pct, percentage points"),
+    _m("reference_loss_before", "nats", None, "quality", "loss on a reference text never trained on, before training"),
+    _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
+    _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
+)
+_INFERENCE: tuple[Metric, ...] = (
+    # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
+    _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
+    _m("ttft_ms_p90", "ms", "lower", "speed", "90th percentile of the time to first token"),
+    _m("decode_tokens_per_s", "1/s", "higher", "speed", "median decode rate after the first token, batch 1"),
+    _m("latency_ms", "ms", "lower", "speed", "median end-to-end time of one generate call"),
+    _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
+    _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),
+    _m("inference_repeats", "count", None, "speed", "measured generate calls (after warm-up)"),
+    # semantic drift (lorabench.drift): generations against the base model's, all-MiniLM-L6-v2 embeddings
+    _m("drift_cosine_mean", "cosine", "higher", "quality", "mean cosine similarity of generations to the base's"),
+    _m("drift_cosine_min", "cosine", "higher", "quality", "lowest cosine similarity of a generation to the base's"),
+    _m("drift_exact_match_pct", "%", "higher", "quality", "generations identical to the base model's"),
+    _m("adapter_drift_cosine_mean", "cosine", "higher", "quality",
+       "mean cosine similarity of generations to the unmerged bf16 adapter's"),
+    _m("adapter_drift_cosine_min", "cosine", "higher", "quality",
+       "lowest cosine similarity of a generation to the unmerged bf16 adapter's"),
+    _m("adapter_drift_exact_match_pct", "%", "higher", "quality",
+       "generations identical to the unmerged bf16 adapter's"),
+)
+_QUANT_ERROR: tuple[Metric, ...] = (
+    # quantization error (lorabench.quant_error): relative Frobenius error of a quantize/dequantize round trip
+    _m("quant_error_layers", "count", None, "quality", "weight matrices measured for quantization error"),
+    _m("nf4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - NF4(W)|| / ||W||"),
+    _m("nf4_rel_error_max", "ratio", "lower", "quality", "largest layer's NF4 relative error"),
+    _m("fp4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - FP4(W)|| / ||W||"),
+    _m("fp4_rel_error_max", "ratio", "lower", "quality", "largest layer's FP4 relative error"),
+    _m("int8_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - int8(W)|| / ||W|| (row-wise absmax)"),
+    _m("int8_rel_error_max", "ratio", "lower", "quality", "largest layer's int8 relative error"),
+)
+
+METRICS: dict[str, Metric] = {m.name: m for m in (*_FINETUNE, *_INFERENCE, *_QUANT_ERROR)}
+# What a fine-tuning case records, each figure or the reason it is absent.
+FINETUNE_METRICS: frozenset[str] = frozenset(m.name for m in _FINETUNE)
 
 
 def direction(name: str) -> str | None:

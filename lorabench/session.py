@@ -26,8 +26,15 @@ from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresho
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
-# Cases outside the fine-tuning matrix that thresholds.yaml may gate by id.
-EXTRA_CASE_IDS = (NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_QUANT_ERROR_ID, *(c.id for c in CLASSIFY_CONFIGS))
+
+
+def built_in_case_ids() -> set[str]:
+    """Every case id the bench ships, which thresholds.yaml may gate by name: the default matrix,
+    the inference variants, quantization error and the MiniLM classification cases."""
+    from lorabench.inference import VARIANTS  # imports the generation stack; only needed here
+
+    return ({c.id for c in DEFAULT_CONFIGS} | {v.id for v in VARIANTS}
+            | {NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_QUANT_ERROR_ID} | {c.id for c in CLASSIFY_CONFIGS})
 
 
 @dataclass
@@ -82,10 +89,7 @@ class BenchSession:
         Raises:
             ThresholdError: the file is malformed (with file, line, key and what is allowed).
         """
-        from lorabench.inference import VARIANTS
-
-        known = {c.id for c in DEFAULT_CONFIGS} | {c.id for c in self.matrix.configs} | {v.id for v in VARIANTS}
-        known |= set(EXTRA_CASE_IDS)
+        known = built_in_case_ids() | {c.id for c in self.matrix.configs}
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
     def check_inputs(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lorabench.accuracy import accuracy, record_accuracy, wilson_interval
+from lorabench.accuracy import record_accuracy, wilson_interval
 from lorabench.quality import EvalLoss
 from lorabench.result import CaseResult
 

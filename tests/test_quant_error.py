@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.quant_error import (
     NORMAL_CASE_ID,
     layer_errors,
@@ -15,7 +16,7 @@ from lorabench.quant_error import (
     round_trip,
     summarize,
 )
-from lorabench.session import EXTRA_CASE_IDS
+from lorabench.session import built_in_case_ids
 from lorabench.thresholds import FAIL, PASS, evaluate, load_thresholds
 
 
@@ -76,7 +77,7 @@ def test_bad_weights_are_named(bad, message):
 
 
 def test_the_shipped_gate_fails_when_nf4_is_worse_than_fp4():
-    thresholds = load_thresholds("thresholds.yaml", {c.id for c in DEFAULT_CONFIGS} | set(EXTRA_CASE_IDS))
+    thresholds = load_thresholds(Path(__file__).resolve().parent.parent / "thresholds.yaml", built_in_case_ids())
     gates = [g for g in thresholds.gates_for(NORMAL_CASE_ID, "cpu", "normal N(0,1) matrices")
              if g.config == NORMAL_CASE_ID]
     ordering = [g for g in gates if g.metric == "nf4_rel_error_mean" and g.ref_metric == "fp4_rel_error_mean"]

@@ -9,12 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorabench.errors import ThresholdError
-from lorabench.inference import VARIANTS
-from lorabench.matrix import DEFAULT_CONFIGS
-from lorabench.session import EXTRA_CASE_IDS
+from lorabench.session import built_in_case_ids
 from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate, load_thresholds, parse_thresholds
 
-KNOWN = {c.id for c in DEFAULT_CONFIGS} | {v.id for v in VARIANTS} | set(EXTRA_CASE_IDS)
+KNOWN = built_in_case_ids()
 ROOT = Path(__file__).resolve().parent.parent
 
 GOOD = """\

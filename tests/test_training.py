@@ -47,7 +47,7 @@ def test_divergence_names_the_step(tiny_llama, cpu):
 
 
 def test_a_case_records_every_metric_or_why_not(tiny_llama, cpu):
-    from lorabench.metrics import METRICS
+    from lorabench.metrics import FINETUNE_METRICS
 
     case = Case("tiny-llama", "digit-reverse", BenchConfig("qlora_nf4", quant="nf4", double_quant=True, steps=6))
     tokenizer = load_tokenizer(tiny_llama)
@@ -56,7 +56,7 @@ def test_a_case_records_every_metric_or_why_not(tiny_llama, cpu):
                   tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len))
     result = measure(run)
     assert result.status == "ok"
-    assert set(result.metrics) | set(result.absent) == set(METRICS)
+    assert set(result.metrics) | set(result.absent) == FINETUNE_METRICS
     assert not set(result.metrics) & set(result.absent)
     assert all(reason for reason in result.absent.values())
     assert len(result.loss_curve) == 6 and len(result.step_ms_curve) == 6
