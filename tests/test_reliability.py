@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_same_seed_gives_identical_losses_on_the_cpu(tiny_llama, cpu):
     from lorabench.models import load_tokenizer
 
     task, tokenizer = load_task_data("digit-reverse"), load_tokenizer(tiny_llama)
-    for config in (BenchConfig(id="lora", steps=6), BenchConfig(id="qlora", quant="nf4", double_quant=True, steps=6)):
+    for config in (BenchConfig(id="lora", steps=4), BenchConfig(id="qlora", quant="nf4", double_quant=True, steps=4)):
         runs = [
             measure(CaseRun(Case("tiny-llama", "digit-reverse", config), case_id=config.id, source=tiny_llama,
                             tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len), device=cpu))
@@ -124,24 +125,36 @@ def test_a_case_over_its_time_limit_fails_and_the_run_goes_on(no_gates, tmp_path
 
 
 # ----- interrupted runs --------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, tmp_path):
-    storage = tmp_path / "history"
-    common = (f"--thresholds={no_gates}", "--benchmark-autosave", f"--benchmark-storage={storage}", "--isolate", "none")
-    first = bench("-k", "lora_bf16", "--steps", "5", *common)
+INTERRUPT_COMMON = ("--benchmark-autosave", "--isolate", "none")
+
+
+@pytest.fixture(scope="module")
+def earlier_history(no_gates, tmp_path_factory) -> Path:
+    """A storage holding one finished autosaved run: the history an interrupted run must not damage."""
+    storage = tmp_path_factory.mktemp("history")
+    first = bench("-k", "lora_bf16", "--steps", "5", f"--thresholds={no_gates}", *INTERRUPT_COMMON,
+                  f"--benchmark-storage={storage}")
     assert first.returncode == 0, first.stdout[-3000:]
+    return storage
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_history, tmp_path):
+    storage = tmp_path / "history"
+    shutil.copytree(earlier_history, storage)
     (earlier,) = stored_runs(storage)
     earlier_bytes = earlier.read_bytes()
 
-    # A long run: interrupted once its first case is training.
+    # A run interrupted while its first case trains: the session saves only after its last case.
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "lora_bf16 or qlora_nf4_r8", "--steps", "400", *common],
+         "--rootdir", str(ROOT), "-k", "lora_bf16 or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
+         *INTERRUPT_COMMON, f"--benchmark-storage={storage}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 300
     for line in proc.stdout:
-        if "step 80/400" in line or time.monotonic() > deadline:
+        if "step 4/20" in line or time.monotonic() > deadline:  # progress is logged every 4 steps
             break
     proc.send_signal(sig)
     proc.communicate(timeout=120)
