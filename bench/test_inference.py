@@ -10,10 +10,9 @@ variant ids (infer_*).
 import pytest
 
 from fixtures.case import assert_gates_pass
+from fixtures.inference import record_variant_drift
 from lorabench import allure_results
 from lorabench.inference import VARIANTS, InferenceRun
-
-ADAPTER_ID = "infer_adapter"  # the reference of what merging or a quantized base changes
 
 WARMUP_CALLS = 2  # the first generate call pays one-off costs (kernel selection, caches): ~6x a later one here
 MEASURED_CALLS = 6
@@ -38,7 +37,7 @@ def test_inference(variant, benchmark, bench_session, inference_adapter, inferen
     texts = variant_generations[variant.id] = run.finish(inference_prompts)
     result = run.result
     result.config["adapter_from"] = trained.case_id
-    _record_drift(result, variant, texts, base_generations, variant_generations, drift_encoder)
+    record_variant_drift(result, variant, texts, base_generations, variant_generations, drift_encoder)
     bench_session.gate(result, wildcard=False)
     bench_session.results.append(result)
     benchmark.extra_info.update(result.to_extra_info())
@@ -46,24 +45,3 @@ def test_inference(variant, benchmark, bench_session, inference_adapter, inferen
         allure_results.set_parameters(variant.id, model, dataset, result.config)
         allure_results.attach_result(result)
     assert_gates_pass(result)
-
-
-def _record_drift(result, variant, texts, base_generations, variant_generations, drift_encoder):
-    """Drift against the base (the base itself: a determinism check) and, for a merged or
-    quantized variant, against the unmerged bf16 adapter."""
-    from lorabench.drift import drift, record_drift, record_no_drift
-
-    encoder, why = drift_encoder
-    compare_with_adapter = variant.adapter and variant.id != ADAPTER_ID
-    if encoder is None:
-        record_no_drift(result, "base", why)
-        if compare_with_adapter:
-            record_no_drift(result, "adapter", why)
-        return
-    record_drift(result, drift(encoder, base_generations, texts), "base")
-    if not compare_with_adapter:
-        return
-    if ADAPTER_ID not in variant_generations:
-        record_no_drift(result, "adapter", f"{ADAPTER_ID} did not run before it in this session")
-    else:
-        record_drift(result, drift(encoder, variant_generations[ADAPTER_ID], texts), "adapter")

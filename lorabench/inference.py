@@ -257,24 +257,41 @@ class InferenceRun:
         self.model = self.input_ids = None
 
     def prepare(self) -> None:
-        from lorabench.footprint import MIB, weight_bytes
-
         self.rss.start()
         if self.cuda:
             self.cuda.start()
         started = time.perf_counter()
-        self.model = load_variant(self.variant, self.source, self.adapter_dir, self.device, self.dtype)
-        self.result.set("load_s", time.perf_counter() - started,
-                        source="wall clock: from_pretrained, adapter load and merge where the variant has them")
-        self.result.set("weights_mib", weight_bytes(self.model) / MIB,
-                        source="storage bytes of parameters, buffers, quantization state")
-        self.input_ids = self.tokenizer(self.prompt, return_tensors="pt")["input_ids"].to(self.device)
+        self.model = self.load()
+        self.result.set("load_s", time.perf_counter() - started, source=self.load_source)
+        self.record_size()
+        self.encode_prompt()
 
     def call(self) -> None:
-        self.timings.append(timed_generate(self.model, self.input_ids, self.new_tokens, self.device))
+        self.timings.append(self.timed_call())
         self.rss.sample()  # averages are over call ends, as they are over step ends in training
         if self.cuda:
             self.cuda.sample()
+
+    # What differs between runtimes; a subclass for another runtime overrides these.
+    load_source = "wall clock: from_pretrained, adapter load and merge where the variant has them"
+
+    def load(self):
+        return load_variant(self.variant, self.source, self.adapter_dir, self.device, self.dtype)
+
+    def record_size(self) -> None:
+        from lorabench.footprint import MIB, weight_bytes
+
+        self.result.set("weights_mib", weight_bytes(self.model) / MIB,
+                        source="storage bytes of parameters, buffers, quantization state")
+
+    def encode_prompt(self) -> None:
+        self.input_ids = self.tokenizer(self.prompt, return_tensors="pt")["input_ids"].to(self.device)
+
+    def timed_call(self) -> GenerationTiming:
+        return timed_generate(self.model, self.input_ids, self.new_tokens, self.device)
+
+    def generations(self, prompts: list[str]) -> list[str]:
+        return greedy_texts(self.model, self.tokenizer, prompts, self.device)
 
     def finish(self, prompts: list[str]) -> list[str]:
         """Record memory and timing statistics, then generate for ``prompts`` (drift) and free the model.
@@ -303,7 +320,7 @@ class InferenceRun:
         for name, value in summarize_timings(measured).items():
             result.set(name, value, source=source)
         result.step_ms_curve = [t.total_s * 1000 for t in self.timings]
-        texts = greedy_texts(self.model, self.tokenizer, prompts, self.device)
+        texts = self.generations(prompts)
         self.close()
         return texts
 

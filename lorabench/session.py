@@ -30,10 +30,11 @@ DEFAULT_CASE_TIMEOUT_S = 1800.0
 
 def built_in_case_ids() -> set[str]:
     """Every case id the bench ships, which thresholds.yaml may gate by name: the default matrix,
-    the inference variants, quantization error and the MiniLM classification cases."""
-    from lorabench.inference import VARIANTS  # imports the generation stack; only needed here
+    the inference and GGUF variants, quantization error and the MiniLM classification cases."""
+    from lorabench.gguf import GGUF_VARIANTS
+    from lorabench.inference import VARIANTS
 
-    return ({c.id for c in DEFAULT_CONFIGS} | {v.id for v in VARIANTS}
+    return ({c.id for c in DEFAULT_CONFIGS} | {v.id for v in VARIANTS} | {v.id for v in GGUF_VARIANTS}
             | {NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_QUANT_ERROR_ID} | {c.id for c in CLASSIFY_CONFIGS})
 
 

@@ -1,0 +1,50 @@
+"""The merged model exported to GGUF, quantized to Q4_0 and Q8_0 by llama.cpp and timed through llama-cpp-python.
+
+Needs the ``gguf`` extra; without it every case is skipped with the install command. The
+merged model is the inference cases' trained adapter folded into the base; it is exported
+once per session as F32, and each case quantizes that file, then times greedy generation
+on the CPU exactly as bench/test_inference.py times the transformers variants (warm-up
+calls apart, the prompt tokenized by the model's own tokenizer). Drift compares the
+generations with the base model's and with the unmerged bf16 adapter's. Gates are in
+thresholds.yaml under gguf_q4_0 and gguf_q8_0.
+"""
+
+import pytest
+
+from fixtures.case import assert_gates_pass
+from fixtures.inference import record_variant_drift
+from lorabench import allure_results
+from lorabench.gguf import GGUF_VARIANTS, GGUFRun
+
+pytestmark = pytest.mark.gguf
+
+WARMUP_CALLS = 2
+MEASURED_CALLS = 6
+NEW_TOKENS = 16
+
+
+@pytest.mark.parametrize("variant", GGUF_VARIANTS, ids=[v.id for v in GGUF_VARIANTS])
+def test_gguf(variant, benchmark, bench_session, gguf_export, inference_prompts, base_generations, drift_encoder,
+              adapter_generations, variant_generations, tokenizer_for, request):
+    import torch
+
+    model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
+    f32_path, trained = gguf_export
+    run = GGUFRun(variant, f32_path=f32_path, threads=torch.get_num_threads(), source=None,
+                  tokenizer=tokenizer_for(model), prompt=inference_prompts[0], device=torch.device("cpu"),
+                  model_name=model, dataset=dataset, new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS,
+                  repeats=MEASURED_CALLS)
+    benchmark.group = f"inference {model} {dataset}"
+    run.prepare()
+    benchmark.pedantic(run.call, rounds=MEASURED_CALLS, warmup_rounds=WARMUP_CALLS, iterations=1)
+    texts = variant_generations[variant.id] = run.finish(inference_prompts)
+    result = run.result
+    result.config["adapter_from"] = trained.case_id
+    record_variant_drift(result, variant, texts, base_generations, variant_generations, drift_encoder)
+    bench_session.gate(result, wildcard=False)
+    bench_session.results.append(result)
+    benchmark.extra_info.update(result.to_extra_info())
+    if allure_results.enabled(request.config):
+        allure_results.set_parameters(variant.id, model, dataset, result.config)
+        allure_results.attach_result(result)
+    assert_gates_pass(result)
