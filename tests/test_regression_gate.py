@@ -25,7 +25,7 @@ def bench_run(storage: Path, *extra: str) -> None:
     no_gates.write_text("version: 1\nprofiles: {}\n")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8", "--steps", "10", "--benchmark-autosave",
+         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8", "--steps", "8", "--benchmark-autosave",
          f"--benchmark-storage=file://{storage}", f"--thresholds={no_gates}", *extra],
         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
     )

@@ -51,15 +51,16 @@ def test_same_seed_gives_identical_losses_on_the_cpu(tiny_llama, cpu):
     from lorabench.models import load_tokenizer
 
     task, tokenizer = load_task_data("digit-reverse"), load_tokenizer(tiny_llama)
-    for config in (BenchConfig(id="lora", steps=4), BenchConfig(id="qlora", quant="nf4", double_quant=True, steps=4)):
-        runs = [
-            measure(CaseRun(Case("tiny-llama", "digit-reverse", config), case_id=config.id, source=tiny_llama,
-                            tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len), device=cpu))
-            for _ in range(2)
-        ]
-        assert runs[0].status == runs[1].status == "ok"
-        assert runs[0].loss_curve == runs[1].loss_curve  # bit for bit
-        assert runs[0].metrics["eval_loss"] == runs[1].metrics["eval_loss"]
+    # QLoRA: bitsandbytes' NF4 kernels under the bf16 LoRA path, the most moving parts of one case
+    config = BenchConfig(id="qlora", quant="nf4", double_quant=True, steps=4)
+    runs = [
+        measure(CaseRun(Case("tiny-llama", "digit-reverse", config), case_id=config.id, source=tiny_llama,
+                        tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len), device=cpu))
+        for _ in range(2)
+    ]
+    assert runs[0].status == runs[1].status == "ok"
+    assert runs[0].loss_curve == runs[1].loss_curve  # bit for bit
+    assert runs[0].metrics["eval_loss"] == runs[1].metrics["eval_loss"]
 
 
 # ----- divergence -------------------------------------------------------------------
@@ -205,14 +206,15 @@ def test_the_embedded_default_makes_no_network_attempt(tmp_path, no_gates):
 def test_a_cases_peak_memory_does_not_depend_on_the_cases_before_it(no_gates, tmp_path):
     def peak(*select: str) -> float:
         out = tmp_path / f"{len(select)}.json"
-        proc = bench(*select, "--steps", "8", f"--thresholds={no_gates}", f"--benchmark-json={out}")
+        # the peak comes in the first step (activations, gradients, optimizer state all exist by then)
+        proc = bench(*select, "--steps", "4", f"--thresholds={no_gates}", f"--benchmark-json={out}")
         assert proc.returncode == 0, proc.stdout[-3000:]
         return results(out)["lora_bf16"]["metrics"]["peak_rss_delta_mib"]
 
     alone = peak("-k", "lora_bf16")
     matrix = tmp_path / "others-first.yaml"
+    # the largest case first (full fine-tuning), then a quantized one
     matrix.write_text("configs:\n  - {id: full_bf16, method: full}\n  - {id: lora_int8, quant: int8}\n"
-                      "  - {id: qlora_nf4_r64, quant: nf4, double_quant: true, rank: 64, alpha: 128}\n"
                       "  - {id: lora_bf16}\n")
     after_others = peak(f"--matrix={matrix}")
     assert abs(after_others - alone) / alone <= 0.05, (alone, after_others)
