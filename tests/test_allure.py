@@ -5,32 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FAILING_GATE = "version: 1\nprofiles:\n  default:\n    lora_bf16:\n      - eval_loss <= 0.0001\n"
-
-
-@pytest.fixture(scope="module")
-def allure_results(tmp_path_factory) -> Path:
-    """Two cases: qlora_nf4_r8 passes, lora_bf16 fails an impossible gate."""
-    tmp = tmp_path_factory.mktemp("allure")
-    gates = tmp / "gates.yaml"
-    gates.write_text(FAILING_GATE)
-    results = tmp / "allure-results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or lora_bf16", "--steps", "6", f"--thresholds={gates}",
-         f"--alluredir={results}", "--benchmark-disable"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout[-3000:]
-    return results
-
-
 def load(allure_results: Path) -> dict[str, dict]:
     return {r["name"]: r for r in (json.loads(p.read_text()) for p in allure_results.glob("*-result.json"))}
 

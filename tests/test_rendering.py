@@ -85,10 +85,8 @@ def test_summary_html_tables_and_plots_render(tmp_path, browser, serve):
 
 @pytest.mark.skipif(not (ROOT / "node_modules" / ".bin" / "allure").exists() and shutil.which("npm") is None,
                     reason="needs the Allure 3 command line (scripts/allure-report installs it with npm)")
-def test_allure_report_renders_the_cases(tmp_path, browser, serve):
-    results = Path(os.environ.get("LORABENCH_ALLURE_RESULTS", ROOT / "reports" / "allure-results"))
-    if not any(results.glob("*-result.json")):
-        pytest.skip(f"no Allure results in {results}; run 'pytest bench/ -m qlora --alluredir {results}' first")
+def test_allure_report_renders_the_cases(tmp_path, browser, serve, allure_results):
+    results = allure_results
     work = tmp_path / "repo"
     work.mkdir()
     for name in ("allurerc.mjs", "package.json", "package-lock.json", "scripts"):
