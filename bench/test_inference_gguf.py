@@ -12,20 +12,15 @@ thresholds.yaml under gguf_q4_0 and gguf_q8_0.
 import pytest
 
 from fixtures.case import assert_gates_pass
-from fixtures.inference import record_variant_drift
-from lorabench import allure_results
+from fixtures.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
 from lorabench.gguf import GGUF_VARIANTS, GGUFRun
 
 pytestmark = pytest.mark.gguf
 
-WARMUP_CALLS = 2
-MEASURED_CALLS = 6
-NEW_TOKENS = 16
-
 
 @pytest.mark.parametrize("variant", GGUF_VARIANTS, ids=[v.id for v in GGUF_VARIANTS])
-def test_gguf(variant, benchmark, bench_session, gguf_export, inference_prompts, base_generations, drift_encoder,
-              adapter_generations, variant_generations, tokenizer_for, request):
+def test_gguf(variant, bench_session, gguf_export, inference_prompts, adapter_generations, tokenizer_for,
+              measure_inference):
     import torch
 
     model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
@@ -34,17 +29,5 @@ def test_gguf(variant, benchmark, bench_session, gguf_export, inference_prompts,
                   tokenizer=tokenizer_for(model), prompt=inference_prompts[0], device=torch.device("cpu"),
                   model_name=model, dataset=dataset, new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS,
                   repeats=MEASURED_CALLS)
-    benchmark.group = f"inference {model} {dataset}"
-    run.prepare()
-    benchmark.pedantic(run.call, rounds=MEASURED_CALLS, warmup_rounds=WARMUP_CALLS, iterations=1)
-    texts = variant_generations[variant.id] = run.finish(inference_prompts)
-    result = run.result
-    result.config["adapter_from"] = trained.case_id
-    record_variant_drift(result, variant, texts, base_generations, variant_generations, drift_encoder)
-    bench_session.gate(result, wildcard=False)
-    bench_session.results.append(result)
-    benchmark.extra_info.update(result.to_extra_info())
-    if allure_results.enabled(request.config):
-        allure_results.set_parameters(variant.id, model, dataset, result.config)
-        allure_results.attach_result(result)
-    assert_gates_pass(result)
+    # adapter_generations: the unmerged adapter's answers exist before drift compares with them
+    assert_gates_pass(measure_inference(run, trained))

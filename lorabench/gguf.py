@@ -221,6 +221,7 @@ class GGUFRun(InferenceRun):
         self.f32_path, self.threads = Path(f32_path), threads
         self.result.config.update({"runtime": "llama.cpp (llama-cpp-python)", "threads": threads, "dtype": variant.quant})
         self.prompt_ids: list[int] = []
+        self.file_bytes: int | None = None  # of the quantized file, once loaded
 
     def load(self):
         from llama_cpp import Llama
