@@ -8,17 +8,15 @@ Marked ``slow``: together they take about a minute or more on a 2-core CPU.
 
 import pytest
 
-from fixtures.case import assert_gates_pass
+from fixtures.case import assert_gates_pass, record_result
 from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, QUANT_ERROR_CASE_ID, encoder_linear_weights, run_case
 from lorabench.quant_error import layer_errors, quant_error_result
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 
 
-def _finish(result, benchmark, bench_session):
-    bench_session.gate(result)
-    bench_session.results.append(result)
-    benchmark.extra_info.update(result.to_extra_info())
+def _finish(result, benchmark, bench_session, *, wildcard=True):
+    record_result(result, benchmark, bench_session, wildcard=wildcard)
     assert_gates_pass(result)
 
 
@@ -38,7 +36,8 @@ def test_minilm_quant_error(benchmark, bench_session):
     layers = []
     benchmark.group = "quantization error"
     benchmark.pedantic(lambda: layers.extend(layer_errors(encoder_linear_weights())), rounds=1, iterations=1)
-    _finish(quant_error_result(QUANT_ERROR_CASE_ID, MODEL_NAME, layers), benchmark, bench_session)
+    # only the rules that name it: the "*" rules are for fine-tuning cases
+    _finish(quant_error_result(QUANT_ERROR_CASE_ID, MODEL_NAME, layers), benchmark, bench_session, wildcard=False)
 
 
 def _cpu():

@@ -8,7 +8,7 @@ of the first ``--model`` as its checkpoint stores them. Per-layer errors go into
 
 import pytest
 
-from fixtures.case import assert_gates_pass
+from fixtures.case import assert_gates_pass, record_result
 from lorabench.quant_error import (
     MODEL_CASE_ID,
     NORMAL_CASE_ID,
@@ -24,9 +24,7 @@ def _record(case_id, model, named_weights, benchmark, bench_session):
     benchmark.group = "quantization error"
     benchmark.pedantic(lambda: layers.extend(layer_errors(named_weights)), rounds=1, iterations=1)
     result = quant_error_result(case_id, model, layers)
-    bench_session.gate(result)
-    bench_session.results.append(result)
-    benchmark.extra_info.update(result.to_extra_info())
+    record_result(result, benchmark, bench_session, wildcard=False)  # the "*" rules are for fine-tuning cases
     assert_gates_pass(result)
 
 
