@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,18 @@ def allure_results(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout[-3000:]
     return results
+
+
+@pytest.fixture
+def allure_workdir(tmp_path) -> Path:
+    """A scratch copy of what `scripts/allure-report` needs (the repository's node_modules linked, not copied),
+    so a test's generated report and history stay out of the checkout."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("allurerc.mjs", "package.json", "package-lock.json", "scripts"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    if (ROOT / "node_modules").is_dir():
+        (work / "node_modules").symlink_to(ROOT / "node_modules")
+    return work
+

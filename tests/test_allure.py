@@ -48,14 +48,8 @@ def test_failed_gates_and_environment_reach_allure(allure_results):
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="needs Node.js and npm for the Allure 3 command line")
-def test_the_documented_command_builds_the_html_report_with_history(allure_results, tmp_path):
-    work = tmp_path / "repo"
-    work.mkdir()
-    for name in ("allurerc.mjs", "package.json", "package-lock.json", "scripts"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    if (ROOT / "node_modules").is_dir():
-        (work / "node_modules").symlink_to(ROOT / "node_modules")
+def test_the_documented_command_builds_the_html_report_with_history(allure_results, allure_workdir):
+    work = allure_workdir
     for round_ in (1, 2):
         proc = subprocess.run([str(work / "scripts" / "allure-report"), str(allure_results)],
                               capture_output=True, text=True, timeout=600, cwd=work)

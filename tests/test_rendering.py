@@ -85,15 +85,8 @@ def test_summary_html_tables_and_plots_render(tmp_path, browser, serve):
 
 @pytest.mark.skipif(not (ROOT / "node_modules" / ".bin" / "allure").exists() and shutil.which("npm") is None,
                     reason="needs the Allure 3 command line (scripts/allure-report installs it with npm)")
-def test_allure_report_renders_the_cases(tmp_path, browser, serve, allure_results):
-    results = allure_results
-    work = tmp_path / "repo"
-    work.mkdir()
-    for name in ("allurerc.mjs", "package.json", "package-lock.json", "scripts"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    if (ROOT / "node_modules").is_dir():
-        (work / "node_modules").symlink_to(ROOT / "node_modules")
+def test_allure_report_renders_the_cases(browser, serve, allure_results, allure_workdir):
+    results, work = allure_results, allure_workdir
     subprocess.run([str(work / "scripts" / "allure-report"), str(results)], check=True, capture_output=True,
                    timeout=600, cwd=work)
     browser.get(serve(work / "reports" / "allure-report") + "index.html")
