@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorabench.errors import LorabenchError
-from lorabench.inference import GenerationTiming, InferenceRun, timing_from_stamps
+from lorabench.inference import DRIFT_NEW_TOKENS, GenerationTiming, InferenceRun, timing_from_stamps
 
 INSTALL_HINT = 'pip install "lorabench[gguf]"  (llama-cpp-python compiles llama.cpp: about 7.5 minutes on 2 cores)'
 REQUIRED_MODULES = ("llama_cpp", "gguf")
@@ -221,42 +221,44 @@ class GGUFRun(InferenceRun):
         self.f32_path, self.threads = Path(f32_path), threads
         self.result.config.update({"runtime": "llama.cpp (llama-cpp-python)", "threads": threads, "dtype": variant.quant})
         self.prompt_ids: list[int] = []
-        self.file_bytes: int | None = None  # of the quantized file, once loaded
+        self.gguf_path = self.f32_path.with_name(f"{variant.id}.gguf")  # the quantized file
 
     def load(self):
         from llama_cpp import Llama
 
-        target = self.f32_path.with_name(f"{self.variant.id}.gguf")
-        quantize_gguf(self.f32_path, target, self.variant.quant, self.threads)
-        self.file_bytes = target.stat().st_size
-        return Llama(str(target), n_ctx=512, n_threads=self.threads, n_threads_batch=self.threads, seed=0,
+        quantize_gguf(self.f32_path, self.gguf_path, self.variant.quant, self.threads)
+        return Llama(str(self.gguf_path), n_ctx=512, n_threads=self.threads, n_threads_batch=self.threads, seed=0,
                      verbose=False)
 
     def record_size(self) -> None:
         from lorabench.footprint import MIB
 
-        self.result.set("weights_mib", self.file_bytes / MIB, source="bytes of the quantized GGUF file")
+        self.result.set("weights_mib", self.gguf_path.stat().st_size / MIB, source="bytes of the quantized GGUF file")
 
     def encode_prompt(self) -> None:
         self.prompt_ids = self.tokenizer(self.prompt)["input_ids"]
 
+    def _greedy(self, prompt_ids: list[int]):
+        """Greedy tokens after ``prompt_ids``, endlessly (the caller stops), from an empty context:
+        otherwise llama-cpp-python reuses the cached prompt and skips the prefill."""
+        self.model.reset()
+        return self.model.generate(prompt_ids, temp=0.0, repeat_penalty=1.0)
+
     def timed_call(self) -> GenerationTiming:
         stamps: list[float] = []
-        self.model.reset()  # an empty context: otherwise llama-cpp-python reuses the cached prompt
         started = time.perf_counter()
-        for _ in self.model.generate(self.prompt_ids, temp=0.0, repeat_penalty=1.0):
+        for _ in self._greedy(self.prompt_ids):
             stamps.append(time.perf_counter())
             if len(stamps) == self.new_tokens:
                 break
         return timing_from_stamps(started, stamps, time.perf_counter())
 
-    def generations(self, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+    def generations(self, prompts: list[str], max_new_tokens: int = DRIFT_NEW_TOKENS) -> list[str]:
         out = []
         eos = self.tokenizer.eos_token_id
         for prompt in prompts:
-            self.model.reset()
             ids: list[int] = []
-            for token in self.model.generate(self.tokenizer(prompt)["input_ids"], temp=0.0, repeat_penalty=1.0):
+            for token in self._greedy(self.tokenizer(prompt)["input_ids"]):
                 if token == eos:
                     break
                 ids.append(token)

@@ -26,7 +26,7 @@ from typing import Any
 from lorabench.config import BenchConfig
 
 DEFAULT_NEW_TOKENS = 32
-DEFAULT_PROMPTS = 64  # held-out prompts whose generations are compared for drift
+DRIFT_NEW_TOKENS = 16  # longest answer generated per prompt for semantic drift (EOS stops it sooner)
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ def summarize_timings(timings: list[GenerationTiming]) -> dict[str, float]:
     }
 
 
-def greedy_texts(model, tokenizer, prompts: list[str], device, max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+def greedy_texts(model, tokenizer, prompts: list[str], device, max_new_tokens: int = DRIFT_NEW_TOKENS,
+                 batch_size: int = 16) -> list[str]:
     """Greedy completions of ``prompts`` (stopping at EOS), decoded without special tokens."""
     import torch
 
