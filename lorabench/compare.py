@@ -126,7 +126,19 @@ def compare_runs(a: StoredRun, b: StoredRun, tolerances: Tolerances | None = Non
     rows: list[Row] = []
     for case_id in sorted(set(a.results) | set(b.results)):
         rows += compare_cases(case_id, a.results.get(case_id), b.results.get(case_id), tolerances)
-    return Comparison(a.label, b.label, rows, machine_warnings(a.machine, b.machine))
+    return Comparison(a.label, b.label, rows, machine_warnings(a.machine, b.machine) + dtype_warnings(a, b))
+
+
+def dtype_warnings(a: StoredRun, b: StoredRun) -> list[str]:
+    """A line for each case that trained in a different dtype in the two runs (``dtype: auto`` resolves
+    per device, so the same case id can run in bf16 on one machine and in fp32 on another)."""
+    out = []
+    for case_id in sorted(set(a.results) & set(b.results)):
+        da, db = a.results[case_id].config.get("dtype"), b.results[case_id].config.get("dtype")
+        if da != db:
+            out.append(f"{case_id} trained in {da} (A) but in {db} (B): speed, memory and quality figures "
+                       "are not comparable")
+    return out
 
 
 def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tolerances: Tolerances) -> list[Row]:

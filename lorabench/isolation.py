@@ -109,7 +109,7 @@ class IsolatedCaseRun:
 
         self.case = case
         self.case_id = case_id
-        self.config = resolve(case.config, source.defaults)
+        self.config = resolve(case.config, source.defaults, device)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
                          "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
         self._device = str(device)

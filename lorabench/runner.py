@@ -100,7 +100,7 @@ class CaseRun:
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
                  log_dir: str | None = None, memory_budget: int | None = None,
                  adapter_dir: str | None = None) -> None:
-        self.config = config = resolve(case.config, source.defaults)
+        self.config = config = resolve(case.config, source.defaults, device)
         self.case_id = case_id
         self.source = source
         self.tokens_for = tokens_for

@@ -107,7 +107,7 @@ def group_results(results: Iterable[CaseResult]) -> dict[tuple[str, str, str], l
 
 
 def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
-    """``full_bf16`` where it ran, otherwise the first case that ran."""
+    """``full`` where it ran, otherwise the first case that ran."""
     ok = [r for r in results if r.status == STATUS_OK]
     for r in ok:
         if r.config_id == BASELINE_ID:
@@ -224,7 +224,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
     for (model, dataset, device), group in group_results(results).items():
         base = pick_baseline(group)
         base_text = f"baseline {base.config_id}" if base else "no baseline (no case ran)"
-        lines.append(f"{model} on {dataset} ({device}), {base_text}; deltas are (value - baseline) / baseline")
+        dtypes = sorted({str(r.config["dtype"]) for r in group if r.config.get("dtype")})
+        dtype_text = f", trained in {'/'.join(dtypes)}" if dtypes else ""
+        lines.append(f"{model} on {dataset} ({device}{dtype_text}), {base_text}; "
+                     "deltas are (value - baseline) / baseline")
         lines += render_table(group)
         not_ok = [r for r in group if r.status != STATUS_OK]
         for r in not_ok:

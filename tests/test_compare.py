@@ -54,7 +54,7 @@ def statuses(comparison) -> dict[tuple[str, str], str]:
 
 
 def test_a_run_compared_with_itself_has_no_regression():
-    a = run(case("qlora_nf4"), case("lora_bf16"))
+    a = run(case("qlora_nf4"), case("lora"))
     c = compare_runs(a, copy.deepcopy(a))
     assert c.rows and not c.regressions
     assert {r.status for r in c.rows} == {UNCHANGED}
@@ -125,14 +125,14 @@ def test_warm_up_steps_are_not_part_of_the_timing_test():
 
 
 def test_a_case_that_stops_working_or_disappears_is_a_regression():
-    a = run(case("qlora_nf4"), case("lora_bf16"), case("qlora_fp4"))
-    broken = case("lora_bf16")
+    a = run(case("qlora_nf4"), case("lora"), case("qlora_fp4"))
+    broken = case("lora")
     broken.status, broken.error = STATUS_DOES_NOT_FIT, "out of memory"
-    b = run(case("qlora_nf4"), broken, case("full_bf16"))
+    b = run(case("qlora_nf4"), broken, case("full"))
     s = statuses(compare_runs(a, b))
-    assert s[("lora_bf16", "status")] == REGRESSED
+    assert s[("lora", "status")] == REGRESSED
     assert s[("qlora_fp4", "status")] == REGRESSED
-    assert s[("full_bf16", "status")] == NEW
+    assert s[("full", "status")] == NEW
 
 
 def test_a_metric_no_longer_measured_is_a_regression_with_the_reason():
@@ -219,17 +219,17 @@ def test_a_broken_file_is_skipped_with_a_warning_and_named(tmp_path, caplog):
 
 
 def test_cli_fail_exits_1_on_a_regression_and_names_metric_and_case(tmp_path, capsys):
-    write_run(tmp_path, 1, case("qlora_nf4"), case("lora_bf16"))
-    write_run(tmp_path, 2, case("qlora_nf4"), case("lora_bf16", peak_rss_delta_mib=120.0))  # +20%
+    write_run(tmp_path, 1, case("qlora_nf4"), case("lora"))
+    write_run(tmp_path, 2, case("qlora_nf4"), case("lora", peak_rss_delta_mib=120.0))  # +20%
     outputs = {k: tmp_path / f"cmp.{k}" for k in ("csv", "json", "md")}
     code = main(["compare", "--storage", str(tmp_path), "--fail", "--csv", str(outputs["csv"]),
                  "--json", str(outputs["json"]), "--markdown", str(outputs["md"])])
     out = capsys.readouterr().out
     assert code == 1
-    assert "lora_bf16: peak_rss_delta_mib 100 -> 120 (+20.0%, tolerance ±10%)" in out
+    assert "lora: peak_rss_delta_mib 100 -> 120 (+20.0%, tolerance ±10%)" in out
     data = json.loads(outputs["json"].read_text())
-    assert [(r["case_id"], r["metric"]) for r in data["rows"] if r["status"] == REGRESSED] == [("lora_bf16", "peak_rss_delta_mib")]
-    assert "lora_bf16,peak_rss_delta_mib,100.0,120.0" in outputs["csv"].read_text()
+    assert [(r["case_id"], r["metric"]) for r in data["rows"] if r["status"] == REGRESSED] == [("lora", "peak_rss_delta_mib")]
+    assert "lora,peak_rss_delta_mib,100.0,120.0" in outputs["csv"].read_text()
     assert "**regressed**" in outputs["md"].read_text()
     assert main(["compare", "1", "1", "--storage", str(tmp_path), "--fail"]) == 0
     assert main(["compare", "2", "--storage", str(tmp_path)]) == 0  # without --fail, a report only
