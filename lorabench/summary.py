@@ -219,6 +219,21 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+PHASES = (("load", "load"), ("eval_before", "eval before"), ("train", "train"), ("eval_after", "eval after"),
+          ("adapter_check", "adapter check"))
+
+
+def phase_lines(results: list[CaseResult]) -> list[str]:
+    """Where each case's wall time went, phase by phase (informational: wall clock under the run's load)."""
+    lines = []
+    for r in results:
+        parts = [f"{label} {r.metrics[f'phase_{key}_s']:.1f}" for key, label in PHASES
+                 if f"phase_{key}_s" in r.metrics]
+        if parts:
+            lines.append(f"{r.config_id}: " + ", ".join(parts))
+    return lines
+
+
 def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
@@ -240,6 +255,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if adapters:
             lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
             lines += [f"  - {a}" for a in adapters]
+        phases = phase_lines(group)
+        if phases:
+            lines.append("seconds per phase (wall clock):")
+            lines += [f"  - {p}" for p in phases]
         lines.append("")
     if gate_counts:
         lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))
