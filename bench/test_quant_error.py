@@ -1,4 +1,4 @@
-"""Quantization error: NF4, FP4 and int8 round trips of every weight matrix, against the original.
+"""Quantization error: every backend's round trips (NF4, FP4, int8, ...) of every weight matrix, against the original.
 
 Two cases: seeded standard-normal matrices (the distribution NF4's code points are built
 for; thresholds.yaml gates the QLoRA paper's ordering NF4 < FP4 there), and the linear layers

@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from lorabench import backends
 from lorabench.accuracy import accuracy
 from lorabench.config import BenchConfig, TrainDefaults, resolve
 from lorabench.errors import ModelError
@@ -81,14 +82,11 @@ def model_path() -> str:
 def load_classifier(config: BenchConfig, path: str):
     """The encoder with a new 2-way head, quantized as ``config`` asks; returns (model, tokenizer, load seconds)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = torch_dtype(config.dtype)
-    quantization = None
-    if config.quant in ("nf4", "fp4"):
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quant,
-                                          bnb_4bit_use_double_quant=config.double_quant, bnb_4bit_compute_dtype=dtype,
-                                          llm_int8_skip_modules=[HEAD])
+    quantization = backends.quantization_config(config.quant, compute_dtype=dtype, double_quant=config.double_quant,
+                                                skip_modules=[HEAD])
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     torch.manual_seed(config.seed)  # the new head's initialisation
     started = time.perf_counter()
@@ -110,10 +108,11 @@ def encoder_linear_weights():
 
 def add_lora(model, config: BenchConfig):
     """LoRA on the encoder's projections; the head trains in full (peft's SEQ_CLS ``modules_to_save``)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if config.quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    from lorabench.models import prepare_base
+
+    model = prepare_base(model, config)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=TARGETS,
                       task_type="SEQ_CLS")
     return get_peft_model(model, lora)

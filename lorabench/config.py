@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorabench import backends
 from lorabench.errors import ConfigError
 
 METHODS = ("full", "lora")
-QUANTS = ("none", "nf4", "fp4", "int8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 TARGET_MODULE_PRESETS = ("all-linear", "attention")
@@ -47,8 +47,9 @@ class BenchConfig:
     Args:
         id: short readable name, used as the pytest id (``qlora_nf4``).
         method: ``full`` (every weight trains) or ``lora`` (a peft adapter trains).
-        quant: base weights as loaded: ``none``, 4-bit ``nf4`` / ``fp4``, or LLM.int8 ``int8``.
-        double_quant: quantize the 4-bit scales again (QLoRA's double quantization).
+        quant: base weights as loaded: ``none``, or a format of a quantization backend (:mod:`lorabench.backends`;
+            bitsandbytes: 4-bit ``nf4`` / ``fp4``, LLM.int8 ``int8``).
+        double_quant: quantize the 4-bit scales again (QLoRA's double quantization; nf4 and fp4).
         dtype: weight dtype of an unquantized base, compute dtype of a quantized one; ``auto``
             (the default) takes the device's native dtype (:mod:`lorabench.precision`).
         rank, alpha, dropout: LoRA hyper-parameters.
@@ -100,12 +101,8 @@ class BenchConfig:
     def markers(self) -> tuple[str, ...]:
         """pytest markers derived from the fields (all registered in pytest.ini)."""
         marks = [self.method]
-        if self.quant in ("nf4", "fp4"):
-            marks += ["qlora", self.quant]
-        elif self.quant == "int8":
-            marks.append("int8")
         if self.quantized:
-            marks.append("quantized")
+            marks += [*backends.format_for(self.quant).markers, "quantized"]
         if self.optimizer != "adamw":
             marks.append("optim8bit")
         if self.gradient_checkpointing:
@@ -232,9 +229,13 @@ def _validate(c: BenchConfig) -> None:
             f"configuration id {c.id!r}: use letters, digits, '_', '.', '-' and start with a letter or digit"
         )
     if isinstance(c.quant, (list, tuple)):
-        fail(f"quant={list(c.quant)!r}: a base loads either in 4-bit (nf4, fp4) or in 8-bit (int8), not both; "
-             "give one value")
-    for name, allowed in (("method", METHODS), ("quant", QUANTS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS)):
+        fail(f"quant={list(c.quant)!r}: a base loads in one quantization format, not both; give one value: "
+             f"{backends.allowed_text()}")
+    try:
+        backends.check_quant(c.quant)
+    except ConfigError as exc:
+        fail(str(exc))
+    for name, allowed in (("method", METHODS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS)):
         value = getattr(c, name)
         if value not in allowed:
             fail(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -275,8 +276,8 @@ def _validate(c: BenchConfig) -> None:
         fail(f"steps={c.steps} must exceed warmup_steps={c.warmup_steps}: no step would be measured")
     if c.method == "full" and c.quantized:
         fail(f"method='full' with quant={c.quant!r}: quantized weights cannot be trained directly; use method='lora'")
-    if c.double_quant and c.quant not in ("nf4", "fp4"):
-        fail(f"double_quant=true needs a 4-bit quant (nf4 or fp4), not {c.quant!r}")
+    if c.double_quant and c.quant not in backends.double_quant_values():
+        fail(f"double_quant=true needs a 4-bit quant ({' or '.join(backends.double_quant_values())}), not {c.quant!r}")
     if isinstance(c.target_modules, str):
         if c.target_modules not in TARGET_MODULE_PRESETS:
             fail(

@@ -7,7 +7,12 @@ import importlib.metadata
 import os
 import platform
 
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "pytest-benchmark")
+from lorabench import backends
+
+# every quantization backend's library too: a backend's figures move with its version
+LIBRARIES = ("torch", "transformers", "peft", *(b.install for b in backends.backends()), "accelerate", "datasets",
+             "pytest-benchmark")
+
 
 def library_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}

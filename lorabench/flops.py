@@ -39,7 +39,6 @@ GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
     "Tesla V100-PCIE-16GB": {"fp16": 112e12},
     "Tesla V100-PCIE-32GB": {"fp16": 112e12},
 }
-LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
 
 
 @dataclass(frozen=True)
@@ -61,15 +60,19 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
 def matmul_params(model) -> tuple[int, int]:
     """Parameters of the matrix multiplications: (frozen, trainable). LoRA's A and B are trainable.
 
-    A packed 4-bit weight counts its logical elements (its quantization state holds the shape).
+    A packed 4-bit weight counts its logical elements (:func:`lorabench.backends.logical_numel`).
+    Only a layer's own weight counts: peft's LoRA wrappers reuse the class names and forward
+    ``weight`` to the layer they wrap, which is counted once, as itself.
     """
+    from lorabench import backends
+
+    linear_types = backends.linear_type_names()
     frozen = trainable = 0
     for module in model.modules():
-        if type(module).__name__ not in LINEAR_TYPES:
+        weight = module._parameters.get("weight")
+        if type(module).__name__ not in linear_types or weight is None:
             continue
-        weight = module.weight
-        shape = getattr(getattr(weight, "quant_state", None), "shape", None)
-        count = int(shape.numel()) if shape is not None else weight.numel()
+        count = backends.logical_numel(weight)
         if weight.requires_grad:
             trainable += count
         else:

@@ -1,14 +1,17 @@
 """Bytes held by tensors: weights, trainable parameters, gradients, optimizer state.
 
 Counts come from the tensors themselves (storage sizes, each storage once), so they
-are exact on any device. Quantized bitsandbytes weights count their packed data
-plus their quantization state (scales, nested scales, code books).
+are exact on any device. A quantized layer counts what its backend says it stores
+(:func:`lorabench.backends.storage_tensors`): packed data plus the quantization state
+(scales, zero points, nested scales, code books).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+
+from lorabench import backends
 
 MIB = 1024 * 1024
 
@@ -30,34 +33,12 @@ def unique_bytes(tensors: Iterable[Any]) -> int:
     return sum(seen.values())
 
 
-def quant_state_tensors(quant_state) -> list[Any]:
-    """Tensors inside a bitsandbytes 4-bit ``QuantState`` (and its nested state)."""
-    import torch
-
-    out = []
-    for name in ("absmax", "code", "offset"):
-        value = getattr(quant_state, name, None)
-        if isinstance(value, torch.Tensor):
-            out.append(value)
-    nested = getattr(quant_state, "state2", None)
-    if nested is not None:
-        out += quant_state_tensors(nested)
-    return out
-
-
 def _module_state_tensors(module) -> list[Any]:
-    """Parameters, buffers and bitsandbytes quantization state directly owned by ``module``."""
-    import torch
-
-    out = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    weight = getattr(module, "weight", None)
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:
-        out += quant_state_tensors(quant_state)
-    scb = getattr(weight, "SCB", None)  # LLM.int8 row scales
-    if isinstance(scb, torch.Tensor):
-        out.append(scb)
-    return out
+    """Parameters, buffers and quantization state directly owned by ``module``."""
+    quantized = backends.storage_tensors(module)
+    if quantized is not None:
+        return quantized
+    return list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
 
 
 def weight_bytes(model) -> int:
@@ -73,9 +54,7 @@ def param_counts(model) -> tuple[int, int]:
     """(total, trainable) parameter counts; a packed 4-bit parameter counts its original elements."""
     total = trainable = 0
     for p in model.parameters():
-        n = p.numel()
-        if type(p).__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
+        n = backends.logical_numel(p)
         total += n
         if p.requires_grad:
             trainable += n
@@ -112,11 +91,10 @@ def quantized_linear_ratio(model) -> float | None:
     """
     quantized = original_elements = 0
     for module in model.modules():
-        # bitsandbytes' own layers only: peft's LoRA wrappers reuse the class names.
-        if not type(module).__module__.startswith("bitsandbytes") or not hasattr(module, "in_features"):
+        backend = backends.owner(module)
+        if backend is None:
             continue
-        weight = module.weight
-        quantized += unique_bytes([weight] + [t for t in _module_state_tensors(module) if t is not module.bias])
+        quantized += unique_bytes(backend.weight_tensors(module))
         original_elements += module.in_features * module.out_features
     if not original_elements:
         return None

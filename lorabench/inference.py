@@ -4,7 +4,7 @@ A variant is the base model in some form with or without the adapter: the base a
 the base with the adapter unmerged, the adapter merged into the base
 (``merge_and_unload``), and an NF4- or int8-quantized base with the adapter unmerged.
 Every variant loads through :func:`lorabench.models.load_model`, so a quantized base is
-the same ``BitsAndBytesConfig`` load the fine-tuning cases use.
+the same backend load (:mod:`lorabench.backends`) the fine-tuning cases use.
 
 Timing: one greedy ``generate`` call with a :class:`TokenClock` streamer. ``generate``
 hands every new token to the streamer with ``tokens.cpu()``, which waits for the device
@@ -16,7 +16,6 @@ first to the last stamp. On CUDA the device is synchronized before the start clo
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ class Variant:
     """One way to serve the fine-tuned model."""
 
     id: str
-    quant: str  # none, nf4, int8: how the base is loaded
+    quant: str  # none or a backend's format (nf4, int8): how the base is loaded
     adapter: bool  # whether the trained adapter is attached
     merged: bool = False  # whether the adapter is folded into the base weights
     markers: tuple[str, ...] = ()
@@ -55,17 +54,6 @@ VARIANTS: tuple[Variant, ...] = (
 REFERENCE_ID = "infer_base"
 
 
-class _DropInt8CastNotice(logging.Filter):
-    """bitsandbytes logs "inputs will be cast ... to float16" for every int8 matmul of every token:
-    thousands of lines per call, whose writing would be timed with the call."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
-
-
-_INT8_NOTICE_FILTER = _DropInt8CastNotice()
-
-
 def load_variant(variant: Variant, source, adapter_dir: str | Path | None, device, dtype: str = "auto"):
     """Load a variant for inference, in eval mode.
 
@@ -76,8 +64,6 @@ def load_variant(variant: Variant, source, adapter_dir: str | Path | None, devic
 
     from lorabench.models import load_model
 
-    if variant.quant == "int8":  # the int8 matmul takes fp16 inputs: said once, in the README
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_NOTICE_FILTER)
     model = load_model(source, variant.base_config(resolve_dtype(dtype, device)), device).model
     if variant.adapter:
         if adapter_dir is None:

@@ -19,12 +19,14 @@ import signal
 import traceback
 from typing import Any
 
+from lorabench import backends
 from lorabench.errors import LorabenchError
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
 from lorabench.runner import CaseAborted
 
-# Imported once by the forkserver; every case process inherits them.
-PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
+# Imported once by the forkserver; every case process inherits them. Every installed quantization
+# library is among them, so no backend's load time includes importing its library.
+PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", *backends.preload_modules(), "accelerate", "datasets",
            "lorabench.runner"]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorabench import backends
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -47,7 +49,8 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
     _m("params_trainable", "count", "lower", "size", "parameters that train"),
     _m("trainable_pct", "%", "lower", "size", "trainable share of all parameters"),
-    _m("quant_linear_ratio", "ratio", "lower", "size", "quantized linear weights' bytes over their bf16 bytes"),
+    _m("quant_linear_ratio", "ratio", "lower", "size",
+       "quantized linear weights' bytes (with scales and code books) over their bf16 bytes"),
     # speed
     _m("step_ms", "ms", "lower", "speed", "median optimizer-step time over the measured (post-warm-up) steps",
        gated=False),
@@ -121,14 +124,14 @@ _INFERENCE: tuple[Metric, ...] = (
        "generations identical to the unmerged bf16 adapter's"),
 )
 _QUANT_ERROR: tuple[Metric, ...] = (
-    # quantization error (lorabench.quant_error): relative Frobenius error of a quantize/dequantize round trip
+    # quantization error (lorabench.quant_error): relative Frobenius error of a quantize/dequantize round trip,
+    # one pair per format of every registered backend (nf4_rel_error_mean, nf4_rel_error_max, fp4_..., ...)
     _m("quant_error_layers", "count", None, "quality", "weight matrices measured for quantization error"),
-    _m("nf4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - NF4(W)|| / ||W||"),
-    _m("nf4_rel_error_max", "ratio", "lower", "quality", "largest layer's NF4 relative error"),
-    _m("fp4_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - FP4(W)|| / ||W||"),
-    _m("fp4_rel_error_max", "ratio", "lower", "quality", "largest layer's FP4 relative error"),
-    _m("int8_rel_error_mean", "ratio", "lower", "quality", "mean over layers of ||W - int8(W)|| / ||W|| (row-wise absmax)"),
-    _m("int8_rel_error_max", "ratio", "lower", "quality", "largest layer's int8 relative error"),
+    *(m for f in backends.formats() for m in (
+        _m(f"{f.quant}_rel_error_mean", "ratio", "lower", "quality",
+           f"mean over layers of ||W - {f.label}(W)|| / ||W||" + (f" ({f.note})" if f.note else "")),
+        _m(f"{f.quant}_rel_error_max", "ratio", "lower", "quality", f"largest layer's {f.label} relative error"),
+    )),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in (*_FINETUNE, *_INFERENCE, *_QUANT_ERROR)}

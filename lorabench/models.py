@@ -1,4 +1,4 @@
-"""Models: resolve a ``--model`` spec, load it (quantized through bitsandbytes), attach the adapter.
+"""Models: resolve a ``--model`` spec, load it (quantized by its backend, :mod:`lorabench.backends`), attach the adapter.
 
 The embedded zoo, a local checkpoint directory and a hub id from the local cache
 all go through the same ``AutoModelForCausalLM.from_pretrained`` call; only where
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorabench import backends
 from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ConfigError, ModelError
 from lorabench.precision import resolve_dtype, torch_dtype
@@ -76,22 +77,6 @@ def _check_causal_lm(spec: str, trust_remote_code: bool) -> None:
         )
 
 
-def bnb_config(config: BenchConfig):
-    """The ``BitsAndBytesConfig`` for a configuration, or ``None`` for an unquantized base."""
-    from transformers import BitsAndBytesConfig
-
-    if config.quant in ("nf4", "fp4"):
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=config.quant,
-            bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(config.dtype),
-        )
-    if config.quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
 @dataclass
 class LoadedModel:
     model: Any
@@ -126,13 +111,14 @@ def load_model(source: ModelSource, config: BenchConfig, device) -> LoadedModel:
     """Load the base model as the configuration asks, timing load plus quantization.
 
     Raises:
-        ConfigError: the configuration's dtype is not usable on ``device``.
+        ConfigError: the configuration's dtype or quantization is not usable on ``device``.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     config = config.replace(dtype=resolve_dtype(config.dtype, device))
     check_dtype_supported(config.dtype, device)
+    backends.check_runnable(config.quant, device)
     tokenizer = load_tokenizer(source)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,7 +126,8 @@ def load_model(source: ModelSource, config: BenchConfig, device) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
         dtype=torch_dtype(config.dtype),
-        quantization_config=bnb_config(config),
+        quantization_config=backends.quantization_config(config.quant, compute_dtype=torch_dtype(config.dtype),
+                                                         double_quant=config.double_quant),
         device_map={"": (device.index or 0) if device.type == "cuda" else "cpu"},
         local_files_only=True,
         trust_remote_code=source.trust_remote_code,
@@ -166,32 +153,14 @@ def check_dtype_supported(dtype: str, device) -> None:
 def attention_module_names(model) -> list[str]:
     """Names of the linear layers inside attention blocks, for ``target_modules: attention``."""
     names = []
+    linear_types = backends.linear_type_names()
     for name, module in model.named_modules():
-        is_linear = type(module).__name__ in ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+        is_linear = type(module).__name__ in linear_types
         if is_linear and _ATTENTION_PARENT.search(name.rsplit(".", 1)[0]):
             names.append(name)
     if not names:
         raise ModelError(f"{type(model).__name__}: found no linear layers inside attention blocks")
     return names
-
-
-def keep_4bit_layout_trainable(model) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference when a layer runs in eval mode.
-
-    On CPUs with AVX512-BF16, a ``Linear4bit`` that runs one eval-mode forward converts its
-    weight to a packed inference layout for good, and from then on its forward uses a kernel
-    with no autograd: gradients to the layer's input are silently dropped in training. An eval
-    pass before or during training would trigger it, so training models opt out.
-
-    Returns:
-        How many layers were switched.
-    """
-    switched = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            switched += 1
-    return switched
 
 
 def prepare_base(model, config: BenchConfig):
@@ -204,8 +173,9 @@ def prepare_base(model, config: BenchConfig):
 
     checkpointing_kwargs = {"use_reentrant": False}
     if config.quantized:
-        keep_4bit_layout_trainable(model)
-        # Casts norms and embeddings to fp32 and readies inputs for checkpointing (QLoRA practice).
+        backends.backend_for(config.quant).prepare_for_training(model)
+        # Freezes the base, readies inputs for checkpointing, and on a bitsandbytes base casts norms and
+        # embeddings to fp32 (QLoRA practice; peft leaves the dtypes of other backends' bases alone).
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config.gradient_checkpointing,

@@ -54,6 +54,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from lorabench import backends
+
+    for name, text in backends.markers().items():  # each quantization backend's own markers (qlora, nf4, ...)
+        config.addinivalue_line("markers", f"{name}: {text}")
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     try:

@@ -1,8 +1,8 @@
-"""Quantization error: how far NF4, FP4 and int8 round-trips land from the original weights.
+"""Quantization error: how far each backend's round trip (NF4, FP4, int8, ...) lands from the original weights.
 
-Each weight matrix is quantized and dequantized with bitsandbytes' own functions, the
-ones its ``Linear4bit`` and ``Linear8bitLt`` layers use (4-bit: blockwise absmax with
-block size 64; int8: one absmax scale per row), and the error is the relative Frobenius
+Each weight matrix is quantized and dequantized with the functions its backend's layers
+use (:meth:`lorabench.backends.QuantBackend.round_trip`; bitsandbytes 4-bit: blockwise absmax
+with block size 64; int8: one absmax scale per row), and the error is the relative Frobenius
 norm ``||W - deq(q(W))|| / ||W||``. NF4's code points are the quantiles of a normal
 distribution, so on normally distributed weights its error should be below FP4's: the
 ordering the QLoRA paper reports.
@@ -13,9 +13,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-QUANT_TYPES = ("nf4", "fp4", "int8")
+from lorabench import backends
+
+QUANT_TYPES = tuple(f.quant for f in backends.formats())  # every registered format
 NORMAL_CASE_ID, MODEL_CASE_ID = "quant_error_normal", "quant_error_model"  # configuration ids gates name
-BLOCKSIZE = 64  # bitsandbytes' default 4-bit block on CPU and CUDA
 # Shapes of the synthetic normal layers: the tiny zoo's attention and MLP matrices, and a larger one.
 NORMAL_SHAPES = ((256, 256), (704, 256), (256, 704), (512, 512))
 
@@ -28,23 +29,16 @@ class LayerError:
 
 
 def round_trip(weight, quant_type: str):
-    """``weight`` quantized and dequantized as bitsandbytes stores it, in float32.
+    """``weight`` quantized and dequantized as its backend stores it, in float32.
 
     Raises:
         ValueError: an unknown quant type, or a weight that is not a matrix.
     """
-    import bitsandbytes.functional as bnbf
-    import torch
-
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}")
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight matrix, got shape {tuple(weight.shape)}")
-    if quant_type in ("nf4", "fp4"):
-        packed, state = bnbf.quantize_4bit(weight.to(torch.bfloat16), blocksize=BLOCKSIZE, quant_type=quant_type)
-        return bnbf.dequantize_4bit(packed, state).float()
-    if quant_type == "int8":
-        codes, scales, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
-        return bnbf.int8_vectorwise_dequant(codes, scales).float()
-    raise ValueError(f"unknown quant type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}")
+    return backends.round_trip(weight, quant_type)
 
 
 def relative_error(weight, quant_type: str) -> float:
@@ -77,7 +71,7 @@ def normal_weights(shapes=NORMAL_SHAPES, seed: int = 0):
 
 
 def linear_weights(model):
-    """(name, weight) of the ``nn.Linear`` layers a bitsandbytes config quantizes: all but the output head."""
+    """(name, weight) of the ``nn.Linear`` layers a quantization config converts: all but the output head."""
     import torch
 
     head = model.get_output_embeddings()
@@ -105,9 +99,11 @@ def quant_error_result(case_id: str, model: str, layers: list[LayerError]):
     """The record of one quantization-error case: summary metrics, per-layer errors in ``details``."""
     from lorabench.result import CaseResult
 
+    summary = summarize(layers)
+    round_trips = {q: f"{backends.backend_for(q).name}: {backends.format_for(q).note}" for q in layers[0].errors}
     result = CaseResult(case_id=case_id, config_id=case_id, model=model, dataset="(weights only)", device="cpu",
-                        config={"kind": "quant_error", "quant_types": list(QUANT_TYPES), "blocksize": BLOCKSIZE})
-    for name, value in summarize(layers).items():
-        result.set(name, value, source="relative Frobenius error of a bitsandbytes quantize/dequantize round trip")
+                        config={"kind": "quant_error", "quant_types": list(round_trips), "round_trips": round_trips})
+    for name, value in summary.items():
+        result.set(name, value, source="relative Frobenius error of the backend's quantize/dequantize round trip")
     result.details["layers"] = [{"name": layer.name, "shape": list(layer.shape), **layer.errors} for layer in layers]
     return result

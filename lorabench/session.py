@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorabench import backends
 from lorabench.budget import parse_size
 from lorabench.config import parse_override
 from lorabench.environment import machine
@@ -106,6 +107,7 @@ class BenchSession:
 
         for config in self.matrix.configs:
             check_dtype_supported(config.dtype, self.device)
+            backends.check_runnable(config.quant, self.device)
         for spec in self.matrix.models:
             if spec not in ZOO:
                 load_tokenizer(self.model_source(spec))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from lorabench import backends
 from lorabench.matrix import BASELINE_ID
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
@@ -29,12 +30,10 @@ COLUMNS = (
 )
 # Records that are not fine-tuning cases carry ``config["kind"]`` and get a table of their own.
 KIND_COLUMNS = {
+    # every registered backend's formats: the mean error, then the largest layer's
     "quant_error": (
-        ("nf4_rel_error_mean", "NF4 err", "NF4 error"),
-        ("fp4_rel_error_mean", "FP4 err", "FP4 error"),
-        ("int8_rel_error_mean", "int8 err", "int8 error"),
-        ("nf4_rel_error_max", "NF4 max", "largest NF4 layer error"),
-        ("fp4_rel_error_max", "FP4 max", "largest FP4 layer error"),
+        *((f"{f.quant}_rel_error_mean", f"{f.label} err", f"{f.label} error") for f in backends.formats()),
+        *((f"{f.quant}_rel_error_max", f"{f.label} max", f"largest {f.label} layer error") for f in backends.formats()),
     ),
 }
 

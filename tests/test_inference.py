@@ -116,7 +116,7 @@ def test_warm_up_calls_are_left_out_of_every_figure(tiny_llama, cpu):
 def test_int8_cast_notice_is_dropped_and_nothing_else():
     import logging
 
-    from lorabench.inference import _INT8_NOTICE_FILTER
+    from lorabench.backends.bitsandbytes import _INT8_NOTICE_FILTER
 
     def record(msg):
         return logging.LogRecord("bitsandbytes.autograd._functions", logging.WARNING, __file__, 1, msg, (), None)

@@ -9,6 +9,7 @@ import torch
 
 from lorabench.quant_error import (
     NORMAL_CASE_ID,
+    QUANT_TYPES,
     layer_errors,
     linear_weights,
     normal_weights,
@@ -22,7 +23,7 @@ from lorabench.thresholds import FAIL, PASS, evaluate, load_thresholds
 
 def test_round_trips_keep_shape_and_stay_close():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
-    for quant in ("nf4", "fp4", "int8"):
+    for quant in QUANT_TYPES:  # every registered backend's formats
         back = round_trip(w, quant)
         assert back.shape == w.shape and back.dtype == torch.float32
         assert not torch.equal(back, w)  # it did quantize

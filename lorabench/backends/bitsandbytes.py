@@ -1,0 +1,131 @@
+"""bitsandbytes: QLoRA's 4-bit NF4 and FP4, and LLM.int8.
+
+4-bit layers (``Linear4bit``) pack two weights per byte and keep a ``QuantState``: one absmax
+per block of 64 weights, the 16-value code book, and, with double quantization, the absmaxes
+quantized to 8 bits with their own absmax, code book and offset. LLM.int8 layers
+(``Linear8bitLt``) hold one int8 per weight and one float32 absmax per row (``SCB``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from lorabench.backends.base import Format, QuantBackend
+
+BLOCKSIZE = 64  # bitsandbytes' default 4-bit block on CPU and CUDA
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" for every int8 matmul of every token:
+    thousands of lines per generate call, whose writing would be timed with it (said once, in the README)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+_INT8_NOTICE_FILTER = _DropInt8CastNotice()
+
+
+def quant_state_tensors(quant_state) -> list[Any]:
+    """Tensors inside a 4-bit ``QuantState`` (and its nested state)."""
+    import torch
+
+    out = []
+    for name in ("absmax", "code", "offset"):
+        value = getattr(quant_state, name, None)
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+    nested = getattr(quant_state, "state2", None)
+    if nested is not None:
+        out += quant_state_tensors(nested)
+    return out
+
+
+def keep_4bit_layout_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference when a layer runs in eval mode.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` that runs one eval-mode forward converts its
+    weight to a packed inference layout for good, and from then on its forward uses a kernel
+    with no autograd: gradients to the layer's input are silently dropped in training. An eval
+    pass before or during training would trigger it, so training models opt out.
+
+    Returns:
+        How many layers were switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
+class BitsAndBytes(QuantBackend):
+    name = "bitsandbytes"
+    module = "bitsandbytes"
+    install = "bitsandbytes"
+    formats = (
+        Format("nf4", "NF4", ("qlora", "nf4"), double_quant=True, note=f"blockwise absmax, blocks of {BLOCKSIZE}"),
+        Format("fp4", "FP4", ("qlora", "fp4"), double_quant=True, note=f"blockwise absmax, blocks of {BLOCKSIZE}"),
+        Format("int8", "int8", ("int8",), note="row-wise absmax"),
+    )
+    linear_types = ("Linear4bit", "Linear8bitLt")
+    marker_help = {
+        "qlora": "LoRA on a 4-bit (NF4 or FP4) bitsandbytes base",
+        "nf4": "4-bit NormalFloat base (bitsandbytes)",
+        "fp4": "4-bit float base (bitsandbytes)",
+        "int8": "LLM.int8 8-bit base (bitsandbytes)",
+    }
+
+    def quantization_config(self, quant: str, *, compute_dtype, double_quant: bool = False,
+                            skip_modules: Sequence[str] = ()):
+        from transformers import BitsAndBytesConfig
+
+        skip = {"llm_int8_skip_modules": list(skip_modules)} if skip_modules else {}
+        if quant == "int8":
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_NOTICE_FILTER)
+            return BitsAndBytesConfig(load_in_8bit=True, **skip)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype, **skip)
+
+    def prepare_for_training(self, model) -> None:
+        keep_4bit_layout_trainable(model)
+
+    def owns(self, module) -> bool:
+        # bitsandbytes' own layers only: peft's LoRA wrappers reuse the class names.
+        return type(module).__module__.startswith("bitsandbytes") and hasattr(module, "in_features")
+
+    def weight_tensors(self, module) -> list[Any]:
+        import torch
+
+        weight = module.weight
+        out = [weight]
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is not None:
+            out += quant_state_tensors(quant_state)
+        scb = getattr(weight, "SCB", None)  # LLM.int8 row scales
+        if isinstance(scb, torch.Tensor):
+            out.append(scb)
+        return out
+
+    def logical_numel(self, param) -> int | None:
+        if type(param).__name__ != "Params4bit":
+            return None
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        return int(shape.numel()) if shape is not None else param.numel() * 2  # two 4-bit values per stored byte
+
+    def round_trip(self, weight, quant: str):
+        """The functions ``Linear4bit`` (bf16 in, blocks of 64) and ``Linear8bitLt`` (fp16 in, one absmax per row) use."""
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        if quant == "int8":
+            codes, scales, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
+            return bnbf.int8_vectorwise_dequant(codes, scales).float()
+        packed, state = bnbf.quantize_4bit(weight.to(torch.bfloat16), blocksize=BLOCKSIZE, quant_type=quant)
+        return bnbf.dequantize_4bit(packed, state).float()
+
+
+BACKEND = BitsAndBytes()
