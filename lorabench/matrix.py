@@ -2,7 +2,8 @@
 
 A case is one configuration applied to one model and one data set. The default
 matrix covers the reference reports (full fine-tuning baseline, LoRA, QLoRA NF4 and
-FP4, LLM.int8, and an NF4 rank sweep); a YAML matrix file can replace or extend it.
+FP4, LLM.int8, torchao int8, and an NF4 rank sweep); a YAML matrix file can replace or
+extend it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("qlora_nf4", method="lora", quant="nf4", double_quant=True),
     BenchConfig("qlora_fp4", method="lora", quant="fp4"),
     BenchConfig("lora_int8", method="lora", quant="int8"),
+    BenchConfig("lora_torchao_int8", method="lora", quant="torchao_int8"),
     *(
         BenchConfig(f"qlora_nf4_r{r}", method="lora", quant="nf4", double_quant=True, rank=r, alpha=SWEEP_ALPHA, tags=("sweep",))
         for r in SWEEP_RANKS

@@ -119,6 +119,14 @@ def _bnb_layers(quant: str, double_quant: bool = False):
     return torch.nn.Sequential(make(True), make(False)).to("cpu")  # the move to a device quantizes
 
 
+def _torchao_layers(dtype):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = torch.nn.Sequential(torch.nn.Linear(IN, OUT, bias=True), torch.nn.Linear(IN, OUT, bias=False)).to(dtype)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
 N = OUT * IN
 BLOCKS = N // 64
 # Per layer: what the backend stores for one 64 x 128 weight, counted by hand.
@@ -128,6 +136,7 @@ NF4_DQ_LAYER = (N // 2 + BLOCKS * 1  # absmax quantized to uint8
                 + 1 * 4 + 256 * 4  # one fp32 absmax per 256 absmaxes, the 256-value 8-bit code
                 + 16 * 4)
 INT8_LAYER = N + OUT * 4  # an int8 per weight, an fp32 absmax per row (SCB)
+TORCHAO_LAYER = N + OUT * 4 + OUT * 1  # int8 data, an fp32 scale per row (whatever the weight's dtype), an int8 zero point
 
 
 @pytest.mark.parametrize("build, layer_bytes, bias_bytes", [
@@ -135,6 +144,8 @@ INT8_LAYER = N + OUT * 4  # an int8 per weight, an fp32 absmax per row (SCB)
     pytest.param(lambda: _bnb_layers("nf4", double_quant=True), NF4_DQ_LAYER, OUT * 4, id="nf4-double-quant"),
     pytest.param(lambda: _bnb_layers("fp4"), NF4_LAYER, OUT * 4, id="fp4"),
     pytest.param(lambda: _bnb_layers("int8"), INT8_LAYER, OUT * 4, id="int8"),
+    pytest.param(lambda: _torchao_layers(torch.float32), TORCHAO_LAYER, OUT * 4, id="torchao_int8-fp32"),
+    pytest.param(lambda: _torchao_layers(torch.bfloat16), TORCHAO_LAYER, OUT * 2, id="torchao_int8-bf16"),
 ])
 def test_bytes_of_every_format_match_a_hand_count(build, layer_bytes, bias_bytes):
     model = build()
@@ -156,3 +167,49 @@ def test_flops_count_each_base_weight_once_under_an_adapter(tiny_llama, cpu):
     adapted = apply_adapter(model, config)
     lora = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n)
     assert matmul_params(adapted) == (linear, lora)
+
+
+# ----- the second backend: torchao int8 weight-only ------------------------------
+def test_torchao_int8_is_registered_with_its_own_marker():
+    assert backends.backend_for("torchao_int8").name == "torchao"
+    assert BenchConfig("c", quant="torchao_int8").markers == ("lora", "torchao", "quantized")  # not under -m qlora
+
+
+def test_torchao_loads_every_linear_but_the_head_and_its_ratio_is_exact(tiny_llama, cpu):
+    """4 layers x (q, k, v, o: 256 x 256; gate, up: 704 x 256; down: 256 x 704), per row an fp32 scale and int8 zero."""
+    from lorabench.models import load_model
+
+    model = load_model(tiny_llama, BenchConfig("q", quant="torchao_int8"), cpu).model
+    shapes = 4 * [(256, 256)] * 4 + 4 * [(704, 256), (704, 256), (256, 704)]
+    stored = sum(rows * cols + rows * (4 + 1) for rows, cols in shapes)
+    assert quantized_linear_ratio(model) == stored / (2 * sum(r * c for r, c in shapes))
+    assert backends.owner(model.get_output_embeddings()) is None  # transformers leaves the head unquantized
+
+
+def test_lora_on_a_torchao_base_gets_gradients_through_the_int8_layers(tiny_llama, cpu):
+    from lorabench.config import resolve
+    from lorabench.models import apply_adapter, load_model
+
+    config = resolve(BenchConfig("q", quant="torchao_int8"), tiny_llama.defaults, cpu)
+    model = apply_adapter(load_model(tiny_llama, config, cpu).model, config)
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "TorchaoLoraLinear"
+    ids = torch.randint(3, 50, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    # lora_B starts at zero: a first-layer adapter's gradient flows back through every int8 layer above it
+    first_layer = {n: p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n}
+    assert len(first_layer) == 7 and all(g is not None and g.abs().sum() > 0 for g in first_layer.values())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_a_peft_wrapper_is_not_counted_as_a_second_quantized_layer(tiny_llama, cpu):
+    from lorabench.models import apply_adapter, load_model
+
+    config = BenchConfig("q", quant="torchao_int8")
+    model = load_model(tiny_llama, config, cpu).model
+    before = weight_bytes(model), quantized_linear_ratio(model)
+    adapted = apply_adapter(model, config)
+    owned = [name for name, m in adapted.named_modules() if backends.owner(m) is not None]
+    assert len(owned) == 4 * 7 and all(name.endswith("base_layer") for name in owned)
+    assert quantized_linear_ratio(adapted) == before[1]
+    lora_bytes = sum(p.numel() * p.element_size() for n, p in adapted.named_parameters() if "lora_" in n)
+    assert weight_bytes(adapted) == before[0] + lora_bytes

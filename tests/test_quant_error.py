@@ -77,6 +77,25 @@ def test_bad_weights_are_named(bad, message):
         round_trip(torch.ones(4, 4), "nf3")
 
 
+def test_torchao_int8_lands_where_llm_int8_does():
+    """Both keep one absmax scale per row of int8 codes; torchao quantizes from float32, LLM.int8 from fp16."""
+    for layer in layer_errors(normal_weights(), quant_types=("int8", "torchao_int8")):
+        assert abs(layer.errors["torchao_int8"] - layer.errors["int8"]) <= 0.05 * layer.errors["int8"], layer
+
+
+def test_the_shipped_gate_fails_when_torchao_int8_is_worse_than_llm_int8():
+    thresholds = load_thresholds(Path(__file__).resolve().parent.parent / "thresholds.yaml", built_in_case_ids())
+    gates = [g for g in thresholds.gates_for(NORMAL_CASE_ID, "cpu", "normal N(0,1) matrices")
+             if g.config == NORMAL_CASE_ID and g.metric.startswith("torchao_int8")]
+    same_format = [g for g in gates if g.ref_metric == "int8_rel_error_mean"]
+    assert same_format
+    good = summarize(layer_errors(normal_weights(shapes=((128, 128),))))
+    worse = dict(good, torchao_int8_rel_error_mean=good["int8_rel_error_mean"] * 1.1)
+    no_reference = lambda _config: None  # noqa: E731
+    assert all(evaluate(g, NORMAL_CASE_ID, good, {}, no_reference).status == PASS for g in gates)
+    assert evaluate(same_format[0], NORMAL_CASE_ID, worse, {}, no_reference).status == FAIL
+
+
 def test_the_shipped_gate_fails_when_nf4_is_worse_than_fp4():
     thresholds = load_thresholds(Path(__file__).resolve().parent.parent / "thresholds.yaml", built_in_case_ids())
     gates = [g for g in thresholds.gates_for(NORMAL_CASE_ID, "cpu", "normal N(0,1) matrices")
