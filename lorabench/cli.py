@@ -11,6 +11,7 @@ Exit codes: 0 fine, 1 a regression with ``--fail``, 2 bad input (a message says 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,28 +29,39 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def _path(value: str) -> Path:
+    """A path option: not empty, ``~`` expanded."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return Path(os.path.expanduser(value))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     storage = argparse.ArgumentParser(add_help=False)
-    storage.add_argument("--storage", type=Path, default=Path(".benchmarks"), metavar="DIR",
+    storage.add_argument("--storage", type=_path, default=Path(".benchmarks"), metavar="DIR",
                          help="pytest-benchmark file storage (default .benchmarks)")
 
     cmp = sub.add_parser("compare", parents=[storage], help="compare every metric of two stored runs")
     cmp.add_argument("run_a", nargs="?", help="the earlier run (default: the second latest)")
     cmp.add_argument("run_b", nargs="?", help="the later run (default: the latest)")
-    cmp.add_argument("--fail", action="store_true", help="exit 1 when any metric regressed")
-    cmp.add_argument("--thresholds", type=Path, default=Path("thresholds.yaml"), metavar="FILE",
+    cmp.add_argument("--fail", action="store_true",
+                     help="exit 1 when any metric regressed, or a compared run has a case that diverged or errored")
+    cmp.add_argument("--skip-broken", action="store_true",
+                     help="choose the latest runs among those whose cases all finished (each run passed over is "
+                          "printed with the reason)")
+    cmp.add_argument("--thresholds", type=_path, default=Path("thresholds.yaml"), metavar="FILE",
                      help="tolerances from its 'compare:' section (default thresholds.yaml; built-in defaults if absent)")
     cmp.add_argument("--all", action="store_true", help="show unchanged rows on the terminal too")
-    cmp.add_argument("--csv", type=Path, metavar="FILE", help="write every row as CSV")
-    cmp.add_argument("--json", type=Path, metavar="FILE", help="write every row and warning as JSON")
-    cmp.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown")
+    cmp.add_argument("--csv", type=_path, metavar="FILE", help="write every row as CSV")
+    cmp.add_argument("--json", type=_path, metavar="FILE", help="write every row and warning as JSON")
+    cmp.add_argument("--markdown", type=_path, metavar="FILE", help="write the table as Markdown")
     cmp.set_defaults(command=_compare)
 
     rep = sub.add_parser("report", parents=[storage], help="write summary.md, summary.html and plots for a run")
     rep.add_argument("run", nargs="?", help="the run (default: the latest)")
-    rep.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
+    rep.add_argument("--out", type=_path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
     rep.set_defaults(command=_report)
     return parser
 
@@ -57,14 +69,24 @@ def _parser() -> argparse.ArgumentParser:
 def _compare(args) -> int:
     from lorabench import compare_output
     from lorabench.compare import compare_runs
-    from lorabench.history import latest_runs, select_run
+    from lorabench.errors import HistoryError
+    from lorabench.history import latest_runs, run_problem, select_run
 
+    skipped: list[str] = []
+    latest = lambda n: latest_runs(n, args.storage, skip_broken=args.skip_broken, skipped=skipped)  # noqa: E731
     if args.run_a and args.run_b:
         run_a, run_b = select_run(args.run_a, args.storage), select_run(args.run_b, args.storage)
     elif args.run_a:
-        run_a, run_b = select_run(args.run_a, args.storage), latest_runs(1, args.storage)[0]
+        run_a, run_b = select_run(args.run_a, args.storage), latest(1)[0]
     else:
-        run_a, run_b = latest_runs(2, args.storage)
+        run_a, run_b = latest(2)
+    for line in skipped:
+        print(f"skipped run {line}")
+    runs = [run_a] if run_b.path == run_a.path else [run_a, run_b]
+    problems = [(run, problem) for run in runs if (problem := run_problem(run))]
+    if args.skip_broken and problems:
+        run, problem = problems[0]
+        raise HistoryError(f"run {run.label} was named, and {problem}; name another run")
     tolerances = _tolerances(args.thresholds)
     comparison = compare_runs(run_a, run_b, tolerances)
     for line in compare_output.terminal(comparison, show_all=args.all):
@@ -73,22 +95,26 @@ def _compare(args) -> int:
                         (args.markdown, compare_output.write_markdown)):
         if path is not None:
             write(comparison, path)
-    return EXIT_REGRESSION if args.fail and comparison.regressions else EXIT_OK
+    for run, problem in problems:
+        print(f"run {run.label}: {problem}" + ("; this fails --fail (--skip-broken compares the latest runs whose "
+                                               "cases all finished)" if args.fail else ""))
+    return EXIT_REGRESSION if args.fail and (comparison.regressions or problems) else EXIT_OK
 
 
 def _tolerances(path: Path):
     """The ``compare:`` section of the thresholds file (its gates are the bench's business)."""
-    import yaml
-
+    from lorabench import yamlio
     from lorabench.compare import Tolerances, parse_tolerances
     from lorabench.errors import ThresholdError
+    from lorabench.paths import read_text
 
-    if not path.exists():
+    path = Path(os.path.expanduser(str(path)))
+    if not os.path.lexists(path):
         return Tolerances()
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ThresholdError(f"{path}: not valid YAML: {exc}") from None
+        data = yamlio.load(read_text(path, "--thresholds", ThresholdError))
+    except yamlio.YamlProblem as exc:
+        raise ThresholdError(f"{exc.where(str(path))}: {exc.problem}") from None
     section = data.get("compare") if isinstance(data, dict) else None
     return parse_tolerances(section or {}, str(path))
 

@@ -7,14 +7,17 @@ the checkpoint comes from differs.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorabench.checkpoints import check_causal_lm, check_weights
 from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ConfigError, ModelError
+from lorabench.paths import expand, require
 from lorabench.zoo import ZOO, checkpoint_dir
 
 # Defaults for a real checkpoint, where the configuration leaves them open.
@@ -42,38 +45,44 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
         trust_remote_code: allow the checkpoint's own modelling code (off unless the user asks).
 
     Raises:
-        ModelError: the path is missing, the hub id is not cached, or the model is not a causal LM.
+        ModelError: the path is empty, missing or not a checkpoint directory (no config.json, no
+            whole weight files), the hub id is not cached, the checkpoint needs ``--trust-remote-code``,
+            or the model is not a causal LM.
     """
     if spec in ZOO:
         return ModelSource(spec, str(checkpoint_dir(spec)), True, ZOO[spec].defaults)
-    path = Path(spec)
-    looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix
-    if looks_local and not path.is_dir():
-        raise ModelError(f"--model {spec}: no such checkpoint directory")
-    if looks_local and not (path / "config.json").is_file():
-        raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
-    _check_causal_lm(spec, trust_remote_code)
+    path = expand(spec, "--model", ModelError)
+    if os.path.lexists(path) or spec.startswith((".", "/", "~")):
+        require(path, "directory", "--model", ModelError)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
+        check_weights(path, spec)
+        _check_causal_lm(str(path), spec, trust_remote_code)
+        return ModelSource(spec, str(path), False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
+    _check_causal_lm(spec, spec, trust_remote_code)
     return ModelSource(spec, spec, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
 
 
-def _check_causal_lm(spec: str, trust_remote_code: bool) -> None:
+def _check_causal_lm(location: str, spec: str, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
-        config = AutoConfig.from_pretrained(spec, local_files_only=True, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(location, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        text = str(exc)
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise ModelError(f"--model {spec}: the checkpoint ships its own modelling code (auto_map in config.json), "
+                             "which runs only with --trust-remote-code; read that code, then pass --trust-remote-code "
+                             "to allow it") from None
+        if os.path.isdir(location):
+            raise ModelError(f"--model {spec}: config.json cannot be read: {type(exc).__name__}: "
+                             f"{text.splitlines()[0] if text else 'no reason given'}") from None
         known = ", ".join(ZOO)
         raise ModelError(
             f"--model {spec!r}: not an embedded model ({known}), not a checkpoint directory, and not in the local "
             f"Hugging Face cache (runs are offline; download it first with `hf download {spec}`): {exc}"
         ) from None
-    auto_map = getattr(config, "auto_map", None) or {}
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map:
-        raise ModelError(
-            f"--model {spec!r}: model type {config.model_type!r} is not a causal language model "
-            "(AutoModelForCausalLM cannot load it)"
-        )
+    check_causal_lm(config, spec)
 
 
 def bnb_config(config: BenchConfig):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.textsafe import plot_label
 
 FORMATS = ("png", "svg")
 
@@ -40,7 +41,8 @@ def _save(fig, base: Path) -> list[Path]:
 
 
 def _points(results: list[CaseResult], x: str, y: str) -> list[tuple[float, float, str]]:
-    return [(r.metrics[x], r.metrics[y], f"{r.config_id}" + ("" if len({q.model for q in results}) == 1 else f" {r.model}"))
+    several_models = len({q.model for q in results}) > 1
+    return [(r.metrics[x], r.metrics[y], plot_label(r.config_id + (f" {r.model}" if several_models else "")))
             for r in results if r.status == STATUS_OK and x in r.metrics and y in r.metrics]
 
 
@@ -92,7 +94,7 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
     for r in results:
         rank = r.config.get("rank")
         if r.status == STATUS_OK and r.config.get("method") != "full" and rank and "eval_loss" in r.metrics:
-            series[f"{r.config.get('quant') or 'bf16'} {r.model}"].append((rank, r.metrics["eval_loss"]))
+            series[plot_label(f"{r.config.get('quant') or 'bf16'} {r.model}")].append((rank, r.metrics["eval_loss"]))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -128,7 +130,7 @@ def loss_curve_png(result: CaseResult, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(result.loss_curve) + 1), result.loss_curve, marker=".")
-    ax.set(xlabel="optimizer step", ylabel="training loss (nats)", title=f"{result.case_id}: training loss")
+    ax.set(xlabel="optimizer step", ylabel="training loss (nats)", title=plot_label(f"{result.case_id}: training loss", 80))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -15,6 +15,7 @@ from pathlib import Path
 from lorabench.history import StoredRun
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.textsafe import markdown
 from lorabench.summary import (
     columns_for,
     describe,
@@ -136,6 +137,6 @@ def _render(template: str, context: dict) -> str:
 
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
-    env.filters["md"] = lambda text: str(text).replace("|", "\\|")
+    env.filters["md"] = markdown
     env.tests["numeric_cell"] = lambda text: NUMERIC_CELL.match(str(text)) is not None
     return env.get_template(template).render(**context)

@@ -1,12 +1,15 @@
 """One bench session: the parsed options, the matrix, the gates, the inputs and the results so far.
 
 Everything a user passes is parsed here (:func:`open_session`) and checked before any case
-trains (:meth:`BenchSession.load_gates`, :meth:`BenchSession.check_inputs`); the pytest
-plugin only calls these and turns their errors into usage errors.
+trains (:meth:`BenchSession.load_gates`, :meth:`BenchSession.check_inputs`,
+:meth:`BenchSession.check_outputs`); the pytest plugin only calls these and turns their
+errors into usage errors.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,14 @@ from lorabench.matrix import DEFAULT_CONFIGS, Matrix, build_matrix
 from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
 from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
 from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
+from lorabench.paths import expand, not_empty
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
+log = logging.getLogger("lorabench.preflight")
 
 
 def built_in_case_ids() -> set[str]:
@@ -53,6 +58,10 @@ class BenchSession:
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
+    # worth knowing, not wrong (rows left out); shown at start-up and in the summary
+    notices: list[str] = field(default_factory=list)
+    # runs that could not be written where asked (lorabench.storage.SaveFailure)
+    save_failures: list = field(default_factory=list)
     # 1-minute load average when the session began: other work on the machine slows every timing
     load_at_start: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     _device: Any = None
@@ -94,23 +103,61 @@ class BenchSession:
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
     def check_inputs(self) -> None:
-        """Check what the user supplied before any case trains: device, dtypes, models, data sets.
+        """Check what the user supplied before any case trains: device, dtypes, models, data sets,
+        and what each case would meet later (target modules, sequence length, batch size).
 
-        Embedded zoo models are skipped here (they cannot be wrong, and building one takes a while).
+        Embedded zoo models are not built here: their config and tokenizer are enough.
 
         Raises:
             LorabenchError: the first bad input, named.
         """
-        from lorabench.models import check_dtype_supported, load_tokenizer
+        from lorabench import preflight
+        from lorabench.config import resolve
+        from lorabench.models import check_dtype_supported
         from lorabench.zoo import ZOO
 
         for config in self.matrix.configs:
             check_dtype_supported(config.dtype, self.device)
+        facts = {}
         for spec in self.matrix.models:
-            if spec not in ZOO:
-                load_tokenizer(self.model_source(spec))
-        for spec in self.matrix.datasets:
-            self.task(spec)
+            source = None if spec in ZOO else self.model_source(spec)
+            facts[spec] = preflight.model_facts(spec, source, trust_remote_code=self.trust_remote_code)
+        tasks = {spec: self.task(spec) for spec in self.matrix.datasets}
+        notices = [n for spec, task in tasks.items() for n in preflight.check_blank_rows(task, spec)]
+        for spec, fact in facts.items():
+            defaults = ZOO[spec].defaults if spec in ZOO else self.model_source(spec).defaults
+            for config in self.matrix.configs:
+                preflight.check_target_modules(config, fact)
+            for dataset, task in tasks.items():
+                lengths = preflight.token_lengths(task, fact.tokenizer)
+                for config in self.matrix.configs:
+                    notices += preflight.check_lengths(resolve(config, defaults), lengths, fact, dataset)
+        for notice in notices:
+            log.warning(notice)
+        self.notices += notices
+
+    def check_outputs(self, *, storage: Path | None = None, json_path: Path | None = None, cases: int = 1) -> None:
+        """Check every place the run writes before any case trains: the history storage, the
+        ``--benchmark-json`` file's directory, and the reports directory when ids become paths there.
+
+        Args:
+            storage: where pytest-benchmark saves this run (``None`` when it does not save).
+            json_path: the ``--benchmark-json`` file, if any.
+            cases: the cases the run will hold (for the free space its outputs need).
+
+        Raises:
+            LorabenchError: a directory that cannot be written or lacks room, or a case id too long for a file name.
+        """
+        from lorabench import preflight
+
+        if storage is not None:
+            preflight.check_output_dir(storage, "--benchmark-storage", cases)
+        if json_path is not None:
+            preflight.check_output_dir(json_path.absolute().parent, f"--benchmark-json {json_path}: its directory", cases)
+        if self.report_to != "none":
+            runs = self.reports_dir / "runs"
+            preflight.check_name_lengths(self.matrix.ids(), runs, f"--report-to {self.report_to}")
+            preflight.check_output_dir(runs, f"--report-to {self.report_to}: its log directory", cases)
 
     def log_dir(self, case_id: str) -> str:
         """Where the Trainer's integrations (TensorBoard) write for one case."""
@@ -164,16 +211,23 @@ def open_session(
     """Parse the run's options into a session (the command line's ``--matrix``, ``--set``, ...).
 
     Raises:
-        ConfigError: a malformed matrix file, override, budget or timeout, named.
+        ConfigError: a malformed matrix file, override, budget or timeout, or an empty value, named.
     """
+    for option, values in (("--model", models or []), ("--dataset", datasets or []), ("--set", overrides or [])):
+        for value in values:
+            not_empty(value, option)
     pairs = dict(parse_override(text) for text in overrides or [])
     if steps is not None:
         pairs["steps"] = steps
+    if matrix_file is not None:
+        matrix_file = expand(matrix_file, "--matrix")
     matrix = build_matrix(matrix_file=matrix_file, models=models, datasets=datasets, overrides=pairs)
-    if case_timeout_s < 0:
-        raise ConfigError(f"--case-timeout {case_timeout_s:g}: must be 0 (off) or a positive number of seconds")
-    for name, value, allowed in (("--report-to", report_to, REPORT_TO), ("--isolate", isolate, ISOLATION)):
-        if value not in allowed:
+    if not math.isfinite(case_timeout_s) or case_timeout_s < 0:
+        raise ConfigError(f"--case-timeout {case_timeout_s:g}: must be 0 (off) or a finite positive number of seconds")
+    for name, value, allowed in (("--report-to", report_to, REPORT_TO), ("--isolate", isolate, ISOLATION),
+                                 ("--device", device, None)):
+        not_empty(value, name)
+        if allowed and value not in allowed:
             raise ConfigError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
     return BenchSession(
         matrix=matrix,
@@ -181,8 +235,8 @@ def open_session(
         report_to=report_to,
         trust_remote_code=trust_remote_code,
         isolate=isolate,
-        thresholds_path=Path(thresholds) if thresholds else root / "thresholds.yaml",
+        thresholds_path=expand(thresholds, "--thresholds") if thresholds is not None else root / "thresholds.yaml",
         reports_dir=root / "reports",
-        memory_budget=parse_size(memory_budget) if memory_budget is not None else None,
+        memory_budget=parse_size(not_empty(memory_budget, "--memory-budget")) if memory_budget is not None else None,
         case_timeout_s=case_timeout_s,
     )
