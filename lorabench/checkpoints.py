@@ -102,9 +102,9 @@ def check_causal_lm(config, spec: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     auto_map = getattr(config, "auto_map", None) or {}
-    if "AutoModelForCausalLM" in auto_map:
-        return  # the checkpoint's own code says it is one (and runs only with --trust-remote-code)
     causal_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if causal_class is None and "AutoModelForCausalLM" in auto_map:
+        return  # the checkpoint's own code says it is one (and runs only with --trust-remote-code)
     if causal_class is None:
         raise ModelError(f"--model {spec!r}: model type {config.model_type!r} is not a causal language model "
                          "(AutoModelForCausalLM cannot load it)")

@@ -56,8 +56,8 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
         require(path, "directory", "--model", ModelError)
         if not (path / "config.json").is_file():
             raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
-        check_weights(path, spec)
         _check_causal_lm(str(path), spec, trust_remote_code)
+        check_weights(path, spec)
         return ModelSource(spec, str(path), False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
     _check_causal_lm(spec, spec, trust_remote_code)
     return ModelSource(spec, spec, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)

@@ -9,6 +9,7 @@ as a notice for the terminal.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -55,22 +56,35 @@ def model_facts(spec: str, source=None, *, trust_remote_code: bool = False) -> M
     Args:
         source: the resolved :class:`~lorabench.models.ModelSource` (``None`` for a zoo model).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lorabench.models import load_tokenizer
-    from lorabench.zoo import ZOO, build_tokenizer, model_config
+    from lorabench.zoo import ZOO
 
     if spec in ZOO:
-        tokenizer = build_tokenizer()
-        config = model_config(ZOO[spec], tokenizer)
-    else:
-        tokenizer = load_tokenizer(source)
-        config = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return _zoo_facts(spec)
+    tokenizer = load_tokenizer(source)
+    config = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=trust_remote_code)
+    return ModelFacts(spec, config, tokenizer, _module_types(config, trust_remote_code))
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo_facts(name: str) -> ModelFacts:
+    from lorabench.zoo import ZOO, build_tokenizer, model_config
+
+    tokenizer = build_tokenizer()
+    config = model_config(ZOO[name], tokenizer)
+    return ModelFacts(name, config, tokenizer, _module_types(config, False))
+
+
+def _module_types(config, trust_remote_code: bool) -> dict[str, str]:
+    """Module name -> class name of the model a config describes, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    modules = {name: type(module).__name__ for name, module in model.named_modules() if name}
-    return ModelFacts(spec, config, tokenizer, modules)
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
 
 def check_target_modules(config: BenchConfig, facts: ModelFacts) -> None:
@@ -119,10 +133,10 @@ def token_lengths(task, tokenizer) -> TokenLengths:
 
     def lengths(ds) -> tuple[list[int], list[int]]:
         if "prompt" in ds.column_names:
-            prompt = [len(ids) for ids in tokenizer(ds["prompt"])["input_ids"]]
-            answer = [len(ids) + 1 for ids in tokenizer(ds["completion"], add_special_tokens=False)["input_ids"]]
+            prompt = [len(ids) for ids in tokenizer(list(ds["prompt"]))["input_ids"]]
+            answer = [len(ids) + 1 for ids in tokenizer(list(ds["completion"]), add_special_tokens=False)["input_ids"]]
             return prompt, [p + a for p, a in zip(prompt, answer)]
-        text = [len(ids) + 1 for ids in tokenizer(ds["text"])["input_ids"]]
+        text = [len(ids) + 1 for ids in tokenizer(list(ds["text"]))["input_ids"]]
         return [0] * len(text), text
 
     train_prompt, train_total = lengths(task.train)

@@ -118,11 +118,11 @@ class BenchSession:
 
         for config in self.matrix.configs:
             check_dtype_supported(config.dtype, self.device)
+        tasks = {spec: self.task(spec) for spec in self.matrix.datasets}
         facts = {}
         for spec in self.matrix.models:
             source = None if spec in ZOO else self.model_source(spec)
             facts[spec] = preflight.model_facts(spec, source, trust_remote_code=self.trust_remote_code)
-        tasks = {spec: self.task(spec) for spec in self.matrix.datasets}
         notices = [n for spec, task in tasks.items() for n in preflight.check_blank_rows(task, spec)]
         for spec, fact in facts.items():
             defaults = ZOO[spec].defaults if spec in ZOO else self.model_source(spec).defaults
