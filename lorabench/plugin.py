@@ -114,16 +114,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("bench_case", params)
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the selected cases are checked
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Read the gates and check every user input once, before any case trains, if a bench case was collected."""
     gated = ("bench_case", "inference_adapter")  # the inference cases train an adapter first
     if not any(name in getattr(item, "fixturenames", ()) for item in items for name in gated):
         return
     session = config.stash[SESSION_KEY]
+    selected = [item.callspec.params["bench_case"] for item in items
+                if "bench_case" in getattr(getattr(item, "callspec", None), "params", {})]
+    ids = [item.callspec.id for item in items if "bench_case" in getattr(getattr(item, "callspec", None), "params", {})]
+    # a case that is not a matrix case (an inference variant's adapter) draws on the whole matrix
+    whole_matrix = len(selected) < len(items)
     try:
         session.load_gates()
-        session.check_inputs()
-        session.check_outputs(**_outputs(config), cases=len(items))
+        session.check_inputs(None if whole_matrix else selected)
+        session.check_outputs(**_outputs(config), cases=len(items), ids=None if whole_matrix else ids)
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
 

@@ -19,7 +19,7 @@ from lorabench.budget import parse_size
 from lorabench.config import parse_override
 from lorabench.environment import machine
 from lorabench.errors import ConfigError
-from lorabench.matrix import DEFAULT_CONFIGS, Matrix, build_matrix
+from lorabench.matrix import DEFAULT_CONFIGS, Case, Matrix, build_matrix
 from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
 from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
 from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
@@ -102,11 +102,14 @@ class BenchSession:
         known = built_in_case_ids() | {c.id for c in self.matrix.configs}
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
-    def check_inputs(self) -> None:
+    def check_inputs(self, cases: list[Case] | None = None) -> None:
         """Check what the user supplied before any case trains: device, dtypes, models, data sets,
         and what each case would meet later (target modules, sequence length, batch size).
 
         Embedded zoo models are not built here: their config and tokenizer are enough.
+
+        Args:
+            cases: the cases that will run (pytest's selection); every case of the matrix if ``None``.
 
         Raises:
             LorabenchError: the first bad input, named.
@@ -116,27 +119,30 @@ class BenchSession:
         from lorabench.models import check_dtype_supported
         from lorabench.zoo import ZOO
 
-        for config in self.matrix.configs:
+        cases = self.matrix.cases() if cases is None else cases
+        for config in {c.config.id: c.config for c in cases}.values():
             check_dtype_supported(config.dtype, self.device)
-        tasks = {spec: self.task(spec) for spec in self.matrix.datasets}
+        tasks = {spec: self.task(spec) for spec in dict.fromkeys(c.dataset for c in cases)}
         facts = {}
-        for spec in self.matrix.models:
+        for spec in dict.fromkeys(c.model for c in cases):
             source = None if spec in ZOO else self.model_source(spec)
             facts[spec] = preflight.model_facts(spec, source, trust_remote_code=self.trust_remote_code)
         notices = [n for spec, task in tasks.items() for n in preflight.check_blank_rows(task, spec)]
-        for spec, fact in facts.items():
-            defaults = ZOO[spec].defaults if spec in ZOO else self.model_source(spec).defaults
-            for config in self.matrix.configs:
-                preflight.check_target_modules(config, fact)
-            for dataset, task in tasks.items():
-                lengths = preflight.token_lengths(task, fact.tokenizer)
-                for config in self.matrix.configs:
-                    notices += preflight.check_lengths(resolve(config, defaults), lengths, fact, dataset)
-        for notice in notices:
+        lengths = {}
+        for case in cases:
+            fact, task = facts[case.model], tasks[case.dataset]
+            defaults = ZOO[case.model].defaults if case.model in ZOO else self.model_source(case.model).defaults
+            preflight.check_target_modules(case.config, fact)
+            key = (case.model, case.dataset)
+            if key not in lengths:
+                lengths[key] = preflight.token_lengths(task, fact.tokenizer)
+            notices += preflight.check_lengths(resolve(case.config, defaults), lengths[key], fact, case.dataset)
+        for notice in dict.fromkeys(notices):
             log.warning(notice)
-        self.notices += notices
+            self.notices.append(notice)
 
-    def check_outputs(self, *, storage: Path | None = None, json_path: Path | None = None, cases: int = 1) -> None:
+    def check_outputs(self, *, storage: Path | None = None, json_path: Path | None = None, cases: int = 1,
+                      ids: list[str] | None = None) -> None:
         """Check every place the run writes before any case trains: the history storage, the
         ``--benchmark-json`` file's directory, and the reports directory when ids become paths there.
 
@@ -144,6 +150,7 @@ class BenchSession:
             storage: where pytest-benchmark saves this run (``None`` when it does not save).
             json_path: the ``--benchmark-json`` file, if any.
             cases: the cases the run will hold (for the free space its outputs need).
+            ids: the ids of the cases that will run (every case of the matrix if ``None``).
 
         Raises:
             LorabenchError: a directory that cannot be written or lacks room, or a case id too long for a file name.
@@ -156,7 +163,7 @@ class BenchSession:
             preflight.check_output_dir(json_path.absolute().parent, f"--benchmark-json {json_path}: its directory", cases)
         if self.report_to != "none":
             runs = self.reports_dir / "runs"
-            preflight.check_name_lengths(self.matrix.ids(), runs, f"--report-to {self.report_to}")
+            preflight.check_name_lengths(self.matrix.ids() if ids is None else ids, runs, f"--report-to {self.report_to}")
             preflight.check_output_dir(runs, f"--report-to {self.report_to}: its log directory", cases)
 
     def log_dir(self, case_id: str) -> str:
