@@ -1,11 +1,14 @@
 """``python -m lorabench``: compare stored runs and render reports.
 
-    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--csv F] [--json F] [--markdown F]
-    python -m lorabench report [RUN] [--out reports/]
+    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--skip-broken] [--csv F] [--json F] [--markdown F]
+    python -m lorabench report [RUN] [--out reports/] [--skip-broken]
 
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
-prefix; by default the two latest runs (compare) or the latest (report).
-Exit codes: 0 fine, 1 a regression with ``--fail``, 2 bad input (a message says which).
+prefix; by default the two latest runs (compare) or the latest (report). A stored run that
+cannot be read stops the choice, and one with a diverged, errored or timed-out case fails
+``--fail``; ``--skip-broken`` passes over both and prints each one with the reason.
+Exit codes: 0 fine, 1 a regression (or a compared run with a case that did not finish) with
+``--fail``, 2 bad input (a message says which).
 """
 
 from __future__ import annotations
@@ -42,15 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument("--storage", type=_path, default=Path(".benchmarks"), metavar="DIR",
                          help="pytest-benchmark file storage (default .benchmarks)")
+    storage.add_argument("--skip-broken", action="store_true",
+                         help="choose the latest runs among those that can be read and whose cases all finished "
+                              "(each run passed over is printed with the reason)")
 
     cmp = sub.add_parser("compare", parents=[storage], help="compare every metric of two stored runs")
     cmp.add_argument("run_a", nargs="?", help="the earlier run (default: the second latest)")
     cmp.add_argument("run_b", nargs="?", help="the later run (default: the latest)")
     cmp.add_argument("--fail", action="store_true",
                      help="exit 1 when any metric regressed, or a compared run has a case that diverged or errored")
-    cmp.add_argument("--skip-broken", action="store_true",
-                     help="choose the latest runs among those whose cases all finished (each run passed over is "
-                          "printed with the reason)")
     cmp.add_argument("--thresholds", type=_path, default=Path("thresholds.yaml"), metavar="FILE",
                      help="tolerances from its 'compare:' section (default thresholds.yaml; built-in defaults if absent)")
     cmp.add_argument("--all", action="store_true", help="show unchanged rows on the terminal too")
@@ -123,7 +126,11 @@ def _report(args) -> int:
     from lorabench.history import latest_runs, select_run
     from lorabench.report import write_report
 
-    run = select_run(args.run, args.storage) if args.run else latest_runs(1, args.storage)[0]
+    skipped: list[str] = []
+    run = select_run(args.run, args.storage) if args.run else latest_runs(
+        1, args.storage, skip_broken=args.skip_broken, skipped=skipped)[0]
+    for line in skipped:
+        print(f"skipped run {line}")
     for path in write_report(run, args.out):
         print(f"wrote {path}")
     return EXIT_OK

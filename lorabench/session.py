@@ -18,7 +18,7 @@ from typing import Any
 from lorabench.budget import parse_size
 from lorabench.config import parse_override
 from lorabench.environment import machine
-from lorabench.errors import ConfigError
+from lorabench.errors import ConfigError, StorageError
 from lorabench.matrix import DEFAULT_CONFIGS, Case, Matrix, build_matrix
 from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
 from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
@@ -160,6 +160,8 @@ class BenchSession:
         if storage is not None:
             preflight.check_output_dir(storage, "--benchmark-storage", cases)
         if json_path is not None:
+            if json_path.is_dir():
+                raise StorageError(f"--benchmark-json {json_path}: a directory, not a file; name the file to write")
             preflight.check_output_dir(json_path.absolute().parent, f"--benchmark-json {json_path}: its directory", cases)
         if self.report_to != "none":
             runs = self.reports_dir / "runs"

@@ -320,6 +320,8 @@ CATALOG = [
     BadInput("--benchmark-json in a directory that is a file", {}, {"out": "x"},
              ("--benchmark-json <dir>/out/run.json: its directory <dir>/out", "a file stands where the directory should be"),
              outputs={"json_path": "{d}/out/run.json"}),
+    BadInput("--benchmark-json a directory", {}, {"out/x": "x"},
+             ("--benchmark-json <dir>/out: a directory, not a file",), outputs={"json_path": "{d}/out"}),
     # models
     BadInput("--model path missing", {"models": ["{d}/no-such-model"]}, {}, ("no-such-model", "not found")),
     BadInput("--model empty string", {"models": [""]}, {}, ("--model ''", "empty")),

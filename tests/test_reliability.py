@@ -208,6 +208,21 @@ def test_a_save_that_dies_half_way_leaves_no_result_file(tmp_path, monkeypatch):
     assert storage._next_num == "0002"  # and it does not disturb the numbering
 
 
+# ----- preflight, through pytest ------------------------------------------------------------
+def test_preflight_stops_the_run_at_collection_and_checks_only_the_selected_cases(no_gates, tmp_path):
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("configs:\n  - {id: fine}\n  - {id: cut, seq_len: 1}\n")
+    common = (f"--matrix={matrix}", f"--thresholds={no_gates}", "--collect-only", "-q")
+    refused = bench(*common)
+    assert refused.returncode == 4, refused.stdout[-2000:]
+    assert "configuration 'cut' on --model tiny-llama, --dataset digit-reverse: seq_len=1" in refused.stderr
+    assert bench(*common, "-k", "fine").returncode == 0  # the deselected case is not checked
+    (tmp_path / "history").write_text("a file")
+    storage = bench(*common, "-k", "fine", "--benchmark-autosave", f"--benchmark-storage={tmp_path / 'history'}")
+    assert storage.returncode == 4
+    assert f"--benchmark-storage {tmp_path / 'history'}" in storage.stderr and "cannot write there" in storage.stderr
+
+
 # ----- saving that fails ----------------------------------------------------------------
 def test_a_run_whose_storage_breaks_before_saving_is_written_elsewhere_and_summarised(no_gates, tmp_path):
     from lorabench.matrix import DEFAULT_CONFIGS
