@@ -24,7 +24,8 @@ from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
 from lorabench.runner import CaseAborted
 
 # Imported once by the forkserver; every case process inherits them.
-PRELOAD = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "lorabench.runner"]
+PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
+           "lorabench.runner"]
 
 
 class ChildFailed(LorabenchError):
@@ -84,6 +85,8 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
                 return
             if command == "step":
                 conn.send(("stepped", run.step()))
+            elif command == "control":
+                conn.send(("controlled", run.control()))
             elif command == "ping":
                 conn.send(("pong", None))
             elif command == "finish":
@@ -109,7 +112,7 @@ class IsolatedCaseRun:
 
         self.case = case
         self.case_id = case_id
-        self.config = resolve(case.config, source.defaults)
+        self.config = resolve(case.config, source.defaults, device)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
                          "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
         self._device = str(device)
@@ -130,6 +133,11 @@ class IsolatedCaseRun:
     def step(self) -> float:
         self._conn.send("step")
         return self._await("stepped")
+
+    def control(self) -> None:
+        """Time the control workload in the case process, just before the next step."""
+        self._conn.send("control")
+        self._await("controlled")
 
     def ping(self) -> None:
         """One round trip with no work, to measure what isolation adds to a step."""

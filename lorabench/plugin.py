@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import lorabench.quiet  # noqa: F401  (first: before any Hugging Face library is imported)
 from lorabench.errors import LorabenchError
 from lorabench.session import (
     DEFAULT_CASE_TIMEOUT_S,
@@ -150,11 +151,31 @@ def _outputs(config: pytest.Config) -> dict:
     return {"storage": directory, "json_path": json_path}
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The run's first line: which cases, on what, in which dtype, and how long it should take."""
+    bench = session.config.stash.get(SESSION_KEY, None)
+    items = [i for i in session.items if "bench_case" in getattr(i, "fixturenames", ())]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if bench is None or not items or reporter is None:
+        return
+    reporter.write_line(bench.plan_line([i.callspec.params["bench_case"] for i in items],
+                                        [i.callspec.id for i in items], _storage_path(session.config)))
+
+
+def _storage_path(config: pytest.Config) -> Path | None:
+    storage = getattr(getattr(config, "_benchmarksession", None), "storage", None)
+    path = getattr(storage, "path", None)
+    return Path(path) if path is not None else None
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     from lorabench.environment import machine
 
     machine_info.update(machine())
     session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        # --isolate none understates a repeated case's memory: compare warns when two runs differ in it
+        machine_info["isolate"] = session.isolate
     if hasattr(os, "getloadavg"):
         machine_info["load_avg_1m_start"] = session.load_at_start if session is not None else None
         machine_info["load_avg_1m_end"] = os.getloadavg()[0]

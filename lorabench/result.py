@@ -35,6 +35,7 @@ class CaseResult:
     sources: dict[str, str] = field(default_factory=dict)
     loss_curve: list[float] = field(default_factory=list)
     step_ms_curve: list[float] = field(default_factory=list)
+    control_ms_curve: list[float] = field(default_factory=list)  # the control workload before each step
     environment: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None

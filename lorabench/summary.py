@@ -107,7 +107,7 @@ def group_results(results: Iterable[CaseResult]) -> dict[tuple[str, str, str], l
 
 
 def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
-    """``full_bf16`` where it ran, otherwise the first case that ran."""
+    """``full`` where it ran, otherwise the first case that ran."""
     ok = [r for r in results if r.status == STATUS_OK]
     for r in ok:
         if r.config_id == BASELINE_ID:
@@ -219,12 +219,30 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+PHASES = (("load", "load"), ("eval_before", "eval before"), ("train", "train"), ("eval_after", "eval after"),
+          ("adapter_check", "adapter check"))
+
+
+def phase_lines(results: list[CaseResult]) -> list[str]:
+    """Where each case's wall time went, phase by phase (informational: wall clock under the run's load)."""
+    lines = []
+    for r in results:
+        parts = [f"{label} {r.metrics[f'phase_{key}_s']:.1f}" for key, label in PHASES
+                 if f"phase_{key}_s" in r.metrics]
+        if parts:
+            lines.append(f"{r.config_id}: " + ", ".join(parts))
+    return lines
+
+
 def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
         base = pick_baseline(group)
         base_text = f"baseline {base.config_id}" if base else "no baseline (no case ran)"
-        lines.append(f"{model} on {dataset} ({device}), {base_text}; deltas are (value - baseline) / baseline")
+        dtypes = sorted({str(r.config["dtype"]) for r in group if r.config.get("dtype")})
+        dtype_text = f", trained in {'/'.join(dtypes)}" if dtypes else ""
+        lines.append(f"{model} on {dataset} ({device}{dtype_text}), {base_text}; "
+                     "deltas are (value - baseline) / baseline")
         lines += render_table(group)
         not_ok = [r for r in group if r.status != STATUS_OK]
         for r in not_ok:
@@ -237,6 +255,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if adapters:
             lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
             lines += [f"  - {a}" for a in adapters]
+        phases = phase_lines(group)
+        if phases:
+            lines.append("seconds per phase (wall clock):")
+            lines += [f"  - {p}" for p in phases]
         lines.append("")
     if gate_counts:
         lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))

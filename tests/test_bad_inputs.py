@@ -219,9 +219,9 @@ CATALOG = [
              {"gates.yaml": GATES_HEAD + "    '*':\n      - step_ms <= 10\n      - step_ms >= 20\n"},
              ("gates.yaml", "step_ms", "contradict")),
     BadInput("thresholds: contradictory relative bounds", {"thresholds": "{d}/gates.yaml"},
-             {"gates.yaml": GATES_HEAD + "    qlora_nf4:\n      - weights_mib <= 0.5 * lora_bf16.weights_mib\n"
-                                         "      - weights_mib >= 0.8 * lora_bf16.weights_mib\n"},
-             ("gates.yaml:5", "contradicts", "for any positive lora_bf16.weights_mib")),
+             {"gates.yaml": GATES_HEAD + "    qlora_nf4:\n      - weights_mib <= 0.5 * lora.weights_mib\n"
+                                         "      - weights_mib >= 0.8 * lora.weights_mib\n"},
+             ("gates.yaml:5", "contradicts", "for any positive lora.weights_mib")),
     BadInput("thresholds: a rule comparing two units", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": GATES_HEAD + "    '*':\n      - peak_rss_delta_mib <= 1.0 * self.step_ms\n"},
              ("gates.yaml:5", "peak_rss_delta_mib (MiB) with step_ms (ms)", "share a unit")),

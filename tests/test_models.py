@@ -9,6 +9,7 @@ import torch
 
 from lorabench.config import BenchConfig, resolve
 from lorabench.models import apply_adapter, attention_module_names, load_model, resolve_model
+from lorabench.precision import native_dtype, torch_dtype
 from lorabench.zoo import ZOO
 
 
@@ -30,7 +31,7 @@ def test_every_zoo_family_loads_quantized_and_finds_attention_layers(name, cpu):
 
 def test_4bit_layers_keep_input_gradients_after_an_eval_pass(tiny_llama, cpu):
     """An eval-mode forward must not switch bitsandbytes to its autograd-less CPU inference kernel."""
-    config = resolve(BenchConfig("q", quant="nf4", double_quant=True), tiny_llama.defaults)
+    config = resolve(BenchConfig("q", quant="nf4", double_quant=True), tiny_llama.defaults, cpu)
     model = apply_adapter(load_model(tiny_llama, config, cpu).model, config)
     ids = torch.randint(3, 50, (2, 12))
     model.eval()
@@ -50,4 +51,4 @@ def test_4bit_layers_keep_input_gradients_after_an_eval_pass(tiny_llama, cpu):
 def test_full_fine_tuning_trains_every_weight(tiny_llama, cpu):
     model = apply_adapter(load_model(tiny_llama, BenchConfig("f", method="full"), cpu).model, BenchConfig("f", method="full"))
     assert all(p.requires_grad for p in model.parameters())
-    assert next(model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch_dtype(native_dtype(cpu))  # dtype auto: the CPU's native one

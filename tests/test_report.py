@@ -22,7 +22,7 @@ STORED_RUN = Path(__file__).parent / "data" / "stored-run.json"  # a real autosa
 
 def result(config_id, model="tiny-llama", dataset="digit-reverse", rank=16, quant=None, **metrics) -> CaseResult:
     r = CaseResult(case_id=f"{config_id}-{model}-{dataset}", config_id=config_id, model=model, dataset=dataset,
-                   device="cpu", config={"rank": rank, "quant": quant, "method": "full" if config_id == "full_bf16" else "lora"})
+                   device="cpu", config={"rank": rank, "quant": quant, "method": "full" if config_id == "full" else "lora"})
     r.metrics.update({"peak_rss_delta_mib": 100.0, "weights_mib": 6.0, "step_ms": 100.0, "tokens_per_s": 2000.0,
                       "train_s": 3.0, "eval_loss": 0.5, "train_loss_final": 0.6, "perplexity": 1.65})
     r.metrics.update(metrics)
@@ -37,7 +37,7 @@ def stored(*results) -> StoredRun:
 
 
 def test_report_files_tables_and_worded_deltas(tmp_path):
-    run = stored(result("full_bf16"), result("qlora_nf4", quant="nf4", weights_mib=3.0, peak_rss_delta_mib=80.0),
+    run = stored(result("full"), result("qlora_nf4", quant="nf4", weights_mib=3.0, peak_rss_delta_mib=80.0),
                  result("qlora_nf4_r64", rank=64, quant="nf4", weights_mib=6.6, eval_loss=0.45))
     written = write_report(run, tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in written}
@@ -46,7 +46,7 @@ def test_report_files_tables_and_worded_deltas(tmp_path):
     for p in written:
         assert p.stat().st_size > 0
     md = (tmp_path / "summary.md").read_text()
-    assert "Baseline: full_bf16." in md
+    assert "Baseline: full." in md
     assert "| qlora_nf4 | weights_mib | 6.00 | 3.00 | -50.0% | 50.0% less weight memory (3.00 vs 6.00 MiB, better) |" in md
     assert "50.0% more weight memory" not in md
     assert "lowest eval loss: qlora_nf4_r64" in md
@@ -57,29 +57,29 @@ def test_report_files_tables_and_worded_deltas(tmp_path):
 def test_html_escapes_what_comes_from_the_run(tmp_path):
     evil = result("<script>alert(1)</script>")
     evil.status, evil.error = STATUS_DOES_NOT_FIT, "<img src=x onerror=alert(2)>"
-    write_report(stored(result("full_bf16"), evil), tmp_path)
+    write_report(stored(result("full"), evil), tmp_path)
     html = (tmp_path / "summary.html").read_text()
     assert "<script>alert" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
 def test_absent_metrics_are_listed_with_their_reason_not_as_zero():
-    r = result("lora_bf16")
+    r = result("lora")
     del r.metrics["eval_loss"]
     r.absent["eval_loss"] = "the data set has no eval split"
-    group = build_groups([result("full_bf16"), r])[0]
-    assert "lora_bf16: eval_loss not measured: the data set has no eval split" in group.problems
+    group = build_groups([result("full"), r])[0]
+    assert "lora: eval_loss not measured: the data set has no eval split" in group.problems
     assert "0" not in [row[5] for row in group.table[1:]]  # eval loss column shows "-", never 0
 
 
 def test_model_by_dataset_table_appears_only_with_several():
-    one = [result("full_bf16")]
+    one = [result("full")]
     assert model_by_dataset(one) is None
-    several = one + [result("full_bf16", model="tiny-qwen", eval_loss=0.7), result("lora_bf16", dataset="data.jsonl", eval_loss=0.4)]
+    several = one + [result("full", model="tiny-qwen", eval_loss=0.7), result("lora", dataset="data.jsonl", eval_loss=0.4)]
     table = model_by_dataset(several)
     assert table[0] == ["model", "data.jsonl", "digit-reverse"]
-    assert table[1] == ["tiny-llama", "0.4 (lora_bf16)", "0.5 (full_bf16)"]
-    assert table[2] == ["tiny-qwen", "-", "0.7 (full_bf16)"]
+    assert table[1] == ["tiny-llama", "0.4 (lora)", "0.5 (full)"]
+    assert table[2] == ["tiny-qwen", "-", "0.7 (full)"]
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -95,7 +95,7 @@ def test_report_from_a_real_stored_run_through_the_command_line(tmp_path, capsys
     assert len(run.results) == 3
     assert main(["report", "--storage", str(tmp_path / ".benchmarks"), "--out", str(tmp_path / "reports")]) == 0
     md = (tmp_path / "reports" / "summary.md").read_text()
-    for config_id in ("full_bf16", "lora_bf16", "qlora_nf4_r8"):
+    for config_id in ("full", "lora", "qlora_nf4_r8"):
         assert f"| {config_id} |" in md
     assert "wrote" in capsys.readouterr().out
 

@@ -47,31 +47,31 @@ def test_verdict_follows_the_metric_direction():
 
 
 def test_summary_has_a_baseline_column_and_computed_findings():
-    rows = [result("full_bf16", peak_rss_delta_mib=100.0, weights_mib=10.0, step_ms=50.0, eval_loss=1.0),
+    rows = [result("full", peak_rss_delta_mib=100.0, weights_mib=10.0, step_ms=50.0, eval_loss=1.0),
             result("qlora_nf4", peak_rss_delta_mib=40.0, weights_mib=3.0, step_ms=60.0, eval_loss=0.9)]
     text = "\n".join(render_summary(rows, {"pass": 3}))
-    assert "baseline full_bf16" in text
+    assert "baseline full" in text
     assert "40.00 (-60.0%)" in text
     assert "gates: 3 pass" in text
     found = findings(rows)
-    assert found[0].startswith("qlora_nf4 vs full_bf16: 60.0% less peak memory")
+    assert found[0].startswith("qlora_nf4 vs full: 60.0% less peak memory")
     assert "20.0% more step time" in found[0]
     assert found[-1].startswith("lowest eval loss: qlora_nf4")
 
 
 def test_a_case_that_did_not_run_is_never_the_baseline():
-    failed = result("full_bf16")
+    failed = result("full")
     failed.status = "does_not_fit"
-    ok = result("lora_bf16", weights_mib=1.0)
-    assert "baseline lora_bf16" in render_summary([failed, ok])[0]
+    ok = result("lora", weights_mib=1.0)
+    assert "baseline lora" in render_summary([failed, ok])[0]
 
 
 def test_accuracy_shows_its_interval_and_quantization_error_gets_its_own_table():
-    ok = result("full_bf16", accuracy_pct=88.7, accuracy_ci_low_pct=84.2, accuracy_ci_high_pct=92.0, accuracy_n=256,
+    ok = result("full", accuracy_pct=88.7, accuracy_ci_low_pct=84.2, accuracy_ci_high_pct=92.0, accuracy_n=256,
                 accuracy_gain_pp=88.7, eval_loss=0.1)
     quant = result("quant_error_normal", nf4_rel_error_mean=0.092, fp4_rel_error_mean=0.122)
     quant.config = {"kind": "quant_error"}
     text = "\n".join(render_summary([ok, quant]))
     assert "88.7 [84.2-92.0]" in text
-    assert "highest accuracy: full_bf16 (88.7%, 95% CI 84.2-92.0%, n=256, +88.7 pp over the base model)" in text
+    assert "highest accuracy: full (88.7%, 95% CI 84.2-92.0%, n=256, +88.7 pp over the base model)" in text
     assert "NF4 err" in text and "24.6% less reconstruction error" in text
