@@ -274,7 +274,8 @@ CATALOG = [
              {"m.yaml": "configs: !!python/object/apply:os.system ['echo owned']\n"}, ("m.yaml (line 1)", "not allowed")),
     BadInput("matrix: file missing", {"matrix_file": "{d}/nope.yaml"}, {}, ("nope.yaml", "not found")),
     BadInput("matrix: empty string (--matrix '')", {"matrix_file": ""}, {}, ("--matrix ''", "empty")),
-    BadInput("compute dtype the device lacks (bf16 on a CUDA card without it)", {"device": "cuda"}, {},
+    BadInput("compute dtype the device lacks (--set dtype=bf16 on a CUDA card without it)",
+             {"device": "cuda", "overrides": ["dtype=bf16"]}, {},
              ("dtype='bf16' is not supported", "dtype=fp16"), prepare=cuda_without_bf16),
     # command line
     BadInput("--set without '='", {"overrides": ["rank"]}, {}, ("--set 'rank'", "KEY=VALUE")),
