@@ -21,7 +21,10 @@ The file::
 A rule reads ``METRIC OP BOUND`` where OP is one of ``<= >= < >`` and BOUND is a number,
 or ``[FACTOR *] CONFIG.METRIC``: a metric of another configuration of the same run,
 model and data set, or of the case itself when CONFIG is ``self``
-(``peak_alloc_mib >= self.weights_mib``).
+(``peak_alloc_mib >= self.weights_mib``). Both sides of a relative rule share a unit (a plain
+number is read in the metric's own unit), bounds and factors are finite, and rules that no
+value can meet together are refused. The file is read by :mod:`lorabench.yamlio` (no repeated
+keys, bounded aliases, plain tags).
 """
 
 from __future__ import annotations
