@@ -211,14 +211,14 @@ def test_a_save_that_dies_half_way_leaves_no_result_file(tmp_path, monkeypatch):
 # ----- preflight, through pytest ------------------------------------------------------------
 def test_preflight_stops_the_run_at_collection_and_checks_only_the_selected_cases(no_gates, tmp_path):
     matrix = tmp_path / "m.yaml"
-    matrix.write_text("configs:\n  - {id: fine}\n  - {id: cut, seq_len: 1}\n")
+    matrix.write_text("configs:\n  - {id: good}\n  - {id: cut, seq_len: 1}\n")
     common = (f"--matrix={matrix}", f"--thresholds={no_gates}", "--collect-only", "-q")
     refused = bench(*common)
     assert refused.returncode == 4, refused.stdout[-2000:]
     assert "configuration 'cut' on --model tiny-llama, --dataset digit-reverse: seq_len=1" in refused.stderr
-    assert bench(*common, "-k", "fine").returncode == 0  # the deselected case is not checked
+    assert bench(*common, "-k", "good").returncode == 0  # the deselected case is not checked
     (tmp_path / "history").write_text("a file")
-    storage = bench(*common, "-k", "fine", "--benchmark-autosave", f"--benchmark-storage={tmp_path / 'history'}")
+    storage = bench(*common, "-k", "good", "--benchmark-autosave", f"--benchmark-storage={tmp_path / 'history'}")
     assert storage.returncode == 4
     assert f"--benchmark-storage {tmp_path / 'history'}" in storage.stderr and "cannot write there" in storage.stderr
 
@@ -234,8 +234,8 @@ def test_a_run_whose_storage_breaks_before_saving_is_written_elsewhere_and_summa
     data.write_text("".join(json.dumps({"prompt": f"rev {n:04d}=", "completion": f"{n:04d}"[::-1]}) + "\n"
                             for n in range(1000, 1040)))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", case, "--steps", "5", f"--dataset={data}", "--set", "dtype=fp32",
+        [sys.executable, "-m", "pytest", f"{ROOT / 'bench' / 'test_finetune.py'}::test_finetune[{case}]",
+         "-p", "no:cacheprovider", "--rootdir", str(ROOT), "--steps", "5", f"--dataset={data}", "--set", "dtype=fp32",
          "--set", "batch_size=4", f"--thresholds={no_gates}", "--isolate", "none", "--benchmark-autosave",
          f"--benchmark-storage={storage}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
