@@ -75,6 +75,26 @@ class Matrix:
         return [c.case_id(with_model=multi_model, with_dataset=multi_data) for c in self.cases()]
 
 
+# Fields that say how a case spreads over processes, not what it trains.
+_SPREAD_FIELDS = ("id", "world_size", "strategy", "tags")
+
+
+def single_device_id(config: BenchConfig, configs) -> str | None:
+    """The configuration a multi-process case scales against: the one-process configuration of
+    ``configs`` that trains the same thing (every field equal but id, world_size, strategy, tags).
+
+    Returns:
+        Its id, or ``None`` for a one-process configuration or where ``configs`` has no such one.
+    """
+    if config.world_size == 1:
+        return None
+    mine = {k: v for k, v in config.to_dict().items() if k not in _SPREAD_FIELDS}
+    for other in configs:
+        if other.world_size == 1 and {k: v for k, v in other.to_dict().items() if k not in _SPREAD_FIELDS} == mine:
+            return other.id
+    return None
+
+
 def short_name(spec: str) -> str:
     """A readable, id-safe name for a model or data set spec (a hub id, a path or a zoo name)."""
     name = spec.rstrip("/").replace("\\", "/").split("/")[-1]

@@ -25,6 +25,8 @@ from lorabench.summary import render_summary
 from lorabench.thresholds import FAIL
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
+# pytest-xdist workers, --shard and the results the workers send back (lorabench/scaleout.py)
+pytest_plugins = ["lorabench.plugin_scaleout"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -90,6 +92,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from lorabench import allure_results
     from lorabench.environment import machine
 
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller writes them once
     if allure_results.enabled(session.config) and session.config.stash.get(SESSION_KEY, None) is not None:
         allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
 
@@ -126,7 +130,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     bench = session.config.stash.get(SESSION_KEY, None)
     items = [i for i in session.items if "bench_case" in getattr(i, "fixturenames", ())]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if bench is None or not items or reporter is None:
+    if bench is None or not items or reporter is None or hasattr(session.config, "workerinput"):
         return
     reporter.write_line(bench.plan_line([i.callspec.params["bench_case"] for i in items],
                                         [i.callspec.id for i in items], _storage_path(session.config)))
