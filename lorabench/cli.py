@@ -2,6 +2,7 @@
 
     python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--csv F] [--json F] [--markdown F]
     python -m lorabench report [RUN] [--out reports/]
+    python -m lorabench merge RUN RUN... [--out FILE]
 
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
 prefix; by default the two latest runs (compare) or the latest (report).
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorabench.errors import LorabenchError
+from lorabench.errors import HistoryError, LorabenchError
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 
@@ -51,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run", nargs="?", help="the run (default: the latest)")
     rep.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
     rep.set_defaults(command=_report)
+
+    mrg = sub.add_parser("merge", parents=[storage], help="join stored runs of one commit (--shard slices) into one run")
+    mrg.add_argument("runs", nargs="+", metavar="RUN", help="stored runs to join (files, numbers, names, commit prefixes)")
+    mrg.add_argument("--out", type=Path, metavar="FILE",
+                     help="where to write the joined run (default: the next NNNN_merged_<commit>.json in STORAGE/merged)")
+    mrg.set_defaults(command=_merge)
     return parser
 
 
@@ -91,6 +98,24 @@ def _tolerances(path: Path):
         raise ThresholdError(f"{path}: not valid YAML: {exc}") from None
     section = data.get("compare") if isinstance(data, dict) else None
     return parse_tolerances(section or {}, str(path))
+
+
+def _merge(args) -> int:
+    from lorabench.history import select_run
+    from lorabench.merge import default_output, merge_runs, read_json
+    from lorabench.storage import write_run
+
+    paths = [select_run(spec, args.storage).path for spec in args.runs]
+    merged = merge_runs([(str(p), read_json(p)) for p in paths])
+    out = args.out or default_output(args.storage, merged.data)
+    try:
+        write_run(out, merged.data)
+    except FileExistsError as exc:
+        raise HistoryError(str(exc)) from None
+    for line in merged.warnings:
+        print(f"warning: {line}")
+    print(f"wrote {out}: {len(merged.data['benchmarks'])} benchmarks from {len(paths)} runs")
+    return EXIT_OK
 
 
 def _report(args) -> int:

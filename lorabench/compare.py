@@ -39,7 +39,7 @@ PER_STEP_METRICS = ("step_control_ratio",)
 MIN_ROUNDS_FOR_TEST = 3
 # Facts about the machine or the run that change what a figure means.
 MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python", "isolate",
-                "torch_threads")
+                "torch_threads", "xdist_workers")
 LOAD_KEYS = ("load_avg_1m_start", "load_avg_1m_end")
 LOAD_DIFFERENCE = 1.0  # runnable processes: on a 2-core machine one more busy process halves a step's share
 
@@ -242,6 +242,9 @@ def machine_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         for key in keys
         if a.get(key) != b.get(key)
     ]
+    for label, machine in (("A", a), ("B", b)):  # a run joined from --shard slices (lorabench.merge)
+        warnings += [f"run {label} joins slices whose machines differ in {line}; its figures may not be comparable "
+                     "with one another" for line in machine.get("merged_differences") or []]
     load_a, load_b = _peak_load(a), _peak_load(b)
     if load_a is not None and load_b is not None and abs(load_a - load_b) > LOAD_DIFFERENCE:
         warnings.append(

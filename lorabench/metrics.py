@@ -100,6 +100,14 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
     _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
 )
+# What a multi-process case (world_size > 1, lorabench.distributed) adds; its per-device memory figures
+# above are the largest rank's, and tokens_per_s / samples_per_s the sum over ranks.
+_DISTRIBUTED: tuple[Metric, ...] = (
+    _m("world_size", "count", None, "size", "ranks (processes, one device each) the case trained on"),
+    _m("tokens_per_s_per_device", "1/s", "higher", "speed", "tokens_per_s over world_size", gated=False),
+    _m("scaling_efficiency_pct", "%", "higher", "speed",
+       "tokens_per_s over world_size x the single-device case's tokens_per_s (100% is linear scaling)", gated=False),
+)
 _INFERENCE: tuple[Metric, ...] = (
     # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
     _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
@@ -131,7 +139,7 @@ _QUANT_ERROR: tuple[Metric, ...] = (
     _m("int8_rel_error_max", "ratio", "lower", "quality", "largest layer's int8 relative error"),
 )
 
-METRICS: dict[str, Metric] = {m.name: m for m in (*_FINETUNE, *_INFERENCE, *_QUANT_ERROR)}
+METRICS: dict[str, Metric] = {m.name: m for m in (*_FINETUNE, *_DISTRIBUTED, *_INFERENCE, *_QUANT_ERROR)}
 # What a fine-tuning case records, each figure or the reason it is absent.
 FINETUNE_METRICS: frozenset[str] = frozenset(m.name for m in _FINETUNE)
 

@@ -239,10 +239,13 @@ def pytest_testnodedown(node, error) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    """How the run was split: the xdist worker count, each worker's GPU and threads, and the shard."""
+    """How the run was split (absent from a serial, unsharded run): the xdist worker count, each worker's
+    GPU and threads, and the shard."""
     state = _state(config)
-    machine_info["xdist_workers"] = int(config.option.numprocesses) if _is_controller(config) else 0
-    machine_info["shard"] = str(state.shard) if state.shard else None
+    if _is_controller(config):
+        machine_info["xdist_workers"] = int(config.option.numprocesses)
+    if state.shard:
+        machine_info["shard"] = str(state.shard)
     if state.pins:
         threads = {p.get("threads") for p in state.pins.values()}
         if len(threads) == 1:  # the case processes ran with the workers' share, not the controller's count

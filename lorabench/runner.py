@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorabench.adapters import check_case_adapter
+from lorabench.adapters import check_case_adapter, record_adapter
 from lorabench.accuracy import record_accuracy
 from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
@@ -94,12 +94,14 @@ class CaseRun:
         log_dir: where those integrations write.
         memory_budget: bytes the case may use (``--memory-budget``); ``None`` for no cap.
         adapter_dir: where to keep the trained adapter (``None``: a temporary directory).
+        parallel: this rank's part in a multi-process case (:class:`lorabench.distributed.RankParallel`):
+            it shards and wraps the model; ``None`` for a case in one process.
     """
 
     def __init__(self, case: Case, *, case_id: str, source: ModelSource,
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
                  log_dir: str | None = None, memory_budget: int | None = None,
-                 adapter_dir: str | None = None) -> None:
+                 adapter_dir: str | None = None, parallel=None) -> None:
         self.config = config = resolve(case.config, source.defaults, device)
         self.case_id = case_id
         self.source = source
@@ -108,6 +110,7 @@ class CaseRun:
         self.report_to = report_to
         self.log_dir = log_dir
         self.adapter_dir = adapter_dir
+        self.parallel = parallel
         self.on_cuda = device.type == "cuda"
         self.result = CaseResult(
             case_id=case_id,
@@ -142,6 +145,8 @@ class CaseRun:
             self._start_meters()
             loaded = load_model(self.source, config, self.device)
             self.model = apply_adapter(loaded.model, config)
+            if self.parallel is not None:  # FSDP: each rank keeps its shard (weights_mib is the shard's)
+                self.model = self.parallel.shard(self.model)
             result.set("load_s", loaded.load_s, source="wall clock around from_pretrained (load + quantize)")
             _record_model(result, self.model)
             self.collate = collator(loaded.tokenizer)
@@ -156,6 +161,8 @@ class CaseRun:
             self._phase("train", f"training {config.steps} steps")
             self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
                                         self.device, self.report_to, self.log_dir)
+            if self.parallel is not None:  # DDP: the Trainer's steps go through the wrapper that all-reduces
+                self.trainer.model_wrapped = self.parallel.wrap(self.model)
             self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
             self.started = time.perf_counter()
 
@@ -183,9 +190,12 @@ class CaseRun:
             record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
             _record_task_change(result, self.reference_before, self._reference_loss())
             # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
-            self._phase("adapter_check", "saving, reloading and merging the adapter")
-            check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
-                               self.adapter_dir)
+            if self.parallel is None:
+                self._phase("adapter_check", "saving, reloading and merging the adapter")
+                check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval,
+                                   self.collate, self.adapter_dir)
+            else:
+                record_adapter(result, None, reason=self.parallel.adapter_reason)
             self._phase(None, "")
             self._judge_budget()
         self.close()
@@ -393,13 +403,23 @@ def _record_flops(result: CaseResult, rec, warmup: int, model, config: BenchConf
                source=f"model FLOPs plus recompute ({flops.hardware_per_token:.3g}/token) x tokens/s over {peak:.4g}")
 
 
+def record_train_loss(result: CaseResult, losses: list[float], *, source: str = "") -> None:
+    """``train_loss_first``, ``train_loss_final`` (mean of the last 10% of steps) and ``loss_drop``.
+
+    Args:
+        source: where each step's loss comes from, when not this process's own steps.
+    """
+    tail = losses[-max(1, len(losses) // 10):]
+    prefix = f"{source}; " if source else ""
+    result.set("train_loss_first", losses[0], source=source)
+    result.set("train_loss_final", statistics.fmean(tail), source=f"{prefix}mean of the last {len(tail)} steps")
+    result.set("loss_drop", losses[0] - statistics.fmean(tail), source=source)
+
+
 def _record_quality(result: CaseResult, runner: StepRunner, after) -> None:
     losses = runner.record.losses
     result.loss_curve = list(losses)
-    tail = losses[-max(1, len(losses) // 10):]
-    result.set("train_loss_first", losses[0])
-    result.set("train_loss_final", statistics.fmean(tail), source=f"mean of the last {len(tail)} steps")
-    result.set("loss_drop", losses[0] - statistics.fmean(tail))
+    record_train_loss(result, losses)
     result.set("eval_loss", after.loss, source=f"token-weighted over {after.tokens} held-out tokens")
     result.set("perplexity", after.perplexity)
     result.set("eval_examples", after.examples)

@@ -11,9 +11,27 @@ partial file is never read as a result.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pytest_benchmark.storage.file import FileStorage
 from pytest_benchmark.utils import safe_dumps
+
+
+def write_run(output_file: Path, output_json) -> None:
+    """Write a run as pytest-benchmark does, atomically: a hidden partial file, fsync, rename.
+
+    Raises:
+        FileExistsError: a stored run already has this name (it is never overwritten).
+    """
+    if output_file.exists():
+        raise FileExistsError(f"{output_file}: a stored run already has this name; not overwriting it")
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_file.with_name(f".{output_file.name}.partial")
+    with partial.open("wb") as fh:
+        fh.write(safe_dumps(output_json, ensure_ascii=True, indent=4).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, output_file)
 
 
 class AtomicFileStorage(FileStorage):
@@ -21,14 +39,7 @@ class AtomicFileStorage(FileStorage):
 
     def save(self, output_json, save):
         output_file = self.get(f"{self._next_num}_{save}.json")
-        if output_file.exists():
-            raise FileExistsError(f"{output_file}: a stored run already has this name; not overwriting it")
-        partial = output_file.with_name(f".{output_file.name}.partial")
-        with partial.open("wb") as fh:
-            fh.write(safe_dumps(output_json, ensure_ascii=True, indent=4).encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(partial, output_file)
+        write_run(output_file, output_json)
         self.logger.info(f"Saved benchmark data in: {output_file}")
 
 

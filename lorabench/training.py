@@ -103,7 +103,7 @@ class StepRunner:
         from lorabench.control import ControlWorkload
 
         self.trainer = trainer
-        self.model = trainer.model
+        self.model = trainer.model_wrapped  # the model itself, or its DistributedDataParallel wrapper
         self.device = trainer.args.device
         self.grad_accum = trainer.args.gradient_accumulation_steps
         self.record = StepRecord()
