@@ -6,7 +6,7 @@ A case with ``world_size > 1`` runs as ``python -m torch.distributed.run --stand
 strategy (DDP: a whole replica per rank, gradients all-reduced; FSDP2 ``fully_shard``: each
 rank holds 1/W of every parameter, gathered for compute) and feeds the rank its own share of
 the data (the Trainer's data loader shards by rank). The backend is NCCL on CUDA (one GPU per
-rank) and gloo on the CPU (each rank gets cores/W threads).
+rank) and gloo on the CPU (the ranks share the launching process's threads).
 
 Rank 0 connects back to the pytest process and obeys the same commands as an isolated case
 (``step``, ``control``, ``finish``), broadcasting each to the other ranks, so pytest-benchmark
@@ -103,7 +103,6 @@ def _rank_main(payload_path: str) -> int:
     from lorabench.data import load_task_data
     from lorabench.models import load_tokenizer
     from lorabench.runner import CaseRun, tokenize_task
-    from lorabench.scaleout import cpu_cores
 
     payload = pickle.loads(Path(payload_path).read_bytes())
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -115,7 +114,7 @@ def _rank_main(payload_path: str) -> int:
         dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, cpu_cores() // local_world))  # the ranks share the cores
+        torch.set_num_threads(rank_threads(payload["threads"], local_world))
         dist.init_process_group("gloo")
     conn = None
     if rank == 0:
@@ -173,6 +172,11 @@ def _rank_main(payload_path: str) -> int:
     return 0
 
 
+def rank_threads(parent_threads: int, local_world: int) -> int:
+    """The ranks on one machine share the launching process's threads (all cores, or an xdist worker's share)."""
+    return max(1, parent_threads // max(1, local_world))
+
+
 def _send(conn, message) -> None:
     if conn is not None:
         conn.send(message)
@@ -190,9 +194,13 @@ class DistributedCaseRun(IsolatedCaseRun):
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         self._workdir = tempfile.TemporaryDirectory(prefix="lorabench-ranks-")
         payload = Path(self._workdir.name) / "payload.pkl"
-        payload.write_bytes(pickle.dumps(self._payload))
+        import torch
+
+        threads = torch.get_num_threads()
+        payload.write_bytes(pickle.dumps({**self._payload, "threads": threads}))
         self._output = Path(self._workdir.name) / "ranks.log"
-        env = dict(os.environ, **{ENV_ADDRESS: "%s:%d" % listener.address, ENV_AUTHKEY: authkey.hex()})
+        env = dict(os.environ, **{ENV_ADDRESS: "%s:%d" % listener.address, ENV_AUTHKEY: authkey.hex(),
+                                  "OMP_NUM_THREADS": str(rank_threads(threads, config.world_size))})
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                    f"--nproc-per-node={config.world_size}", "-m", "lorabench.distributed", str(payload)]
         log.info("%s: launching %d ranks (%s): %s", self.case_id, config.world_size, config.strategy,

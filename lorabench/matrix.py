@@ -34,6 +34,10 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
         BenchConfig(f"qlora_nf4_r{r}", method="lora", quant="nf4", double_quant=True, rank=r, alpha=SWEEP_ALPHA, tags=("sweep",))
         for r in SWEEP_RANKS
     ),
+    # LoRA on two processes (lorabench/distributed.py), scaled against `lora`: DDP keeps a whole replica
+    # per rank, FSDP2 a half of every weight. gloo on the CPU, NCCL on CUDA (one GPU per rank).
+    BenchConfig("lora_ddp2", method="lora", world_size=2, strategy="ddp"),
+    BenchConfig("lora_fsdp2", method="lora", world_size=2, strategy="fsdp"),
 )
 
 DEFAULT_MODEL = "tiny-llama"

@@ -219,6 +219,30 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+def rank_lines(results: list[CaseResult]) -> list[str]:
+    """One line per multi-process case: each rank's peak and weights, throughput in total and per device,
+    and the scaling efficiency against the single-device case (lorabench/distributed.py)."""
+    lines = []
+    for r in results:
+        ranks = r.details.get("ranks")
+        if not ranks:
+            continue
+        peak = (("peak_alloc_mib", "peak alloc") if r.device.startswith("cuda")
+                else ("peak_rss_delta_mib", "peak RSS+"))
+        parts = [f"{r.config_id} ({r.details.get('strategy')}, {len(ranks)} ranks): per rank "
+                 + ", ".join(f"{label} {'/'.join(fmt(k[metric]) for k in ranks)} MiB"
+                             for metric, label in (peak, ("weights_mib", "weights")) if all(metric in k for k in ranks))]
+        m = r.metrics
+        if "tokens_per_s" in m and "tokens_per_s_per_device" in m:
+            parts.append(f"{fmt(m['tokens_per_s'])} tokens/s in total, {fmt(m['tokens_per_s_per_device'])} per device")
+        if "scaling_efficiency_pct" in m:
+            parts.append(f"scaling efficiency {m['scaling_efficiency_pct']:.0f}% of linear")
+        elif "scaling_efficiency_pct" in r.absent:
+            parts.append(f"scaling efficiency not measured: {r.absent['scaling_efficiency_pct']}")
+        lines.append("; ".join(parts))
+    return lines
+
+
 PHASES = (("load", "load"), ("eval_before", "eval before"), ("train", "train"), ("eval_after", "eval after"),
           ("adapter_check", "adapter check"))
 
@@ -255,6 +279,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if adapters:
             lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
             lines += [f"  - {a}" for a in adapters]
+        ranks = rank_lines(group)
+        if ranks:
+            lines.append("multi-process cases (per-device figures are the largest rank's; wall clock):")
+            lines += [f"  - {line}" for line in ranks]
         phases = phase_lines(group)
         if phases:
             lines.append("seconds per phase (wall clock):")

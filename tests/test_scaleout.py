@@ -136,3 +136,20 @@ def test_compare_names_the_differences_inside_a_merged_run():
     warnings = machine_warnings({"cpu": "x"}, {"cpu": "x", "merged_differences": ["cpu: 'x' (a), 'y' (b)"]})
     assert warnings == ["run B joins slices whose machines differ in cpu: 'x' (a), 'y' (b); its figures may not "
                         "be comparable with one another"]
+
+
+def test_the_sharded_ci_example_runs_every_slice_and_joins_them():
+    from pathlib import Path
+
+    import yaml
+
+    workflow = yaml.safe_load((Path(__file__).resolve().parent.parent / ".ci/examples/github-bench-gate-sharded.yml")
+                              .read_text())
+    bench, gate = workflow["jobs"]["bench"], workflow["jobs"]["gate"]
+    shards = bench["strategy"]["matrix"]["shard"]
+    run = " ".join(step.get("run", "") for step in bench["steps"])
+    assert f"--shard ${{{{ matrix.shard }}}}/{len(shards)}" in run and shards == list(range(1, len(shards) + 1))
+    assert "--benchmark-json shard-${{ matrix.shard }}.json" in run
+    gate_runs = [step.get("run", "") for step in gate["steps"]]
+    assert any(r.startswith("python -m lorabench merge shard-*.json") for r in gate_runs)
+    assert any("python -m lorabench compare --fail" in r for r in gate_runs)
