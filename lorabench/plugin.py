@@ -109,9 +109,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Read the gates and check every user input once, before any case trains, if a bench case was collected."""
-    gated = ("bench_case", "inference_adapter")  # the inference cases train an adapter first
-    if not any(name in getattr(item, "fixturenames", ()) for item in items for name in gated):
+    """Read the gates and check every user input once, before any case trains, if a bench case was collected.
+
+    A bench case is any test that records through the session (fine-tuning, inference, GGUF,
+    classification, quantization error): each of them is gated, whichever file ran alone.
+    """
+    if not any("bench_session" in getattr(item, "fixturenames", ()) for item in items):
         return
     session = config.stash[SESSION_KEY]
     try:

@@ -56,3 +56,15 @@ def test_a_malformed_thresholds_file_stops_the_run_before_training(tmp_path):
     assert proc.returncode == 4  # pytest's usage error
     assert f"{gates}:5: unknown metric 'peak_vram'" in proc.stderr
     assert "step 1/" not in proc.stdout
+
+
+def test_cases_of_any_kind_run_alone_are_gated(tmp_path):
+    """bench/test_quant_error.py alone (no fine-tuning case collected) still reads and applies the gates."""
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("version: 1\nprofiles:\n  default:\n    quant_error_normal:\n      - nf4_rel_error_mean <= 0.0001\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_quant_error.py"), "-p", "no:cacheprovider",
+         "-k", "normal", f"--thresholds={gates}", "--rootdir", str(ROOT)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "violates 'nf4_rel_error_mean <= 0.0001'" in proc.stdout
