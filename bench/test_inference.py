@@ -10,8 +10,7 @@ variant ids (infer_*).
 import pytest
 
 from fixtures.case import assert_gates_pass
-from fixtures.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
-from lorabench.inference import VARIANTS, InferenceRun
+from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, VARIANTS, WARMUP_CALLS, InferenceRun
 
 
 def _param(variant):

@@ -12,8 +12,8 @@ thresholds.yaml under gguf_q4_0 and gguf_q8_0.
 import pytest
 
 from fixtures.case import assert_gates_pass
-from fixtures.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
 from lorabench.gguf import GGUF_VARIANTS, GGUFRun
+from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
 
 pytestmark = pytest.mark.gguf
 

@@ -23,6 +23,11 @@ def test_one_case_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lorabench summary" in proc.stdout
     assert "qlora_nf4_r8" in proc.stdout
+    first = next(line for line in proc.stdout.splitlines() if line.startswith("lorabench: "))
+    assert first.startswith("lorabench: 1 case(s) [qlora_nf4_r8] on tiny-llama x digit-reverse, cpu in ")
+    assert "expected about " in first
+    assert "seconds per phase (wall clock):" in proc.stdout and "qlora_nf4_r8: load " in proc.stdout
+    assert "evaluating the base model" in proc.stdout and "training ETA" in proc.stdout
     data = json.loads(out.read_text())
     (bench,) = data["benchmarks"]
     assert bench["stats"]["rounds"] == 8 - 3  # measured steps: all but the warm-up
