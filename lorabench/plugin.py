@@ -107,6 +107,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("bench_case", params)
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Give each bench case its ``-k`` words: ``config[ID]``, ``model[NAME]``, ``dataset[NAME]``."""
+    from lorabench.matrix import selection_keywords
+
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    session = item.config.stash.get(SESSION_KEY, None)
+    if "bench_case" in params:
+        item.extra_keyword_matches.update(params["bench_case"].keywords())
+    elif session is not None and hasattr(params.get("variant"), "id"):
+        # inference and GGUF variants run on the run's first model and data set
+        item.extra_keyword_matches.update(selection_keywords(
+            params["variant"].id, model=session.matrix.models[0], dataset=session.matrix.datasets[0]))
+    elif hasattr(params.get("config"), "id"):
+        item.extra_keyword_matches.update(selection_keywords(params["config"].id))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Read the gates and check every user input once, before any case trains, if a bench case was collected."""
     gated = ("bench_case", "inference_adapter")  # the inference cases train an adapter first
