@@ -15,7 +15,9 @@ move counts comes from a tolerance per metric, per group or by default, written 
 Per-step timings (``step_ms``, ``train_s`` and the throughputs computed from the same steps) are
 compared on the stored per-round times: a move counts only when it exceeds the
 tolerance *and* the two samples of steps differ significantly, so noise between two
-runs of unchanged code does not fail a gate while a real slowdown does.
+runs of unchanged code does not fail a gate while a real slowdown does. Any other metric of
+a case run at several seeds (``--seeds``) is judged against the seeds' spread the same way:
+beyond the tolerance *and* significant in a t-test over the per-seed values.
 """
 
 from __future__ import annotations
@@ -180,8 +182,36 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
         if p >= tolerances.alpha:
             row.note += f" (not significant at alpha {tolerances.alpha:g})"
             return row
+    elif (seed_p := _seed_p_value(metric.name, a, b)) is not None:
+        p, how = seed_p
+        row.note = f"{how} p={p:.3g}"
+        if p >= tolerances.alpha:
+            row.note += f" (within the seeds' spread at alpha {tolerances.alpha:g})"
+            return row
     row.status = REGRESSED if worse else IMPROVED
     return row
+
+
+def _seed_p_value(metric: str, a: CaseResult, b: CaseResult) -> tuple[float, str] | None:
+    """Two-sided p-value that the two runs' per-seed values of ``metric`` share a mean, and the test used:
+    Welch's t-test when both ran several seeds, a one-sample t-test of the repeated side against the
+    other's single value when one did. ``None`` when neither ran several seeds, or the test is undefined
+    (no variance on either side)."""
+    import math
+
+    from scipy.stats import ttest_1samp, ttest_ind
+
+    from lorabench.seeds import seed_values
+
+    va, vb = seed_values(a, metric), seed_values(b, metric)
+    if len(va) < 2 and len(vb) < 2 or not va or not vb:
+        return None
+    if len(va) >= 2 and len(vb) >= 2:
+        p, how = float(ttest_ind(va, vb, equal_var=False).pvalue), f"Welch t-test over {len(va)} and {len(vb)} seeds"
+    else:
+        many, one = (va, vb[0]) if len(va) >= 2 else (vb, va[0])
+        p, how = float(ttest_1samp(many, one).pvalue), f"one-sample t-test against {len(many)} seeds"
+    return None if math.isnan(p) else (p, how)
 
 
 def _relative(a: float, b: float) -> float | None:
@@ -191,9 +221,10 @@ def _relative(a: float, b: float) -> float | None:
 
 
 def measured_step_ms(result: CaseResult) -> list[float]:
-    """The per-step times of the measured (post-warm-up) steps."""
+    """The per-step times of the measured (post-warm-up) steps, of every seed that ran."""
     warmup = int(result.config.get("warmup_steps") or 0)
-    return list(result.step_ms_curve[warmup:])
+    curves = [s.get("step_ms_curve", []) for s in result.seeds] if result.seeds else [result.step_ms_curve]
+    return [ms for curve in curves for ms in curve[warmup:]]
 
 
 def _step_time_p_values(a: CaseResult, b: CaseResult) -> tuple[float, float] | None:

@@ -28,7 +28,15 @@ PRELOAD = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datas
 
 
 class ChildFailed(LorabenchError):
-    """The case process raised an error that is not a measurement outcome (bad input, a bug)."""
+    """The case process raised an error that is not a measurement outcome (bad input, a bug).
+
+    ``traceback`` is the child's traceback, kept apart from the message so that reports show the
+    message and keep the traceback for ``-v`` and Allure.
+    """
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback
 
 
 def _context():
@@ -174,7 +182,7 @@ class IsolatedCaseRun:
             elif kind == "aborted":
                 raise CaseAborted(CaseResult.from_extra_info(message[1]))
             elif kind == "failed":
-                raise ChildFailed(f"{self.case_id}: {message[1]}\n{message[2]}")
+                raise ChildFailed(f"{self.case_id}: {message[1]}", message[2])
             else:
                 raise ChildFailed(f"{self.case_id}: unexpected message {kind!r} from the case process")
 

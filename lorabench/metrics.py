@@ -47,8 +47,8 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("quant_linear_ratio", "ratio", "lower", "size", "quantized linear weights' bytes over their bf16 bytes"),
     # speed
     _m("step_ms", "ms", "lower", "speed", "median optimizer-step time over the measured (post-warm-up) steps"),
-    _m("samples_per_s", "1/s", "higher", "speed", "training examples per second over the measured steps"),
-    _m("tokens_per_s", "1/s", "higher", "speed", "non-padding tokens per second over the measured steps"),
+    _m("samples_per_s", "samples/s", "higher", "speed", "training examples per second over the measured steps"),
+    _m("tokens_per_s", "tokens/s", "higher", "speed", "non-padding tokens per second over the measured steps"),
     _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included"),
     _m("load_s", "s", "lower", "speed", "model load plus quantization time"),
     _m("mfu_pct", "%", "higher", "speed", "model FLOP utilisation against the GPU's dense bf16 peak"),
@@ -83,7 +83,7 @@ _INFERENCE: tuple[Metric, ...] = (
     # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
     _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
     _m("ttft_ms_p90", "ms", "lower", "speed", "90th percentile of the time to first token"),
-    _m("decode_tokens_per_s", "1/s", "higher", "speed", "median decode rate after the first token, batch 1"),
+    _m("decode_tokens_per_s", "tokens/s", "higher", "speed", "median decode rate after the first token, batch 1"),
     _m("latency_ms", "ms", "lower", "speed", "median end-to-end time of one generate call"),
     _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
     _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),

@@ -112,8 +112,11 @@ def hub_snapshot(spec: str) -> str:
         at = f" at revision {revision!r}" if revision else ""
         fetch = f"{repo}" + (f" --revision {revision}" if revision else "")
         zoo = "" if "/" in repo else f"not an embedded model ({', '.join(ZOO)}) and "
+        cache = str(constants.HF_HUB_CACHE)
+        if cache.startswith(str(Path.home())):
+            cache = "~" + cache[len(str(Path.home())):]
         raise ModelError(
-            f"--model {spec!r}: {zoo}not in the local Hugging Face cache{at} ({constants.HF_HUB_CACHE}); runs are "
+            f"--model {spec!r}: {zoo}not in the local Hugging Face cache{at} ({cache}); runs are "
             f"offline. Fetch it on a machine with network with `huggingface-cli download {fetch}` (or `hf download "
             f"{fetch}`) and copy the cache here, or point HF_HOME at a cache that holds it"
         ) from None

@@ -20,8 +20,8 @@ from lorabench.session import (
     BenchSession,
     open_session,
 )
+from lorabench.failures import failure_block
 from lorabench.summary import render_summary
-from lorabench.thresholds import FAIL
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
 
@@ -48,13 +48,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--memory-budget", dest="memory_budget", default=None, metavar="SIZE",
                 help="cap each case's memory, e.g. 6GiB: CUDA caps the allocator, the CPU a watchdog on RSS; "
                      "a case over it records 'does not fit'")
+    g.addoption("--seeds", default=None, metavar="N|S1,S2,...",
+                help="run every fine-tuning case N times, with the configuration's seed and the N-1 after it, or "
+                     "with the seeds listed; the record keeps each seed's figures, their mean and 95%% interval "
+                     "(default: one run at the configuration's seed)")
     g.addoption("--case-timeout", dest="case_timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="SECONDS",
                 help=f"fail a case that runs longer than this (default {DEFAULT_CASE_TIMEOUT_S:.0f}; 0 turns it off)")
+
+
+# Libraries whose progress bars, deprecation notices and log warnings are hidden at default verbosity.
+QUIET_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub")
+
+
+def quiet_libraries(config: pytest.Config) -> None:
+    """Below ``-v``: no library progress bars, FutureWarning/DeprecationWarning or log warnings from the
+    Hugging Face stack and torch, so the terminal shows the bench's own output. ``-v`` shows them all."""
+    import logging
+    import sys
+
+    if config.get_verbosity() > 0:
+        return
+    # Read at import by huggingface_hub (and so transformers) and datasets; the case processes inherit them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported before this hook: switch its bars off directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    modules = "|".join(QUIET_LIBRARIES)
+    for category in ("FutureWarning", "DeprecationWarning"):
+        config.addinivalue_line("filterwarnings", f"ignore::{category}:({modules})")
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
+    quiet_libraries(config)
     try:
         config.stash[SESSION_KEY] = open_session(
             root=Path(config.rootpath),
@@ -70,6 +99,7 @@ def pytest_configure(config: pytest.Config) -> None:
             trust_remote_code=config.getoption("trust_remote_code"),
             memory_budget=config.getoption("memory_budget"),
             case_timeout_s=config.getoption("case_timeout"),
+            seeds=config.getoption("seeds"),
         )
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -154,6 +184,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.write_sep("=", "lorabench summary")
     for line in render_summary(session.results, dict(counts)):
         terminalreporter.write_line(line)
-    failed = [g for r in session.results for g in r.gates if g["status"] == FAIL]
-    for g in failed:
-        terminalreporter.write_line(f"FAILED GATE {g['message']}")
+    blocks = [b for r in session.results if (b := failure_block(r, verbose=config.get_verbosity() > 0))]
+    if blocks:
+        terminalreporter.write_sep("-", f"lorabench: {len(blocks)} case(s) failed")
+        for block in blocks:
+            terminalreporter.write_line(block)

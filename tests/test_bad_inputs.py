@@ -114,6 +114,12 @@ CATALOG = [
              ("distilbert", "'distilbert' is not a causal language model")),
     BadInput("--model hub id not in the local cache", {"models": ["no-such-org/no-such-model"]}, {},
              ("no-such-org/no-such-model", "not in the local Hugging Face cache", "offline")),
+    BadInput("--model hub revision not in the local cache", {"models": ["no-such-org/Model-1.5B@v2"]}, {},
+             ("at revision 'v2'", "huggingface-cli download no-such-org/Model-1.5B --revision v2")),
+    BadInput("--model neither a directory nor a hub id", {"models": ["org/bad--name"]}, {},
+             ("not an existing directory", "ORG/NAME or ORG/NAME@REVISION")),
+    BadInput("--model a file", {"models": ["{d}/weights.bin"]}, {"weights.bin": "x"},
+             ("weights.bin", "is a file")),
     BadInput("--model causal LM without a tokenizer", {"models": ["{d}/notok"]},
              {"notok/config.json": _causal_config()}, ("notok", "no usable tokenizer")),
     # data sets
