@@ -3,7 +3,7 @@
 The same block is the pytest failure message of the case and a section of the terminal summary::
 
     qlora_nf4 (model tiny-llama, data set digit-reverse, configuration qlora_nf4): 1 gate failed
-      eval_loss <= 2.0 * lora_bf16.eval_loss  [thresholds.yaml:37, profile default]
+      violates 'eval_loss <= 2.0 * lora_bf16.eval_loss'  [thresholds.yaml:37, profile default]
         qlora_nf4.eval_loss = 0.0912, lora_bf16.eval_loss = 0.0448: bound <= 0.0896
 
 The full record and any traceback stay in the Allure attachments, and show with ``-v``.
@@ -37,23 +37,39 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.6g}"
 
 
+def _op(gate: dict) -> str:
+    """The rule's comparison (``<=``); records stored before it was kept separately have it in the rule."""
+    return gate.get("op") or gate["rule"].split()[1]
+
+
+def gate_value_text(gate: dict, result: CaseResult) -> tuple[str, str, str]:
+    """(value, bound, reference) as text: ``0.9``, ``<= 0.8``, ``lora_bf16.eval_loss = 0.4`` (``-`` or ``""`` when absent)."""
+    bound = "-" if gate.get("bound") is None else f"{_op(gate)} {_num(gate['bound'])}"
+    ref_config = gate.get("ref_config")
+    reference = ""
+    if ref_config and gate.get("reference") is not None:
+        name = result.config_id if ref_config == "self" else ref_config
+        reference = f"{name}.{gate['ref_metric']} = {_num(gate['reference'])}"
+    return _num(gate.get("value")), bound, reference
+
+
 def gate_lines(gate: dict, result: CaseResult) -> list[str]:
     """Two lines for one gate outcome: the rule and where it is written, then the values and the bound."""
     where = f"[{gate['where']}" + (f", profile {gate['profile']}]" if gate.get("profile") else "]")
-    head = f"{gate['rule']}  {where}"
+    verb = {FAIL: "violates", PASS: "meets"}.get(gate["status"], "cannot check")
+    head = f"{verb} '{gate['rule']}'  {where}"
     metric = gate.get("metric") or gate["rule"].split()[0]
     if gate["status"] == NOT_EVALUATED or gate.get("value") is None:
         # the outcome's message says which value was missing and why
         reason = gate["message"].split(" [", 1)[0]
         return [head, f"  not evaluated: {reason}"]
-    value = f"{result.config_id}.{metric} = {_num(gate['value'])}"
+    value, bound, reference = gate_value_text(gate, result)
+    text = f"{result.config_id}.{metric} = {value}"
     if len(result.seeds) > 1:
-        value += f" (mean of {len(result.seeds)} seeds)"
-    ref_config = gate.get("ref_config")
-    if ref_config:
-        name = result.config_id if ref_config == "self" else ref_config
-        value += f", {name}.{gate['ref_metric']} = {_num(gate.get('reference'))}"
-    return [head, f"  {value}: bound {gate.get('op') or ''} {_num(gate['bound'])}"]
+        text += f" (mean of {len(result.seeds)} seeds)"
+    if reference:
+        text += f", {reference}"
+    return [head, f"  {text}: bound {bound}"]
 
 
 def failure_block(result: CaseResult, *, verbose: bool = False) -> str | None:
@@ -89,7 +105,6 @@ def gate_rows(results: list[CaseResult]) -> list[list[str]]:
     rows.sort(key=lambda row: row[0])
     table = [["status", "case", "model", "data set", "rule", "value", "bound", "where"]]
     for _, r, g in rows:
-        bound = "-" if g.get("bound") is None else f"{g.get('op') or ''} {_num(g['bound'])}".strip()
-        table.append([g["status"], r.case_id, r.model, r.dataset, g["rule"], _num(g.get("value")), bound,
-                      g["where"]])
+        value, bound, _ = gate_value_text(g, r)
+        table.append([g["status"], r.case_id, r.model, r.dataset, g["rule"], value, bound, g["where"]])
     return table

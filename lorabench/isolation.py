@@ -64,6 +64,10 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
     from lorabench.models import load_tokenizer
     from lorabench.runner import CaseRun, tokenize_task
 
+    if payload["quiet"]:
+        from lorabench.quiet import quiet_libraries
+
+        quiet_libraries()
     handler = _PipeLogHandler(conn)
     root = logging.getLogger("lorabench")
     root.addHandler(handler)
@@ -112,14 +116,14 @@ class IsolatedCaseRun:
     """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
-                 log_dir: str | None = None, memory_budget: int | None = None) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None, quiet: bool = False) -> None:
         from lorabench.config import resolve
 
         self.case = case
         self.case_id = case_id
         self.config = resolve(case.config, source.defaults)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
-                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
+                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget, "quiet": quiet}
         self._device = str(device)
         self._process = None
         self._conn = None

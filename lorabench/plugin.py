@@ -21,6 +21,7 @@ from lorabench.session import (
     open_session,
 )
 from lorabench.failures import failure_block
+from lorabench.quiet import quiet_libraries
 from lorabench.summary import render_summary
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
@@ -56,34 +57,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help=f"fail a case that runs longer than this (default {DEFAULT_CASE_TIMEOUT_S:.0f}; 0 turns it off)")
 
 
-# Libraries whose progress bars, deprecation notices and log warnings are hidden at default verbosity.
-QUIET_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub")
-
-
-def quiet_libraries(config: pytest.Config) -> None:
-    """Below ``-v``: no library progress bars, FutureWarning/DeprecationWarning or log warnings from the
-    Hugging Face stack and torch, so the terminal shows the bench's own output. ``-v`` shows them all."""
-    import logging
-    import sys
-
-    if config.get_verbosity() > 0:
-        return
-    # Read at import by huggingface_hub (and so transformers) and datasets; the case processes inherit them.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if "transformers" in sys.modules:  # imported before this hook: switch its bars off directly
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
-    modules = "|".join(QUIET_LIBRARIES)
-    for category in ("FutureWarning", "DeprecationWarning"):
-        config.addinivalue_line("filterwarnings", f"ignore::{category}:({modules})")
-    for name in QUIET_LIBRARIES:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
-    quiet_libraries(config)
+    quiet = config.get_verbosity() <= 0
+    if quiet:
+        for line in quiet_libraries():
+            config.addinivalue_line("filterwarnings", line)
     try:
         config.stash[SESSION_KEY] = open_session(
             root=Path(config.rootpath),
@@ -100,6 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
             memory_budget=config.getoption("memory_budget"),
             case_timeout_s=config.getoption("case_timeout"),
             seeds=config.getoption("seeds"),
+            quiet=quiet,
         )
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None

@@ -18,6 +18,13 @@ STATUS_ERROR = "error"
 STATUS_TIMEOUT = "timeout"
 
 
+def plain_reason(why: str) -> str:
+    """An absence reason without a leading "not measured: " (records before 2026-12 carried one)."""
+    while why.lower().startswith("not measured: "):
+        why = why[len("not measured: "):]
+    return why
+
+
 @dataclass
 class CaseResult:
     case_id: str

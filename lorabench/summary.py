@@ -90,7 +90,8 @@ def describe(metric: str, noun: str, value: float, baseline: float, evidence: st
             real ("not distinguishable at 3 seeds"), which then replaces the verdict.
     """
     change = relative_change(value, baseline)
-    figures = f"{fmt(value)} vs {fmt(baseline)} {METRICS[metric].unit}"
+    unit = METRICS[metric].unit
+    figures = f"{fmt(value)} vs {fmt(baseline)}" + (f" {unit}" if unit not in ("ratio", "count") else "")
     if change is None or abs(change) < 0.0005:
         return f"the same {noun} ({figures})"
     if metric in ("tokens_per_s", "samples_per_s", "decode_tokens_per_s"):
@@ -110,7 +111,7 @@ def difference_evidence(metric: str, a: CaseResult, b: CaseResult) -> str:
     """
     apart = separated(a, b, metric)
     if apart is not None:
-        return "" if apart else f"not distinguishable at {min(n_seeds(a), n_seeds(b))} seeds (95% intervals overlap)"
+        return "" if apart else f"not distinguishable at {min(n_seeds(a), n_seeds(b))} seeds, 95% intervals overlap"
     if METRICS[metric].group in SEED_INDEPENDENT_GROUPS:
         return ""
     from lorabench.compare import PER_STEP_METRICS, measured_step_ms
@@ -120,8 +121,8 @@ def difference_evidence(metric: str, a: CaseResult, b: CaseResult) -> str:
         from scipy.stats import mannwhitneyu
 
         p = float(mannwhitneyu(steps_a, steps_b, alternative="two-sided").pvalue)
-        return "" if p < ALPHA else f"step times not distinguishable (Mann-Whitney p={p:.2g})"
-    return "one run each, spread unknown (--seeds N measures it)"
+        return "" if p < ALPHA else f"step times not distinguishable, Mann-Whitney p={p:.2g}"
+    return "one run each, spread unknown: --seeds N measures it"
 
 
 def fmt(x: float) -> str:
@@ -157,7 +158,7 @@ def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, st
     return peak + (INFERENCE_COLUMNS if case_kind == "inference" else COLUMNS)
 
 
-def _cell(result: CaseResult, metric: str) -> str:
+def cell(result: CaseResult, metric: str) -> str:
     """A value: a mean over seeds with its standard deviation; accuracy with its Wilson interval."""
     m = result.metrics
     if metric in result.spread:
@@ -178,10 +179,10 @@ def table_cells(results: list[CaseResult]) -> list[list[str]]:
             if metric not in r.metrics:
                 row.append("-")
                 continue
-            cell = _cell(r, metric)
+            text = cell(r, metric)
             if base is not None and r is not base and metric in base.metrics:
-                cell += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
-            row.append(cell)
+                text += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
+            row.append(text)
         rows.append(row)
     return rows
 
