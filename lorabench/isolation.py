@@ -23,8 +23,9 @@ from lorabench.errors import LorabenchError
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
 from lorabench.runner import CaseAborted
 
-# Imported once by the forkserver; every case process inherits them.
-PRELOAD = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "lorabench.runner"]
+# Imported once by the forkserver; every case process inherits them. lorabench.quiet comes first, so that
+# below -v the libraries' import-time warnings are hidden in case processes too.
+PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "lorabench.runner"]
 
 
 class ChildFailed(LorabenchError):
@@ -64,10 +65,6 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
     from lorabench.models import load_tokenizer
     from lorabench.runner import CaseRun, tokenize_task
 
-    if payload["quiet"]:
-        from lorabench.quiet import quiet_libraries
-
-        quiet_libraries()
     handler = _PipeLogHandler(conn)
     root = logging.getLogger("lorabench")
     root.addHandler(handler)
@@ -116,14 +113,14 @@ class IsolatedCaseRun:
     """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
-                 log_dir: str | None = None, memory_budget: int | None = None, quiet: bool = False) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None) -> None:
         from lorabench.config import resolve
 
         self.case = case
         self.case_id = case_id
         self.config = resolve(case.config, source.defaults)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
-                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget, "quiet": quiet}
+                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
         self._device = str(device)
         self._process = None
         self._conn = None

@@ -21,7 +21,6 @@ from lorabench.session import (
     open_session,
 )
 from lorabench.failures import failure_block
-from lorabench.quiet import quiet_libraries
 from lorabench.summary import render_summary
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
@@ -61,6 +60,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     quiet = config.get_verbosity() <= 0
+    # Read when lorabench.quiet is imported: just below, and first thing in the case processes' forkserver.
+    os.environ["LORABENCH_QUIET"] = "1" if quiet else "0"
+    from lorabench.quiet import quiet_libraries
+
     if quiet:
         for line in quiet_libraries():
             config.addinivalue_line("filterwarnings", line)
@@ -80,7 +83,6 @@ def pytest_configure(config: pytest.Config) -> None:
             memory_budget=config.getoption("memory_budget"),
             case_timeout_s=config.getoption("case_timeout"),
             seeds=config.getoption("seeds"),
-            quiet=quiet,
         )
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None

@@ -1,7 +1,10 @@
 """Library noise below ``-v``: progress bars, deprecation notices and log warnings of torch and the Hugging Face stack.
 
 A benchmark's terminal should show the benchmark: its progress lines, its summary, and a readable
-block per failed case. ``-v`` leaves every library message as it is.
+block per failed case. ``-v`` leaves every library message as it is. The pytest plugin sets
+:data:`QUIET_ENV` for the session before it imports this module; case processes (lorabench.isolation)
+start from a forkserver that imports this module first, so the same setting quiets them before torch
+and bitsandbytes are imported.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import warnings
 
 QUIET_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub")
 QUIET_WARNINGS = (FutureWarning, DeprecationWarning)
+QUIET_ENV = "LORABENCH_QUIET"
 
 
 def quiet_libraries() -> list[str]:
@@ -34,3 +38,7 @@ def quiet_libraries() -> list[str]:
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
     return [f"ignore::{category.__name__}:{modules}" for category in QUIET_WARNINGS]
+
+
+if os.environ.get(QUIET_ENV) == "1":  # set by the pytest plugin for a quiet session (see the module docstring)
+    quiet_libraries()
