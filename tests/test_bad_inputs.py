@@ -105,6 +105,8 @@ CATALOG = [
     BadInput("--memory-budget without a unit we know", {"memory_budget": "6 gigs"}, {}, ("--memory-budget '6 gigs'", "6GiB")),
     BadInput("--memory-budget 0", {"memory_budget": "0GiB"}, {}, ("more than 0 bytes",)),
     BadInput("--case-timeout negative", {"case_timeout_s": -1.0}, {}, ("--case-timeout -1", "positive")),
+    BadInput("--seeds 0", {"seeds": "0"}, {}, ("--seeds '0'", "a count from 1 to 100")),
+    BadInput("--seeds with a repeated seed", {"seeds": "7,7"}, {}, ("--seeds '7,7'", "seed 7 appears twice")),
     # models
     BadInput("--model path missing", {"models": ["{d}/no-such-model"]}, {}, ("no-such-model", "no such checkpoint directory")),
     BadInput("--model directory without config.json", {"models": ["{d}/empty"]}, {"empty/README": "x"},
