@@ -87,7 +87,8 @@ def failure_block(result: CaseResult, *, verbose: bool = False) -> str | None:
             lines += ["  " + line for line in gate_lines(gate, result)]
         return "\n".join(lines)
     what = "does not fit" if result.status == STATUS_DOES_NOT_FIT else result.status
-    lines = [f"{case_label(result)}: {what}", f"  {result.error or 'no reason recorded'}"]
+    lines = [f"{case_label(result)}: {what}"]
+    lines += ["  " + line for line in (result.error or "no reason recorded").splitlines()]
     trace = result.details.get("traceback")
     if trace:
         lines += (["  traceback:"] + ["    " + line for line in trace.rstrip().splitlines()] if verbose

@@ -54,9 +54,11 @@ def panels(results: list[CaseResult]) -> list[tuple[str, str, list[CaseResult]]]
 
 
 def _figure(n: int, title: str):
-    """A figure with ``n`` panels, at most three a row."""
+    """A figure with ``n`` panels in a near-square grid, at most three a row."""
+    import math
+
     plt = _pyplot()
-    cols = min(max(n, 1), 3)
+    cols = min(math.ceil(math.sqrt(max(n, 1))), 3)
     rows = -(-max(n, 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows + 0.4), squeeze=False)
     flat = [ax for row in axes for ax in row]

@@ -207,3 +207,25 @@ def test_categories_match_the_messages_the_bench_produces(message, category):
 
     matched = [c["name"] for c in CATEGORIES if re.fullmatch(c["messageRegex"], message)]
     assert matched[0] == category
+
+
+def test_a_failed_case_reads_as_one_block():
+    from lorabench.failures import failure_block
+
+    r = result("qlora_nf4", quant="nf4", eval_loss=0.0912)
+    assert failure_block(r) is None
+    r.gates = [{"rule": "eval_loss <= 2.0 * lora_bf16.eval_loss", "config": "qlora_nf4", "metric": "eval_loss",
+                "op": "<=", "ref_config": "lora_bf16", "ref_metric": "eval_loss", "where": "thresholds.yaml:37",
+                "profile": "default", "status": "fail", "value": 0.0912, "bound": 0.0896, "reference": 0.0448,
+                "message": "..."}]
+    assert failure_block(r) == (
+        "qlora_nf4-tiny-llama-digit-reverse (model tiny-llama, data set digit-reverse, configuration qlora_nf4): "
+        "1 gate failed\n"
+        "  violates 'eval_loss <= 2.0 * lora_bf16.eval_loss'  [thresholds.yaml:37, profile default]\n"
+        "    qlora_nf4.eval_loss = 0.0912, lora_bf16.eval_loss = 0.0448: bound <= 0.0896")
+    broken = result("lora_bf16")
+    broken.status, broken.error = "error", "ValueError: target module q_prj not found"
+    broken.details["traceback"] = "Traceback (most recent call last):\n  ...\nValueError: target module q_prj not found"
+    block = failure_block(broken)
+    assert block.splitlines()[1:] == ["  ValueError: target module q_prj not found", "  (run with -v for the traceback)"]
+    assert "Traceback (most recent call last)" in failure_block(broken, verbose=True)
