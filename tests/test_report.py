@@ -180,6 +180,20 @@ def test_report_from_a_real_stored_run_through_the_command_line(tmp_path, capsys
     assert "wrote" in capsys.readouterr().out
 
 
+def test_storage_is_a_folder_or_pytest_benchmarks_file_url(tmp_path, capsys, monkeypatch):
+    storage = tmp_path / ".benchmarks" / "Linux-CPython-3.11-64bit"
+    storage.mkdir(parents=True)
+    shutil.copy(STORED_RUN, storage / "0001_stored.json")
+    out = tmp_path / "reports"
+    assert main(["report", "--storage", f"file://{tmp_path / '.benchmarks'}", "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--storage", "file://./.benchmarks", "--out", str(out)]) == 0  # as --benchmark-storage
+    assert (out / "summary.md").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--storage", "elasticsearch+https://host:9200/bench"])
+    assert exit_info.value.code == 2 and "only pytest-benchmark's file storage" in capsys.readouterr().err
+
+
 def test_allure_metrics_table_and_launch_files(tmp_path):
     r = result("qlora_nf4")
     r.absent["mfu_pct"] = "no GPU"
