@@ -2,7 +2,10 @@
 
 A delta is the relative change of a value against the baseline's, signed the way the
 numbers move: a memory reduction prints as ``-78.4%`` and reads "78.4% less". Whether
-that is better or worse comes from the metric's direction in :mod:`lorabench.metrics`.
+that is better or worse comes from the metric's direction in :mod:`lorabench.metrics`, and
+it is said only where the data show a difference (:func:`difference_evidence`): a case run
+at several seeds shows ``mean ± sd``, and findings name a case lowest or highest only when
+its 95% interval is apart from every other's (:func:`ranking`).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def verdict(metric: str, value: float, baseline: float) -> str:
     return "better" if improved else "worse"
 
 
-def describe(metric: str, noun: str, value: float, baseline: float, evidence: str | None = "") -> str:
+def describe(metric: str, noun: str, value: float, baseline: float, evidence: str = "") -> str:
     """A phrase such as "51.6% less weight memory (3.01 vs 6.23 MiB, better)".
 
     Args:
