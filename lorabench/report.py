@@ -11,11 +11,13 @@ measure shows as "-" and the reason is listed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorabench.config import BenchConfig
 from lorabench.failures import gate_rows, status_text
 from lorabench.history import StoredRun
 from lorabench.metrics import METRICS
@@ -38,10 +40,8 @@ from lorabench.summary import (
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 NUMERIC_CELL = re.compile(r"^[-+]?[\d,.]+%?( ± [\d,.]+)?( \([-+][\d.]+%\))?$")  # right-aligned in HTML tables
-# Hyper-parameters shown per configuration, in this order (BenchConfig's fields; the seed is shown with --seeds too).
-HYPER_PARAMETERS = ("method", "quant", "double_quant", "dtype", "rank", "alpha", "dropout", "target_modules",
-                    "optimizer", "gradient_checkpointing", "batch_size", "grad_accum", "seq_len", "lr", "steps",
-                    "warmup_steps", "seed")
+# Hyper-parameters shown per configuration: BenchConfig's fields but its id and markers.
+HYPER_PARAMETERS = tuple(f.name for f in dataclasses.fields(BenchConfig) if f.name not in ("id", "tags"))
 # The model x data set table: (metric, column title).
 CROSS_COLUMNS = (("eval_loss", "eval loss (nats)"), ("perplexity", "perplexity"), ("accuracy_pct", "accuracy (%)"),
                  ("tokens_per_s", "tokens/s"))
