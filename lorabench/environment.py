@@ -9,22 +9,6 @@ import platform
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "pytest-benchmark")
 
-# Dense bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets; matched by substring of the device name.
-GPU_BF16_PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 SXM", 989e12),
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-)
-
-
 def library_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in LIBRARIES:
@@ -70,11 +54,3 @@ def machine() -> dict[str, object]:
         except Exception:
             pass
     return info
-
-
-def gpu_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a GPU, or ``None`` when the device is not in the table."""
-    for key, flops in GPU_BF16_PEAK_FLOPS:
-        if key in device_name:
-            return flops
-    return None

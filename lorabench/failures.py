@@ -3,8 +3,8 @@
 The same block is the pytest failure message of the case and a section of the terminal summary::
 
     qlora_nf4 (model tiny-llama, data set digit-reverse, configuration qlora_nf4): 1 gate failed
-      violates 'eval_loss <= 2.0 * lora_bf16.eval_loss'  [thresholds.yaml:37, profile default]
-        qlora_nf4.eval_loss = 0.0912, lora_bf16.eval_loss = 0.0448: bound <= 0.0896
+      violates 'eval_loss <= 2.0 * lora.eval_loss'  [thresholds.yaml:37, profile default]
+        qlora_nf4.eval_loss = 0.0912, lora.eval_loss = 0.0448: bound <= 0.0896
 
 The full record and any traceback stay in the Allure attachments, and show with ``-v``.
 """
@@ -43,7 +43,7 @@ def _op(gate: dict) -> str:
 
 
 def gate_value_text(gate: dict, result: CaseResult) -> tuple[str, str, str]:
-    """(value, bound, reference) as text: ``0.9``, ``<= 0.8``, ``lora_bf16.eval_loss = 0.4`` (``-`` or ``""`` when absent)."""
+    """(value, bound, reference) as text: ``0.9``, ``<= 0.8``, ``lora.eval_loss = 0.4`` (``-`` or ``""`` when absent)."""
     bound = "-" if gate.get("bound") is None else f"{_op(gate)} {_num(gate['bound'])}"
     ref_config = gate.get("ref_config")
     reference = ""

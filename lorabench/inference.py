@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabench.config import BenchConfig
+from lorabench.precision import resolve_dtype
 
 DEFAULT_NEW_TOKENS = 32
 DRIFT_NEW_TOKENS = 16  # longest answer generated per prompt for semantic drift (EOS stops it sooner)
@@ -40,7 +41,7 @@ class Variant:
     markers: tuple[str, ...] = ()
 
     def base_config(self, dtype: str) -> BenchConfig:
-        """The loading configuration of this variant's base (bf16 compute for a quantized one)."""
+        """The loading configuration of this variant's base (``dtype``: its weights, or a quantized one's compute)."""
         return BenchConfig(self.id, method="lora", quant=self.quant, double_quant=self.quant == "nf4", dtype=dtype)
 
 
@@ -65,7 +66,7 @@ class _DropInt8CastNotice(logging.Filter):
 _INT8_NOTICE_FILTER = _DropInt8CastNotice()
 
 
-def load_variant(variant: Variant, source, adapter_dir: str | Path | None, device, dtype: str = "bf16"):
+def load_variant(variant: Variant, source, adapter_dir: str | Path | None, device, dtype: str = "auto"):
     """Load a variant for inference, in eval mode.
 
     Raises:
@@ -77,7 +78,7 @@ def load_variant(variant: Variant, source, adapter_dir: str | Path | None, devic
 
     if variant.quant == "int8":  # the int8 matmul takes fp16 inputs: said once, in the README
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_NOTICE_FILTER)
-    model = load_model(source, variant.base_config(dtype), device).model
+    model = load_model(source, variant.base_config(resolve_dtype(dtype, device)), device).model
     if variant.adapter:
         if adapter_dir is None:
             raise ValueError(f"variant {variant.id} needs a trained adapter directory")
@@ -240,14 +241,14 @@ class InferenceRun:
 
     def __init__(self, variant: Variant, *, source, adapter_dir, tokenizer, prompt: str, device, model_name: str,
                  dataset: str, new_tokens: int = DEFAULT_NEW_TOKENS, warmup: int = 2, repeats: int = 10,
-                 dtype: str = "bf16") -> None:
+                 dtype: str = "auto") -> None:
         from lorabench.environment import machine
         from lorabench.meters import CudaMeter, RssMeter
         from lorabench.result import CaseResult
 
         self.variant, self.source, self.adapter_dir, self.tokenizer = variant, source, adapter_dir, tokenizer
         self.device, self.new_tokens, self.warmup, self.repeats = device, new_tokens, warmup, repeats
-        self.prompt, self.dtype = prompt, dtype
+        self.prompt, self.dtype = prompt, dtype = resolve_dtype(dtype, device)
         self.result = CaseResult(case_id=variant.id, config_id=variant.id, model=model_name, dataset=dataset,
                                  device=str(device), environment=dict(machine()),
                                  config={"kind": "inference", **variant_result_config(variant, dtype, new_tokens,

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import traceback
 from typing import Any
 
 from lorabench.errors import LorabenchError
+from lorabench.quiet import QUIET_ENV, quiet_libraries
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
 from lorabench.runner import CaseAborted
 
 # Imported once by the forkserver; every case process inherits them. lorabench.quiet comes first, so that
-# below -v the libraries' import-time warnings are hidden in case processes too.
-PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "lorabench.runner"]
+# libraries' import-time notices are filtered in case processes too.
+PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
+           "lorabench.runner"]
 
 
 class ChildFailed(LorabenchError):
@@ -65,6 +68,8 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
     from lorabench.models import load_tokenizer
     from lorabench.runner import CaseRun, tokenize_task
 
+    if os.environ.get(QUIET_ENV) == "1":  # the session runs below -v
+        quiet_libraries()
     handler = _PipeLogHandler(conn)
     root = logging.getLogger("lorabench")
     root.addHandler(handler)
@@ -93,6 +98,8 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
                 return
             if command == "step":
                 conn.send(("stepped", run.step()))
+            elif command == "control":
+                conn.send(("controlled", run.control()))
             elif command == "ping":
                 conn.send(("pong", None))
             elif command == "finish":
@@ -118,7 +125,7 @@ class IsolatedCaseRun:
 
         self.case = case
         self.case_id = case_id
-        self.config = resolve(case.config, source.defaults)
+        self.config = resolve(case.config, source.defaults, device)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
                          "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
         self._device = str(device)
@@ -139,6 +146,11 @@ class IsolatedCaseRun:
     def step(self) -> float:
         self._conn.send("step")
         return self._await("stepped")
+
+    def control(self) -> None:
+        """Time the control workload in the case process, just before the next step."""
+        self._conn.send("control")
+        self._await("controlled")
 
     def ping(self) -> None:
         """One round trip with no work, to measure what isolation adds to a step."""

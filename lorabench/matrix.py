@@ -16,7 +16,7 @@ import yaml
 from lorabench.config import BenchConfig, apply_overrides
 from lorabench.errors import ConfigError
 
-BASELINE_ID = "full_bf16"
+BASELINE_ID = "full"
 SWEEP_RANKS = (8, 16, 32, 64)
 # The sweep keeps alpha fixed, as the QLoRA paper did (r = 64, alpha = 16): the adapter's scale
 # alpha / r then shrinks as the rank grows, so rank changes capacity rather than step size. With
@@ -25,8 +25,8 @@ SWEEP_RANKS = (8, 16, 32, 64)
 SWEEP_ALPHA = 16
 
 DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
-    BenchConfig("full_bf16", method="full"),
-    BenchConfig("lora_bf16", method="lora"),
+    BenchConfig("full", method="full"),
+    BenchConfig("lora", method="lora"),
     BenchConfig("qlora_nf4", method="lora", quant="nf4", double_quant=True),
     BenchConfig("qlora_fp4", method="lora", quant="fp4"),
     BenchConfig("lora_int8", method="lora", quant="int8"),

@@ -168,6 +168,5 @@ class CudaMeter:
 
 def cuda_only_absent(reason: str) -> dict[str, str]:
     """Absence reasons for the CUDA-only metrics on a run that is not on CUDA."""
-    names = ("peak_alloc_mib", "peak_reserved_mib", "alloc_before_mib", "avg_alloc_mib", "device_used_max_mib",
-             "mfu_pct")
+    names = ("peak_alloc_mib", "peak_reserved_mib", "alloc_before_mib", "avg_alloc_mib", "device_used_max_mib")
     return {name: reason for name in names}

@@ -16,10 +16,13 @@ class Metric:
     better: str | None  # "lower", "higher", or None when neither direction is better
     group: str  # memory, speed, quality, size
     help: str
+    # False for figures that inform but do not gate a comparison: one-shot wall times, and wall-clock
+    # speed that moves with the machine's load (step_control_ratio gates speed instead).
+    gated: bool = True
 
 
-def _m(name: str, unit: str, better: str | None, group: str, help: str) -> Metric:
-    return Metric(name, unit, better, group, help)
+def _m(name: str, unit: str, better: str | None, group: str, help: str, *, gated: bool = True) -> Metric:
+    return Metric(name, unit, better, group, help, gated)
 
 
 _FINETUNE: tuple[Metric, ...] = (
@@ -46,12 +49,29 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("trainable_pct", "%", "lower", "size", "trainable share of all parameters"),
     _m("quant_linear_ratio", "ratio", "lower", "size", "quantized linear weights' bytes over their bf16 bytes"),
     # speed
-    _m("step_ms", "ms", "lower", "speed", "median optimizer-step time over the measured (post-warm-up) steps"),
-    _m("samples_per_s", "samples/s", "higher", "speed", "training examples per second over the measured steps"),
-    _m("tokens_per_s", "tokens/s", "higher", "speed", "non-padding tokens per second over the measured steps"),
-    _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included"),
-    _m("load_s", "s", "lower", "speed", "model load plus quantization time"),
-    _m("mfu_pct", "%", "higher", "speed", "model FLOP utilisation against the GPU's dense bf16 peak"),
+    _m("step_ms", "ms", "lower", "speed", "median optimizer-step time over the measured (post-warm-up) steps",
+       gated=False),
+    _m("step_control_ratio", "ratio", "lower", "speed",
+       "median over measured steps of step time / a fixed control workload timed just before it: speed under load"),
+    _m("control_ms", "ms", None, "speed", "median time of the fixed control workload (the machine's speed then)",
+       gated=False),
+    _m("step_cpu_ms", "ms", "lower", "speed", "median CPU time of the case process (all threads) per measured step",
+       gated=False),
+    _m("samples_per_s", "samples/s", "higher", "speed", "training examples per second over the measured steps", gated=False),
+    _m("tokens_per_s", "tokens/s", "higher", "speed", "non-padding tokens per second over the measured steps", gated=False),
+    _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included", gated=False),
+    _m("load_s", "s", "lower", "speed", "model load plus quantization time (one-shot)", gated=False),
+    _m("mfu_pct", "%", "higher", "speed", "model FLOPs utilisation (PaLM): model FLOPs/token x tokens/s over the "
+       "GPU's dense peak", gated=False),
+    _m("hfu_pct", "%", "higher", "speed", "hardware FLOPs utilisation: mfu_pct plus gradient-checkpointing recompute",
+       gated=False),
+    # where a case's wall time goes (one-shot wall times)
+    _m("phase_load_s", "s", None, "speed", "phase: data, model load and quantization, adapter", gated=False),
+    _m("phase_eval_before_s", "s", None, "speed", "phase: held-out and reference evals of the base model", gated=False),
+    _m("phase_train_s", "s", None, "speed", "phase: trainer set-up and every training step", gated=False),
+    _m("phase_eval_after_s", "s", None, "speed", "phase: held-out, accuracy and reference evals after training",
+       gated=False),
+    _m("phase_adapter_check_s", "s", None, "speed", "phase: adapter save, reload and merge check", gated=False),
     # quality
     _m("train_loss_first", "nats", None, "quality", "training loss of the first step"),
     _m("train_loss_final", "nats", "lower", "quality", "mean training loss of the last 10% of steps"),
@@ -65,7 +85,8 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("reload_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, trained vs reloaded adapter"),
     _m("merge_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, merged vs unmerged adapter"),
     _m("merge_argmax_agree_pct", "%", "higher", "quality", "positions with the same greedy token, merged vs unmerged"),
-    _m("adapter_check_s", "s", "lower", "speed", "wall time of the adapter save, reload and merge check"),
+    _m("adapter_check_s", "s", "lower", "speed", "wall time of the adapter save, reload and merge check (one-shot)",
+       gated=False),
     # task accuracy and forgetting (lorabench.accuracy, lorabench.quality)
     _m("accuracy_pct", "%", "higher", "quality", "held-out answers matched exactly by greedy decoding, after training"),
     _m("accuracy_ci_low_pct", "%", "higher", "quality", "lower bound of accuracy_pct's 95% Wilson interval"),

@@ -15,11 +15,11 @@ from typing import Any
 
 from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ConfigError, ModelError
+from lorabench.precision import resolve_dtype, torch_dtype
 from lorabench.zoo import ZOO, checkpoint_dir
 
 # Defaults for a real checkpoint, where the configuration leaves them open.
 CHECKPOINT_TRAIN_DEFAULTS = TrainDefaults(steps=100, batch_size=4, seq_len=512, lr_full=2e-5, lr_lora=2e-4)
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ATTENTION_PARENT = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")
 
 
@@ -141,7 +141,6 @@ def _check_causal_lm(spec: str, path: str, trust_remote_code: bool) -> None:
 
 def bnb_config(config: BenchConfig):
     """The ``BitsAndBytesConfig`` for a configuration, or ``None`` for an unquantized base."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     if config.quant in ("nf4", "fp4"):
@@ -149,7 +148,7 @@ def bnb_config(config: BenchConfig):
             load_in_4bit=True,
             bnb_4bit_quant_type=config.quant,
             bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[config.dtype]),
+            bnb_4bit_compute_dtype=torch_dtype(config.dtype),
         )
     if config.quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -195,6 +194,7 @@ def load_model(source: ModelSource, config: BenchConfig, device) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
+    config = config.replace(dtype=resolve_dtype(config.dtype, device))
     check_dtype_supported(config.dtype, device)
     tokenizer = load_tokenizer(source)
     if device.type == "cuda":
@@ -202,7 +202,7 @@ def load_model(source: ModelSource, config: BenchConfig, device) -> LoadedModel:
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
-        dtype=getattr(torch, TORCH_DTYPES[config.dtype]),
+        dtype=torch_dtype(config.dtype),
         quantization_config=bnb_config(config),
         device_map={"": (device.index or 0) if device.type == "cuda" else "cpu"},
         local_files_only=True,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lorabench.quiet import QUIET_ENV, quiet_libraries  # first: before any Hugging Face library is imported
 from lorabench.errors import LorabenchError
 from lorabench.session import (
     DEFAULT_CASE_TIMEOUT_S,
@@ -60,10 +61,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     quiet = config.get_verbosity() <= 0
-    # Read when lorabench.quiet is imported: just below, and first thing in the case processes' forkserver.
-    os.environ["LORABENCH_QUIET"] = "1" if quiet else "0"
-    from lorabench.quiet import quiet_libraries
-
+    os.environ[QUIET_ENV] = "1" if quiet else "0"  # the case processes this session starts follow it
     if quiet:
         for line in quiet_libraries():
             config.addinivalue_line("filterwarnings", line)
@@ -149,11 +147,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(str(exc)) from None
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The run's first line: which cases, on what, in which dtype, and how long it should take."""
+    bench = session.config.stash.get(SESSION_KEY, None)
+    items = [i for i in session.items if "bench_case" in getattr(i, "fixturenames", ())]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if bench is None or not items or reporter is None:
+        return
+    reporter.write_line(bench.plan_line([i.callspec.params["bench_case"] for i in items],
+                                        [i.callspec.id for i in items], _storage_path(session.config)))
+
+
+def _storage_path(config: pytest.Config) -> Path | None:
+    storage = getattr(getattr(config, "_benchmarksession", None), "storage", None)
+    path = getattr(storage, "path", None)
+    return Path(path) if path is not None else None
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     from lorabench.environment import machine
 
     machine_info.update(machine())
     session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        # --isolate none understates a repeated case's memory: compare warns when two runs differ in it
+        machine_info["isolate"] = session.isolate
     if hasattr(os, "getloadavg"):
         machine_info["load_avg_1m_start"] = session.load_at_start if session is not None else None
         machine_info["load_avg_1m_end"] = os.getloadavg()[0]

@@ -1,10 +1,14 @@
-"""Library noise below ``-v``: progress bars, deprecation notices and log warnings of torch and the Hugging Face stack.
+"""Keep library chatter out of the run's output, in the pytest process and in every case process.
 
-A benchmark's terminal should show the benchmark: its progress lines, its summary, and a readable
-block per failed case. ``-v`` leaves every library message as it is. The pytest plugin sets
-:data:`QUIET_ENV` for the session before it imports this module; case processes (lorabench.isolation)
-start from a forkserver that imports this module first, so the same setting quiets them before torch
-and bitsandbytes are imported.
+Loading bars written with carriage returns turn into one long garbled line in CI logs, and
+notices that repeat for every case (a deprecated attribute inside transformers, bitsandbytes'
+optional CPU kernel that would be fetched from a hub) say nothing about the measurement.
+Imported first: by the pytest plugin, and by the forkserver that case processes start from.
+
+Below ``-v`` (:func:`quiet_libraries`, called by the pytest plugin, which sets :data:`QUIET_ENV`
+so that case processes do the same) every deprecation notice and log message below ERROR of
+torch and the Hugging Face stack is hidden too, so the terminal shows the bench's own progress,
+summary and failure blocks. ``-v`` shows them.
 """
 
 from __future__ import annotations
@@ -16,21 +20,24 @@ import warnings
 
 QUIET_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub")
 QUIET_WARNINGS = (FutureWarning, DeprecationWarning)
-QUIET_ENV = "LORABENCH_QUIET"
+QUIET_ENV = "LORABENCH_QUIET"  # "1": the session runs below -v (read by lorabench.isolation's case processes)
+
+# huggingface_hub and transformers read this when they are imported: no "Loading weights" bars
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# the optional gemm_4bit kernel for AVX512-BF16 CPUs comes from a hub, which runs here are offline from
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
 def quiet_libraries() -> list[str]:
-    """Switch off the libraries' progress bars, deprecation warnings and log messages below ERROR in this
-    process and the case processes it starts.
+    """Hide the libraries' progress bars, deprecation warnings and log messages below ERROR in this process.
 
     Returns:
         The same warning filters as pytest ``filterwarnings`` lines (pytest resets Python's filters for
         each test and applies its own).
     """
-    # Read at import by huggingface_hub (and so transformers) and datasets; case processes inherit them.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if "transformers" in sys.modules:  # imported already: switch its bars off directly
+    if "transformers" in sys.modules:  # imported before HF_HUB_DISABLE_PROGRESS_BARS was read: switch it off here
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     modules = f"({'|'.join(QUIET_LIBRARIES)})"
     for category in QUIET_WARNINGS:
@@ -38,7 +45,3 @@ def quiet_libraries() -> list[str]:
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
     return [f"ignore::{category.__name__}:{modules}" for category in QUIET_WARNINGS]
-
-
-if os.environ.get(QUIET_ENV) == "1":  # set by the pytest plugin for a quiet session (see the module docstring)
-    quiet_libraries()

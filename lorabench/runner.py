@@ -22,7 +22,7 @@ from lorabench.accuracy import record_accuracy
 from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
 from lorabench.data import TaskData, collator, tokenize
-from lorabench.environment import gpu_peak_flops, machine
+from lorabench.environment import machine
 from lorabench.footprint import (
     MIB,
     optimizer_state_bytes,
@@ -44,7 +44,7 @@ log = logging.getLogger("lorabench.progress")
 # case, so a subset keeps them cheap (128 rows, 640 scored tokens on the embedded task).
 REFERENCE_EXAMPLES = 128
 
-Timer = Callable[[Callable[[], Any], int, int], Any]  # (step, rounds, warmup_rounds)
+Timer = Callable[[Callable[[], Any], int, int, Callable[[], None]], Any]  # (step, rounds, warmup_rounds, control)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class CaseRun:
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
                  log_dir: str | None = None, memory_budget: int | None = None,
                  adapter_dir: str | None = None) -> None:
-        self.config = config = resolve(case.config, source.defaults)
+        self.config = config = resolve(case.config, source.defaults, device)
         self.case_id = case_id
         self.source = source
         self.tokens_for = tokens_for
@@ -128,6 +128,7 @@ class CaseRun:
         self.eos_token_id = None
         self.reference_before = None
         self.started = 0.0
+        self._current_phase: tuple[str, float] | None = None
 
     # ----- phases ------------------------------------------------------------
     def prepare(self) -> None:
@@ -136,6 +137,7 @@ class CaseRun:
         with self._guard():
             config, result = self.config, self.result
             set_seed(config.seed)
+            self._phase("load", f"loading {self.source.spec} ({config.quant}, {config.dtype}, {config.method})")
             self.tokens = self.tokens_for(config)
             self._start_meters()
             loaded = load_model(self.source, config, self.device)
@@ -144,12 +146,14 @@ class CaseRun:
             _record_model(result, self.model)
             self.collate = collator(loaded.tokenizer)
             self.eos_token_id = loaded.tokenizer.eos_token_id
+            self._phase("eval_before", "evaluating the base model")
             before = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
                                device=self.device, eos_token_id=self.eos_token_id)
             result.set("eval_loss_before", before.loss)
             record_accuracy(result, before, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len,
                             stage="_before")
             self.reference_before = self._reference_loss()
+            self._phase("train", f"training {config.steps} steps")
             self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
                                         self.device, self.report_to, self.log_dir)
             self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
@@ -159,6 +163,11 @@ class CaseRun:
         with self._guard():
             return self.runner.step()
 
+    def control(self) -> None:
+        """Time the control workload just before the next step (:mod:`lorabench.control`)."""
+        with self._guard():
+            self.runner.control()
+
     def finish(self) -> CaseResult:
         with self._guard():
             config, result = self.config, self.result
@@ -167,14 +176,17 @@ class CaseRun:
             self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
             _record_speed(result, self.runner, config, train_s, self.model, self.device)
+            self._phase("eval_after", "evaluating the trained model")
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
                               device=self.device, eos_token_id=self.eos_token_id)
             _record_quality(result, self.runner, after)
             record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
             _record_task_change(result, self.reference_before, self._reference_loss())
             # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
+            self._phase("adapter_check", "saving, reloading and merging the adapter")
             check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
                                self.adapter_dir)
+            self._phase(None, "")
             self._judge_budget()
         self.close()
         return self.result
@@ -193,6 +205,16 @@ class CaseRun:
                 self.result.absent.setdefault(name, why)
 
     # ----- helpers -------------------------------------------------------------
+    def _phase(self, name: str | None, what: str) -> None:
+        """End the current phase (its wall time becomes ``phase_<name>_s``) and start the next one."""
+        now = time.perf_counter()
+        if self._current_phase is not None:
+            done, since = self._current_phase
+            self.result.set(f"phase_{done}_s", now - since, source="wall clock of the phase (informational)")
+        self._current_phase = (name, now) if name else None
+        if name:
+            log.info("%s: %s", self.case_id, what)
+
     def _reference_loss(self):
         """Loss on the reference text the fine-tune never sees, or ``None`` where the data set has none."""
         reference = self.tokens.reference
@@ -229,9 +251,11 @@ class CaseRun:
         if self.cuda:
             self.cuda.sample()
         steps = self.config.steps
-        if step % max(1, steps // 5) == 0 or step == steps:
-            log.info("%s: step %d/%d loss %.4f elapsed %.1f s", self.case_id, step, steps,
-                     self.runner.record.losses[-1], time.perf_counter() - self.started)
+        if step % max(1, steps // 10) == 0 or step == steps:
+            seconds = self.runner.record.seconds
+            eta = statistics.median(seconds) * (steps - step)
+            log.info("%s: step %d/%d loss %.4f elapsed %.1f s, training ETA %.0f s", self.case_id, step, steps,
+                     self.runner.record.losses[-1], time.perf_counter() - self.started, eta)
 
     @contextlib.contextmanager
     def _guard(self):
@@ -268,7 +292,7 @@ def measure(run, timer: Timer = simple_timer) -> CaseResult:
     try:
         run.prepare()
         warmup = run.config.warmup_steps
-        timer(run.step, run.config.steps - warmup, warmup)
+        timer(run.step, run.config.steps - warmup, warmup, run.control)
         return run.finish()
     except CaseAborted as exc:
         return exc.result
@@ -317,34 +341,56 @@ def _record_memory(result: CaseResult, readings, runner: StepRunner, trainer, on
         result.set("other_mib", None, reason=f"{peak_name} is absent: {result.absent.get(peak_name, '')}")
 
 
-def _training_flops_per_token(model, config: dict[str, Any]) -> float:
-    """6N for full fine-tuning; 4N for an adapter (no weight gradients for the frozen base); +2N recompute."""
-    total, _ = param_counts(model)
-    per_token = (6 if config["method"] == "full" else 4) * total
-    if config["gradient_checkpointing"]:
-        per_token += 2 * total
-    return per_token
-
-
 def _record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
+    """Wall-clock speed (informational under load), and the step time against the control (gated)."""
+    from lorabench.control import paired_ratios
+
     rec = runner.record
     w = config.warmup_steps
     measured_s = sum(rec.seconds[w:])
     result.step_ms_curve = [s * 1000 for s in rec.seconds]
+    result.control_ms_curve = [s * 1000 for s in rec.control_seconds]
     result.set("step_ms", statistics.median(rec.seconds[w:]) * 1000, source="median of post-warm-up optimizer steps")
+    result.set("step_cpu_ms", statistics.median(rec.cpu_seconds[w:]) * 1000,
+               source="median of the case process's CPU time (all threads) per post-warm-up step")
+    result.set("control_ms", statistics.median(rec.control_seconds[w:]) * 1000,
+               source="median time of the fixed control workload run before each step (lorabench.control)")
+    ratios = paired_ratios(rec.seconds[w:], rec.control_seconds[w:])
+    result.set("step_control_ratio", statistics.median(ratios),
+               source="median over post-warm-up steps of step time / the control timed just before it")
     result.set("samples_per_s", sum(rec.samples[w:]) / measured_s)
     result.set("tokens_per_s", sum(rec.tokens[w:]) / measured_s, source="attention-mask tokens (no padding)")
     result.set("train_s", train_s, source="wall clock around all training steps")
-    if device.type == "cuda":
-        import torch
+    _record_flops(result, rec, w, model, config, device)
 
-        name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name)
-        if peak is None:
-            result.set("mfu_pct", None, reason=f"no dense bf16 peak FLOP/s known for {name}")
-        else:
-            flops = _training_flops_per_token(model, result.config) * result.metrics["tokens_per_s"]
-            result.set("mfu_pct", 100.0 * flops / peak, source=f"(6N or 4N) x tokens/s over {peak:.3g} FLOP/s")
+
+def _record_flops(result: CaseResult, rec, warmup: int, model, config: BenchConfig, device) -> None:
+    """MFU (PaLM's model FLOPs) and HFU (with recompute) against the GPU's dense peak for the dtype."""
+    from lorabench.flops import matmul_params, model_shape, peak_flops, training_flops
+
+    if device.type != "cuda":
+        for name in ("mfu_pct", "hfu_pct"):
+            result.set(name, None, reason=f"no peak FLOP/s for a {device.type} device: MFU is measured on CUDA GPUs")
+        return
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops(name, config.dtype)
+    if peak is None:
+        reason = f"no dense {config.dtype} peak FLOP/s known for {name!r} (lorabench.flops.GPU_PEAK_FLOPS)"
+        for metric in ("mfu_pct", "hfu_pct"):
+            result.set(metric, None, reason=reason)
+        return
+    frozen, trainable = matmul_params(model)
+    layers, hidden = model_shape(model)
+    seq_len = sum(rec.tokens[warmup:]) / sum(rec.samples[warmup:])  # mean real tokens per sequence
+    flops = training_flops(frozen=frozen, trainable=trainable, layers=layers, hidden=hidden, seq_len=seq_len,
+                           checkpointing=config.gradient_checkpointing)
+    tokens_per_s = result.metrics["tokens_per_s"]
+    result.set("mfu_pct", 100.0 * flops.model_per_token * tokens_per_s / peak,
+               source=f"PaLM model FLOPs/token ({flops.model_per_token:.3g}) x tokens/s over {peak:.4g} FLOP/s")
+    result.set("hfu_pct", 100.0 * flops.hardware_per_token * tokens_per_s / peak,
+               source=f"model FLOPs plus recompute ({flops.hardware_per_token:.3g}/token) x tokens/s over {peak:.4g}")
 
 
 def _record_quality(result: CaseResult, runner: StepRunner, after) -> None:

@@ -114,6 +114,28 @@ class BenchSession:
         for spec in self.matrix.datasets:
             self.task(spec)
 
+    def plan_line(self, cases: list, case_ids: list[str], storage: Path | None) -> str:
+        """The first line of a run (lorabench.progress): cases, device, dtypes and the expected time."""
+        import statistics
+
+        from lorabench.config import resolve
+        from lorabench.control import ControlWorkload
+        from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
+        from lorabench.progress import estimate_from_control, estimate_from_history, plan_line
+        from lorabench.zoo import ZOO
+
+        resolved = [resolve(c.config, ZOO[c.model].defaults if c.model in ZOO else CHECKPOINT_TRAIN_DEFAULTS,
+                            self.device) for c in cases]
+        estimate = estimate_from_history(storage, case_ids)
+        if estimate is None and all(c.model in ZOO for c in cases):
+            control = ControlWorkload(self.device)
+            control_s = statistics.median(control.run() for _ in range(5))
+            estimate = (estimate_from_control([r.steps for r in resolved], control_s),
+                        "a rough model of the tiny models, scaled by a control workload timed now")
+        return plan_line(case_ids=case_ids, models=sorted({c.model for c in cases}),
+                         datasets=sorted({c.dataset for c in cases}), device=str(self.device),
+                         dtypes=sorted({r.dtype for r in resolved}), isolate=self.isolate, estimate=estimate)
+
     def log_dir(self, case_id: str) -> str:
         """Where the Trainer's integrations (TensorBoard) write for one case."""
         return str(self.reports_dir / "runs" / case_id)

@@ -22,6 +22,8 @@ from lorabench.seeds import n_seeds, separated
 # Figures the seed cannot move (tensor shapes and bytes): a difference in them needs no repeated seeds.
 SEED_INDEPENDENT_GROUPS = ("memory", "size")
 ALPHA = 0.05  # for telling two cases' per-step times apart within one run
+# Figures computed from the measured steps, so two cases' steps can tell them apart.
+STEP_METRICS = ("step_ms", "step_control_ratio", "samples_per_s", "tokens_per_s", "train_s")
 
 # (metric, column title, noun for findings)
 _CPU_PEAK = ("peak_rss_delta_mib", "peak RSS+ MiB", "peak memory (process RSS added)")
@@ -117,14 +119,18 @@ def difference_evidence(metric: str, a: CaseResult, b: CaseResult) -> str:
         return "" if apart else f"not distinguishable at {min(n_seeds(a), n_seeds(b))} seeds, 95% intervals overlap"
     if METRICS[metric].group in SEED_INDEPENDENT_GROUPS:
         return ""
-    from lorabench.compare import PER_STEP_METRICS, measured_step_ms
-
-    steps_a, steps_b = measured_step_ms(a), measured_step_ms(b)
-    if metric in PER_STEP_METRICS and min(len(steps_a), len(steps_b)) >= 3:
+    if metric in STEP_METRICS:
         from scipy.stats import mannwhitneyu
 
-        p = float(mannwhitneyu(steps_a, steps_b, alternative="two-sided").pvalue)
-        return "" if p < ALPHA else f"step times not distinguishable, Mann-Whitney p={p:.2g}"
+        from lorabench.compare import measured_step_ms, measured_step_ratios
+
+        # step/control ratios where both cases have them: the load can change between two cases of a run
+        sa, sb, what = measured_step_ratios(a), measured_step_ratios(b), "step/control ratios"
+        if min(len(sa), len(sb)) < 3:
+            sa, sb, what = measured_step_ms(a), measured_step_ms(b), "step times"
+        if min(len(sa), len(sb)) >= 3:
+            p = float(mannwhitneyu(sa, sb, alternative="two-sided").pvalue)
+            return "" if p < ALPHA else f"{what} not distinguishable, Mann-Whitney p={p:.2g}"
     return "one run each, spread unknown: --seeds N measures it"
 
 
@@ -146,7 +152,7 @@ def group_results(results: Iterable[CaseResult]) -> dict[tuple[str, str, str], l
 
 
 def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
-    """``full_bf16`` where it ran, otherwise the first case that ran."""
+    """``full`` where it ran, otherwise the first case that ran."""
     ok = [r for r in results if r.status == STATUS_OK]
     for r in ok:
         if r.config_id == BASELINE_ID:
@@ -307,14 +313,32 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+PHASES = (("load", "load"), ("eval_before", "eval before"), ("train", "train"), ("eval_after", "eval after"),
+          ("adapter_check", "adapter check"))
+
+
+def phase_lines(results: list[CaseResult]) -> list[str]:
+    """Where each case's wall time went, phase by phase (informational: wall clock under the run's load)."""
+    lines = []
+    for r in results:
+        parts = [f"{label} {r.metrics[f'phase_{key}_s']:.1f}" for key, label in PHASES
+                 if f"phase_{key}_s" in r.metrics]
+        if parts:
+            lines.append(f"{r.config_id}: " + ", ".join(parts))
+    return lines
+
+
 def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
         base = pick_baseline(group)
         base_text = f"baseline {base.config_id}" if base else "no baseline (no case ran)"
+        dtypes = sorted({str(r.config["dtype"]) for r in group if r.config.get("dtype")})
+        dtype_text = f", trained in {'/'.join(dtypes)}" if dtypes else ""
         seeds = max(n_seeds(r) for r in group)
         spread = f"; {seeds} seeds: mean ± standard deviation" if seeds > 1 else ""
-        lines.append(f"{model} on {dataset} ({device}), {base_text}; deltas are (value - baseline) / baseline{spread}")
+        lines.append(f"{model} on {dataset} ({device}{dtype_text}), {base_text}; "
+                     f"deltas are (value - baseline) / baseline{spread}")
         lines += render_table(group)
         not_ok = [r for r in group if r.status != STATUS_OK]
         for r in not_ok:
@@ -327,6 +351,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if adapters:
             lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
             lines += [f"  - {a}" for a in adapters]
+        phases = phase_lines(group)
+        if phases:
+            lines.append("seconds per phase (wall clock):")
+            lines += [f"  - {p}" for p in phases]
         lines.append("")
     if gate_counts:
         lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))

@@ -9,7 +9,7 @@ The file::
           - loss_drop >= 0.1           # sanity: it learned
         qlora_nf4:
           - quant_linear_ratio <= 0.3                       # absolute
-          - eval_loss <= 1.10 * lora_bf16.eval_loss         # relative to another configuration
+          - eval_loss <= 1.10 * lora.eval_loss         # relative to another configuration
       cuda:                            # applies to cases run on a CUDA device
         ...
       "cuda & model=Qwen/Qwen3-0.6B":  # selectors combine with '&'

@@ -34,6 +34,8 @@ class StepRecord:
     """What each optimizer step took and gave."""
 
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # the process's CPU time (all threads) per step
+    control_seconds: list[float] = field(default_factory=list)  # the control workload timed before each step
     losses: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
@@ -98,6 +100,8 @@ class StepRunner:
     """
 
     def __init__(self, trainer, *, on_step_end=None) -> None:
+        from lorabench.control import ControlWorkload
+
         self.trainer = trainer
         self.model = trainer.model
         self.device = trainer.args.device
@@ -106,6 +110,7 @@ class StepRunner:
         self.on_step_end = on_step_end
         self.grad_bytes_seen: int | None = None
         self._batches = self._endless(trainer.get_train_dataloader())
+        self._control = ControlWorkload(self.device)
         trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
 
     @staticmethod
@@ -117,6 +122,10 @@ class StepRunner:
     def steps_done(self) -> int:
         return len(self.record.losses)
 
+    def control(self) -> None:
+        """Time the control workload once; call it just before each :meth:`step` (untimed by the step timer)."""
+        self.record.control_seconds.append(self._control.run())
+
     def step(self) -> float:
         """One optimizer step: ``grad_accum`` forward/backward passes, clip, update. Returns the loss."""
         import torch
@@ -124,6 +133,9 @@ class StepRunner:
         from lorabench.footprint import grad_bytes
 
         trainer, model = self.trainer, self.model
+        if len(self.record.control_seconds) == self.steps_done:  # every step gets its control
+            self.control()
+        cpu_started = time.process_time()
         started = time.perf_counter()
         batches, num_items = trainer.get_batch_samples(self._batches, self.grad_accum, self.device)
         trainer.current_gradient_accumulation_steps = len(batches)
@@ -145,9 +157,11 @@ class StepRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
         step_number = self.steps_done + 1
         rec = self.record
         rec.seconds.append(elapsed)
+        rec.cpu_seconds.append(cpu)
         rec.losses.append(value)
         rec.tokens.append(tokens)
         rec.samples.append(samples)
@@ -164,11 +178,16 @@ class StepRunner:
             self.step()
 
     def end(self) -> None:
-        """Tell the Trainer's callbacks that training is over (integrations flush and close here)."""
+        """Time the control once more (it brackets the last step), and tell the Trainer's callbacks that
+        training is over (integrations flush and close here)."""
+        self.control()
         self.trainer.callback_handler.on_train_end(self.trainer.args, self.trainer.state, self.trainer.control)
 
 
-def simple_timer(step, rounds: int, warmup_rounds: int) -> None:
-    """Run warm-up then measured steps without pytest-benchmark (library use, tests)."""
+def simple_timer(step, rounds: int, warmup_rounds: int, control=None) -> None:
+    """Run warm-up then measured steps without pytest-benchmark (library use, tests),
+    each after its ``control`` where one is given."""
     for _ in range(warmup_rounds + rounds):
+        if control is not None:
+            control()
         step()

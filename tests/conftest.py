@@ -70,20 +70,20 @@ def hf_home(tmp_path_factory, tiny_llama, hub_id) -> Path:
     return home
 
 
-FAILING_GATE = "version: 1\nprofiles:\n  default:\n    lora_bf16:\n      - eval_loss <= 0.0001\n"
+FAILING_GATE = "version: 1\nprofiles:\n  default:\n    lora:\n      - eval_loss <= 0.0001\n"
 
 
 @pytest.fixture(scope="session")
 def allure_results(tmp_path_factory) -> Path:
     """Allure results of a real bench run (tests/test_allure.py, tests/test_rendering.py): two cases,
-    qlora_nf4_r8 passes and lora_bf16 fails an impossible gate."""
+    qlora_nf4_r8 passes and lora fails an impossible gate."""
     tmp = tmp_path_factory.mktemp("allure")
     gates = tmp / "gates.yaml"
     gates.write_text(FAILING_GATE)
     results = tmp / "allure-results"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or lora_bf16", "--steps", "6", f"--thresholds={gates}",
+         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or lora", "--steps", "6", f"--thresholds={gates}",
          f"--alluredir={results}", "--benchmark-disable"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

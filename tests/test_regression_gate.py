@@ -1,10 +1,11 @@
-"""The CI gate, end to end on real runs: unchanged code passes, an injected regression fails.
+"""The CI gate, end to end on real runs, under load: unchanged code passes, injected regressions fail.
 
-Three autosaved runs of one QLoRA case into a fresh storage: A and B from the same code and
-configuration, C with a configuration change that makes the adapter 8x larger (rank 8 -> 64).
-``python -m lorabench compare --fail`` must exit 0 on A -> B and 1 on B -> C, naming the
-metric and the configuration. (A 30% step-time slowdown is covered on stored per-step times
-in test_compare.py: injecting one into a real run would need code that exists only for it.)
+Four autosaved runs of one QLoRA case into a fresh storage (lorabench.gate_proof): A on the
+machine as it is; B, the same code, while a CPU hog runs on every core; C under the same hog
+with every training step made 30% slower; D with a configuration change that makes the adapter
+8x larger (rank 16 -> 128). ``python -m lorabench compare --fail`` must pass A -> B (a busier
+machine is not a regression), fail A -> C naming ``step_control_ratio``, and fail A -> D naming
+the memory and size metrics. ``scripts/gate-under-load`` repeats the first two to measure rates.
 """
 
 from __future__ import annotations
@@ -15,58 +16,53 @@ from pathlib import Path
 
 import pytest
 
+from lorabench import gate_proof
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench_run(storage: Path, *extra: str) -> None:
-    # No gates: this is about comparing stored runs, and an absolute step-time gate would
-    # only add the machine's load to what is tested.
-    no_gates = storage.parent / "no-gates.yaml"
-    no_gates.write_text("version: 1\nprofiles: {}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8", "--steps", "8", "--benchmark-autosave",
-         f"--benchmark-storage=file://{storage}", f"--thresholds={no_gates}", *extra],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-
-
-def compare(storage: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorabench", "compare", *args, "--storage", str(storage), "--fail"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
-
-
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    storage = tmp_path_factory.mktemp("benchmarks")
-    bench_run(storage)                      # 0001: A
-    bench_run(storage)                      # 0002: B, same code and configuration
-    bench_run(storage, "--set", "rank=64")  # 0003: C, an 8x larger adapter
-    return storage
+def proof(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("gate") / "benchmarks"
+    rep = gate_proof.repetition(ROOT, storage)                                  # 0001 A, 0002 B, 0003 C
+    gate_proof.bench_run(ROOT, storage, extra=("--set", "rank=128"))            # 0004 D
+    return rep, storage
 
 
-def test_two_runs_of_unchanged_code_pass_the_gate(storage):
-    proc = compare(storage, "1", "2")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_a_busier_machine_with_unchanged_code_passes_the_gate(proof):
+    rep, storage = proof
+    proc = gate_proof.compare(ROOT, storage, "1", "2")
+    assert rep.unchanged_exit == 0 and proc.returncode == 0, proc.stdout + proc.stderr
     assert "no regression" in proc.stdout
 
 
-def test_an_injected_memory_regression_fails_the_gate_naming_metric_and_configuration(storage):
-    proc = compare(storage, "2", "3")
+def test_a_30_percent_slower_step_under_the_same_load_fails_naming_the_ratio(proof):
+    rep, storage = proof
+    proc = gate_proof.compare(ROOT, storage, "1", "3")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "qlora_nf4: step_control_ratio" in proc.stdout.split("regression(s):", 1)[1]
+    assert rep.detected
+
+
+def test_an_injected_memory_regression_fails_the_gate_naming_metric_and_configuration(proof):
+    _, storage = proof
+    proc = gate_proof.compare(ROOT, storage, "1", "4")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     regressions = proc.stdout.split("regression(s):", 1)[1]
-    assert "qlora_nf4_r8: weights_mib" in regressions
-    assert "qlora_nf4_r8: params_trainable" in regressions
+    assert "qlora_nf4: weights_mib" in regressions
+    assert "qlora_nf4: params_trainable" in regressions
 
 
-def test_the_default_compares_the_two_latest_runs(storage):
-    proc = compare(storage)
-    assert proc.returncode == 1 and "A = 0002_" in proc.stdout and "B = 0003_" in proc.stdout
-
-
-def test_stock_pytest_benchmark_compare_reads_the_same_files(storage):
+def test_stock_pytest_benchmark_compare_reads_the_same_files(proof):
+    _, storage = proof
     proc = subprocess.run(["pytest-benchmark", "--storage", f"file://{storage}", "compare", "0001", "0002"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert "test_finetune[qlora_nf4_r8]" in proc.stdout
+    assert "test_finetune[qlora_nf4]" in proc.stdout
+
+
+def test_the_default_compares_the_two_latest_runs(proof):
+    _, storage = proof
+    proc = subprocess.run([sys.executable, "-m", "lorabench", "compare", "--storage", str(storage), "--fail"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode == 1 and "A = 0003_" in proc.stdout and "B = 0004_" in proc.stdout

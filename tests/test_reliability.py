@@ -67,11 +67,11 @@ def test_same_seed_gives_identical_losses_on_the_cpu(tiny_llama, cpu):
 def test_divergence_fails_the_case_naming_the_step(no_gates):
     # lr 1e30 overflows bf16 activations within two steps (lr 1e6 only saturates the
     # weights: the loss sticks at ln(vocab) and stays finite, which is a quality gate's job).
-    proc = bench("-k", "full_bf16", "--steps", "6", "--set", "lr=1e30", f"--thresholds={no_gates}",
+    proc = bench("-k", "full", "--steps", "6", "--set", "lr=1e30", f"--thresholds={no_gates}",
                  "--benchmark-disable")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "training diverged: loss is" in proc.stdout
-    assert " at step " in proc.stdout and "(configuration full_bf16)" in proc.stdout
+    assert " at step " in proc.stdout and "(configuration full)" in proc.stdout
 
 
 # ----- memory budget ------------------------------------------------------------------
@@ -101,12 +101,12 @@ def test_a_memory_budget_that_full_fine_tuning_exceeds_and_qlora_fits(mid_size_c
     data.write_text("".join(json.dumps({"prompt": f"rev {n:04d}=", "completion": f"{n:04d}"[::-1]}) + "\n"
                             for n in range(1000, 1040)))
     out = tmp_path / "run.json"
-    proc = bench("-k", "full_bf16 or qlora_nf4_r8", f"--model={mid_size_checkpoint}", f"--dataset={data}",
+    proc = bench("-k", "full or qlora_nf4_r8", f"--model={mid_size_checkpoint}", f"--dataset={data}",
                  "--set", "dtype=fp32", "--set", "batch_size=4", "--set", "seq_len=32", "--set", "warmup_steps=1",
                  "--steps", "3", "--memory-budget", "400MiB", f"--thresholds={no_gates}", f"--benchmark-json={out}")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "1 passed, 1 skipped" in proc.stdout  # the case that does not fit is skipped, not failed
-    assert "full_bf16: does_not_fit:" in proc.stdout and "over the --memory-budget of 400.0 MiB" in proc.stdout
+    assert "full: does_not_fit:" in proc.stdout and "over the --memory-budget of 400.0 MiB" in proc.stdout
     (qlora,) = results(out).values()  # pytest-benchmark stores only cases with timed rounds
     assert qlora["config_id"] == "qlora_nf4_r8"
     assert qlora["status"] == "ok" and qlora["metrics"]["peak_rss_delta_mib"] <= 400
@@ -133,7 +133,7 @@ INTERRUPT_COMMON = ("--benchmark-autosave", "--isolate", "none")
 def earlier_history(no_gates, tmp_path_factory) -> Path:
     """A storage holding one finished autosaved run: the history an interrupted run must not damage."""
     storage = tmp_path_factory.mktemp("history")
-    first = bench("-k", "lora_bf16", "--steps", "5", f"--thresholds={no_gates}", *INTERRUPT_COMMON,
+    first = bench("-k", "lora", "--steps", "5", f"--thresholds={no_gates}", *INTERRUPT_COMMON,
                   f"--benchmark-storage={storage}")
     assert first.returncode == 0, first.stdout[-3000:]
     return storage
@@ -149,7 +149,7 @@ def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_
     # A run interrupted while its first case trains: the session saves only after its last case.
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "lora_bf16 or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
+         "--rootdir", str(ROOT), "-k", "lora or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
          *INTERRUPT_COMMON, f"--benchmark-storage={storage}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -209,12 +209,12 @@ def test_a_cases_peak_memory_does_not_depend_on_the_cases_before_it(no_gates, tm
         # the peak comes in the first step (activations, gradients, optimizer state all exist by then)
         proc = bench(*select, "--steps", "4", f"--thresholds={no_gates}", f"--benchmark-json={out}")
         assert proc.returncode == 0, proc.stdout[-3000:]
-        return results(out)["lora_bf16"]["metrics"]["peak_rss_delta_mib"]
+        return results(out)["lora"]["metrics"]["peak_rss_delta_mib"]
 
-    alone = peak("-k", "lora_bf16")
+    alone = peak("-k", "lora")
     matrix = tmp_path / "others-first.yaml"
     # the largest case first (full fine-tuning), then a quantized one
-    matrix.write_text("configs:\n  - {id: full_bf16, method: full}\n  - {id: lora_int8, quant: int8}\n"
-                      "  - {id: lora_bf16}\n")
+    matrix.write_text("configs:\n  - {id: full, method: full}\n  - {id: lora_int8, quant: int8}\n"
+                      "  - {id: lora}\n")
     after_others = peak(f"--matrix={matrix}")
     assert abs(after_others - alone) / alone <= 0.05, (alone, after_others)

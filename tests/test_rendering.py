@@ -67,9 +67,8 @@ def screenshot(driver, name: str) -> None:
 
 
 def wait_for(driver, script: str, timeout: float = 30.0):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
+    ui = pytest.importorskip("selenium.webdriver.support.ui", reason="needs selenium (pip install selenium)")
+    return ui.WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
 
 
 def test_summary_html_tables_and_plots_render(tmp_path, browser, serve):

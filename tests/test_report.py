@@ -24,7 +24,7 @@ STORED_2X2 = Path(__file__).parent / "data" / "stored-run-2x2.json"
 
 def result(config_id, model="tiny-llama", dataset="digit-reverse", rank=16, quant=None, **metrics) -> CaseResult:
     r = CaseResult(case_id=f"{config_id}-{model}-{dataset}", config_id=config_id, model=model, dataset=dataset,
-                   device="cpu", config={"rank": rank, "quant": quant, "method": "full" if config_id == "full_bf16" else "lora"})
+                   device="cpu", config={"rank": rank, "quant": quant, "method": "full" if config_id == "full" else "lora"})
     r.metrics.update({"peak_rss_delta_mib": 100.0, "weights_mib": 6.0, "step_ms": 100.0, "tokens_per_s": 2000.0,
                       "train_s": 3.0, "eval_loss": 0.5, "train_loss_final": 0.6, "perplexity": 1.65})
     r.metrics.update(metrics)
@@ -39,7 +39,7 @@ def stored(*results) -> StoredRun:
 
 
 def test_report_files_tables_and_worded_deltas(tmp_path):
-    run = stored(result("full_bf16"), result("qlora_nf4", quant="nf4", weights_mib=3.0, peak_rss_delta_mib=80.0),
+    run = stored(result("full"), result("qlora_nf4", quant="nf4", weights_mib=3.0, peak_rss_delta_mib=80.0),
                  result("qlora_nf4_r64", rank=64, quant="nf4", weights_mib=6.6, eval_loss=0.45))
     written = write_report(run, tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in written}
@@ -48,7 +48,7 @@ def test_report_files_tables_and_worded_deltas(tmp_path):
     for p in written:
         assert p.stat().st_size > 0
     md = (tmp_path / "summary.md").read_text()
-    assert "Baseline: full_bf16." in md
+    assert "Baseline: full." in md
     assert "| qlora_nf4 | weights_mib | 6.00 | 3.00 | -50.0% | 50.0% less weight memory (3.00 vs 6.00 MiB, better) |" in md
     assert "50.0% more weight memory" not in md
     assert "eval loss from one seed each, so no case is shown to have the lowest" in md
@@ -59,43 +59,43 @@ def test_report_files_tables_and_worded_deltas(tmp_path):
 def test_html_escapes_what_comes_from_the_run(tmp_path):
     evil = result("<script>alert(1)</script>")
     evil.status, evil.error = STATUS_DOES_NOT_FIT, "<img src=x onerror=alert(2)>"
-    write_report(stored(result("full_bf16"), evil), tmp_path)
+    write_report(stored(result("full"), evil), tmp_path)
     html = (tmp_path / "summary.html").read_text()
     assert "<script>alert" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
 def test_absent_metrics_are_listed_once_per_reason_not_as_zero():
-    r = result("lora_bf16")
+    r = result("lora")
     del r.metrics["eval_loss"]
     r.absent["eval_loss"] = "the data set has no eval split"
-    base = result("full_bf16")
+    base = result("full")
     for case in (base, r):  # the form the runner recorded CUDA-only figures in before
         case.absent.update({"peak_alloc_mib": "not measured: the case ran on cpu, not CUDA",
                             "mfu_pct": "not measured: the case ran on cpu, not CUDA"})
     group = build_groups([base, r])[0]
     assert group.not_measured == ["the case ran on cpu, not CUDA: mfu_pct, peak_alloc_mib (every case)",
-                                  "the data set has no eval split: eval_loss (lora_bf16)"]
+                                  "the data set has no eval split: eval_loss (lora)"]
     assert "0" not in [row[5] for row in group.table[1:]]  # eval loss column shows "-", never 0
 
 
 def test_model_by_dataset_table_has_quality_speed_and_memory_for_every_case():
-    one = [result("full_bf16")]
+    one = [result("full")]
     assert model_by_dataset(one) is None
-    several = one + [result("full_bf16", model="tiny-qwen", eval_loss=0.7, accuracy_pct=41.5),
-                     result("lora_bf16", dataset="data.jsonl", eval_loss=0.4)]
+    several = one + [result("full", model="tiny-qwen", eval_loss=0.7, accuracy_pct=41.5),
+                     result("lora", dataset="data.jsonl", eval_loss=0.4)]
     table = model_by_dataset(several)
     assert table[0] == ["model", "data set", "config", "status", "eval loss (nats)", "perplexity", "accuracy (%)",
                         "tokens/s", "peak memory (MiB, process RSS added)"]
-    assert table[1] == ["tiny-llama", "data.jsonl", "lora_bf16", "ok", "0.4", "1.65", "-", "2,000", "100.0"]
-    assert table[3] == ["tiny-qwen", "digit-reverse", "full_bf16", "ok", "0.7", "1.65", "41.50", "2,000", "100.0"]
+    assert table[1] == ["tiny-llama", "data.jsonl", "lora", "ok", "0.4", "1.65", "-", "2,000", "100.0"]
+    assert table[3] == ["tiny-qwen", "digit-reverse", "full", "ok", "0.7", "1.65", "41.50", "2,000", "100.0"]
 
 
 def test_gates_table_in_markdown_html_and_allure(tmp_path):
     failing = result("qlora_nf4", quant="nf4", eval_loss=0.9)
     failing.gates = [
-        {"rule": "eval_loss <= 2.0 * lora_bf16.eval_loss", "config": "qlora_nf4", "metric": "eval_loss", "op": "<=",
-         "ref_config": "lora_bf16", "ref_metric": "eval_loss", "where": "thresholds.yaml:37", "profile": "default",
+        {"rule": "eval_loss <= 2.0 * lora.eval_loss", "config": "qlora_nf4", "metric": "eval_loss", "op": "<=",
+         "ref_config": "lora", "ref_metric": "eval_loss", "where": "thresholds.yaml:37", "profile": "default",
          "status": "fail", "value": 0.9, "bound": 0.8, "reference": 0.4, "message": "..."},
         {"rule": "peak_alloc_mib >= self.weights_mib", "config": "*", "metric": "peak_alloc_mib", "op": ">=",
          "ref_config": "self", "ref_metric": "weights_mib", "where": "thresholds.yaml:60", "profile": "cuda",
@@ -105,9 +105,9 @@ def test_gates_table_in_markdown_html_and_allure(tmp_path):
          "ref_metric": None, "where": "thresholds.yaml:8", "profile": "default", "status": "pass", "value": 2.4,
          "bound": 0.1, "reference": None, "message": "..."},
     ]
-    write_report(stored(result("full_bf16"), failing), tmp_path)
+    write_report(stored(result("full"), failing), tmp_path)
     md = (tmp_path / "summary.md").read_text()
-    assert ("| fail | qlora_nf4-tiny-llama-digit-reverse | tiny-llama | digit-reverse | eval_loss <= 2.0 * lora_bf16.eval_loss "
+    assert ("| fail | qlora_nf4-tiny-llama-digit-reverse | tiny-llama | digit-reverse | eval_loss <= 2.0 * lora.eval_loss "
             "| 0.9 | <= 0.8 | thresholds.yaml:37 |") in md
     assert md.index("| fail |") < md.index("| not evaluated |") < md.index("| pass |")
     assert "| qlora_nf4 | failed 1 gate |" in md  # the case's status says so, not "ok"
@@ -116,21 +116,21 @@ def test_gates_table_in_markdown_html_and_allure(tmp_path):
     assert '<td class="fail">fail</td>' in html and "1 passed</summary>" in html
     rows = list(csv.reader(io.StringIO(gates_csv(failing))))
     assert rows[0] == ["status", "rule", "value", "bound", "reference value", "where", "profile"]
-    assert rows[1] == ["fail", "eval_loss <= 2.0 * lora_bf16.eval_loss", "0.9", "<= 0.8", "lora_bf16.eval_loss = 0.4",
+    assert rows[1] == ["fail", "eval_loss <= 2.0 * lora.eval_loss", "0.9", "<= 0.8", "lora.eval_loss = 0.4",
                        "thresholds.yaml:37", "default"]
 
 
 def test_hyper_parameters_of_each_configuration(tmp_path):
-    full = result("full_bf16")
+    full = result("full")
     full.config.update({"lr": 0.001, "steps": 60, "seed": 1234})
-    qwen = result("full_bf16", model="tiny-qwen")
+    qwen = result("full", model="tiny-qwen")
     qwen.config.update(full.config)
     other = result("qlora_nf4", model="big/model", quant="nf4")
     other.config.update({"lr": 0.0002, "steps": 100, "seed": 1234, "target_modules": ["q_proj", "v_proj"]})
     table = hyper_parameters([full, qwen, other])
     header = table[0]
     assert header[:3] == ["config", "models", "method"] and "lr" in header and "seed" in header
-    assert table[1][:2] == ["full_bf16", "tiny-llama, tiny-qwen"]
+    assert table[1][:2] == ["full", "tiny-llama, tiny-qwen"]
     assert table[2][header.index("target_modules")] == "q_proj,v_proj" and table[2][header.index("lr")] == "0.0002"
 
 
@@ -175,7 +175,7 @@ def test_report_from_a_real_stored_run_through_the_command_line(tmp_path, capsys
     assert len(run.results) == 3
     assert main(["report", "--storage", str(tmp_path / ".benchmarks"), "--out", str(tmp_path / "reports")]) == 0
     md = (tmp_path / "reports" / "summary.md").read_text()
-    for config_id in ("full_bf16", "lora_bf16", "qlora_nf4_r8"):
+    for config_id in ("full", "lora", "qlora_nf4_r8"):
         assert f"| {config_id} |" in md
     assert "wrote" in capsys.readouterr().out
 
@@ -214,7 +214,7 @@ def test_allure_metrics_table_and_launch_files(tmp_path):
      "Failed gates"),
     ("Skipped: does not fit: out of memory", "Does not fit"),
     ("Failed: Timeout (>25.0s) from pytest-timeout.", "Timed out"),
-    ("case error (error): lora_bf16 (model tiny-llama, ...): error\n  training diverged", "Case errors"),
+    ("case error (error): lora (model tiny-llama, ...): error\n  training diverged", "Case errors"),
 ])
 def test_categories_match_the_messages_the_bench_produces(message, category):
     import re
@@ -228,16 +228,16 @@ def test_a_failed_case_reads_as_one_block():
 
     r = result("qlora_nf4", quant="nf4", eval_loss=0.0912)
     assert failure_block(r) is None
-    r.gates = [{"rule": "eval_loss <= 2.0 * lora_bf16.eval_loss", "config": "qlora_nf4", "metric": "eval_loss",
-                "op": "<=", "ref_config": "lora_bf16", "ref_metric": "eval_loss", "where": "thresholds.yaml:37",
+    r.gates = [{"rule": "eval_loss <= 2.0 * lora.eval_loss", "config": "qlora_nf4", "metric": "eval_loss",
+                "op": "<=", "ref_config": "lora", "ref_metric": "eval_loss", "where": "thresholds.yaml:37",
                 "profile": "default", "status": "fail", "value": 0.0912, "bound": 0.0896, "reference": 0.0448,
                 "message": "..."}]
     assert failure_block(r) == (
         "qlora_nf4-tiny-llama-digit-reverse (model tiny-llama, data set digit-reverse, configuration qlora_nf4): "
         "1 gate failed\n"
-        "  violates 'eval_loss <= 2.0 * lora_bf16.eval_loss'  [thresholds.yaml:37, profile default]\n"
-        "    qlora_nf4.eval_loss = 0.0912, lora_bf16.eval_loss = 0.0448: bound <= 0.0896")
-    broken = result("lora_bf16")
+        "  violates 'eval_loss <= 2.0 * lora.eval_loss'  [thresholds.yaml:37, profile default]\n"
+        "    qlora_nf4.eval_loss = 0.0912, lora.eval_loss = 0.0448: bound <= 0.0896")
+    broken = result("lora")
     broken.status, broken.error = "error", "ValueError: target module q_prj not found"
     broken.details["traceback"] = "Traceback (most recent call last):\n  ...\nValueError: target module q_prj not found"
     block = failure_block(broken)

@@ -11,11 +11,13 @@ import pytest
 
 from lorabench.cli import main
 from lorabench.compare import IMPROVED, UNCHANGED, compare_cases, Tolerances
+from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.errors import ConfigError
 from lorabench.result import STATUS_ERROR, CaseResult
 from lorabench.seeds import SeedPlan, combine, interval, parse_seeds, separated
 
 ROOT = Path(__file__).resolve().parent.parent
+LORA = next(c.id for c in DEFAULT_CONFIGS if c.method == "lora" and c.quant == "none")  # LoRA on an unquantized base
 
 
 @pytest.mark.parametrize("text, plan, seeds", [
@@ -104,11 +106,11 @@ def test_compare_counts_a_move_only_beyond_the_seeds_spread():
 def test_three_seeds_of_one_case_end_to_end(tmp_path):
     """--seeds 3 runs the case three times; the record, the summary and the report show the spread."""
     gates = tmp_path / "gates.yaml"
-    gates.write_text("version: 1\nprofiles:\n  default:\n    lora_bf16:\n      - eval_loss <= 1.5 * self.eval_loss_before\n")
+    gates.write_text(f"version: 1\nprofiles:\n  default:\n    {LORA}:\n      - eval_loss <= 1.5 * self.eval_loss_before\n")
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "config[lora_bf16]", "--seeds", "3", "--steps", "4", "--isolate", "none",
+         "--rootdir", str(ROOT), "-k", f"config[{LORA}]", "--seeds", "3", "--steps", "4", "--isolate", "none",
          f"--thresholds={gates}", f"--benchmark-json={out}"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -125,4 +127,4 @@ def test_three_seeds_of_one_case_end_to_end(tmp_path):
     assert all(g["status"] == "pass" for g in info["gates"]) and info["gates"]
     assert main(["report", str(out), "--out", str(tmp_path / "reports")]) == 0
     md = (tmp_path / "reports" / "summary.md").read_text()
-    assert "## Seeds" in md and "| lora_bf16 | 1235 |" in md and " ± " in md
+    assert "### Seeds" in md and f"| {LORA} | 1235 |" in md and " ± " in md

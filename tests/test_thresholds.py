@@ -22,11 +22,11 @@ profiles:
     "*":
       - loss_drop >= 0.1
     qlora_nf4:
-      - eval_loss <= 1.05 * lora_bf16.eval_loss
+      - eval_loss <= 1.05 * lora.eval_loss
       - peak_rss_delta_mib >= self.weights_mib
   "cuda & model=Qwen/Qwen3-0.6B":
     qlora_nf4:
-      - peak_alloc_mib <= 0.6 * full_bf16.peak_alloc_mib
+      - peak_alloc_mib <= 0.6 * full.peak_alloc_mib
 compare:
   tolerance_pct:
     default: 5
@@ -51,12 +51,12 @@ def test_rules_carry_their_file_line_and_kind():
     t = parse(GOOD)
     sanity, relative, self_ref, cuda = t.gates
     assert (sanity.config, sanity.metric, sanity.op, sanity.number, sanity.line) == ("*", "loss_drop", ">=", 0.1, 5)
-    assert (relative.factor, relative.ref_config, relative.ref_metric, relative.line) == (1.05, "lora_bf16", "eval_loss", 7)
+    assert (relative.factor, relative.ref_config, relative.ref_metric, relative.line) == (1.05, "lora", "eval_loss", 7)
     assert self_ref.ref_config == "self"
     assert t.compare == {"tolerance_pct": {"default": 5}}
     assert [g.metric for g in t.gates_for("qlora_nf4", "cpu", "tiny-llama")] == ["loss_drop", "eval_loss", "peak_rss_delta_mib"]
     assert len(t.gates_for("qlora_nf4", "cuda", "Qwen/Qwen3-0.6B")) == 4
-    assert len(t.gates_for("full_bf16", "cuda", "Qwen/Qwen3-0.6B")) == 1
+    assert len(t.gates_for("full", "cuda", "Qwen/Qwen3-0.6B")) == 1
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_rules_carry_their_file_line_and_kind():
         ("version: 1\n", r"missing key 'profiles'"),
         ("", r"file is empty"),
         ("version: 1\nprofiles: [a]", r"'profiles' must be a mapping"),
-        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 0 * lora_bf16.step_ms]", r"factor must be positive"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 0 * lora.step_ms]", r"factor must be positive"),
         ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= self.step_ms]", r"compares \*.step_ms with itself"),
         ("version: 1\nprofiles:\n  default:\n    '*': [a: b: c]", r"not valid YAML"),
         ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 100]\n  cpu:\n    qlora_nf4: [step_ms >= 200]",
@@ -99,10 +99,10 @@ def test_missing_file():
 
 def test_violated_relative_gate_names_metric_values_bound_and_line():
     gate = parse(GOOD).gates[1]
-    lookup = {"lora_bf16": ({"eval_loss": 2.0}, {})}.get
+    lookup = {"lora": ({"eval_loss": 2.0}, {})}.get
     out = evaluate(gate, "qlora_nf4", {"eval_loss": 2.2}, {}, lookup)
     assert out.status == FAIL
-    for text in ("qlora_nf4: eval_loss = 2.2", "violates", "<= 2.1", "1.05 x lora_bf16.eval_loss 2", "th.yaml:7"):
+    for text in ("qlora_nf4: eval_loss = 2.2", "violates", "<= 2.1", "1.05 x lora.eval_loss 2", "th.yaml:7"):
         assert text in out.message
     assert evaluate(gate, "qlora_nf4", {"eval_loss": 2.0}, {}, lookup).status == PASS
 
@@ -110,7 +110,7 @@ def test_violated_relative_gate_names_metric_values_bound_and_line():
 def test_gates_that_cannot_be_checked_say_why_and_never_pass():
     relative, self_ref = parse(GOOD).gates[1:3]
     out = evaluate(relative, "qlora_nf4", {"eval_loss": 2.0}, {}, no_reference)
-    assert out.status == NOT_EVALUATED and "lora_bf16 did not run" in out.message
+    assert out.status == NOT_EVALUATED and "lora did not run" in out.message
     out = evaluate(relative, "qlora_nf4", {}, {"eval_loss": "diverged"}, no_reference)
     assert out.status == NOT_EVALUATED and "diverged" in out.message
     out = evaluate(self_ref, "qlora_nf4", {"peak_rss_delta_mib": 3.0}, {"weights_mib": "x"}, no_reference)
@@ -138,8 +138,8 @@ def test_absolute_gates_fail_exactly_when_the_bound_is_crossed(value, bound, op)
 @given(value=st.floats(0, 1e6), ref=st.floats(1e-3, 1e6), factor=st.floats(0.01, 10))
 def test_relative_gates_scale_the_reference(value, ref, factor):
     gate = Gate(profile="default", config="*", metric="peak_alloc_mib", op="<=", text="t", file="t", line=1,
-                factor=factor, ref_config="full_bf16", ref_metric="peak_alloc_mib")
-    out = evaluate(gate, "x", {"peak_alloc_mib": value}, {}, {"full_bf16": ({"peak_alloc_mib": ref}, {})}.get)
+                factor=factor, ref_config="full", ref_metric="peak_alloc_mib")
+    out = evaluate(gate, "x", {"peak_alloc_mib": value}, {}, {"full": ({"peak_alloc_mib": ref}, {})}.get)
     assert out.bound == pytest.approx(factor * ref)
     assert (out.status == PASS) == (value <= factor * ref)
 
@@ -154,11 +154,11 @@ profiles:
     "*":
       - step_ms <= 10000
 """)
-    bounds = lambda isa: [g.number for g in t.gates_for("lora_bf16", "cpu", "tiny-llama", isa)]  # noqa: E731
+    bounds = lambda isa: [g.number for g in t.gates_for("lora", "cpu", "tiny-llama", isa)]  # noqa: E731
     assert bounds("AVX512") == [1000]
     assert bounds("AVX2") == [10000]
     assert bounds(None) == [] and bounds("DEFAULT") == []
-    assert t.gates_for("lora_bf16", "cuda", "tiny-llama", "AVX2") == []
+    assert t.gates_for("lora", "cuda", "tiny-llama", "AVX2") == []
 
 
 def test_a_profile_naming_two_isas_is_refused():

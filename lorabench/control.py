@@ -1,0 +1,85 @@
+"""A control workload timed next to every training step, so step times can be judged under load.
+
+On a shared machine a training step takes longer whenever other work competes for the cores,
+and a run-to-run comparison of raw step times then reports the machine's load, not the code.
+A fixed amount of work (the same matrix products on every machine and in every run), timed in
+the same process just before each step, slows down with the step under the same competition.
+The ratio ``step time / control time`` (the controls just before and after the step) is what
+``lorabench compare`` gates:
+it moves when the step's own work changes and stays put when the machine gets busier.
+
+The control is timed outside pytest-benchmark's rounds (as ``pedantic``'s untimed ``setup``), so
+the stored step statistics are the training steps alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+# Sizes per device type: about 10 ms of fp32 matrix products on a 2-core CPU, ~1 ms on a
+# data-centre GPU. Fixed, so that a control time is comparable across runs of the same machine.
+_SHAPES = {"cpu": (256, 32), "cuda": (2048, 16)}
+
+
+class ControlWorkload:
+    """Fixed fp32 matrix products on ``device``; :meth:`run` times one pass.
+
+    Args:
+        device: the torch device the training steps run on.
+    """
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        size, self.repeats = _SHAPES.get(device.type, _SHAPES["cpu"])
+        generator = torch.Generator().manual_seed(0)
+        self.a = torch.randn(size, size, generator=generator).to(device)
+        self.b = torch.randn(size, size, generator=generator).to(device)
+        self.out = torch.empty(size, size, device=device)
+
+    def run(self) -> float:
+        """One pass of the control work.
+
+        Returns:
+            Its wall time in seconds (after a device synchronize on CUDA).
+        """
+        import torch
+
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        for _ in range(self.repeats):
+            torch.mm(self.a, self.b, out=self.out)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+
+def paired_ratios(step_s: list[float], control_s: list[float]) -> list[float]:
+    """``step / control`` for each step, the control being the geometric mean of the passes timed just
+    before and just after it (one shared pass between two steps), or the one before where none follows.
+
+    Bracketing a step with two controls halves the error of a load change that starts or ends
+    mid-step, at no extra cost: the pass after step i is the pass before step i+1.
+
+    Args:
+        step_s: step times.
+        control_s: the control pass before each step, plus optionally one after the last step.
+
+    Raises:
+        ValueError: ``control_s`` is neither as long as ``step_s`` nor one longer, or a control time is not positive.
+    """
+    if len(control_s) not in (len(step_s), len(step_s) + 1):
+        raise ValueError(f"{len(step_s)} step times but {len(control_s)} control times: "
+                         "they must pair up (one control before each step, optionally one after the last)")
+    if any(c <= 0 for c in control_s):
+        raise ValueError("a control time is not positive")
+    ratios = []
+    for i, step in enumerate(step_s):
+        before = control_s[i]
+        after = control_s[i + 1] if i + 1 < len(control_s) else before
+        ratios.append(step / math.sqrt(before * after))
+    return ratios

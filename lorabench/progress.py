@@ -1,0 +1,62 @@
+"""What a run is about to do and how long it should take: the first line a bench run prints.
+
+The estimate comes from the stored history when the same cases ran before on this storage (the
+wall time of their phases in the latest such run), else from a rough model of the embedded tiny
+models: training steps and fixed per-case work, each as a multiple of the control workload
+timed right now (:mod:`lorabench.control`), so it scales with this machine and its current load.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Tiny zoo models, measured as multiples of one control pass (lorabench.control): a training step
+# and the fixed work of a case (load, evals, adapter check). Rough: the estimate says so.
+ZOO_STEP_CONTROLS = 20.0
+ZOO_FIXED_CONTROLS = 1500.0
+PHASE_PREFIX = "phase_"
+
+
+def estimate_from_history(storage: Path | None, case_ids: list[str]) -> tuple[float, str] | None:
+    """Seconds the latest stored run that holds every one of ``case_ids`` spent in their phases.
+
+    Returns:
+        (seconds, which run), or ``None`` when no stored run holds them all.
+    """
+    from lorabench.errors import HistoryError
+    from lorabench.history import load_runs
+
+    if storage is None or not storage.is_dir():
+        return None
+    try:
+        runs = load_runs(storage)
+    except HistoryError:
+        return None
+    for run in reversed(runs):
+        if all(c in run.results for c in case_ids):
+            total = sum(v for c in case_ids for k, v in run.results[c].metrics.items() if k.startswith(PHASE_PREFIX))
+            if total > 0:
+                return total, f"stored run {run.label}"
+    return None
+
+
+def estimate_from_control(steps: list[int], control_s: float) -> float:
+    """A rough wall time for tiny-model cases of ``steps`` training steps each, from one control pass."""
+    return sum(s * ZOO_STEP_CONTROLS * control_s + ZOO_FIXED_CONTROLS * control_s for s in steps)
+
+
+def plan_line(*, case_ids: list[str], models: list[str], datasets: list[str], device: str, dtypes: list[str],
+              isolate: str, estimate: tuple[float, str] | None) -> str:
+    """One line: how many cases on what, and the time it should take."""
+    shown = ", ".join(case_ids[:8]) + (f", ... ({len(case_ids) - 8} more)" if len(case_ids) > 8 else "")
+    when = (f"about {_duration(estimate[0])} (from {estimate[1]})" if estimate
+            else "no estimate (no stored run of these cases, and not all models are embedded)")
+    return (f"lorabench: {len(case_ids)} case(s) [{shown}] on {', '.join(models)} x {', '.join(datasets)}, "
+            f"{device} in {'/'.join(dtypes)}, isolation {isolate}; expected {when}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
