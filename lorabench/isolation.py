@@ -21,12 +21,12 @@ import traceback
 from typing import Any
 
 from lorabench.errors import LorabenchError
-from lorabench.quiet import QUIET_ENV, quiet_libraries
+from lorabench.quiet import QUIET_ENV
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
 from lorabench.runner import CaseAborted
 
 # Imported once by the forkserver; every case process inherits them. lorabench.quiet comes first, so that
-# libraries' import-time notices are filtered in case processes too.
+# libraries' import-time notices are filtered in case processes too (below -v: all of them, see quiet).
 PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
            "lorabench.runner"]
 
@@ -68,8 +68,6 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
     from lorabench.models import load_tokenizer
     from lorabench.runner import CaseRun, tokenize_task
 
-    if os.environ.get(QUIET_ENV) == "1":  # the session runs below -v
-        quiet_libraries()
     handler = _PipeLogHandler(conn)
     root = logging.getLogger("lorabench")
     root.addHandler(handler)
@@ -120,7 +118,7 @@ class IsolatedCaseRun:
     """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
-                 log_dir: str | None = None, memory_budget: int | None = None) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None, quiet: bool = False) -> None:
         from lorabench.config import resolve
 
         self.case = case
@@ -129,6 +127,7 @@ class IsolatedCaseRun:
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
                          "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
         self._device = str(device)
+        self._quiet = quiet
         self._process = None
         self._conn = None
         self._finished = False
@@ -138,7 +137,16 @@ class IsolatedCaseRun:
         parent_end, child_end = ctx.Pipe()
         self._process = ctx.Process(target=_child_main, args=(child_end, self._payload), daemon=True,
                                     name=f"lorabench-{self.case_id}")
-        self._process.start()
+        # The first start also starts the forkserver, which reads QUIET_ENV when it imports lorabench.quiet.
+        saved = os.environ.get(QUIET_ENV)
+        os.environ[QUIET_ENV] = "1" if self._quiet else "0"
+        try:
+            self._process.start()
+        finally:
+            if saved is None:
+                del os.environ[QUIET_ENV]
+            else:
+                os.environ[QUIET_ENV] = saved
         child_end.close()
         self._conn = parent_end
         self._await("ready")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.quiet import QUIET_ENV, quiet_libraries  # first: before any Hugging Face library is imported
+from lorabench.quiet import OwnRecordsOnly, quiet_libraries  # first: before any Hugging Face library is imported
 from lorabench.errors import LorabenchError
 from lorabench.session import (
     DEFAULT_CASE_TIMEOUT_S,
@@ -61,7 +61,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     quiet = config.get_verbosity() <= 0
-    os.environ[QUIET_ENV] = "1" if quiet else "0"  # the case processes this session starts follow it
     if quiet:
         for line in quiet_libraries():
             config.addinivalue_line("filterwarnings", line)
@@ -81,18 +80,25 @@ def pytest_configure(config: pytest.Config) -> None:
             memory_budget=config.getoption("memory_budget"),
             case_timeout_s=config.getoption("case_timeout"),
             seeds=config.getoption("seeds"),
+            quiet=quiet,
         )
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """After pytest-benchmark has set up its storage: make its writes atomic."""
+    """After pytest-benchmark has set up its storage: make its writes atomic. Below -v, the live log and
+    the captured-log sections show lorabench's records and other loggers' errors only."""
     from lorabench.storage import make_atomic
 
     benchmark_session = getattr(session.config, "_benchmarksession", None)
     if benchmark_session is not None:
         make_atomic(benchmark_session.storage)
+    logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
+    bench = session.config.stash.get(SESSION_KEY, None)
+    if bench is not None and bench.quiet and logging_plugin is not None:
+        for handler in (logging_plugin.log_cli_handler, logging_plugin.report_handler):
+            handler.addFilter(OwnRecordsOnly())
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -53,6 +53,7 @@ class BenchSession:
     memory_budget: int | None = None
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
     seeds: SeedPlan = field(default_factory=SeedPlan)  # --seeds: how many times each fine-tuning case runs
+    quiet: bool = False  # below -v: library chatter hidden here and in the case processes (lorabench.quiet)
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
     # 1-minute load average when the session began: other work on the machine slows every timing
@@ -185,6 +186,7 @@ def open_session(
     memory_budget: str | None = None,
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
     seeds: str | None = None,
+    quiet: bool = False,
 ) -> BenchSession:
     """Parse the run's options into a session (the command line's ``--matrix``, ``--set``, ...).
 
@@ -211,4 +213,5 @@ def open_session(
         memory_budget=parse_size(memory_budget) if memory_budget is not None else None,
         case_timeout_s=case_timeout_s,
         seeds=parse_seeds(seeds),
+        quiet=quiet,
     )
