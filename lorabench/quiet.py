@@ -40,6 +40,7 @@ def quiet_libraries() -> list[str]:
         each test and applies its own).
     """
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TORCH_LOGS", "-all")  # torch resets its loggers when imported; this sets them to ERROR
     if "transformers" in sys.modules:  # imported before HF_HUB_DISABLE_PROGRESS_BARS was read: switch it off here
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     modules = f"({'|'.join(QUIET_LIBRARIES)})"
