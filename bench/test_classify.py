@@ -25,8 +25,8 @@ def _finish(result, benchmark, bench_session, *, wildcard=True):
 def test_minilm_finetune(config, benchmark, bench_session):
     benchmark.group = f"finetune {MODEL_NAME} {DATASET_NAME}"
     result = run_case(config, _cpu(),
-                      lambda step, rounds, warmup: benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup,
-                                                                      iterations=1))
+                      lambda step, rounds, warmup, control: benchmark.pedantic(
+                          step, setup=control, rounds=rounds, warmup_rounds=warmup, iterations=1))
     _finish(result, benchmark, bench_session)
 
 

@@ -86,9 +86,10 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
             report_to=payload["report_to"],
             log_dir=payload["log_dir"],
             memory_budget=payload["memory_budget"],
+            base_eval=payload["base_eval"],
         )
         run.prepare()
-        conn.send(("ready", run.config.to_dict()))
+        conn.send(("ready", run.base_eval))
         while True:
             try:
                 command = conn.recv()
@@ -118,14 +119,17 @@ class IsolatedCaseRun:
     """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
-                 log_dir: str | None = None, memory_budget: int | None = None, quiet: bool = False) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None, base_eval=None,
+                 quiet: bool = False) -> None:
         from lorabench.config import resolve
 
         self.case = case
         self.case_id = case_id
         self.config = resolve(case.config, source.defaults, device)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
-                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
+                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget,
+                         "base_eval": base_eval}
+        self.base_eval = base_eval
         self._device = str(device)
         self._quiet = quiet
         self._process = None
@@ -149,7 +153,7 @@ class IsolatedCaseRun:
                 os.environ[QUIET_ENV] = saved
         child_end.close()
         self._conn = parent_end
-        self._await("ready")
+        self.base_eval = self._await("ready")
 
     def step(self) -> float:
         self._conn.send("step")

@@ -58,6 +58,8 @@ class BenchSession:
     results: list[CaseResult] = field(default_factory=list)
     # 1-minute load average when the session began: other work on the machine slows every timing
     load_at_start: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    # the base model's evaluations before training, by lorabench.runner.base_evaluation_key
+    base_evaluations: dict[tuple, Any] = field(default_factory=dict)
     _device: Any = None
     _models: dict[str, Any] = field(default_factory=dict)
     _tasks: dict[str, Any] = field(default_factory=dict)
@@ -117,8 +119,6 @@ class BenchSession:
 
     def plan_line(self, cases: list, case_ids: list[str], storage: Path | None) -> str:
         """The first line of a run (lorabench.progress): cases, device, dtypes and the expected time."""
-        import statistics
-
         from lorabench.config import resolve
         from lorabench.control import ControlWorkload
         from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
@@ -130,7 +130,8 @@ class BenchSession:
         estimate = estimate_from_history(storage, case_ids)
         if estimate is None and all(c.model in ZOO for c in cases):
             control = ControlWorkload(self.device)
-            control_s = statistics.median(control.run() for _ in range(5))
+            control.run()  # the first pass pays for thread-pool and kernel start-up
+            control_s = min(control.run() for _ in range(5))
             estimate = (estimate_from_control([r.steps for r in resolved], control_s),
                         "a rough model of the tiny models, scaled by a control workload timed now")
         return plan_line(case_ids=case_ids, models=sorted({c.model for c in cases}),

@@ -26,7 +26,7 @@ def test_one_case_end_to_end(tmp_path):
     data = json.loads(out.read_text())
     (bench,) = data["benchmarks"]
     assert bench["stats"]["rounds"] == 8 - 3  # measured steps: all but the warm-up
-    assert 0 < bench["stats"]["median"] < 10
+    assert bench["stats"]["median"] > 0  # wall clock: no bound, the machine may be busy
     info = bench["extra_info"]
     assert info["status"] == "ok" and info["config_id"] == "qlora_nf4_r8"
     assert info["metrics"]["quant_linear_ratio"] <= 0.3
