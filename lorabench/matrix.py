@@ -59,6 +59,10 @@ class Case:
         parts.append(self.config.id)
         return "-".join(parts)
 
+    def keywords(self) -> set[str]:
+        """The ``-k`` words that select this case by field (see :func:`selection_keywords`)."""
+        return selection_keywords(self.config.id, model=self.model, dataset=self.dataset)
+
 
 @dataclass(frozen=True)
 class Matrix:
@@ -73,6 +77,24 @@ class Matrix:
     def ids(self) -> list[str]:
         multi_model, multi_data = len(self.models) > 1, len(self.datasets) > 1
         return [c.case_id(with_model=multi_model, with_dataset=multi_data) for c in self.cases()]
+
+
+def selection_keywords(config_id: str, *, model: str | None = None, dataset: str | None = None) -> set[str]:
+    """Words that ``pytest -k`` matches on a case, one per field, bracketed so no name is part of another.
+
+    ``-k`` matches any substring of a case's names, so ``-k qlora_nf4`` also picks up ``qlora_nf4_r8``
+    and ``minilm_qlora_nf4``. ``config[qlora_nf4]`` cannot: the brackets close the name on both sides.
+    Models and data sets get ``model[NAME]`` and ``dataset[NAME]`` with NAME as in the case id
+    (:func:`short_name`) and also as given (``model[Qwen/Qwen3-0.6B]``).
+
+    Returns:
+        e.g. ``{"config[qlora_nf4]", "model[tiny-llama]", "dataset[digit-reverse]"}``.
+    """
+    words = {f"config[{config_id}]"}
+    for field, spec in (("model", model), ("dataset", dataset)):
+        if spec:
+            words |= {f"{field}[{short_name(spec)}]", f"{field}[{spec}]"}
+    return words
 
 
 def short_name(spec: str) -> str:

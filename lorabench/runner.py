@@ -227,7 +227,7 @@ class CaseRun:
 
             torch.cuda.empty_cache()
         if not self.on_cuda:
-            reason = f"not measured: the case ran on {self.device.type}, not CUDA"
+            reason = f"the case ran on {self.device.type}, not CUDA"
             for name, why in cuda_only_absent(reason).items():
                 self.result.absent.setdefault(name, why)
 

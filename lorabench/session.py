@@ -21,6 +21,7 @@ from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
 from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
 from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.seeds import SeedPlan, parse_seeds
 from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -51,6 +52,8 @@ class BenchSession:
     reports_dir: Path
     memory_budget: int | None = None
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
+    seeds: SeedPlan = field(default_factory=SeedPlan)  # --seeds: how many times each fine-tuning case runs
+    quiet: bool = False  # below -v: library chatter hidden here and in the case processes (lorabench.quiet)
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
     # 1-minute load average when the session began: other work on the machine slows every timing
@@ -183,11 +186,13 @@ def open_session(
     trust_remote_code: bool = False,
     memory_budget: str | None = None,
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
+    seeds: str | None = None,
+    quiet: bool = False,
 ) -> BenchSession:
     """Parse the run's options into a session (the command line's ``--matrix``, ``--set``, ...).
 
     Raises:
-        ConfigError: a malformed matrix file, override, budget or timeout, named.
+        ConfigError: a malformed matrix file, override, budget, timeout or seed list, named.
     """
     pairs = dict(parse_override(text) for text in overrides or [])
     if steps is not None:
@@ -208,4 +213,6 @@ def open_session(
         reports_dir=root / "reports",
         memory_budget=parse_size(memory_budget) if memory_budget is not None else None,
         case_timeout_s=case_timeout_s,
+        seeds=parse_seeds(seeds),
+        quiet=quiet,
     )

@@ -49,9 +49,17 @@ def test_a_violated_gate_fails_its_case_and_says_where(tmp_path):
     proc = run_bench("-k", "qlora_nf4_r8", "--steps", "5", f"--thresholds={gates}", "--benchmark-disable",
                      "--rootdir", str(ROOT))
     assert proc.returncode == 1
-    assert "qlora_nf4_r8: step_ms = " in proc.stdout
-    assert "violates 'step_ms <= 0.001'" in proc.stdout
-    assert f"{gates}:5" in proc.stdout
+    # one block per failed case: the case with its model, data set and configuration, the rule and where it is
+    # written, the value and the bound; in the failure itself and again under the summary
+    header = ("qlora_nf4_r8 (model tiny-llama, data set digit-reverse, configuration qlora_nf4_r8): 1 gate failed")
+    assert proc.stdout.count(header) == 2
+    assert f"violates 'step_ms <= 0.001'  [{gates}:5, profile default]" in proc.stdout
+    assert "qlora_nf4_r8.step_ms = " in proc.stdout and ": bound <= 0.001" in proc.stdout
+    # no record repr, no harness traceback, no library progress bars or deprecation notices
+    output = proc.stdout + proc.stderr
+    for noise in ("CaseResult(", "Traceback", "fixtures/case.py", "Loading weights", "FutureWarning",
+                  "DeprecationWarning", "it/s]"):
+        assert noise not in output, noise
 
 
 def test_a_malformed_thresholds_file_stops_the_run_before_training(tmp_path):
