@@ -92,7 +92,8 @@ CATALOG = [
     BadInput("matrix: a Python object tag (unsafe YAML)", {"matrix_file": "{d}/m.yaml"},
              {"m.yaml": "configs: !!python/object/apply:os.system ['echo owned']\n"}, ("m.yaml", "not valid YAML")),
     BadInput("matrix: file missing", {"matrix_file": "{d}/nope.yaml"}, {}, ("nope.yaml", "not found")),
-    BadInput("compute dtype the device lacks (bf16 on a CUDA card without it)", {"device": "cuda"}, {},
+    BadInput("compute dtype the device lacks (bf16 on a CUDA card without it)",
+             {"device": "cuda", "overrides": ["dtype=bf16"]}, {},
              ("dtype='bf16' is not supported", "dtype=fp16"), patch_cuda_without_bf16=True),
     # command line
     BadInput("--set without '='", {"overrides": ["rank"]}, {}, ("--set 'rank'", "KEY=VALUE")),
