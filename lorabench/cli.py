@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     storage = argparse.ArgumentParser(add_help=False)
-    storage.add_argument("--storage", type=Path, default=Path(".benchmarks"), metavar="DIR",
-                         help="pytest-benchmark file storage (default .benchmarks)")
+    storage.add_argument("--storage", type=storage_path, default=Path(".benchmarks"), metavar="DIR",
+                         help="pytest-benchmark file storage: a folder, or file://FOLDER as --benchmark-storage "
+                              "takes it (default .benchmarks)")
 
     cmp = sub.add_parser("compare", parents=[storage], help="compare every metric of two stored runs")
     cmp.add_argument("run_a", nargs="?", help="the earlier run (default: the second latest)")
@@ -59,6 +60,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="where to write the joined run (default: the next NNNN_merged_<commit>.json in STORAGE/merged)")
     mrg.set_defaults(command=_merge)
     return parser
+
+
+def storage_path(text: str) -> Path:
+    """``--storage``: a folder, or pytest-benchmark's ``file://FOLDER`` form (``file:///abs``, ``file://./rel``).
+
+    Raises:
+        argparse.ArgumentTypeError: another storage scheme (pytest-benchmark's elasticsearch) or an empty value.
+    """
+    if text.startswith("file://"):
+        text = text[len("file://"):]  # what pytest-benchmark's load_storage strips
+    elif "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: only pytest-benchmark's file storage can be read; give a folder or file://FOLDER")
+    if not text:
+        raise argparse.ArgumentTypeError("empty path; give a folder or file://FOLDER")
+    return Path(text).expanduser()
 
 
 def _compare(args) -> int:

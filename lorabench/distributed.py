@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabench.isolation import ChildFailed, IsolatedCaseRun, _PipeLogHandler
+from lorabench.quiet import QUIET_ENV
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, STATUS_OK, CaseResult
 from lorabench.runner import CaseAborted
 
@@ -133,10 +134,10 @@ def _rank_main(payload_path: str) -> int:
         run = CaseRun(payload["case"], case_id=payload["case_id"], source=payload["source"],
                       tokens_for=lambda config: tokenize_task(task, tokenizer, config.seq_len), device=device,
                       report_to=payload["report_to"] if rank == 0 else "none", log_dir=payload["log_dir"],
-                      memory_budget=payload["memory_budget"],
+                      memory_budget=payload["memory_budget"], base_eval=payload["base_eval"],
                       parallel=RankParallel(payload["case"].config.strategy, device))
         run.prepare()
-        _send(conn, ("ready", run.config.to_dict()))
+        _send(conn, ("ready", run.base_eval))
         while True:
             command = [conn.recv() if conn is not None else None]
             dist.broadcast_object_list(command, src=0)
@@ -200,7 +201,8 @@ class DistributedCaseRun(IsolatedCaseRun):
         payload.write_bytes(pickle.dumps({**self._payload, "threads": threads}))
         self._output = Path(self._workdir.name) / "ranks.log"
         env = dict(os.environ, **{ENV_ADDRESS: "%s:%d" % listener.address, ENV_AUTHKEY: authkey.hex(),
-                                  "OMP_NUM_THREADS": str(rank_threads(threads, config.world_size))})
+                                  "OMP_NUM_THREADS": str(rank_threads(threads, config.world_size)),
+                                  QUIET_ENV: "1" if self._quiet else "0"})
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                    f"--nproc-per-node={config.world_size}", "-m", "lorabench.distributed", str(payload)]
         log.info("%s: launching %d ranks (%s): %s", self.case_id, config.world_size, config.strategy,
@@ -210,7 +212,7 @@ class DistributedCaseRun(IsolatedCaseRun):
             self._launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True)
         self._conn = _accept(listener, self._launcher, CONNECT_TIMEOUT_S, self._output)
-        self._await("ready")
+        self.base_eval = self._await("ready")
 
     def finish(self) -> CaseResult:
         self._conn.send("finish")

@@ -63,6 +63,10 @@ class Case:
         parts.append(self.config.id)
         return "-".join(parts)
 
+    def keywords(self) -> set[str]:
+        """The ``-k`` words that select this case by field (see :func:`selection_keywords`)."""
+        return selection_keywords(self.config.id, model=self.model, dataset=self.dataset)
+
 
 @dataclass(frozen=True)
 class Matrix:
@@ -97,6 +101,24 @@ def single_device_id(config: BenchConfig, configs) -> str | None:
         if other.world_size == 1 and {k: v for k, v in other.to_dict().items() if k not in _SPREAD_FIELDS} == mine:
             return other.id
     return None
+
+
+def selection_keywords(config_id: str, *, model: str | None = None, dataset: str | None = None) -> set[str]:
+    """Words that ``pytest -k`` matches on a case, one per field, bracketed so no name is part of another.
+
+    ``-k`` matches any substring of a case's names, so ``-k qlora_nf4`` also picks up ``qlora_nf4_r8``
+    and ``minilm_qlora_nf4``. ``config[qlora_nf4]`` cannot: the brackets close the name on both sides.
+    Models and data sets get ``model[NAME]`` and ``dataset[NAME]`` with NAME as in the case id
+    (:func:`short_name`) and also as given (``model[Qwen/Qwen3-0.6B]``).
+
+    Returns:
+        e.g. ``{"config[qlora_nf4]", "model[tiny-llama]", "dataset[digit-reverse]"}``.
+    """
+    words = {f"config[{config_id}]"}
+    for field, spec in (("model", model), ("dataset", dataset)):
+        if spec:
+            words |= {f"{field}[{short_name(spec)}]", f"{field}[{spec}]"}
+    return words
 
 
 def short_name(spec: str) -> str:

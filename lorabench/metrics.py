@@ -57,8 +57,8 @@ _FINETUNE: tuple[Metric, ...] = (
        gated=False),
     _m("step_cpu_ms", "ms", "lower", "speed", "median CPU time of the case process (all threads) per measured step",
        gated=False),
-    _m("samples_per_s", "1/s", "higher", "speed", "training examples per second over the measured steps", gated=False),
-    _m("tokens_per_s", "1/s", "higher", "speed", "non-padding tokens per second over the measured steps", gated=False),
+    _m("samples_per_s", "samples/s", "higher", "speed", "training examples per second over the measured steps", gated=False),
+    _m("tokens_per_s", "tokens/s", "higher", "speed", "non-padding tokens per second over the measured steps", gated=False),
     _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included", gated=False),
     _m("load_s", "s", "lower", "speed", "model load plus quantization time (one-shot)", gated=False),
     _m("mfu_pct", "%", "higher", "speed", "model FLOPs utilisation (PaLM): model FLOPs/token x tokens/s over the "
@@ -112,7 +112,7 @@ _INFERENCE: tuple[Metric, ...] = (
     # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
     _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
     _m("ttft_ms_p90", "ms", "lower", "speed", "90th percentile of the time to first token"),
-    _m("decode_tokens_per_s", "1/s", "higher", "speed", "median decode rate after the first token, batch 1"),
+    _m("decode_tokens_per_s", "tokens/s", "higher", "speed", "median decode rate after the first token, batch 1"),
     _m("latency_ms", "ms", "lower", "speed", "median end-to-end time of one generate call"),
     _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
     _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +46,25 @@ log = logging.getLogger("lorabench.progress")
 REFERENCE_EXAMPLES = 128
 
 Timer = Callable[[Callable[[], Any], int, int, Callable[[], None]], Any]  # (step, rounds, warmup_rounds, control)
+
+
+@dataclass(frozen=True)
+class BaseEvaluation:
+    """The base model's held-out and reference losses before training.
+
+    Every case whose base loads the same way (model, data set, quantization, dtype, sequence
+    length, batch) starts from the same model output, a LoRA adapter included (its B starts at
+    zero), so a session computes it once and the cases after the first reuse it.
+    """
+
+    held_out: Any  # EvalLoss with exact-match counts
+    reference: Any | None  # EvalLoss on the reference text, where the data set has one
+
+
+def base_evaluation_key(model: str, dataset: str, config: BenchConfig) -> tuple:
+    """What a base evaluation depends on; ``config`` is resolved (dtype, seq_len, batch_size filled)."""
+    return (model, dataset, config.quant, config.double_quant, config.dtype, config.seq_len, config.batch_size,
+            config.seed)
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,8 @@ class CaseRun:
     def __init__(self, case: Case, *, case_id: str, source: ModelSource,
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
                  log_dir: str | None = None, memory_budget: int | None = None,
-                 adapter_dir: str | None = None, parallel=None) -> None:
+                 adapter_dir: str | None = None, base_eval: BaseEvaluation | None = None,
+                 parallel=None) -> None:
         self.config = config = resolve(case.config, source.defaults, device)
         self.case_id = case_id
         self.source = source
@@ -129,7 +150,7 @@ class CaseRun:
         self._meters_running = False
         self.model = self.trainer = self.runner = self.tokens = self.collate = None
         self.eos_token_id = None
-        self.reference_before = None
+        self.base_eval = base_eval
         self.started = 0.0
         self._current_phase: tuple[str, float] | None = None
 
@@ -140,6 +161,7 @@ class CaseRun:
         with self._guard():
             config, result = self.config, self.result
             set_seed(config.seed)
+            self._record_load("start")
             self._phase("load", f"loading {self.source.spec} ({config.quant}, {config.dtype}, {config.method})")
             self.tokens = self.tokens_for(config)
             self._start_meters()
@@ -151,13 +173,18 @@ class CaseRun:
             _record_model(result, self.model)
             self.collate = collator(loaded.tokenizer)
             self.eos_token_id = loaded.tokenizer.eos_token_id
-            self._phase("eval_before", "evaluating the base model")
-            before = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
-                               device=self.device, eos_token_id=self.eos_token_id)
-            result.set("eval_loss_before", before.loss)
-            record_accuracy(result, before, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len,
-                            stage="_before")
-            self.reference_before = self._reference_loss()
+            self._phase("eval_before", "evaluating the base model" if self.base_eval is None
+                        else "reusing this session's evaluation of the same base")
+            if self.base_eval is None:
+                held_out = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
+                                     device=self.device, eos_token_id=self.eos_token_id)
+                self.base_eval = BaseEvaluation(held_out, self._reference_loss())
+                shared = "measured in this case"
+            else:
+                shared = "shared: measured once per model, data set and base (quantization, dtype, length, batch)"
+            result.set("eval_loss_before", self.base_eval.held_out.loss, source=shared)
+            record_accuracy(result, self.base_eval.held_out, has_answers=self.tokens.task.has_answers,
+                            seq_len=config.seq_len, stage="_before")
             self._phase("train", f"training {config.steps} steps")
             self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
                                         self.device, self.report_to, self.log_dir)
@@ -182,13 +209,13 @@ class CaseRun:
             train_s = time.perf_counter() - self.started
             self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
-            _record_speed(result, self.runner, config, train_s, self.model, self.device)
+            record_speed(result, self.runner, config, train_s, self.model, self.device)
             self._phase("eval_after", "evaluating the trained model")
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
                               device=self.device, eos_token_id=self.eos_token_id)
             _record_quality(result, self.runner, after)
             record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
-            _record_task_change(result, self.reference_before, self._reference_loss())
+            _record_task_change(result, self.base_eval.reference, self._reference_loss())
             # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
             if self.parallel is None:
                 self._phase("adapter_check", "saving, reloading and merging the adapter")
@@ -197,6 +224,7 @@ class CaseRun:
             else:
                 record_adapter(result, None, reason=self.parallel.adapter_reason)
             self._phase(None, "")
+            self._record_load("end")
             self._judge_budget()
         self.close()
         return self.result
@@ -210,11 +238,16 @@ class CaseRun:
 
             torch.cuda.empty_cache()
         if not self.on_cuda:
-            reason = f"not measured: the case ran on {self.device.type}, not CUDA"
+            reason = f"the case ran on {self.device.type}, not CUDA"
             for name, why in cuda_only_absent(reason).items():
                 self.result.absent.setdefault(name, why)
 
     # ----- helpers -------------------------------------------------------------
+    def _record_load(self, when: str) -> None:
+        """The machine's 1-minute load average, so a reader knows what else competed for the cores."""
+        if hasattr(os, "getloadavg"):
+            self.result.environment[f"load_avg_1m_{when}"] = round(os.getloadavg()[0], 2)
+
     def _phase(self, name: str | None, what: str) -> None:
         """End the current phase (its wall time becomes ``phase_<name>_s``) and start the next one."""
         now = time.perf_counter()
@@ -351,7 +384,7 @@ def _record_memory(result: CaseResult, readings, runner: StepRunner, trainer, on
         result.set("other_mib", None, reason=f"{peak_name} is absent: {result.absent.get(peak_name, '')}")
 
 
-def _record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
+def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
     """Wall-clock speed (informational under load), and the step time against the control (gated)."""
     from lorabench.control import paired_ratios
 

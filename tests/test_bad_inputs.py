@@ -92,7 +92,8 @@ CATALOG = [
     BadInput("matrix: a Python object tag (unsafe YAML)", {"matrix_file": "{d}/m.yaml"},
              {"m.yaml": "configs: !!python/object/apply:os.system ['echo owned']\n"}, ("m.yaml", "not valid YAML")),
     BadInput("matrix: file missing", {"matrix_file": "{d}/nope.yaml"}, {}, ("nope.yaml", "not found")),
-    BadInput("compute dtype the device lacks (bf16 on a CUDA card without it)", {"device": "cuda"}, {},
+    BadInput("compute dtype the device lacks (bf16 on a CUDA card without it)",
+             {"device": "cuda", "overrides": ["dtype=bf16"]}, {},
              ("dtype='bf16' is not supported", "dtype=fp16"), patch_cuda_without_bf16=True),
     # command line
     BadInput("--set without '='", {"overrides": ["rank"]}, {}, ("--set 'rank'", "KEY=VALUE")),
@@ -105,6 +106,8 @@ CATALOG = [
     BadInput("--memory-budget without a unit we know", {"memory_budget": "6 gigs"}, {}, ("--memory-budget '6 gigs'", "6GiB")),
     BadInput("--memory-budget 0", {"memory_budget": "0GiB"}, {}, ("more than 0 bytes",)),
     BadInput("--case-timeout negative", {"case_timeout_s": -1.0}, {}, ("--case-timeout -1", "positive")),
+    BadInput("--seeds 0", {"seeds": "0"}, {}, ("--seeds '0'", "a count from 1 to 100")),
+    BadInput("--seeds with a repeated seed", {"seeds": "7,7"}, {}, ("--seeds '7,7'", "seed 7 appears twice")),
     # models
     BadInput("--model path missing", {"models": ["{d}/no-such-model"]}, {}, ("no-such-model", "no such checkpoint directory")),
     BadInput("--model directory without config.json", {"models": ["{d}/empty"]}, {"empty/README": "x"},
@@ -114,6 +117,12 @@ CATALOG = [
              ("distilbert", "'distilbert' is not a causal language model")),
     BadInput("--model hub id not in the local cache", {"models": ["no-such-org/no-such-model"]}, {},
              ("no-such-org/no-such-model", "not in the local Hugging Face cache", "offline")),
+    BadInput("--model hub revision not in the local cache", {"models": ["no-such-org/Model-1.5B@v2"]}, {},
+             ("at revision 'v2'", "huggingface-cli download no-such-org/Model-1.5B --revision v2")),
+    BadInput("--model neither a directory nor a hub id", {"models": ["org/bad--name"]}, {},
+             ("not an existing directory", "ORG/NAME or ORG/NAME@REVISION")),
+    BadInput("--model a file", {"models": ["{d}/weights.bin"]}, {"weights.bin": "x"},
+             ("weights.bin", "is a file")),
     BadInput("--model causal LM without a tokenizer", {"models": ["{d}/notok"]},
              {"notok/config.json": _causal_config()}, ("notok", "no usable tokenizer")),
     # data sets
