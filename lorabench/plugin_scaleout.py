@@ -95,17 +95,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 # ----- collection: groups and shards ----------------------------------------------
-def _gated_item(nodeid: str, cases: dict) -> scaleout.GatedItem | None:
+def _gated_item(nodeid: str, cases: dict, known: set[str]) -> scaleout.GatedItem | None:
     """Where a collected item's relative gates look, from its node id: a matrix case (by its pytest id)
-    gates within its model and data set; another parametrized case (inference variant, MiniLM
-    configuration) is named by its parameter id; other items are linked to nothing."""
+    gates within its model and data set; another bench case (inference variant, MiniLM configuration)
+    is named by its parameter id; anything else is linked to nothing."""
     name = nodeid.rsplit("::", 1)[-1]
     if "[" not in name or not name.endswith("]"):
         return None
     param_id = name[name.index("[") + 1:-1]
     case = cases.get(param_id)
     if case is None:
-        return scaleout.GatedItem("", param_id)
+        return scaleout.GatedItem("", param_id) if param_id in known else None
     from lorabench.matrix import single_device_id
 
     configs = [c.config for c in cases.values()]
@@ -127,13 +127,13 @@ def _groups(config: pytest.Config, nodeids: list[str]) -> list[str | None]:
     bench = _bench(config)
     if bench is None:
         return [None] * len(nodeids)
+    known = built_in_case_ids() | {c.id for c in bench.matrix.configs}
     cases = dict(zip(bench.matrix.ids(), bench.matrix.cases()))
-    gated = [_gated_item(n, cases) for n in nodeids]
+    gated = [_gated_item(n, cases, known) for n in nodeids]
     if not any(gated):
         return [None] * len(nodeids)
     try:
-        gates = bench.thresholds or load_thresholds(bench.thresholds_path,
-                                                    built_in_case_ids() | {c.id for c in bench.matrix.configs})
+        gates = bench.thresholds or load_thresholds(bench.thresholds_path, known)
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
     rules = [(g.config, g.ref_config) for g in gates.gates if g.relative and g.ref_config != SELF]
