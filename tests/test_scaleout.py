@@ -153,3 +153,18 @@ def test_the_sharded_ci_example_runs_every_slice_and_joins_them():
     gate_runs = [step.get("run", "") for step in gate["steps"]]
     assert any(r.startswith("python -m lorabench merge shard-*.json") for r in gate_runs)
     assert any("python -m lorabench compare --fail" in r for r in gate_runs)
+
+
+def test_the_controller_finds_each_collected_bench_case_by_its_node_id():
+    from lorabench.matrix import build_matrix
+    from lorabench.plugin_scaleout import _gated_item
+
+    matrix = build_matrix(models=["tiny-llama", "tiny-qwen"])
+    cases = dict(zip(matrix.ids(), matrix.cases()))
+    known = {"infer_base"}
+    assert _gated_item("bench/test_finetune.py::test_finetune[tiny-qwen-lora_ddp2]", cases, known) == \
+        scaleout.GatedItem("tiny-qwen|digit-reverse", "lora_ddp2", "lora")
+    assert _gated_item("bench/test_inference.py::test_inference[infer_base]", cases, known) == \
+        scaleout.GatedItem("", "infer_base")
+    assert _gated_item("tests/test_x.py::test_y[fields0]", cases, known) is None  # not a bench case
+    assert _gated_item("bench/test_overhead.py::test_harness_overhead", cases, known) is None
