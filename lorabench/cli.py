@@ -1,17 +1,21 @@
 """``python -m lorabench``: compare stored runs and render reports.
 
-    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--csv F] [--json F] [--markdown F]
-    python -m lorabench report [RUN] [--out reports/]
+    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--skip-broken] [--csv F] [--json F] [--markdown F]
+    python -m lorabench report [RUN] [--out reports/] [--skip-broken]
     python -m lorabench merge RUN RUN... [--out FILE]
 
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
-prefix; by default the two latest runs (compare) or the latest (report).
-Exit codes: 0 fine, 1 a regression with ``--fail``, 2 bad input (a message says which).
+prefix; by default the two latest runs (compare) or the latest (report). A stored run that
+cannot be read stops the choice, and one with a diverged, errored or timed-out case fails
+``--fail``; ``--skip-broken`` passes over both and prints each one with the reason.
+Exit codes: 0 fine, 1 a regression (or a compared run with a case that did not finish) with
+``--fail``, 2 bad input (a message says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def _path(value: str) -> Path:
+    """A path option: not empty, ``~`` expanded."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return Path(os.path.expanduser(value))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -36,22 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     storage.add_argument("--storage", type=storage_path, default=Path(".benchmarks"), metavar="DIR",
                          help="pytest-benchmark file storage: a folder, or file://FOLDER as --benchmark-storage "
                               "takes it (default .benchmarks)")
+    storage.add_argument("--skip-broken", action="store_true",
+                         help="choose the latest runs among those that can be read and whose cases all finished "
+                              "(each run passed over is printed with the reason)")
 
     cmp = sub.add_parser("compare", parents=[storage], help="compare every metric of two stored runs")
     cmp.add_argument("run_a", nargs="?", help="the earlier run (default: the second latest)")
     cmp.add_argument("run_b", nargs="?", help="the later run (default: the latest)")
-    cmp.add_argument("--fail", action="store_true", help="exit 1 when any metric regressed")
-    cmp.add_argument("--thresholds", type=Path, default=Path("thresholds.yaml"), metavar="FILE",
+    cmp.add_argument("--fail", action="store_true",
+                     help="exit 1 when any metric regressed, or a compared run has a case that diverged or errored")
+    cmp.add_argument("--thresholds", type=_path, default=Path("thresholds.yaml"), metavar="FILE",
                      help="tolerances from its 'compare:' section (default thresholds.yaml; built-in defaults if absent)")
     cmp.add_argument("--all", action="store_true", help="show unchanged rows on the terminal too")
-    cmp.add_argument("--csv", type=Path, metavar="FILE", help="write every row as CSV")
-    cmp.add_argument("--json", type=Path, metavar="FILE", help="write every row and warning as JSON")
-    cmp.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown")
+    cmp.add_argument("--csv", type=_path, metavar="FILE", help="write every row as CSV")
+    cmp.add_argument("--json", type=_path, metavar="FILE", help="write every row and warning as JSON")
+    cmp.add_argument("--markdown", type=_path, metavar="FILE", help="write the table as Markdown")
     cmp.set_defaults(command=_compare)
 
     rep = sub.add_parser("report", parents=[storage], help="write summary.md, summary.html and plots for a run")
     rep.add_argument("run", nargs="?", help="the run (default: the latest)")
-    rep.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
+    rep.add_argument("--out", type=_path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
     rep.set_defaults(command=_report)
 
     mrg = sub.add_parser("merge", parents=[storage], help="join stored runs of one commit (--shard slices) into one run")
@@ -81,14 +96,24 @@ def storage_path(text: str) -> Path:
 def _compare(args) -> int:
     from lorabench import compare_output
     from lorabench.compare import compare_runs
-    from lorabench.history import latest_runs, select_run
+    from lorabench.errors import HistoryError
+    from lorabench.history import latest_runs, run_problem, select_run
 
+    skipped: list[str] = []
+    latest = lambda n: latest_runs(n, args.storage, skip_broken=args.skip_broken, skipped=skipped)  # noqa: E731
     if args.run_a and args.run_b:
         run_a, run_b = select_run(args.run_a, args.storage), select_run(args.run_b, args.storage)
     elif args.run_a:
-        run_a, run_b = select_run(args.run_a, args.storage), latest_runs(1, args.storage)[0]
+        run_a, run_b = select_run(args.run_a, args.storage), latest(1)[0]
     else:
-        run_a, run_b = latest_runs(2, args.storage)
+        run_a, run_b = latest(2)
+    for line in skipped:
+        print(f"skipped run {line}")
+    runs = [run_a] if run_b.path == run_a.path else [run_a, run_b]
+    problems = [(run, problem) for run in runs if (problem := run_problem(run))]
+    if args.skip_broken and problems:
+        run, problem = problems[0]
+        raise HistoryError(f"run {run.label} was named, and {problem}; name another run")
     tolerances = _tolerances(args.thresholds)
     comparison = compare_runs(run_a, run_b, tolerances)
     for line in compare_output.terminal(comparison, show_all=args.all):
@@ -97,22 +122,26 @@ def _compare(args) -> int:
                         (args.markdown, compare_output.write_markdown)):
         if path is not None:
             write(comparison, path)
-    return EXIT_REGRESSION if args.fail and comparison.regressions else EXIT_OK
+    for run, problem in problems:
+        print(f"run {run.label}: {problem}" + ("; this fails --fail (--skip-broken compares the latest runs whose "
+                                               "cases all finished)" if args.fail else ""))
+    return EXIT_REGRESSION if args.fail and (comparison.regressions or problems) else EXIT_OK
 
 
 def _tolerances(path: Path):
     """The ``compare:`` section of the thresholds file (its gates are the bench's business)."""
-    import yaml
-
+    from lorabench import yamlio
     from lorabench.compare import Tolerances, parse_tolerances
     from lorabench.errors import ThresholdError
+    from lorabench.paths import read_text
 
-    if not path.exists():
+    path = Path(os.path.expanduser(str(path)))
+    if not os.path.lexists(path):
         return Tolerances()
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ThresholdError(f"{path}: not valid YAML: {exc}") from None
+        data = yamlio.load(read_text(path, "--thresholds", ThresholdError))
+    except yamlio.YamlProblem as exc:
+        raise ThresholdError(f"{exc.where(str(path))}: {exc.problem}") from None
     section = data.get("compare") if isinstance(data, dict) else None
     return parse_tolerances(section or {}, str(path))
 
@@ -139,7 +168,11 @@ def _report(args) -> int:
     from lorabench.history import latest_runs, select_run
     from lorabench.report import write_report
 
-    run = select_run(args.run, args.storage) if args.run else latest_runs(1, args.storage)[0]
+    skipped: list[str] = []
+    run = select_run(args.run, args.storage) if args.run else latest_runs(
+        1, args.storage, skip_broken=args.skip_broken, skipped=skipped)[0]
+    for line in skipped:
+        print(f"skipped run {line}")
     for path in write_report(run, args.out):
         print(f"wrote {path}")
     return EXIT_OK

@@ -13,6 +13,7 @@ result records.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,12 @@ TARGET_MODULE_PRESETS = ("all-linear", "attention")
 # under torchrun with DistributedDataParallel or FSDP2 (fully_shard).
 STRATEGIES = ("none", "ddp", "fsdp")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Seeds reach numpy (``np.random.seed``), which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# Divergence beyond NaN (lorabench.training.DivergenceRule): a loss that climbs past this
+# multiple of its first step, or does not once fall below its first step over this many steps.
+DIVERGENCE_FACTOR = 2.0
+DIVERGENCE_WINDOW = 10
 # Markers a configuration may add through ``tags`` on top of the derived ones.
 EXTRA_TAGS = ("sweep", "slow", "gpu")
 
@@ -60,7 +67,10 @@ class BenchConfig:
         gradient_checkpointing: recompute activations in the backward pass.
         batch_size, grad_accum, seq_len, lr, steps: training; ``None`` takes the model's default.
         warmup_steps: leading optimizer steps excluded from every speed figure.
-        seed: seeds data order, adapter initialisation and dropout.
+        seed: seeds data order, adapter initialisation and dropout (0 to 2**32 - 1).
+        divergence_factor: the case is ``diverged`` when a step's loss exceeds this multiple of the first step's.
+        divergence_window: ... or when the loss stays at or above the first step's for this many
+            consecutive steps (0 turns this check off).
         tags: extra pytest markers (``sweep``, ``slow``, ``gpu``).
         world_size: processes (ranks) the case trains on, launched by ``torchrun``; 1 for one process.
         strategy: ``none`` (one process), ``ddp`` (DistributedDataParallel: every rank holds the
@@ -88,6 +98,8 @@ class BenchConfig:
     steps: int | None = None
     warmup_steps: int = 3
     seed: int = 1234
+    divergence_factor: float = DIVERGENCE_FACTOR
+    divergence_window: int = DIVERGENCE_WINDOW
     tags: tuple[str, ...] = field(default_factory=tuple)
     world_size: int = 1
     strategy: str = "none"
@@ -197,7 +209,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     Raises:
         ConfigError: no ``=``, or an unknown key.
     """
-    import yaml
+    from lorabench import yamlio
 
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rank=32")
@@ -206,16 +218,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     known = {f.name for f in dataclasses.fields(BenchConfig)} - {"id"}
     if key not in known:
         raise ConfigError(f"--set {text!r}: unknown key {key!r}; allowed: {', '.join(sorted(known))}")
+    if not raw.strip():
+        raise ConfigError(f"--set {text!r}: empty value; give one, e.g. --set {key}=...")
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+        value = yamlio.load(raw)
+    except yamlio.YamlProblem as exc:
+        raise ConfigError(f"--set {text!r}: value is not acceptable YAML: {exc.problem}") from None
     return key, _coerce(key, value, f"--set {text!r}")
 
 
 # ----- validation ----------------------------------------------------------
-_INT_FIELDS = ("rank", "alpha", "grad_accum", "warmup_steps", "seed", "batch_size", "seq_len", "steps", "world_size")
-_FLOAT_FIELDS = ("dropout", "lr")
+_INT_FIELDS = ("rank", "alpha", "grad_accum", "warmup_steps", "seed", "batch_size", "seq_len", "steps",
+               "divergence_window", "world_size")
+_FLOAT_FIELDS = ("dropout", "lr", "divergence_factor")
 _BOOL_FIELDS = ("double_quant", "gradient_checkpointing")
 
 
@@ -259,8 +274,8 @@ def _validate(c: BenchConfig) -> None:
         value = getattr(c, name)
         if value is None and name == "lr":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(f"{name}={value!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(f"{name}={value!r} must be a finite number")
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(c, name), bool):
             fail(f"{name}={getattr(c, name)!r} must be true or false")
@@ -274,8 +289,12 @@ def _validate(c: BenchConfig) -> None:
         fail(f"grad_accum={c.grad_accum} must be at least 1")
     if c.warmup_steps < 0:
         fail(f"warmup_steps={c.warmup_steps} must not be negative")
-    if c.seed < 0:
-        fail(f"seed={c.seed} must not be negative")
+    if not 0 <= c.seed <= MAX_SEED:
+        fail(f"seed={c.seed} is out of range; use 0 to {MAX_SEED} (2**32 - 1, numpy's limit)")
+    if not c.divergence_factor > 1:
+        fail(f"divergence_factor={c.divergence_factor} must be above 1 (a multiple of the first step's loss)")
+    if c.divergence_window < 0:
+        fail(f"divergence_window={c.divergence_window} must be 0 (off) or a number of steps")
     for name in ("batch_size", "seq_len", "steps"):
         value = getattr(c, name)
         if value is not None and value < 1:

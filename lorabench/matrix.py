@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lorabench import yamlio
 from lorabench.config import BenchConfig, apply_overrides
 from lorabench.errors import ConfigError
 
@@ -159,14 +158,14 @@ def build_matrix(
 
 
 def _read_matrix_file(path: Path) -> tuple[list[str], list[str], list[BenchConfig]]:
-    if not path.is_file():
-        raise ConfigError(f"matrix file {path}: not found")
+    from lorabench.paths import read_text
+
+    text = read_text(path, "--matrix")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"matrix file {path}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        data = yamlio.load(text)
+    except yamlio.YamlProblem as exc:
+        at = f" (line {exc.line})" if exc.line else ""
+        raise ConfigError(f"matrix file {path}{at}: {exc.problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"matrix file {path}: expected a mapping with keys {', '.join(_MATRIX_KEYS)}")
     unknown = sorted(set(data) - set(_MATRIX_KEYS))
@@ -196,7 +195,7 @@ def _read_matrix_file(path: Path) -> tuple[list[str], list[str], list[BenchConfi
         for i, entry in enumerate(raw_configs):
             where = f"{path}: configs[{i}]"
             if not isinstance(entry, dict):
-                raise ConfigError(f"{where}: expected a mapping of configuration fields, got {entry!r}")
+                raise ConfigError(f"{where}: expected a mapping of configuration fields, got {type(entry).__name__} {entry!r}")
             configs.append(BenchConfig.from_dict({**defaults, **entry}, where=where))
     seen: set[str] = set()
     for c in configs:

@@ -151,3 +151,16 @@ def direction(name: str) -> str | None:
         KeyError: the metric is unknown.
     """
     return METRICS[name].better
+
+
+# Metrics whose value may fall below zero (differences, similarities); every other one is a
+# size, a time, a rate, a count, a share or a loss, never negative.
+SIGNED_METRICS: frozenset[str] = frozenset({
+    "loss_drop", "forgetting_nats", "accuracy_gain_pp", "drift_cosine_mean", "drift_cosine_min",
+    "adapter_drift_cosine_mean", "adapter_drift_cosine_min",
+})
+
+
+def can_be_negative(name: str) -> bool:
+    """Whether a metric's value may be below zero (a difference or a cosine)."""
+    return name in SIGNED_METRICS

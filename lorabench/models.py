@@ -7,14 +7,17 @@ the checkpoint comes from differs.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorabench.checkpoints import check_causal_lm, check_weights
 from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ConfigError, ModelError
+from lorabench.paths import expand, require
 from lorabench.precision import resolve_dtype, torch_dtype
 from lorabench.zoo import ZOO, checkpoint_dir
 
@@ -52,18 +55,17 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
     """
     if spec in ZOO:
         return ModelSource(spec, str(checkpoint_dir(spec)), True, ZOO[spec].defaults)
-    path = Path(spec).expanduser()
-    if path.is_dir():
+    path = expand(spec, "--model", ModelError)
+    if os.path.lexists(path) or _looks_like_path(spec):
+        require(path, "directory", "--model", ModelError)
         if not (path / "config.json").is_file():
             raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
         _check_causal_lm(spec, str(path), trust_remote_code)
+        check_weights(path, spec)
         return ModelSource(spec, str(path), False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
-    if path.exists():
-        raise ModelError(f"--model {spec}: is a file; give a checkpoint directory (with config.json) or a hub id")
-    if _looks_like_path(spec):
-        raise ModelError(f"--model {spec}: no such checkpoint directory")
     snapshot = hub_snapshot(spec)
     _check_causal_lm(spec, snapshot, trust_remote_code)
+    check_weights(Path(snapshot), spec)
     return ModelSource(spec, snapshot, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
 
 
@@ -124,19 +126,18 @@ def hub_snapshot(spec: str) -> str:
 
 def _check_causal_lm(spec: str, path: str, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError or KeyError by case
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        text = str(exc)
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise ModelError(f"--model {spec}: the checkpoint ships its own modelling code (auto_map in config.json), "
+                             "which runs only with --trust-remote-code; read that code, then pass --trust-remote-code "
+                             "to allow it") from None
+        first = text.splitlines()[0] if text else "no reason given"
         raise ModelError(f"--model {spec!r}: cannot read its config.json ({path}): {type(exc).__name__}: {first}") from None
-    auto_map = getattr(config, "auto_map", None) or {}
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map:
-        raise ModelError(
-            f"--model {spec!r}: model type {config.model_type!r} is not a causal language model "
-            "(AutoModelForCausalLM cannot load it)"
-        )
+    check_causal_lm(config, spec)
 
 
 def bnb_config(config: BenchConfig):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.textsafe import plot_label
 
 FORMATS = ("png", "svg")
 PANEL_SIZE = (6.4, 4.2)  # inches per model x data set panel
@@ -81,13 +82,13 @@ def _draw_points(ax, points, x: str, y: str, colour=None) -> None:
     """Each case at its (mean) values, a bar of one standard deviation where it ran several seeds, named."""
     for px, py, name, r in points:
         ax.errorbar(px, py, xerr=_sd(r, x), yerr=_sd(r, y), fmt="o", color=colour(r) if colour else None, capsize=3)
-        ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(plot_label(name), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
 
 
 def _panel_axes(ax, model: str, dataset: str, x: str, y: str) -> None:
     from lorabench.matrix import short_name
 
-    ax.set_title(f"{short_name(model)} on {short_name(dataset)}", fontsize=10)
+    ax.set_title(plot_label(f"{short_name(model)} on {short_name(dataset)}"), fontsize=10)
     ax.set(xlabel=_label(x), ylabel=_label(y))
     ax.grid(alpha=0.3)
 
@@ -169,7 +170,7 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
         for r in members:
             rank = r.config.get("rank")
             if r.config.get("method") != "full" and rank and "eval_loss" in r.metrics:
-                series[_series_name(r)].append((int(rank), r.metrics["eval_loss"], _sd(r, "eval_loss"), r.config_id))
+                series[plot_label(_series_name(r))].append((int(rank), r.metrics["eval_loss"], _sd(r, "eval_loss"), r.config_id))
         ranks = sorted({p[0] for pts in series.values() for p in pts})
         for name, pts in sorted(series.items()):
             pts.sort(key=lambda p: p[0])
@@ -177,7 +178,7 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr if any(yerr) else None, marker="o",
                         capsize=3, label=name, linestyle="-" if len(pts) > 1 else "none")
             for rank, loss, _, config_id in pts:
-                ax.annotate(config_id, (rank, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(plot_label(config_id), (rank, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if series:
             ax.set_xscale("log", base=2)
             ax.xaxis.set_minor_locator(NullLocator())
@@ -221,7 +222,7 @@ def loss_curve_png(result: CaseResult, path: Path) -> Path:
     if len(curves) > 1:
         ax.legend(fontsize=8)
     ax.set(xlabel="optimizer step", ylabel="training loss (nats)",
-           title=f"{result.case_id}: training loss ({result.model} on {result.dataset})")
+           title=plot_label(f"{result.case_id}: training loss ({result.model} on {result.dataset})", 80))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -89,28 +89,34 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """After pytest-benchmark has set up its storage: make its writes atomic. Below -v, the live log and
-    the captured-log sections show lorabench's records and other loggers' errors only."""
-    from lorabench.storage import make_atomic
+    """After pytest-benchmark has set up its storage: make its writes atomic, with a fallback on failure.
+    Below -v, the live log and the captured-log sections show lorabench's records and other loggers' errors only."""
+    from lorabench.storage import make_atomic, protect_json_output
 
     benchmark_session = getattr(session.config, "_benchmarksession", None)
-    if benchmark_session is not None:
-        make_atomic(benchmark_session.storage)
-    logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
     bench = session.config.stash.get(SESSION_KEY, None)
+    if benchmark_session is not None and bench is not None:
+        make_atomic(benchmark_session.storage, bench.save_failures)
+        if benchmark_session.json:
+            protect_json_output(benchmark_session, bench.save_failures)
+    logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
     if bench is not None and bench.quiet and logging_plugin is not None:
         for handler in (logging_plugin.log_cli_handler, logging_plugin.report_handler):
             handler.addFilter(OwnRecordsOnly())
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """With --alluredir: the launch's environment (device, versions) and result categories."""
+    """A run whose results went to a fallback location fails (pytest-benchmark has saved by now);
+    with --alluredir: the launch's environment (device, versions) and result categories."""
     from lorabench import allure_results
     from lorabench.environment import machine
 
+    bench = session.config.stash.get(SESSION_KEY, None)
+    if bench is not None and bench.save_failures and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller writes them once
-    if allure_results.enabled(session.config) and session.config.stash.get(SESSION_KEY, None) is not None:
+    if allure_results.enabled(session.config) and bench is not None:
         allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
 
 
@@ -144,6 +150,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.extra_keyword_matches.update(selection_keywords(params["config"].id))
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the selected cases are checked
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Read the gates and check every user input once, before any case trains, if a bench case was collected.
 
@@ -153,11 +160,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not any("bench_session" in getattr(item, "fixturenames", ()) for item in items):
         return
     session = config.stash[SESSION_KEY]
+    selected = [item.callspec.params["bench_case"] for item in items
+                if "bench_case" in getattr(getattr(item, "callspec", None), "params", {})]
+    ids = [item.callspec.id for item in items if "bench_case" in getattr(getattr(item, "callspec", None), "params", {})]
+    # a case that is not a matrix case (an inference variant's adapter) draws on the whole matrix
+    whole_matrix = len(selected) < len(items)
     try:
         session.load_gates()
-        session.check_inputs()
+        session.check_inputs(None if whole_matrix else selected)
+        session.check_outputs(**_outputs(config), cases=len(items), ids=None if whole_matrix else ids)
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def _outputs(config: pytest.Config) -> dict:
+    """Where pytest-benchmark will write this run: its storage directory (when saving) and --benchmark-json."""
+    from pytest_benchmark.storage.file import FileStorage
+
+    benchmark_session = getattr(config, "_benchmarksession", None)
+    if benchmark_session is None:
+        return {}
+    storage = benchmark_session.storage
+    saving = (benchmark_session.save or benchmark_session.autosave) and isinstance(storage, FileStorage)
+    directory = None
+    if saving:
+        directory = storage.path / storage.default_machine_id if storage.default_machine_id else storage.path
+    json_path = Path(benchmark_session.json) if benchmark_session.json else None
+    return {"storage": directory, "json_path": json_path}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -192,7 +221,13 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
-    if session is None or not session.results:
+    if session is None:
+        return
+    for failure in session.save_failures:
+        terminalreporter.write_sep("=", "lorabench: results not saved where asked", red=True)
+        for line in failure.lines():
+            terminalreporter.write_line(line, red=True)
+    if not session.results:
         return
     counts = Counter(g["status"] for r in session.results for g in r.gates)
     terminalreporter.write_sep("=", "lorabench summary")
@@ -203,3 +238,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_sep("-", f"lorabench: {len(blocks)} case(s) failed")
         for block in blocks:
             terminalreporter.write_line(block)
+    for notice in session.notices:
+        terminalreporter.write_line(f"NOTE {notice}")

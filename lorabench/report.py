@@ -24,6 +24,7 @@ from lorabench.metrics import METRICS
 from lorabench.plots import memory_metric
 from lorabench.result import STATUS_OK, CaseResult, plain_reason
 from lorabench.seeds import n_seeds
+from lorabench.textsafe import markdown
 from lorabench.summary import (
     cell,
     columns_for,
@@ -211,6 +212,6 @@ def _render(template: str, context: dict) -> str:
 
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
-    env.filters["md"] = lambda text: str(text).replace("|", "\\|")
+    env.filters["md"] = markdown
     env.tests["numeric_cell"] = lambda text: NUMERIC_CELL.match(str(text)) is not None
     return env.get_template(template).render(**context)

@@ -16,6 +16,9 @@ STATUS_OK = "ok"
 STATUS_DOES_NOT_FIT = "does_not_fit"
 STATUS_ERROR = "error"
 STATUS_TIMEOUT = "timeout"
+STATUS_DIVERGED = "diverged"  # the training loss became non-finite or broke the divergence rule
+# Outcomes that say the case itself went wrong (not a measurement such as "does not fit").
+FAILED_STATUSES = (STATUS_ERROR, STATUS_TIMEOUT, STATUS_DIVERGED)
 
 
 def plain_reason(why: str) -> str:

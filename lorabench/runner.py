@@ -36,8 +36,8 @@ from lorabench.matrix import Case
 from lorabench.meters import CudaMeter, RssMeter, cuda_only_absent
 from lorabench.models import ModelSource, apply_adapter, load_model
 from lorabench.quality import eval_loss
-from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
-from lorabench.training import DivergenceError, StepRunner, make_trainer, simple_timer
+from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
+from lorabench.training import DivergenceError, DivergenceRule, StepRunner, make_trainer, simple_timer
 
 log = logging.getLogger("lorabench.progress")
 
@@ -190,7 +190,8 @@ class CaseRun:
                                         self.device, self.report_to, self.log_dir)
             if self.parallel is not None:  # DDP: the Trainer's steps go through the wrapper that all-reduces
                 self.trainer.model_wrapped = self.parallel.wrap(self.model)
-            self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
+            self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
+                                     divergence=DivergenceRule.of(config))
             self.started = time.perf_counter()
 
     def step(self) -> float:
@@ -306,7 +307,8 @@ class CaseRun:
         try:
             yield
         except DivergenceError as exc:
-            self._abort(STATUS_ERROR, f"{exc} (configuration {self.config.id})")
+            self.result.details["diverged_at_step"] = exc.step
+            self._abort(STATUS_DIVERGED, f"{exc} (configuration {self.config.id})")
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
