@@ -36,6 +36,7 @@ from lorabench.meters import CudaMeter, RssMeter, cuda_only_absent
 from lorabench.models import ModelSource, apply_adapter, load_model
 from lorabench.quality import eval_loss
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
+from lorabench.tensor_meter import TensorMeter
 from lorabench.training import DivergenceError, StepRunner, make_trainer, simple_timer
 
 log = logging.getLogger("lorabench.progress")
@@ -125,6 +126,7 @@ class CaseRun:
             self.result.environment["memory_budget_mib"] = self.budget.limit_mib
         self._meters_running = False
         self.model = self.trainer = self.runner = self.tokens = self.collate = None
+        self.tensors: TensorMeter | None = None
         self.eos_token_id = None
         self.reference_before = None
         self.started = 0.0
@@ -153,16 +155,18 @@ class CaseRun:
             self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
                                         self.device, self.report_to, self.log_dir)
             self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
+            self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps)
             self.started = time.perf_counter()
 
     def step(self) -> float:
         with self._guard():
-            return self.runner.step()
+            return self.tensors.run(self.runner.step)
 
     def finish(self) -> CaseResult:
         with self._guard():
             config, result = self.config, self.result
-            self.runner.run_until(config.steps)  # where the timer ran fewer (pytest-benchmark disabled)
+            while self.runner.steps_done < config.steps:  # where the timer ran fewer (pytest-benchmark disabled)
+                self.tensors.run(self.runner.step)
             train_s = time.perf_counter() - self.started
             self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
@@ -181,6 +185,8 @@ class CaseRun:
 
     def close(self) -> None:
         """Drop the model and everything that holds device memory."""
+        if self.tensors is not None:
+            self.tensors.close()
         self.model = self.trainer = self.runner = None
         gc.collect()
         if self.on_cuda:
@@ -213,7 +219,8 @@ class CaseRun:
         self._meters_running = False
         if self.budget:
             self.budget.stop()
-        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else [])
+        tensors = [self.tensors.reading()] if self.tensors is not None else []
+        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else []) + tensors
 
     def _judge_budget(self) -> None:
         """A case whose measured peak passed the budget between two watchdog samples does not fit either."""

@@ -15,7 +15,8 @@ from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
 
 # (metric, column title, noun for findings)
-_CPU_PEAK = ("peak_rss_delta_mib", "peak RSS+ MiB", "peak memory (process RSS added)")
+_TENSOR_PEAK = ("tensor_peak_mib", "tensor peak MiB", "peak memory (live tensor bytes)")
+_PROCESS_PEAK = ("peak_rss_delta_mib", "process RSS+ MiB", "process memory (peak RSS added)")
 _CUDA_PEAK = ("peak_alloc_mib", "peak alloc MiB", "peak GPU memory (allocator)")
 COLUMNS = (
     ("weights_mib", "weights MiB", "weight memory"),
@@ -118,8 +119,11 @@ def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
 def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, str, str], ...]:
     if case_kind in KIND_COLUMNS:
         return KIND_COLUMNS[case_kind]
-    peak = (_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK,)
-    return peak + (INFERENCE_COLUMNS if case_kind == "inference" else COLUMNS)
+    if case_kind == "inference":
+        return (_CUDA_PEAK if device.startswith("cuda") else _PROCESS_PEAK,) + INFERENCE_COLUMNS
+    # fine-tuning: exact tensor bytes lead on the CPU; on CUDA the allocator's peak, tensor bytes beside it
+    peaks = (_CUDA_PEAK, _TENSOR_PEAK) if device.startswith("cuda") else (_TENSOR_PEAK, _PROCESS_PEAK)
+    return peaks + COLUMNS
 
 
 def _cell(result: CaseResult, metric: str) -> str:
@@ -168,8 +172,9 @@ def findings(results: list[CaseResult]) -> list[str]:
     if base is None:
         return []
     out = []
-    peak_metric, _, peak_noun = columns_for(base.device)[0]
-    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"),
+    peaks = [(metric, noun) for metric, _, noun in columns_for(base.device, kind(base))
+             if METRICS[metric].group == "memory" and metric != "weights_mib"]
+    compared = (*peaks, ("weights_mib", "weight memory"), ("step_ms", "step time"),
                 ("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))
     for r in results:
         if r is base or r.status != STATUS_OK:
@@ -219,6 +224,21 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+def tensor_lines(results: list[CaseResult]) -> list[str]:
+    """One line per case with a tensor peak: the peak and its non-zero parts, largest first."""
+    from lorabench.tensor_meter import COMPONENT_METRICS, PEAK_METRIC
+
+    lines = []
+    for r in results:
+        m = r.metrics
+        if PEAK_METRIC not in m:
+            continue
+        parts = sorted(((m.get(name, 0.0), category) for category, name in COMPONENT_METRICS.items()), reverse=True)
+        shown = " + ".join(f"{category} {fmt(mib)}" for mib, category in parts if mib >= 0.005)
+        lines.append(f"{r.config_id}: {fmt(m[PEAK_METRIC])} MiB = {shown}")
+    return lines
+
+
 def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
@@ -233,6 +253,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if found:
             lines.append("findings:")
             lines += [f"  - {f}" for f in found]
+        tensors = tensor_lines(group)
+        if tensors:
+            lines.append("memory at the tensor peak, MiB (live tensor bytes; lorabench/tensor_tracker.py):")
+            lines += [f"  - {t}" for t in tensors]
         adapters = adapter_lines(group)
         if adapters:
             lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")

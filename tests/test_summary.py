@@ -47,14 +47,19 @@ def test_verdict_follows_the_metric_direction():
 
 
 def test_summary_has_a_baseline_column_and_computed_findings():
-    rows = [result("full_bf16", peak_rss_delta_mib=100.0, weights_mib=10.0, step_ms=50.0, eval_loss=1.0),
-            result("qlora_nf4", peak_rss_delta_mib=40.0, weights_mib=3.0, step_ms=60.0, eval_loss=0.9)]
-    text = "\n".join(render_summary(rows, {"pass": 3}))
+    rows = [result("full_bf16", tensor_peak_mib=100.0, peak_rss_delta_mib=150.0, weights_mib=10.0, step_ms=50.0,
+                   eval_loss=1.0),
+            result("qlora_nf4", tensor_peak_mib=40.0, peak_rss_delta_mib=120.0, weights_mib=3.0, step_ms=60.0,
+                   eval_loss=0.9)]
+    lines = render_summary(rows, {"pass": 3})
+    text = "\n".join(lines)
     assert "baseline full_bf16" in text
-    assert "40.00 (-60.0%)" in text
+    assert lines[1].split()[2:5] == ["tensor", "peak", "MiB"]  # exact tensor bytes lead on the CPU
+    assert "40.00 (-60.0%)" in text and "process RSS+ MiB" in text
     assert "gates: 3 pass" in text
     found = findings(rows)
-    assert found[0].startswith("qlora_nf4 vs full_bf16: 60.0% less peak memory")
+    assert found[0].startswith("qlora_nf4 vs full_bf16: 60.0% less peak memory (live tensor bytes)")
+    assert "20.0% less process memory (peak RSS added)" in found[0]
     assert "20.0% more step time" in found[0]
     assert found[-1].startswith("lowest eval loss: qlora_nf4")
 
@@ -75,3 +80,10 @@ def test_accuracy_shows_its_interval_and_quantization_error_gets_its_own_table()
     assert "88.7 [84.2-92.0]" in text
     assert "highest accuracy: full_bf16 (88.7%, 95% CI 84.2-92.0%, n=256, +88.7 pp over the base model)" in text
     assert "NF4 err" in text and "24.6% less reconstruction error" in text
+
+
+def test_the_tensor_peak_is_shown_with_its_parts_largest_first():
+    row = result("full_bf16", tensor_peak_mib=30.0, tensor_params_mib=6.0, tensor_buffers_mib=0.0, tensor_grads_mib=0.0,
+                 tensor_optimizer_mib=12.0, tensor_activations_mib=10.0, tensor_temporaries_mib=2.0)
+    text = "\n".join(render_summary([row]))
+    assert "full_bf16: 30.00 MiB = optimizer 12.00 + activations 10.00 + params 6.00 + temporaries 2.00" in text
