@@ -50,6 +50,9 @@ _FINETUNE: tuple[Metric, ...] = (
        "at the tensor peak: tensors of the forward pass alive when backward starts (saved for backward)"),
     _m("tensor_temporaries_mib", "MiB", "lower", "memory",
        "at the tensor peak: other tensors of the step (intermediates, activation gradients, recomputation)"),
+    # memory: the memory model's prediction for the case (lorabench.estimate), from the config alone
+    _m("predicted_peak_mib", "MiB", None, "memory", "tensor peak predicted on the meta device, no weights"),
+    _m("prediction_error_pct", "%", None, "memory", "(predicted_peak_mib - tensor_peak_mib) / tensor_peak_mib"),
     # size
     _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
     _m("params_trainable", "count", "lower", "size", "parameters that train"),

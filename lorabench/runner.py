@@ -23,6 +23,7 @@ from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
 from lorabench.data import TaskData, collator, tokenize
 from lorabench.environment import gpu_peak_flops, machine
+from lorabench.estimate.case import record_prediction
 from lorabench.footprint import (
     MIB,
     optimizer_state_bytes,
@@ -170,6 +171,7 @@ class CaseRun:
             train_s = time.perf_counter() - self.started
             self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
+            record_prediction(result, self.source, config, self.tensors, self.runner.record.shapes, self.device)
             _record_speed(result, self.runner, config, train_s, self.model, self.device)
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
                               device=self.device, eos_token_id=self.eos_token_id)

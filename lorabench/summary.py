@@ -226,16 +226,17 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
 
 def tensor_lines(results: list[CaseResult]) -> list[str]:
     """One line per case with a tensor peak: the peak and its non-zero parts, largest first."""
-    from lorabench.tensor_meter import COMPONENT_METRICS, PEAK_METRIC
-
+    peak = "tensor_peak_mib"
+    parts_of = [name for name in METRICS if name.startswith("tensor_") and name != peak]
     lines = []
     for r in results:
         m = r.metrics
-        if PEAK_METRIC not in m:
+        if peak not in m:
             continue
-        parts = sorted(((m.get(name, 0.0), category) for category, name in COMPONENT_METRICS.items()), reverse=True)
+        parts = sorted(((m[name], name.removeprefix("tensor_").removesuffix("_mib")) for name in parts_of if name in m),
+                       reverse=True)
         shown = " + ".join(f"{category} {fmt(mib)}" for mib, category in parts if mib >= 0.005)
-        lines.append(f"{r.config_id}: {fmt(m[PEAK_METRIC])} MiB = {shown}")
+        lines.append(f"{r.config_id}: {fmt(m[peak])} MiB = {shown}")
     return lines
 
 

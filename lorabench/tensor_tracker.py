@@ -39,7 +39,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 _FORWARD, _BACKWARD, _OPTIMIZER = "forward", "backward", "optimizer"
@@ -69,6 +70,7 @@ class TensorPeak:
         peak_phase: ``forward``, ``backward`` or ``optimizer``: where the peak happened.
         ops: operator calls seen.
         steps: tracked windows (training steps).
+        storage_bytes: the size of each storage alive at the peak (an allocator rounds each one).
     """
 
     peak_bytes: int
@@ -76,6 +78,7 @@ class TensorPeak:
     peak_phase: str = _FORWARD
     ops: int = 0
     steps: int = 0
+    storage_bytes: list[int] = field(default_factory=list)
 
 
 def model_state_tensors(model) -> tuple[list[Any], list[Any]]:
@@ -86,7 +89,6 @@ def model_state_tensors(model) -> tuple[list[Any], list[Any]]:
         ``QuantState`` tensors and LLM.int8 row scales count as parameters.
     """
     from lorabench.footprint import quant_state_tensors
-    import torch
 
     params: list[Any] = []
     buffers: list[Any] = []
@@ -109,8 +111,6 @@ def tensors_in(value: Any, _seen: set[int] | None = None) -> Iterable[Any]:
     Used on optimizers, whose state and extra attributes are plain containers (bitsandbytes
     keeps its quantization maps in attributes of the optimizer).
     """
-    import torch
-
     seen = _seen if _seen is not None else set()
     if id(value) in seen:
         return
@@ -128,8 +128,6 @@ def tensors_in(value: Any, _seen: set[int] | None = None) -> Iterable[Any]:
 
 
 def _storages(t) -> list[Any]:
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if is_traceable_wrapper_subclass(t):
         from torch.distributed._tools.common_utils import get_untyped_storages
 
@@ -157,8 +155,6 @@ class TensorTracker(TorchDispatchMode):
     """
 
     def __init__(self, model, optimizer=None, device: str | None = None) -> None:
-        import torch
-
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"TensorTracker needs a torch.nn.Module, got {type(model).__name__}")
@@ -262,17 +258,18 @@ class TensorTracker(TorchDispatchMode):
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import torch
-
         out = func(*args, **(kwargs or {}))
         self._op += 1
-        in_backward = torch._C._current_graph_task_id() != -1
+        in_backward = _graph_task_id() != -1
         if in_backward and not self._in_backward:
             self._backward_starts.append(self._op)
         self._in_backward = in_backward
         phase = _OPTIMIZER if self._optimizer_depth else _BACKWARD if in_backward else _FORWARD
-        for t in _flat_tensors(out):
-            self._register(t, phase, None)
+        if isinstance(out, torch.Tensor):
+            self._register(out, phase, None)
+        elif isinstance(out, (tuple, list)):
+            for t in _flat_tensors(out):
+                self._register(t, phase, None)
         if self._total > self._peak:
             self._peak, self._peak_op, self._peak_phase = self._total, self._op, phase
             self._dead_since_peak.clear()
@@ -290,7 +287,7 @@ class TensorTracker(TorchDispatchMode):
         alive = [r for r in self._live.values() if r.born <= self._peak_op] + self._dead_since_peak
         for rec in alive:
             components[self._category(rec)] += rec.nbytes
-        return TensorPeak(self._peak, components, self._peak_phase, self._op, self._steps)
+        return TensorPeak(self._peak, components, self._peak_phase, self._op, self._steps, [r.nbytes for r in alive])
 
     def _category(self, rec: _Storage) -> str:
         if rec.role is not None:
@@ -315,9 +312,10 @@ class TensorTracker(TorchDispatchMode):
         self._closed = True
 
 
-def _flat_tensors(out) -> list[Any]:
-    import torch
+_graph_task_id = torch._C._current_graph_task_id  # -1 outside a backward pass
 
+
+def _flat_tensors(out) -> list[Any]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)):
