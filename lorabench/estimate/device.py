@@ -18,9 +18,10 @@ they would fall to a path that no real run takes:
 - AdamW: torch runs the multi-tensor (``foreach``) implementation on CUDA and the
   per-parameter loop elsewhere; the optimizer is told which.
 
-One check reads values, which meta tensors do not have: transformers looks for several
-sequences packed into one row of position ids. Whole rows of a training batch hold none,
-so for meta position ids the answer is "none", as a real check would find.
+Two checks read values, which meta tensors do not have: transformers looks for several
+sequences packed into one row of position ids, and some models (GPT-2) look for pad tokens
+in a batch given without an attention mask, to warn. Whole rows of a training batch hold
+neither, so for meta tensors the first answers "none" and the second stays quiet.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def _no_packed_rows(original):
     return find_packed_sequence_indices
 
 
+def _quiet_for_meta(original):
+    def warn_if_padding_and_no_attention_mask(self, input_ids, attention_mask):
+        if input_ids is not None and input_ids.device.type == "meta":
+            return None
+        return original(self, input_ids, attention_mask)
+
+    return warn_if_padding_and_no_attention_mask
+
+
 @contextlib.contextmanager
 def emulate(target: str):
     """Within: meta tensors take ``target``'s attention kernel and LLM.int8 training path.
@@ -104,13 +114,15 @@ def emulate(target: str):
     """
     import bitsandbytes
     import torch.nn.functional as F
-    from transformers import masking_utils
+    from transformers import PreTrainedModel, masking_utils
 
     check_target(target)
     patches = ((F, "scaled_dot_product_attention", _fused_sdpa(target, F.scaled_dot_product_attention)),
                (bitsandbytes, "matmul", _int8_matmul(target, bitsandbytes.matmul)),
                (masking_utils, "find_packed_sequence_indices",
-                _no_packed_rows(masking_utils.find_packed_sequence_indices)))
+                _no_packed_rows(masking_utils.find_packed_sequence_indices)),
+               (PreTrainedModel, "warn_if_padding_and_no_attention_mask",
+                _quiet_for_meta(PreTrainedModel.warn_if_padding_and_no_attention_mask)))
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, replacement in patches:
         setattr(owner, name, replacement)
