@@ -3,6 +3,7 @@
     python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--skip-broken] [--csv F] [--json F] [--markdown F]
     python -m lorabench report [RUN] [--out reports/] [--skip-broken]
     python -m lorabench merge RUN RUN... [--out FILE]
+    python -m lorabench fit --model M --memory 24GiB [--batch-size B] [--seq-len T] [--set K=V] [--json F]
 
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
 prefix; by default the two latest runs (compare) or the latest (report). A stored run that
@@ -74,6 +75,22 @@ def _parser() -> argparse.ArgumentParser:
     mrg.add_argument("--out", type=Path, metavar="FILE",
                      help="where to write the joined run (default: the next NNNN_merged_<commit>.json in STORAGE/merged)")
     mrg.set_defaults(command=_merge)
+    fit = sub.add_parser("fit", help="predict each configuration's peak memory (no weights, no GPU) against budgets")
+    fit.add_argument("--model", action="append", required=True, metavar="SPEC",
+                     help="preset:NAME, a zoo name, a checkpoint directory or a cached hub id; repeatable")
+    fit.add_argument("--memory", action="append", required=True, metavar="SIZE", help="a budget, e.g. 24GiB; repeatable")
+    fit.add_argument("--batch-size", type=int, metavar="B", help="rows per micro-batch (default: the model's)")
+    fit.add_argument("--seq-len", type=int, metavar="T", help="tokens per row (default: the model's)")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a configuration field in every case, as in the bench")
+    fit.add_argument("--matrix", type=Path, metavar="FILE",
+                     help="configurations from a matrix file (default: the built-in ones, rank sweep left out)")
+    fit.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                     help="whose kernels and runtime terms (default cuda)")
+    fit.add_argument("--json", type=Path, metavar="FILE", help="write every case as JSON")
+    fit.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="where the chart goes (default reports)")
+    fit.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own configuration code")
+    fit.set_defaults(command=_fit)
     return parser
 
 
@@ -174,5 +191,31 @@ def _report(args) -> int:
     for line in skipped:
         print(f"skipped run {line}")
     for path in write_report(run, args.out):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _fit(args) -> int:
+    from lorabench.config import parse_override
+    from lorabench.errors import ConfigError
+    from lorabench.fit import Budget, plot, render, run_fit, write_json
+    from lorabench.matrix import build_matrix
+
+    for name in ("batch_size", "seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    budgets = [Budget.parse(text) for text in args.memory]
+    overrides = dict(parse_override(text) for text in args.overrides)
+    matrix = build_matrix(matrix_file=args.matrix, overrides=overrides)
+    configs = [c for c in matrix.configs if args.matrix or "sweep" not in c.tags]
+    cases = run_fit(args.model, budgets, batch_size=args.batch_size, seq_len=args.seq_len, configs=configs,
+                    target=args.device, trust_remote_code=args.trust_remote_code)
+    for line in render(cases, budgets):
+        print(line)
+    if args.json is not None:
+        write_json(cases, args.json)
+        print(f"wrote {args.json}")
+    for path in plot(cases, budgets, args.out):
         print(f"wrote {path}")
     return EXIT_OK

@@ -21,6 +21,8 @@ def _local(t):
 
 def _storage_key(t) -> tuple[str, int]:
     storage = t.untyped_storage()
+    if t.device.type == "meta":  # no data, so every meta storage has data_ptr 0: tell them apart by identity
+        return ("meta", id(storage))
     return (str(t.device), storage.data_ptr())
 
 

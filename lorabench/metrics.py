@@ -43,6 +43,19 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("grads_mib", "MiB", "lower", "memory", "gradient bytes after the last backward pass"),
     _m("optimizer_state_mib", "MiB", "lower", "memory", "optimizer state bytes after the last step"),
     _m("other_mib", "MiB", "lower", "memory", "peak minus weights, gradients and optimizer state: activations, buffers, workspace"),
+    # memory: live tensor bytes over the warm-up steps (lorabench.tensor_tracker), any device
+    _m("tensor_peak_mib", "MiB", "lower", "memory", "peak of live tensor bytes in the training steps; the sum of the tensor_* parts"),
+    _m("tensor_params_mib", "MiB", "lower", "memory", "at the tensor peak: parameters, quantized storage, quantization state"),
+    _m("tensor_buffers_mib", "MiB", "lower", "memory", "at the tensor peak: the model's registered buffers"),
+    _m("tensor_grads_mib", "MiB", "lower", "memory", "at the tensor peak: gradients of trainable parameters"),
+    _m("tensor_optimizer_mib", "MiB", "lower", "memory", "at the tensor peak: optimizer state and tensors held by the optimizer"),
+    _m("tensor_activations_mib", "MiB", "lower", "memory",
+       "at the tensor peak: tensors of the forward pass alive when backward starts (saved for backward)"),
+    _m("tensor_temporaries_mib", "MiB", "lower", "memory",
+       "at the tensor peak: other tensors of the step (intermediates, activation gradients, recomputation)"),
+    # memory: the memory model's prediction for the case (lorabench.estimate), from the config alone
+    _m("predicted_peak_mib", "MiB", None, "memory", "tensor peak predicted on the meta device, no weights"),
+    _m("prediction_error_pct", "%", None, "memory", "(predicted_peak_mib - tensor_peak_mib) / tensor_peak_mib"),
     # size
     _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
     _m("params_trainable", "count", "lower", "size", "parameters that train"),

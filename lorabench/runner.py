@@ -24,6 +24,7 @@ from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
 from lorabench.data import TaskData, collator, tokenize
 from lorabench.environment import machine
+from lorabench.estimate.case import record_prediction
 from lorabench.footprint import (
     MIB,
     optimizer_state_bytes,
@@ -37,6 +38,7 @@ from lorabench.meters import CudaMeter, RssMeter, cuda_only_absent
 from lorabench.models import ModelSource, apply_adapter, load_model
 from lorabench.quality import eval_loss
 from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
+from lorabench.tensor_meter import TensorMeter
 from lorabench.training import DivergenceError, DivergenceRule, StepRunner, make_trainer, simple_timer
 
 log = logging.getLogger("lorabench.progress")
@@ -149,6 +151,7 @@ class CaseRun:
             self.result.environment["memory_budget_mib"] = self.budget.limit_mib
         self._meters_running = False
         self.model = self.trainer = self.runner = self.tokens = self.collate = None
+        self.tensors: TensorMeter | None = None
         self.eos_token_id = None
         self.base_eval = base_eval
         self.started = 0.0
@@ -192,11 +195,12 @@ class CaseRun:
                 self.trainer.model_wrapped = self.parallel.wrap(self.model)
             self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
                                      divergence=DivergenceRule.of(config))
+            self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps)
             self.started = time.perf_counter()
 
     def step(self) -> float:
         with self._guard():
-            return self.runner.step()
+            return self.tensors.run(self.runner.step)
 
     def control(self) -> None:
         """Time the control workload just before the next step (:mod:`lorabench.control`)."""
@@ -206,10 +210,12 @@ class CaseRun:
     def finish(self) -> CaseResult:
         with self._guard():
             config, result = self.config, self.result
-            self.runner.run_until(config.steps)  # where the timer ran fewer (pytest-benchmark disabled)
+            while self.runner.steps_done < config.steps:  # where the timer ran fewer (pytest-benchmark disabled)
+                self.tensors.run(self.runner.step)
             train_s = time.perf_counter() - self.started
             self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
+            record_prediction(result, self.source, config, self.tensors, self.runner.record.shapes, self.device)
             record_speed(result, self.runner, config, train_s, self.model, self.device)
             self._phase("eval_after", "evaluating the trained model")
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
@@ -232,6 +238,8 @@ class CaseRun:
 
     def close(self) -> None:
         """Drop the model and everything that holds device memory."""
+        if self.tensors is not None:
+            self.tensors.close()
         self.model = self.trainer = self.runner = None
         gc.collect()
         if self.on_cuda:
@@ -279,7 +287,8 @@ class CaseRun:
         self._meters_running = False
         if self.budget:
             self.budget.stop()
-        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else [])
+        tensors = [self.tensors.reading()] if self.tensors is not None else []
+        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else []) + tensors
 
     def _judge_budget(self) -> None:
         """A case whose measured peak passed the budget between two watchdog samples does not fit either."""

@@ -26,7 +26,8 @@ ALPHA = 0.05  # for telling two cases' per-step times apart within one run
 STEP_METRICS = ("step_ms", "step_control_ratio", "samples_per_s", "tokens_per_s", "train_s")
 
 # (metric, column title, noun for findings)
-_CPU_PEAK = ("peak_rss_delta_mib", "peak RSS+ MiB", "peak memory (process RSS added)")
+_TENSOR_PEAK = ("tensor_peak_mib", "tensor peak MiB", "peak memory (live tensor bytes)")
+_PROCESS_PEAK = ("peak_rss_delta_mib", "process RSS+ MiB", "process memory (peak RSS added)")
 _CUDA_PEAK = ("peak_alloc_mib", "peak alloc MiB", "peak GPU memory (allocator)")
 COLUMNS = (
     ("weights_mib", "weights MiB", "weight memory"),
@@ -163,8 +164,11 @@ def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
 def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, str, str], ...]:
     if case_kind in KIND_COLUMNS:
         return KIND_COLUMNS[case_kind]
-    peak = (_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK,)
-    return peak + (INFERENCE_COLUMNS if case_kind == "inference" else COLUMNS)
+    if case_kind == "inference":
+        return (_CUDA_PEAK if device.startswith("cuda") else _PROCESS_PEAK,) + INFERENCE_COLUMNS
+    # fine-tuning: exact tensor bytes lead on the CPU; on CUDA the allocator's peak, tensor bytes beside it
+    peaks = (_CUDA_PEAK, _TENSOR_PEAK) if device.startswith("cuda") else (_TENSOR_PEAK, _PROCESS_PEAK)
+    return peaks + COLUMNS
 
 
 def cell(result: CaseResult, metric: str) -> str:
@@ -219,8 +223,9 @@ def findings(results: list[CaseResult]) -> list[str]:
     if base is None:
         return []
     out = []
-    peak_metric, _, peak_noun = columns_for(base.device)[0]
-    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"),
+    peaks = [(metric, noun) for metric, _, noun in columns_for(base.device, kind(base))
+             if METRICS[metric].group == "memory" and metric != "weights_mib"]
+    compared = (*peaks, ("weights_mib", "weight memory"), ("step_ms", "step time"),
                 ("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))
     for r in results:
         if r is base or r.status != STATUS_OK:
@@ -313,6 +318,22 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+def tensor_lines(results: list[CaseResult]) -> list[str]:
+    """One line per case with a tensor peak: the peak and its non-zero parts, largest first."""
+    peak = "tensor_peak_mib"
+    parts_of = [name for name in METRICS if name.startswith("tensor_") and name != peak]
+    lines = []
+    for r in results:
+        m = r.metrics
+        if peak not in m:
+            continue
+        parts = sorted(((m[name], name.removeprefix("tensor_").removesuffix("_mib")) for name in parts_of if name in m),
+                       reverse=True)
+        shown = " + ".join(f"{category} {fmt(mib)}" for mib, category in parts if mib >= 0.005)
+        lines.append(f"{r.config_id}: {fmt(m[peak])} MiB = {shown}")
+    return lines
+
+
 def rank_lines(results: list[CaseResult]) -> list[str]:
     """One line per multi-process case: each rank's peak and weights, throughput in total and per device,
     and the scaling efficiency against the single-device case (lorabench/distributed.py)."""
@@ -371,6 +392,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if found:
             lines.append("findings:")
             lines += [f"  - {f}" for f in found]
+        tensors = tensor_lines(group)
+        if tensors:
+            lines.append("memory at the tensor peak, MiB (live tensor bytes; lorabench/tensor_tracker.py):")
+            lines += [f"  - {t}" for t in tensors]
         adapters = adapter_lines(group)
         if adapters:
             lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")

@@ -47,14 +47,19 @@ def test_verdict_follows_the_metric_direction():
 
 
 def test_summary_has_a_baseline_column_and_computed_findings():
-    rows = [result("full", peak_rss_delta_mib=100.0, weights_mib=10.0, step_ms=50.0, eval_loss=1.0),
-            result("qlora_nf4", peak_rss_delta_mib=40.0, weights_mib=3.0, step_ms=60.0, eval_loss=0.9)]
-    text = "\n".join(render_summary(rows, {"pass": 3}))
+    rows = [result("full", tensor_peak_mib=100.0, peak_rss_delta_mib=150.0, weights_mib=10.0, step_ms=50.0,
+                   eval_loss=1.0),
+            result("qlora_nf4", tensor_peak_mib=40.0, peak_rss_delta_mib=120.0, weights_mib=3.0, step_ms=60.0,
+                   eval_loss=0.9)]
+    lines = render_summary(rows, {"pass": 3})
+    text = "\n".join(lines)
     assert "baseline full" in text
-    assert "40.00 (-60.0%)" in text
+    assert lines[1].split()[2:5] == ["tensor", "peak", "MiB"]  # exact tensor bytes lead on the CPU
+    assert "40.00 (-60.0%)" in text and "process RSS+ MiB" in text
     assert "gates: 3 pass" in text
     found = findings(rows)
-    assert found[0].startswith("qlora_nf4 vs full: 60.0% less peak memory")
+    assert found[0].startswith("qlora_nf4 vs full: 60.0% less peak memory (live tensor bytes)")
+    assert "20.0% less process memory (peak RSS added)" in found[0]
     assert "20.0% more step time" in found[0]
     # one seed each: the eval losses are listed, and neither is called the lowest
     assert found[-1].startswith("eval loss from one seed each, so no case is shown to have the lowest")
@@ -118,3 +123,10 @@ def test_accuracy_shows_its_interval_and_quantization_error_gets_its_own_table()
     assert "full has the highest accuracy (88.7%" in findings([ok, lower, close])[-1]
     assert findings([ok, lower, close])[-1].endswith("not distinguishable (95% intervals overlap) from qlora_nf4")
     assert "NF4 err" in text and "24.6% less reconstruction error" in text
+
+
+def test_the_tensor_peak_is_shown_with_its_parts_largest_first():
+    row = result("full", tensor_peak_mib=30.0, tensor_params_mib=6.0, tensor_buffers_mib=0.0, tensor_grads_mib=0.0,
+                 tensor_optimizer_mib=12.0, tensor_activations_mib=10.0, tensor_temporaries_mib=2.0)
+    text = "\n".join(render_summary([row]))
+    assert "full: 30.00 MiB = optimizer 12.00 + activations 10.00 + params 6.00 + temporaries 2.00" in text
