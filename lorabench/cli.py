@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a configuration field in every case, as in the bench")
     fit.add_argument("--matrix", type=Path, metavar="FILE",
-                     help="configurations from a matrix file (default: the built-in ones, rank sweep left out)")
+                     help="configurations from a matrix file (default: the built-in ones, rank sweep and "
+                          "multi-process cases left out)")
     fit.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                      help="whose kernels and runtime terms (default cuda)")
     fit.add_argument("--json", type=Path, metavar="FILE", help="write every case as JSON")
@@ -208,7 +209,8 @@ def _fit(args) -> int:
     budgets = [Budget.parse(text) for text in args.memory]
     overrides = dict(parse_override(text) for text in args.overrides)
     matrix = build_matrix(matrix_file=args.matrix, overrides=overrides)
-    configs = [c for c in matrix.configs if args.matrix or "sweep" not in c.tags]
+    # the memory model predicts one device: the multi-process (DDP, FSDP) configurations are left out
+    configs = [c for c in matrix.configs if (args.matrix or "sweep" not in c.tags) and c.world_size == 1]
     cases = run_fit(args.model, budgets, batch_size=args.batch_size, seq_len=args.seq_len, configs=configs,
                     target=args.device, trust_remote_code=args.trust_remote_code)
     for line in render(cases, budgets):

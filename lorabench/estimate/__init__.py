@@ -114,12 +114,14 @@ def predict(hf_config, config: BenchConfig, *, batch_size: int, seq_len: int, ta
     from lorabench.config import TrainDefaults, resolve
     from lorabench.estimate.device import check_target
     from lorabench.estimate.step import track_training
+    from lorabench.precision import predicted_dtype
 
     check_target(target)
     # steps and learning rate change no tensor; the Trainer wants them set
     open_fields = TrainDefaults(steps=config.warmup_steps + 1, batch_size=batch_size, seq_len=seq_len,
                                 lr_full=1e-5, lr_lora=1e-4)
-    config = resolve(config.replace(batch_size=batch_size, seq_len=seq_len), open_fields)
+    config = resolve(config.replace(batch_size=batch_size, seq_len=seq_len,
+                                    dtype=predicted_dtype(config.dtype, target)), open_fields)
 
     attention = []
 

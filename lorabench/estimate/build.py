@@ -16,7 +16,8 @@ import contextlib
 from typing import Any
 
 from lorabench.config import BenchConfig
-from lorabench.models import TORCH_DTYPES, apply_adapter, bnb_config
+from lorabench.models import apply_adapter, bnb_config
+from lorabench.precision import torch_dtype
 
 
 def meta_model(hf_config, config: BenchConfig):
@@ -32,7 +33,7 @@ def meta_model(hf_config, config: BenchConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, TORCH_DTYPES[config.dtype])
+    dtype = torch_dtype(config.dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     quantization = bnb_config(config)
