@@ -118,3 +118,9 @@ def test_accuracy_shows_its_interval_and_quantization_error_gets_its_own_table()
     assert "full has the highest accuracy (88.7%" in findings([ok, lower, close])[-1]
     assert findings([ok, lower, close])[-1].endswith("not distinguishable (95% intervals overlap) from qlora_nf4")
     assert "NF4 err" in text and "24.6% less reconstruction error" in text
+
+
+def test_no_case_is_best_when_all_score_the_same():
+    cases = [result(c, accuracy_pct=0.0, accuracy_ci_low_pct=0.0, accuracy_ci_high_pct=8.8, accuracy_n=40)
+             for c in ("full", "lora")]
+    assert findings(cases)[-1] == "the same accuracy in every case (0.0%)"
