@@ -31,8 +31,8 @@ def _pyplot():
 
 
 def _label(metric: str) -> str:
-    m = METRICS[metric]
-    return f"{metric} ({m.unit}): {m.help}" if len(m.help) < 48 else f"{metric} ({m.unit})"
+    """The metric's name (the counter it comes from, lorabench/metrics.py) and its unit."""
+    return f"{metric} ({METRICS[metric].unit})"
 
 
 def _save(fig, base: Path) -> list[Path]:
@@ -61,7 +61,8 @@ def _figure(n: int, title: str):
     plt = _pyplot()
     cols = min(math.ceil(math.sqrt(max(n, 1))), 3)
     rows = -(-max(n, 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows + 0.4), squeeze=False,
+                             layout="constrained")
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -90,6 +91,7 @@ def _panel_axes(ax, model: str, dataset: str, x: str, y: str) -> None:
 
     ax.set_title(plot_label(f"{short_name(model)} on {short_name(dataset)}"), fontsize=10)
     ax.set(xlabel=_label(x), ylabel=_label(y))
+    ax.margins(x=0.18, y=0.12)  # room for the case names written beside the points
     ax.grid(alpha=0.3)
 
 

@@ -125,7 +125,9 @@ def build_groups(results: list[CaseResult]) -> list[Group]:
                         rows.append([r.config_id, metric, fmt(a), fmt(b), format_delta(b, a),
                                      describe(metric, noun, b, a, difference_evidence(metric, r, base))])
         problems = [f"{r.config_id}: {r.status}: {r.error or ''}".rstrip(": ") for r in members if r.status != STATUS_OK]
-        groups.append(Group(f"{model} on {dataset} ({device})", base.config_id if base else None,
+        dtypes = sorted({str(r.config["dtype"]) for r in members if r.config.get("dtype")})
+        trained = f", trained in {'/'.join(dtypes)}" if dtypes else ""
+        groups.append(Group(f"{model} on {dataset} ({device}{trained})", base.config_id if base else None,
                             max(n_seeds(r) for r in members), table_cells(members), rows, findings(members),
                             seed_table(members), problems, not_measured(members)))
     return groups

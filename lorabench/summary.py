@@ -284,6 +284,8 @@ def ranking(results: list[CaseResult], metric: str, noun: str, most: str) -> str
         return None
     best_first = sorted(scored, key=lambda r: r.metrics[metric], reverse=METRICS[metric].better == "higher")
     best, rest = best_first[0], best_first[1:]
+    if best.metrics[metric] == best_first[-1].metrics[metric]:
+        return f"the same {noun} in every case ({_value(best, metric).split(',')[0]})"
     intervals = [_interval(r, metric) for r in best_first]
     if any(i is None for i in intervals):
         values = ", ".join(f"{r.config_id} {fmt(r.metrics[metric])}" for r in best_first)

@@ -130,3 +130,9 @@ def test_the_tensor_peak_is_shown_with_its_parts_largest_first():
                  tensor_optimizer_mib=12.0, tensor_activations_mib=10.0, tensor_temporaries_mib=2.0)
     text = "\n".join(render_summary([row]))
     assert "full: 30.00 MiB = optimizer 12.00 + activations 10.00 + params 6.00 + temporaries 2.00" in text
+
+
+def test_no_case_is_best_when_all_score_the_same():
+    cases = [result(c, accuracy_pct=0.0, accuracy_ci_low_pct=0.0, accuracy_ci_high_pct=8.8, accuracy_n=40)
+             for c in ("full", "lora")]
+    assert findings(cases)[-1] == "the same accuracy in every case (0.0%)"
