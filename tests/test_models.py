@@ -66,8 +66,8 @@ def test_hub_ids_split_into_repository_and_revision(spec, repo, revision):
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("./no-such-dir", "no such checkpoint directory"),
-    ("a/b/c", "no such checkpoint directory"),
+    ("./no-such-dir", "no-such-dir: not found"),
+    ("a/b/c", "a/b/c: not found"),
     ("org/bad--name", "ORG/NAME or ORG/NAME@REVISION"),
     ("org/name@", "empty revision"),
 ])
