@@ -25,6 +25,9 @@ QUANTS = ("none", "nf4", "fp4", "int8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 TARGET_MODULE_PRESETS = ("all-linear", "attention")
+# How a case spreads over processes (lorabench/distributed.py): one process, or world_size ranks
+# under torchrun with DistributedDataParallel or FSDP2 (fully_shard).
+STRATEGIES = ("none", "ddp", "fsdp")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Seeds reach numpy (``np.random.seed``), which takes 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -69,6 +72,9 @@ class BenchConfig:
         divergence_window: ... or when the loss stays at or above the first step's for this many
             consecutive steps (0 turns this check off).
         tags: extra pytest markers (``sweep``, ``slow``, ``gpu``).
+        world_size: processes (ranks) the case trains on, launched by ``torchrun``; 1 for one process.
+        strategy: ``none`` (one process), ``ddp`` (DistributedDataParallel: every rank holds the
+            whole model) or ``fsdp`` (FSDP2 ``fully_shard``: every rank holds 1/world_size of it).
 
     Raises:
         ConfigError: a field is out of range or two fields contradict each other.
@@ -95,6 +101,8 @@ class BenchConfig:
     divergence_factor: float = DIVERGENCE_FACTOR
     divergence_window: int = DIVERGENCE_WINDOW
     tags: tuple[str, ...] = field(default_factory=tuple)
+    world_size: int = 1
+    strategy: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -122,6 +130,8 @@ class BenchConfig:
             marks.append("optim8bit")
         if self.gradient_checkpointing:
             marks.append("checkpointing")
+        if self.strategy != "none":
+            marks += ["distributed", self.strategy]
         marks += [t for t in self.tags if t not in marks]
         return tuple(marks)
 
@@ -219,7 +229,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 # ----- validation ----------------------------------------------------------
 _INT_FIELDS = ("rank", "alpha", "grad_accum", "warmup_steps", "seed", "batch_size", "seq_len", "steps",
-               "divergence_window")
+               "divergence_window", "world_size")
 _FLOAT_FIELDS = ("dropout", "lr", "divergence_factor")
 _BOOL_FIELDS = ("double_quant", "gradient_checkpointing")
 
@@ -249,7 +259,8 @@ def _validate(c: BenchConfig) -> None:
     if isinstance(c.quant, (list, tuple)):
         fail(f"quant={list(c.quant)!r}: a base loads either in 4-bit (nf4, fp4) or in 8-bit (int8), not both; "
              "give one value")
-    for name, allowed in (("method", METHODS), ("quant", QUANTS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS)):
+    for name, allowed in (("method", METHODS), ("quant", QUANTS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS),
+                          ("strategy", STRATEGIES)):
         value = getattr(c, name)
         if value not in allowed:
             fail(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -304,6 +315,15 @@ def _validate(c: BenchConfig) -> None:
             )
     elif not c.target_modules or not all(isinstance(m, str) and m for m in c.target_modules):
         fail("target_modules must be a preset or a non-empty list of module names")
+    if c.world_size < 1:
+        fail(f"world_size={c.world_size} must be at least 1")
+    if c.world_size > 1 and c.strategy == "none":
+        fail(f"world_size={c.world_size} needs a strategy: ddp or fsdp")
+    if c.strategy != "none" and c.world_size < 2:
+        fail(f"strategy={c.strategy!r} needs world_size of at least 2 (one process is strategy 'none')")
+    if c.strategy == "fsdp" and c.quantized:
+        fail(f"strategy='fsdp' with quant={c.quant!r}: sharding a bitsandbytes-quantized base is not supported "
+             "yet; use strategy='ddp' or quant='none'")
     unknown_tags = [t for t in c.tags if t not in EXTRA_TAGS]
     if unknown_tags:
         fail(f"tags {unknown_tags} are not allowed; choose from {', '.join(EXTRA_TAGS)}")

@@ -65,7 +65,8 @@ def matmul_params(model) -> tuple[int, int]:
     """
     frozen = trainable = 0
     for module in model.modules():
-        if type(module).__name__ not in LINEAR_TYPES:
+        # peft's LoRA wrappers share their class names with the layer they wrap (``base_layer``): count that once
+        if type(module).__name__ not in LINEAR_TYPES or hasattr(module, "base_layer"):
             continue
         weight = module.weight
         shape = getattr(getattr(weight, "quant_state", None), "shape", None)

@@ -13,8 +13,16 @@ from typing import Any
 MIB = 1024 * 1024
 
 
+def _local(t):
+    """This process's part of a tensor: an FSDP2 parameter (a DTensor) holds only its local shard."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _storage_key(t) -> tuple[str, int]:
     storage = t.untyped_storage()
+    if t.device.type == "meta":  # no data, so every meta storage has data_ptr 0: tell them apart by identity
+        return ("meta", id(storage))
     return (str(t.device), storage.data_ptr())
 
 
@@ -24,6 +32,7 @@ def unique_bytes(tensors: Iterable[Any]) -> int:
     for t in tensors:
         if t is None:
             continue
+        t = _local(t)
         key = _storage_key(t)
         if key not in seen:
             seen[key] = t.untyped_storage().nbytes()

@@ -33,6 +33,10 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
         BenchConfig(f"qlora_nf4_r{r}", method="lora", quant="nf4", double_quant=True, rank=r, alpha=SWEEP_ALPHA, tags=("sweep",))
         for r in SWEEP_RANKS
     ),
+    # LoRA on two processes (lorabench/distributed.py), scaled against `lora`: DDP keeps a whole replica
+    # per rank, FSDP2 a half of every weight. gloo on the CPU, NCCL on CUDA (one GPU per rank).
+    BenchConfig("lora_ddp2", method="lora", world_size=2, strategy="ddp"),
+    BenchConfig("lora_fsdp2", method="lora", world_size=2, strategy="fsdp"),
 )
 
 DEFAULT_MODEL = "tiny-llama"
@@ -58,6 +62,10 @@ class Case:
         parts.append(self.config.id)
         return "-".join(parts)
 
+    def keywords(self) -> set[str]:
+        """The ``-k`` words that select this case by field (see :func:`selection_keywords`)."""
+        return selection_keywords(self.config.id, model=self.model, dataset=self.dataset)
+
 
 @dataclass(frozen=True)
 class Matrix:
@@ -72,6 +80,44 @@ class Matrix:
     def ids(self) -> list[str]:
         multi_model, multi_data = len(self.models) > 1, len(self.datasets) > 1
         return [c.case_id(with_model=multi_model, with_dataset=multi_data) for c in self.cases()]
+
+
+# Fields that say how a case spreads over processes, not what it trains.
+_SPREAD_FIELDS = ("id", "world_size", "strategy", "tags")
+
+
+def single_device_id(config: BenchConfig, configs) -> str | None:
+    """The configuration a multi-process case scales against: the one-process configuration of
+    ``configs`` that trains the same thing (every field equal but id, world_size, strategy, tags).
+
+    Returns:
+        Its id, or ``None`` for a one-process configuration or where ``configs`` has no such one.
+    """
+    if config.world_size == 1:
+        return None
+    mine = {k: v for k, v in config.to_dict().items() if k not in _SPREAD_FIELDS}
+    for other in configs:
+        if other.world_size == 1 and {k: v for k, v in other.to_dict().items() if k not in _SPREAD_FIELDS} == mine:
+            return other.id
+    return None
+
+
+def selection_keywords(config_id: str, *, model: str | None = None, dataset: str | None = None) -> set[str]:
+    """Words that ``pytest -k`` matches on a case, one per field, bracketed so no name is part of another.
+
+    ``-k`` matches any substring of a case's names, so ``-k qlora_nf4`` also picks up ``qlora_nf4_r8``
+    and ``minilm_qlora_nf4``. ``config[qlora_nf4]`` cannot: the brackets close the name on both sides.
+    Models and data sets get ``model[NAME]`` and ``dataset[NAME]`` with NAME as in the case id
+    (:func:`short_name`) and also as given (``model[Qwen/Qwen3-0.6B]``).
+
+    Returns:
+        e.g. ``{"config[qlora_nf4]", "model[tiny-llama]", "dataset[digit-reverse]"}``.
+    """
+    words = {f"config[{config_id}]"}
+    for field, spec in (("model", model), ("dataset", dataset)):
+        if spec:
+            words |= {f"{field}[{short_name(spec)}]", f"{field}[{spec}]"}
+    return words
 
 
 def short_name(spec: str) -> str:

@@ -25,6 +25,7 @@ from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
 from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
 from lorabench.paths import expand, not_empty
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.seeds import SeedPlan, parse_seeds
 from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -56,6 +57,8 @@ class BenchSession:
     reports_dir: Path
     memory_budget: int | None = None
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
+    seeds: SeedPlan = field(default_factory=SeedPlan)  # --seeds: how many times each fine-tuning case runs
+    quiet: bool = False  # below -v: library chatter hidden here and in the case processes (lorabench.quiet)
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
     # worth knowing, not wrong (rows left out); shown at start-up and in the summary
@@ -64,6 +67,8 @@ class BenchSession:
     save_failures: list = field(default_factory=list)
     # 1-minute load average when the session began: other work on the machine slows every timing
     load_at_start: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    # the base model's evaluations before training, by lorabench.runner.base_evaluation_key
+    base_evaluations: dict[tuple, Any] = field(default_factory=dict)
     _device: Any = None
     _models: dict[str, Any] = field(default_factory=dict)
     _tasks: dict[str, Any] = field(default_factory=dict)
@@ -171,8 +176,6 @@ class BenchSession:
 
     def plan_line(self, cases: list, case_ids: list[str], storage: Path | None) -> str:
         """The first line of a run (lorabench.progress): cases, device, dtypes and the expected time."""
-        import statistics
-
         from lorabench.config import resolve
         from lorabench.control import ControlWorkload
         from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
@@ -184,7 +187,8 @@ class BenchSession:
         estimate = estimate_from_history(storage, case_ids)
         if estimate is None and all(c.model in ZOO for c in cases):
             control = ControlWorkload(self.device)
-            control_s = statistics.median(control.run() for _ in range(5))
+            control.run()  # the first pass pays for thread-pool and kernel start-up
+            control_s = min(control.run() for _ in range(5))
             estimate = (estimate_from_control([r.steps for r in resolved], control_s),
                         "a rough model of the tiny models, scaled by a control workload timed now")
         return plan_line(case_ids=case_ids, models=sorted({c.model for c in cases}),
@@ -239,11 +243,13 @@ def open_session(
     trust_remote_code: bool = False,
     memory_budget: str | None = None,
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
+    seeds: str | None = None,
+    quiet: bool = False,
 ) -> BenchSession:
     """Parse the run's options into a session (the command line's ``--matrix``, ``--set``, ...).
 
     Raises:
-        ConfigError: a malformed matrix file, override, budget or timeout, or an empty value, named.
+        ConfigError: a malformed matrix file, override, budget, timeout or seed list, or an empty value, named.
     """
     for option, values in (("--model", models or []), ("--dataset", datasets or []), ("--set", overrides or [])):
         for value in values:
@@ -271,4 +277,6 @@ def open_session(
         reports_dir=root / "reports",
         memory_budget=parse_size(not_empty(memory_budget, "--memory-budget")) if memory_budget is not None else None,
         case_timeout_s=case_timeout_s,
+        seeds=parse_seeds(seeds),
+        quiet=quiet,
     )

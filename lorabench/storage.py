@@ -83,6 +83,19 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def write_run(output_file: Path, output_json) -> None:
+    """Write a run as pytest-benchmark does (its JSON), atomically (:func:`write_atomic`).
+
+    Raises:
+        FileExistsError: a stored run already has this name (it is never overwritten).
+        OSError: the write failed; nothing is left behind.
+    """
+    if output_file.exists():
+        raise FileExistsError(f"{output_file}: a stored run already has this name; not overwriting it")
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(output_file, safe_dumps(output_json, ensure_ascii=True, indent=4).encode())
+
+
 def fallback_dirs() -> list[Path]:
     """Where a run goes when its storage cannot be written, in order of preference."""
     return [Path(tempfile.gettempdir()) / FALLBACK_DIR_NAME, Path.home() / ".cache" / "lorabench" / "unsaved",

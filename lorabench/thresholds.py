@@ -133,16 +133,22 @@ class GateOutcome:
     message: str
     value: float | None = None
     bound: float | None = None
+    reference: float | None = None  # the other configuration's value a relative bound is computed from
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "rule": self.gate.text,
             "config": self.gate.config,
+            "metric": self.gate.metric,
+            "op": self.gate.op,
+            "ref_config": self.gate.ref_config,
+            "ref_metric": self.gate.ref_metric,
             "where": self.gate.where,
             "profile": self.gate.profile,
             "status": self.status,
             "value": self.value,
             "bound": self.bound,
+            "reference": self.reference,
             "message": self.message,
         }
 
@@ -356,9 +362,9 @@ def evaluate(gate: Gate, config_id: str, metrics: dict[str, float], absent: dict
         bound = gate.factor * ref_value
         bound_text = f"{_fmt(bound)} (= {_fmt(gate.factor)} x {gate.ref_config}.{gate.ref_metric} {_fmt(ref_value)})"
     else:
-        bound = gate.number
+        bound, ref_value = gate.number, None
         bound_text = _fmt(bound)
     ok = OPS[gate.op](value, bound)
     verdict = "meets" if ok else "violates"
     message = f"{head} = {_fmt(value)} {verdict} '{gate.text}': bound {gate.op} {bound_text} [{gate.where}, profile {gate.profile}]"
-    return GateOutcome(gate, PASS if ok else FAIL, message, value, bound)
+    return GateOutcome(gate, PASS if ok else FAIL, message, value, bound, ref_value)

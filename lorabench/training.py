@@ -70,6 +70,7 @@ class StepRecord:
     losses: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
+    shapes: list[tuple[int, int]] = field(default_factory=list)  # padded (batch, length) of each step's largest micro-batch
 
 
 def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, device, report_to: str = "none",
@@ -135,7 +136,7 @@ class StepRunner:
         from lorabench.control import ControlWorkload
 
         self.trainer = trainer
-        self.model = trainer.model
+        self.model = trainer.model_wrapped  # the model itself, or its DistributedDataParallel wrapper
         self.device = trainer.args.device
         self.grad_accum = trainer.args.gradient_accumulation_steps
         self.record = StepRecord()
@@ -175,7 +176,9 @@ class StepRunner:
         loss = torch.zeros((), device=self.device)
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
         samples = 0
+        shape = (0, 0)
         for inputs in batches:
+            shape = max(shape, tuple(inputs["input_ids"].shape), key=lambda s: s[0] * s[1])
             tokens += inputs["attention_mask"].sum()
             samples += int(inputs["input_ids"].shape[0])
             loss += trainer.training_step(model, inputs, num_items)
@@ -198,6 +201,7 @@ class StepRunner:
         rec.losses.append(value)
         rec.tokens.append(tokens)
         rec.samples.append(samples)
+        rec.shapes.append(shape)
         trainer.state.global_step = step_number
         trainer.log({"loss": value, "learning_rate": trainer.lr_scheduler.get_last_lr()[0]})
         if not math.isfinite(value):

@@ -147,11 +147,12 @@ def checkpoint_dir(name: str) -> Path:
 
 
 def model_config(spec: ZooModel, tokenizer=None):
-    """The transformers config of a zoo model, without building it (cheap: no weights)."""
+    """The transformers config of a zoo model (what its checkpoint's config.json holds), without building it."""
     import transformers
 
     tokenizer = tokenizer or build_tokenizer()
-    return getattr(transformers, spec.config_class)(
+    config_cls = getattr(transformers, spec.config_class)
+    return config_cls(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
