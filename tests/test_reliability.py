@@ -155,7 +155,7 @@ INTERRUPT_COMMON = ("--benchmark-autosave", "--isolate", "none")
 def earlier_history(no_gates, tmp_path_factory) -> Path:
     """A storage holding one finished autosaved run: the history an interrupted run must not damage."""
     storage = tmp_path_factory.mktemp("history")
-    first = bench("-k", "lora", "--steps", "5", f"--thresholds={no_gates}", *INTERRUPT_COMMON,
+    first = bench("-k", "config[lora]", "--steps", "5", f"--thresholds={no_gates}", *INTERRUPT_COMMON,
                   f"--benchmark-storage={storage}")
     assert first.returncode == 0, first.stdout[-3000:]
     return storage
@@ -171,7 +171,7 @@ def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_
     # A run interrupted while its first case trains: the session saves only after its last case.
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "lora or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
+         "--rootdir", str(ROOT), "-k", "config[lora] or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
          *INTERRUPT_COMMON, f"--benchmark-storage={storage}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -381,7 +381,7 @@ def test_a_cases_peak_memory_does_not_depend_on_the_cases_before_it(no_gates, tm
         assert proc.returncode == 0, proc.stdout[-3000:]
         return results(out)["lora"]["metrics"]["peak_rss_delta_mib"]
 
-    alone = peak("-k", "lora")
+    alone = peak("-k", "config[lora]")
     matrix = tmp_path / "others-first.yaml"
     # the largest case first (full fine-tuning), then a quantized one
     matrix.write_text("configs:\n  - {id: full, method: full}\n  - {id: lora_int8, quant: int8}\n"
