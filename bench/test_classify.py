@@ -8,7 +8,7 @@ Marked ``slow``: together they take about a minute or more on a 2-core CPU.
 
 import pytest
 
-from fixtures.case import assert_gates_pass, record_result
+from fixtures.case import assert_case_passed, record_result
 from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, QUANT_ERROR_CASE_ID, encoder_linear_weights, run_case
 from lorabench.quant_error import layer_errors, quant_error_result
 
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 
 def _finish(result, benchmark, bench_session, *, wildcard=True):
     record_result(result, benchmark, bench_session, wildcard=wildcard)
-    assert_gates_pass(result)
+    assert_case_passed(result)
 
 
 # Not marked lora/qlora: `pytest bench/ -m qlora` stays the quick run of the tiny matrix.
@@ -25,8 +25,8 @@ def _finish(result, benchmark, bench_session, *, wildcard=True):
 def test_minilm_finetune(config, benchmark, bench_session):
     benchmark.group = f"finetune {MODEL_NAME} {DATASET_NAME}"
     result = run_case(config, _cpu(),
-                      lambda step, rounds, warmup: benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup,
-                                                                      iterations=1))
+                      lambda step, rounds, warmup, control: benchmark.pedantic(
+                          step, setup=control, rounds=rounds, warmup_rounds=warmup, iterations=1))
     _finish(result, benchmark, bench_session)
 
 

@@ -9,9 +9,8 @@ variant ids (infer_*).
 
 import pytest
 
-from fixtures.case import assert_gates_pass
-from fixtures.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
-from lorabench.inference import VARIANTS, InferenceRun
+from fixtures.case import assert_case_passed
+from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, VARIANTS, WARMUP_CALLS, InferenceRun
 
 
 def _param(variant):
@@ -26,4 +25,4 @@ def test_inference(variant, bench_session, inference_adapter, inference_prompts,
     run = InferenceRun(variant, source=model_source(model), adapter_dir=adapter_dir, tokenizer=tokenizer_for(model),
                        prompt=inference_prompts[0], device=bench_session.device, model_name=model, dataset=dataset,
                        new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS, repeats=MEASURED_CALLS)
-    assert_gates_pass(measure_inference(run, trained))
+    assert_case_passed(measure_inference(run, trained))

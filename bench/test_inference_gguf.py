@@ -11,9 +11,9 @@ thresholds.yaml under gguf_q4_0 and gguf_q8_0.
 
 import pytest
 
-from fixtures.case import assert_gates_pass
-from fixtures.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
+from fixtures.case import assert_case_passed
 from lorabench.gguf import GGUF_VARIANTS, GGUFRun
+from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
 
 pytestmark = pytest.mark.gguf
 
@@ -30,4 +30,4 @@ def test_gguf(variant, bench_session, gguf_export, inference_prompts, adapter_ge
                   model_name=model, dataset=dataset, new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS,
                   repeats=MEASURED_CALLS)
     # adapter_generations: the unmerged adapter's answers exist before drift compares with them
-    assert_gates_pass(measure_inference(run, trained))
+    assert_case_passed(measure_inference(run, trained))

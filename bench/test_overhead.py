@@ -8,7 +8,7 @@ import pytest
 from lorabench.config import resolve
 from lorabench.isolation import IsolatedCaseRun
 from lorabench.matrix import DEFAULT_CONFIGS, Case
-from lorabench.overhead import BareLoop, compare, round_trip_s
+from lorabench.overhead import BareLoop, compare, round_trip_s, step_pair
 from lorabench.runner import CaseRun
 
 MAX_OVERHEAD_PCT = 5.0
@@ -30,13 +30,9 @@ def test_harness_overhead(benchmark, bench_session, model_source, task_tokens):
     bare = BareLoop(source, config, tokens.train, device)
     suite_s, bare_s = [], []
 
-    def pair():  # one suite step, then one bare step, each timed on its own
-        import time
-
-        for step, times in ((run.step, suite_s), (bare.step, bare_s)):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
+    def pair():
+        run.control()  # the suite's untimed control workload (lorabench.control), as in every case
+        step_pair(run.step, bare.step, suite_s, bare_s)
 
     benchmark.group = "overhead"
     for _ in range(config.warmup_steps):

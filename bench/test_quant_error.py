@@ -8,7 +8,7 @@ of the first ``--model`` as its checkpoint stores them. Per-layer errors go into
 
 import pytest
 
-from fixtures.case import assert_gates_pass, record_result
+from fixtures.case import assert_case_passed, record_result
 from lorabench.quant_error import (
     MODEL_CASE_ID,
     NORMAL_CASE_ID,
@@ -25,7 +25,7 @@ def _record(case_id, model, named_weights, benchmark, bench_session):
     benchmark.pedantic(lambda: layers.extend(layer_errors(named_weights)), rounds=1, iterations=1)
     result = quant_error_result(case_id, model, layers)
     record_result(result, benchmark, bench_session, wildcard=False)  # the "*" rules are for fine-tuning cases
-    assert_gates_pass(result)
+    assert_case_passed(result)
 
 
 @pytest.mark.quant_error

@@ -3,7 +3,7 @@
 Allure parameters are the configuration axes only: Allure builds a test's history id from
 its parameters, so a measured value there would make every run a new test. Measured values
 go into attachments instead: the metrics table (CSV), the loss curve (PNG), the resolved
-configuration (YAML) and the gate outcomes.
+configuration (YAML), the gate outcomes (CSV) and, for a case that errored, its traceback.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import allure
 import yaml
 
+from lorabench.failures import gate_value_text
 from lorabench.metrics import METRICS
-from lorabench.result import CaseResult
+from lorabench.result import CaseResult, plain_reason
 
 # Test messages the categories below match (set in bench/test_finetune.py and fixtures/case.py).
 GATE_FAILED = "gate(s) failed"
@@ -59,7 +60,18 @@ def metrics_csv(result: CaseResult) -> str:
         if name in result.metrics:
             writer.writerow([name, f"{result.metrics[name]:.6g}", unit, better, result.sources.get(name, "")])
         else:
-            writer.writerow([name, "", unit, better, f"not measured: {result.absent[name]}"])
+            writer.writerow([name, "", unit, better, f"not measured: {plain_reason(result.absent[name])}"])
+    return out.getvalue()
+
+
+def gates_csv(result: CaseResult) -> str:
+    """status, rule, value, bound, the reference value of a relative rule, where it is written, profile."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["status", "rule", "value", "bound", "reference value", "where", "profile"])
+    for g in result.gates:
+        value, bound, reference = gate_value_text(g, result)
+        writer.writerow([g["status"], g["rule"], value, bound, reference, g["where"], g.get("profile", "")])
     return out.getvalue()
 
 
@@ -70,8 +82,10 @@ def attach_result(result: CaseResult) -> None:
     allure.attach(yaml.safe_dump(result.config, sort_keys=True), name="configuration",
                   attachment_type=allure.attachment_type.YAML)
     if result.gates:
-        allure.attach("\n".join(f"{g['status']}: {g['message']}" for g in result.gates), name="gates",
-                      attachment_type=allure.attachment_type.TEXT)
+        allure.attach(gates_csv(result), name="gates", attachment_type=allure.attachment_type.CSV)
+    trace = result.details.get("traceback")
+    if trace:
+        allure.attach(trace, name="traceback", attachment_type=allure.attachment_type.TEXT)
     if result.loss_curve:
         with tempfile.TemporaryDirectory() as tmp:
             png = loss_curve_png(result, Path(tmp) / "loss.png")

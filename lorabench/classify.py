@@ -151,7 +151,7 @@ def run_case(config: BenchConfig, device, timer) -> CaseResult:
     Args:
         config: one of :data:`CONFIGS` (or a variant); open fields take :data:`CLASSIFY_DEFAULTS`.
         device: the CPU (this case does not run on CUDA).
-        timer: ``timer(step, rounds, warmup_rounds)``, pytest-benchmark's ``pedantic`` in the suite.
+        timer: ``timer(step, rounds, warmup_rounds, control)``, pytest-benchmark's ``pedantic`` in the suite.
 
     Raises:
         ModelError: the model package is not installed.
@@ -178,7 +178,7 @@ def run_case(config: BenchConfig, device, timer) -> CaseResult:
     trainer = make_trainer(model, tokenizer, train_t, collate, config, device)
     runner = StepRunner(trainer, on_step_end=lambda _step: rss.sample())
     started = time.perf_counter()
-    timer(runner.step, config.steps - config.warmup_steps, config.warmup_steps)
+    timer(runner.step, config.steps - config.warmup_steps, config.warmup_steps, runner.control)
     runner.run_until(config.steps)
     train_s = time.perf_counter() - started
     runner.end()
@@ -187,7 +187,7 @@ def run_case(config: BenchConfig, device, timer) -> CaseResult:
     result.absent.update(reading.absent)
     result.sources.update(reading.sources)
     after = evaluate(model, eval_t, collate, config.batch_size)
-    _record_run(result, runner, config, train_s, before, after)
+    _record_run(result, runner, config, train_s, before, after, model, device)
     return result
 
 
@@ -203,15 +203,12 @@ def _record_model(result: CaseResult, model, load_s: float) -> None:
 
 
 def _record_run(result: CaseResult, runner, config: BenchConfig, train_s: float, before: ClassifyEval,
-                after: ClassifyEval) -> None:
-    rec, w = runner.record, config.warmup_steps
-    measured_s = sum(rec.seconds[w:])
+                after: ClassifyEval, model, device) -> None:
+    from lorabench.runner import record_speed
+
+    rec = runner.record
     result.loss_curve = list(rec.losses)
-    result.step_ms_curve = [s * 1000 for s in rec.seconds]
-    result.set("step_ms", statistics.median(rec.seconds[w:]) * 1000, source="median of post-warm-up optimizer steps")
-    result.set("samples_per_s", sum(rec.samples[w:]) / measured_s)
-    result.set("tokens_per_s", sum(rec.tokens[w:]) / measured_s, source="attention-mask tokens (no padding)")
-    result.set("train_s", train_s, source="wall clock around all training steps")
+    record_speed(result, runner, config, train_s, model, device)
     tail = rec.losses[-max(1, len(rec.losses) // 10):]
     result.set("train_loss_first", rec.losses[0])
     result.set("train_loss_final", statistics.fmean(tail), source=f"mean of the last {len(tail)} steps")

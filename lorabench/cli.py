@@ -1,20 +1,26 @@
 """``python -m lorabench``: compare stored runs and render reports.
 
-    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--csv F] [--json F] [--markdown F]
-    python -m lorabench report [RUN] [--out reports/]
+    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--skip-broken] [--csv F] [--json F] [--markdown F]
+    python -m lorabench report [RUN] [--out reports/] [--skip-broken]
+    python -m lorabench merge RUN RUN... [--out FILE]
+    python -m lorabench fit --model M --memory 24GiB [--batch-size B] [--seq-len T] [--set K=V] [--json F]
 
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
-prefix; by default the two latest runs (compare) or the latest (report).
-Exit codes: 0 fine, 1 a regression with ``--fail``, 2 bad input (a message says which).
+prefix; by default the two latest runs (compare) or the latest (report). A stored run that
+cannot be read stops the choice, and one with a diverged, errored or timed-out case fails
+``--fail``; ``--skip-broken`` passes over both and prints each one with the reason.
+Exit codes: 0 fine, 1 a regression (or a compared run with a case that did not finish) with
+``--fail``, 2 bad input (a message says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from lorabench.errors import LorabenchError
+from lorabench.errors import HistoryError, LorabenchError
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 
@@ -28,43 +34,104 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def _path(value: str) -> Path:
+    """A path option: not empty, ``~`` expanded."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return Path(os.path.expanduser(value))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     storage = argparse.ArgumentParser(add_help=False)
-    storage.add_argument("--storage", type=Path, default=Path(".benchmarks"), metavar="DIR",
-                         help="pytest-benchmark file storage (default .benchmarks)")
+    storage.add_argument("--storage", type=storage_path, default=Path(".benchmarks"), metavar="DIR",
+                         help="pytest-benchmark file storage: a folder, or file://FOLDER as --benchmark-storage "
+                              "takes it (default .benchmarks)")
+    storage.add_argument("--skip-broken", action="store_true",
+                         help="choose the latest runs among those that can be read and whose cases all finished "
+                              "(each run passed over is printed with the reason)")
 
     cmp = sub.add_parser("compare", parents=[storage], help="compare every metric of two stored runs")
     cmp.add_argument("run_a", nargs="?", help="the earlier run (default: the second latest)")
     cmp.add_argument("run_b", nargs="?", help="the later run (default: the latest)")
-    cmp.add_argument("--fail", action="store_true", help="exit 1 when any metric regressed")
-    cmp.add_argument("--thresholds", type=Path, default=Path("thresholds.yaml"), metavar="FILE",
+    cmp.add_argument("--fail", action="store_true",
+                     help="exit 1 when any metric regressed, or a compared run has a case that diverged or errored")
+    cmp.add_argument("--thresholds", type=_path, default=Path("thresholds.yaml"), metavar="FILE",
                      help="tolerances from its 'compare:' section (default thresholds.yaml; built-in defaults if absent)")
     cmp.add_argument("--all", action="store_true", help="show unchanged rows on the terminal too")
-    cmp.add_argument("--csv", type=Path, metavar="FILE", help="write every row as CSV")
-    cmp.add_argument("--json", type=Path, metavar="FILE", help="write every row and warning as JSON")
-    cmp.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown")
+    cmp.add_argument("--csv", type=_path, metavar="FILE", help="write every row as CSV")
+    cmp.add_argument("--json", type=_path, metavar="FILE", help="write every row and warning as JSON")
+    cmp.add_argument("--markdown", type=_path, metavar="FILE", help="write the table as Markdown")
     cmp.set_defaults(command=_compare)
 
     rep = sub.add_parser("report", parents=[storage], help="write summary.md, summary.html and plots for a run")
     rep.add_argument("run", nargs="?", help="the run (default: the latest)")
-    rep.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
+    rep.add_argument("--out", type=_path, default=Path("reports"), metavar="DIR", help="output folder (default reports)")
     rep.set_defaults(command=_report)
+
+    mrg = sub.add_parser("merge", parents=[storage], help="join stored runs of one commit (--shard slices) into one run")
+    mrg.add_argument("runs", nargs="+", metavar="RUN", help="stored runs to join (files, numbers, names, commit prefixes)")
+    mrg.add_argument("--out", type=Path, metavar="FILE",
+                     help="where to write the joined run (default: the next NNNN_merged_<commit>.json in STORAGE/merged)")
+    mrg.set_defaults(command=_merge)
+    fit = sub.add_parser("fit", help="predict each configuration's peak memory (no weights, no GPU) against budgets")
+    fit.add_argument("--model", action="append", required=True, metavar="SPEC",
+                     help="preset:NAME, a zoo name, a checkpoint directory or a cached hub id; repeatable")
+    fit.add_argument("--memory", action="append", required=True, metavar="SIZE", help="a budget, e.g. 24GiB; repeatable")
+    fit.add_argument("--batch-size", type=int, metavar="B", help="rows per micro-batch (default: the model's)")
+    fit.add_argument("--seq-len", type=int, metavar="T", help="tokens per row (default: the model's)")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a configuration field in every case, as in the bench")
+    fit.add_argument("--matrix", type=Path, metavar="FILE",
+                     help="configurations from a matrix file (default: the built-in ones, rank sweep and "
+                          "multi-process cases left out)")
+    fit.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                     help="whose kernels and runtime terms (default cuda)")
+    fit.add_argument("--json", type=Path, metavar="FILE", help="write every case as JSON")
+    fit.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="where the chart goes (default reports)")
+    fit.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own configuration code")
+    fit.set_defaults(command=_fit)
     return parser
+
+
+def storage_path(text: str) -> Path:
+    """``--storage``: a folder, or pytest-benchmark's ``file://FOLDER`` form (``file:///abs``, ``file://./rel``).
+
+    Raises:
+        argparse.ArgumentTypeError: another storage scheme (pytest-benchmark's elasticsearch) or an empty value.
+    """
+    if text.startswith("file://"):
+        text = text[len("file://"):]  # what pytest-benchmark's load_storage strips
+    elif "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: only pytest-benchmark's file storage can be read; give a folder or file://FOLDER")
+    if not text:
+        raise argparse.ArgumentTypeError("empty path; give a folder or file://FOLDER")
+    return Path(text).expanduser()
 
 
 def _compare(args) -> int:
     from lorabench import compare_output
     from lorabench.compare import compare_runs
-    from lorabench.history import latest_runs, select_run
+    from lorabench.errors import HistoryError
+    from lorabench.history import latest_runs, run_problem, select_run
 
+    skipped: list[str] = []
+    latest = lambda n: latest_runs(n, args.storage, skip_broken=args.skip_broken, skipped=skipped)  # noqa: E731
     if args.run_a and args.run_b:
         run_a, run_b = select_run(args.run_a, args.storage), select_run(args.run_b, args.storage)
     elif args.run_a:
-        run_a, run_b = select_run(args.run_a, args.storage), latest_runs(1, args.storage)[0]
+        run_a, run_b = select_run(args.run_a, args.storage), latest(1)[0]
     else:
-        run_a, run_b = latest_runs(2, args.storage)
+        run_a, run_b = latest(2)
+    for line in skipped:
+        print(f"skipped run {line}")
+    runs = [run_a] if run_b.path == run_a.path else [run_a, run_b]
+    problems = [(run, problem) for run in runs if (problem := run_problem(run))]
+    if args.skip_broken and problems:
+        run, problem = problems[0]
+        raise HistoryError(f"run {run.label} was named, and {problem}; name another run")
     tolerances = _tolerances(args.thresholds)
     comparison = compare_runs(run_a, run_b, tolerances)
     for line in compare_output.terminal(comparison, show_all=args.all):
@@ -73,31 +140,84 @@ def _compare(args) -> int:
                         (args.markdown, compare_output.write_markdown)):
         if path is not None:
             write(comparison, path)
-    return EXIT_REGRESSION if args.fail and comparison.regressions else EXIT_OK
+    for run, problem in problems:
+        print(f"run {run.label}: {problem}" + ("; this fails --fail (--skip-broken compares the latest runs whose "
+                                               "cases all finished)" if args.fail else ""))
+    return EXIT_REGRESSION if args.fail and (comparison.regressions or problems) else EXIT_OK
 
 
 def _tolerances(path: Path):
     """The ``compare:`` section of the thresholds file (its gates are the bench's business)."""
-    import yaml
-
+    from lorabench import yamlio
     from lorabench.compare import Tolerances, parse_tolerances
     from lorabench.errors import ThresholdError
+    from lorabench.paths import read_text
 
-    if not path.exists():
+    path = Path(os.path.expanduser(str(path)))
+    if not os.path.lexists(path):
         return Tolerances()
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ThresholdError(f"{path}: not valid YAML: {exc}") from None
+        data = yamlio.load(read_text(path, "--thresholds", ThresholdError))
+    except yamlio.YamlProblem as exc:
+        raise ThresholdError(f"{exc.where(str(path))}: {exc.problem}") from None
     section = data.get("compare") if isinstance(data, dict) else None
     return parse_tolerances(section or {}, str(path))
+
+
+def _merge(args) -> int:
+    from lorabench.history import select_run
+    from lorabench.merge import default_output, merge_runs, read_json
+    from lorabench.storage import write_run
+
+    paths = [select_run(spec, args.storage).path for spec in args.runs]
+    merged = merge_runs([(str(p), read_json(p)) for p in paths])
+    out = args.out or default_output(args.storage, merged.data)
+    try:
+        write_run(out, merged.data)
+    except FileExistsError as exc:
+        raise HistoryError(str(exc)) from None
+    for line in merged.warnings:
+        print(f"warning: {line}")
+    print(f"wrote {out}: {len(merged.data['benchmarks'])} benchmarks from {len(paths)} runs")
+    return EXIT_OK
 
 
 def _report(args) -> int:
     from lorabench.history import latest_runs, select_run
     from lorabench.report import write_report
 
-    run = select_run(args.run, args.storage) if args.run else latest_runs(1, args.storage)[0]
+    skipped: list[str] = []
+    run = select_run(args.run, args.storage) if args.run else latest_runs(
+        1, args.storage, skip_broken=args.skip_broken, skipped=skipped)[0]
+    for line in skipped:
+        print(f"skipped run {line}")
     for path in write_report(run, args.out):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _fit(args) -> int:
+    from lorabench.config import parse_override
+    from lorabench.errors import ConfigError
+    from lorabench.fit import Budget, plot, render, run_fit, write_json
+    from lorabench.matrix import build_matrix
+
+    for name in ("batch_size", "seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    budgets = [Budget.parse(text) for text in args.memory]
+    overrides = dict(parse_override(text) for text in args.overrides)
+    matrix = build_matrix(matrix_file=args.matrix, overrides=overrides)
+    # the memory model predicts one device: the multi-process (DDP, FSDP) configurations are left out
+    configs = [c for c in matrix.configs if (args.matrix or "sweep" not in c.tags) and c.world_size == 1]
+    cases = run_fit(args.model, budgets, batch_size=args.batch_size, seq_len=args.seq_len, configs=configs,
+                    target=args.device, trust_remote_code=args.trust_remote_code)
+    for line in render(cases, budgets):
+        print(line)
+    if args.json is not None:
+        write_json(cases, args.json)
+        print(f"wrote {args.json}")
+    for path in plot(cases, budgets, args.out):
         print(f"wrote {path}")
     return EXIT_OK

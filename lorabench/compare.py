@@ -18,7 +18,9 @@ between two runs does not read as a slower code path. A move counts only when th
 moved beyond the tolerance (the minimum effect size) *and* the per-step ratios of the two runs
 differ significantly (one-sided Mann-Whitney U). Raw wall-clock figures (``step_ms``, throughputs,
 ``train_s``) and one-shot wall times (``load_s``, ``adapter_check_s``, phases) are compared and
-shown, but informational: they do not gate.
+shown, but informational: they do not gate. Any other metric of a case run at several seeds
+(``--seeds``) is judged against the seeds' spread: beyond the tolerance *and* significant in a
+t-test over the per-seed values.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ PER_STEP_METRICS = ("step_control_ratio",)
 MIN_ROUNDS_FOR_TEST = 3
 # Facts about the machine or the run that change what a figure means.
 MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python", "isolate",
-                "torch_threads")
+                "torch_threads", "xdist_workers")
 LOAD_KEYS = ("load_avg_1m_start", "load_avg_1m_end")
 LOAD_DIFFERENCE = 1.0  # runnable processes: on a 2-core machine one more busy process halves a step's share
 
@@ -201,8 +203,36 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
         if p >= tolerances.alpha:
             row.note += f" (not significant at alpha {tolerances.alpha:g})"
             return row
+    elif (seed_p := _seed_p_value(metric.name, a, b)) is not None:
+        p, how = seed_p
+        row.note = f"{how} p={p:.3g}"
+        if p >= tolerances.alpha:
+            row.note += f" (within the seeds' spread at alpha {tolerances.alpha:g})"
+            return row
     row.status = REGRESSED if worse else IMPROVED
     return row
+
+
+def _seed_p_value(metric: str, a: CaseResult, b: CaseResult) -> tuple[float, str] | None:
+    """Two-sided p-value that the two runs' per-seed values of ``metric`` share a mean, and the test used:
+    Welch's t-test when both ran several seeds, a one-sample t-test of the repeated side against the
+    other's single value when one did. ``None`` when neither ran several seeds, or the test is undefined
+    (no variance on either side)."""
+    import math
+
+    from scipy.stats import ttest_1samp, ttest_ind
+
+    from lorabench.seeds import seed_values
+
+    va, vb = seed_values(a, metric), seed_values(b, metric)
+    if len(va) < 2 and len(vb) < 2 or not va or not vb:
+        return None
+    if len(va) >= 2 and len(vb) >= 2:
+        p, how = float(ttest_ind(va, vb, equal_var=False).pvalue), f"Welch t-test over {len(va)} and {len(vb)} seeds"
+    else:
+        many, one = (va, vb[0]) if len(va) >= 2 else (vb, va[0])
+        p, how = float(ttest_1samp(many, one).pvalue), f"one-sample t-test against {len(many)} seeds"
+    return None if math.isnan(p) else (p, how)
 
 
 def _relative(a: float, b: float) -> float | None:
@@ -211,15 +241,29 @@ def _relative(a: float, b: float) -> float | None:
     return (b - a) / abs(a)
 
 
+def _measured(result: CaseResult, curve: str) -> list[list[float]]:
+    """A per-step curve (``step_ms_curve``, ``control_ms_curve``) without the warm-up steps, one list per seed."""
+    warmup = int(result.config.get("warmup_steps") or 0)
+    curves = [s.get(curve, []) for s in result.seeds] if result.seeds else [getattr(result, curve)]
+    return [list(c[warmup:]) for c in curves]
+
+
+def measured_step_ms(result: CaseResult) -> list[float]:
+    """The wall time of every measured (post-warm-up) step, of every seed that ran."""
+    return [ms for steps in _measured(result, "step_ms_curve") for ms in steps]
+
+
 def measured_step_ratios(result: CaseResult) -> list[float]:
-    """Step time over its control of every measured (post-warm-up) step; empty where no control was stored."""
+    """Step time over its control of every measured (post-warm-up) step, of every seed that ran; empty where
+    no control was stored."""
     from lorabench.control import paired_ratios
 
-    warmup = int(result.config.get("warmup_steps") or 0)
-    steps, controls = result.step_ms_curve[warmup:], result.control_ms_curve[warmup:]
-    if not controls or len(controls) not in (len(steps), len(steps) + 1):
-        return []
-    return paired_ratios(steps, controls)
+    ratios = []
+    for steps, controls in zip(_measured(result, "step_ms_curve"), _measured(result, "control_ms_curve")):
+        if not controls or len(controls) not in (len(steps), len(steps) + 1):
+            return []
+        ratios += paired_ratios(steps, controls)
+    return ratios
 
 
 def _step_ratio_p_values(a: CaseResult, b: CaseResult) -> tuple[float, float] | None:
@@ -242,6 +286,9 @@ def machine_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         for key in keys
         if a.get(key) != b.get(key)
     ]
+    for label, machine in (("A", a), ("B", b)):  # a run joined from --shard slices (lorabench.merge)
+        warnings += [f"run {label} joins slices whose machines differ in {line}; its figures may not be comparable "
+                     "with one another" for line in machine.get("merged_differences") or []]
     load_a, load_b = _peak_load(a), _peak_load(b)
     if load_a is not None and load_b is not None and abs(load_a - load_b) > LOAD_DIFFERENCE:
         warnings.append(

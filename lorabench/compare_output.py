@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorabench.compare import REGRESSED, UNCHANGED, Comparison, Row
 from lorabench.metrics import METRICS
+from lorabench.textsafe import markdown
 
 HEADER = ("case", "metric", "A", "B", "change", "tolerance", "status", "note")
 
@@ -71,9 +72,7 @@ def write_json(comparison: Comparison, path: Path) -> None:
 
 
 def write_markdown(comparison: Comparison, path: Path) -> None:
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|")
-
+    esc = markdown
     lines = [f"# lorabench compare: {esc(comparison.run_a)} -> {esc(comparison.run_b)}", "",
              "Change is (B - A) / A; a reduction is negative.", ""]
     lines += [f"> **Warning:** {esc(w)}" for w in comparison.warnings]
@@ -82,8 +81,8 @@ def write_markdown(comparison: Comparison, path: Path) -> None:
     lines.append("| " + " | ".join(HEADER) + " |")
     lines.append("|" + "---|" * len(HEADER))
     for r in comparison.rows:
-        cells = list(_cells(r))
+        cells = [esc(c) for c in _cells(r)]
         if r.status == REGRESSED:
             cells[6] = f"**{cells[6]}**"
-        lines.append("| " + " | ".join(esc(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")

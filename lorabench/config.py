@@ -13,6 +13,7 @@ result records.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,16 @@ METHODS = ("full", "lora")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 TARGET_MODULE_PRESETS = ("all-linear", "attention")
+# How a case spreads over processes (lorabench/distributed.py): one process, or world_size ranks
+# under torchrun with DistributedDataParallel or FSDP2 (fully_shard).
+STRATEGIES = ("none", "ddp", "fsdp")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Seeds reach numpy (``np.random.seed``), which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# Divergence beyond NaN (lorabench.training.DivergenceRule): a loss that climbs past this
+# multiple of its first step, or does not once fall below its first step over this many steps.
+DIVERGENCE_FACTOR = 2.0
+DIVERGENCE_WINDOW = 10
 # Markers a configuration may add through ``tags`` on top of the derived ones.
 EXTRA_TAGS = ("sweep", "slow", "gpu")
 
@@ -58,8 +68,14 @@ class BenchConfig:
         gradient_checkpointing: recompute activations in the backward pass.
         batch_size, grad_accum, seq_len, lr, steps: training; ``None`` takes the model's default.
         warmup_steps: leading optimizer steps excluded from every speed figure.
-        seed: seeds data order, adapter initialisation and dropout.
+        seed: seeds data order, adapter initialisation and dropout (0 to 2**32 - 1).
+        divergence_factor: the case is ``diverged`` when a step's loss exceeds this multiple of the first step's.
+        divergence_window: ... or when the loss stays at or above the first step's for this many
+            consecutive steps (0 turns this check off).
         tags: extra pytest markers (``sweep``, ``slow``, ``gpu``).
+        world_size: processes (ranks) the case trains on, launched by ``torchrun``; 1 for one process.
+        strategy: ``none`` (one process), ``ddp`` (DistributedDataParallel: every rank holds the
+            whole model) or ``fsdp`` (FSDP2 ``fully_shard``: every rank holds 1/world_size of it).
 
     Raises:
         ConfigError: a field is out of range or two fields contradict each other.
@@ -83,7 +99,11 @@ class BenchConfig:
     steps: int | None = None
     warmup_steps: int = 3
     seed: int = 1234
+    divergence_factor: float = DIVERGENCE_FACTOR
+    divergence_window: int = DIVERGENCE_WINDOW
     tags: tuple[str, ...] = field(default_factory=tuple)
+    world_size: int = 1
+    strategy: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -99,7 +119,7 @@ class BenchConfig:
 
     @property
     def markers(self) -> tuple[str, ...]:
-        """pytest markers derived from the fields (all registered in pytest.ini)."""
+        """pytest markers derived from the fields (registered: pytest.ini, and each quantization backend its own)."""
         marks = [self.method]
         if self.quantized:
             marks += [*backends.format_for(self.quant).markers, "quantized"]
@@ -107,6 +127,8 @@ class BenchConfig:
             marks.append("optim8bit")
         if self.gradient_checkpointing:
             marks.append("checkpointing")
+        if self.strategy != "none":
+            marks += ["distributed", self.strategy]
         marks += [t for t in self.tags if t not in marks]
         return tuple(marks)
 
@@ -184,7 +206,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     Raises:
         ConfigError: no ``=``, or an unknown key.
     """
-    import yaml
+    from lorabench import yamlio
 
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rank=32")
@@ -193,16 +215,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     known = {f.name for f in dataclasses.fields(BenchConfig)} - {"id"}
     if key not in known:
         raise ConfigError(f"--set {text!r}: unknown key {key!r}; allowed: {', '.join(sorted(known))}")
+    if not raw.strip():
+        raise ConfigError(f"--set {text!r}: empty value; give one, e.g. --set {key}=...")
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+        value = yamlio.load(raw)
+    except yamlio.YamlProblem as exc:
+        raise ConfigError(f"--set {text!r}: value is not acceptable YAML: {exc.problem}") from None
     return key, _coerce(key, value, f"--set {text!r}")
 
 
 # ----- validation ----------------------------------------------------------
-_INT_FIELDS = ("rank", "alpha", "grad_accum", "warmup_steps", "seed", "batch_size", "seq_len", "steps")
-_FLOAT_FIELDS = ("dropout", "lr")
+_INT_FIELDS = ("rank", "alpha", "grad_accum", "warmup_steps", "seed", "batch_size", "seq_len", "steps",
+               "divergence_window", "world_size")
+_FLOAT_FIELDS = ("dropout", "lr", "divergence_factor")
 _BOOL_FIELDS = ("double_quant", "gradient_checkpointing")
 
 
@@ -235,7 +260,7 @@ def _validate(c: BenchConfig) -> None:
         backends.check_quant(c.quant)
     except ConfigError as exc:
         fail(str(exc))
-    for name, allowed in (("method", METHODS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS)):
+    for name, allowed in (("method", METHODS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES)):
         value = getattr(c, name)
         if value not in allowed:
             fail(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -249,8 +274,8 @@ def _validate(c: BenchConfig) -> None:
         value = getattr(c, name)
         if value is None and name == "lr":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(f"{name}={value!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(f"{name}={value!r} must be a finite number")
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(c, name), bool):
             fail(f"{name}={getattr(c, name)!r} must be true or false")
@@ -264,8 +289,12 @@ def _validate(c: BenchConfig) -> None:
         fail(f"grad_accum={c.grad_accum} must be at least 1")
     if c.warmup_steps < 0:
         fail(f"warmup_steps={c.warmup_steps} must not be negative")
-    if c.seed < 0:
-        fail(f"seed={c.seed} must not be negative")
+    if not 0 <= c.seed <= MAX_SEED:
+        fail(f"seed={c.seed} is out of range; use 0 to {MAX_SEED} (2**32 - 1, numpy's limit)")
+    if not c.divergence_factor > 1:
+        fail(f"divergence_factor={c.divergence_factor} must be above 1 (a multiple of the first step's loss)")
+    if c.divergence_window < 0:
+        fail(f"divergence_window={c.divergence_window} must be 0 (off) or a number of steps")
     for name in ("batch_size", "seq_len", "steps"):
         value = getattr(c, name)
         if value is not None and value < 1:
@@ -286,6 +315,15 @@ def _validate(c: BenchConfig) -> None:
             )
     elif not c.target_modules or not all(isinstance(m, str) and m for m in c.target_modules):
         fail("target_modules must be a preset or a non-empty list of module names")
+    if c.world_size < 1:
+        fail(f"world_size={c.world_size} must be at least 1")
+    if c.world_size > 1 and c.strategy == "none":
+        fail(f"world_size={c.world_size} needs a strategy: ddp or fsdp")
+    if c.strategy != "none" and c.world_size < 2:
+        fail(f"strategy={c.strategy!r} needs world_size of at least 2 (one process is strategy 'none')")
+    if c.strategy == "fsdp" and c.quantized:
+        fail(f"strategy='fsdp' with quant={c.quant!r}: sharding a bitsandbytes-quantized base is not supported "
+             "yet; use strategy='ddp' or quant='none'")
     unknown_tags = [t for t in c.tags if t not in EXTRA_TAGS]
     if unknown_tags:
         fail(f"tags {unknown_tags} are not allowed; choose from {', '.join(EXTRA_TAGS)}")

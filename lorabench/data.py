@@ -16,6 +16,7 @@ pre-training format are the reference text for forgetting.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 PROMPT_COLUMNS = (("prompt", "completion"), ("question", "answer"), ("instruction", "output"), ("input", "output"))
 TEXT_COLUMN = "text"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+# ``--dataset glob:data/*.jsonl`` reads every matching file; without it a path is one literal file.
+GLOB_PREFIX = "glob:"
 EVAL_FRACTION = 0.1
 MAX_EVAL_EXAMPLES = 256
 
@@ -47,6 +50,7 @@ class TaskData:
     eval: datasets.Dataset
     has_answers: bool
     eval_overlap_removed: int = 0
+    blank_rows_removed: int = 0  # rows whose needed fields are empty strings
     reference: datasets.Dataset | None = None  # text the fine-tune never sees, for forgetting
 
     @property
@@ -105,29 +109,39 @@ EMBEDDED_DATASETS = {"digit-reverse": embedded_reverse}
 
 # ----- user data -----------------------------------------------------------
 def load_task_data(spec: str, *, seed: int = 0) -> TaskData:
-    """Load a data set by embedded name, file path or cached hub name.
+    """Load a data set by embedded name, file path, explicit glob or cached hub name.
 
     Args:
-        spec: ``digit-reverse``; a ``.jsonl`` / ``.json`` / ``.csv`` / ``.txt`` file; or a hub
-            data set already in the local cache.
+        spec: ``digit-reverse``; a ``.jsonl`` / ``.json`` / ``.csv`` / ``.txt`` file, read literally
+            (``*``, ``?`` and ``[`` are part of the name); ``glob:PATTERN`` for every file a pattern
+            matches; or a hub data set already in the local cache.
         seed: seeds the train/eval split of user data.
 
     Raises:
-        DatasetError: the data set is missing, empty, or lacks the needed columns.
+        DatasetError: the data set is missing, empty, of mixed row schemas, or lacks the needed columns.
     """
+    from lorabench.paths import expand
+
     if spec in EMBEDDED_DATASETS:
         return EMBEDDED_DATASETS[spec](seed)
-    path = Path(spec)
-    if path.suffix in FILE_BUILDERS or path.exists():
+    if spec.startswith(GLOB_PREFIX):
+        return _from_glob(spec[len(GLOB_PREFIX):], seed)
+    path = expand(spec, "--dataset", DatasetError)
+    if path.suffix in FILE_BUILDERS or os.path.lexists(path) or spec.startswith((".", "/", "~")):
         return _from_file(path, seed)
     return _from_hub_cache(spec, seed)
 
 
 def _from_file(path: Path, seed: int) -> TaskData:
-    import datasets
+    import glob
 
-    if not path.is_file():
-        raise DatasetError(f"--dataset {path}: file not found")
+    from lorabench.paths import problem
+
+    why = problem(path, "file")
+    if why == "a directory, not a file":
+        why += f"; name one data file, or every file of a kind with {GLOB_PREFIX}{path}/*.jsonl"
+    if why:
+        raise DatasetError(f"--dataset {path}: {why}")
     if path.stat().st_size == 0:
         raise DatasetError(f"--dataset {path}: the file is empty")
     builder = FILE_BUILDERS.get(path.suffix)
@@ -135,11 +149,44 @@ def _from_file(path: Path, seed: int) -> TaskData:
         raise DatasetError(
             f"--dataset {path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_BUILDERS)}"
         )
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as exc:  # datasets raises many types for unreadable files
-        raise DatasetError(f"--dataset {path}: could not be read as {builder}: {exc}") from None
+    # datasets expands patterns in data_files: escaped, the name is read as written ('f*.jsonl', 'd[1].jsonl')
+    ds = _load(builder, glob.escape(str(path.resolve())), f"--dataset {path}")
     return _split(ds, f"{path}", seed)
+
+
+def _from_glob(pattern: str, seed: int) -> TaskData:
+    import glob
+
+    where = f"--dataset {GLOB_PREFIX}{pattern}"
+    if not pattern.strip():
+        raise DatasetError(f"{where}: empty pattern; e.g. {GLOB_PREFIX}data/*.jsonl")
+    pattern = os.path.expanduser(pattern)
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise DatasetError(f"{where}: no file matches the pattern")
+    kinds = {Path(m).suffix for m in matches}
+    if len(kinds) != 1 or next(iter(kinds)) not in FILE_BUILDERS:
+        raise DatasetError(f"{where}: matches files of kinds {sorted(kinds)}; the pattern must match files of one "
+                           f"kind among {', '.join(FILE_BUILDERS)}")
+    ds = _load(FILE_BUILDERS[kinds.pop()], [glob.escape(m) for m in matches], where)
+    return _split(ds, f"{GLOB_PREFIX}{pattern}", seed)
+
+
+def _load(builder: str, data_files, where: str) -> datasets.Dataset:
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DatasetError(f"{where}: could not be read as {builder}: {library_reason(exc)}") from None
+
+
+def library_reason(exc: BaseException) -> str:
+    """The reason under a library's wrapper ("An error occurred while generating the dataset"), never empty."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else f"{type(exc).__name__} (the library gave no message)"
 
 
 def _from_hub_cache(name: str, seed: int) -> TaskData:
@@ -150,25 +197,60 @@ def _from_hub_cache(name: str, seed: int) -> TaskData:
     except Exception as exc:
         raise DatasetError(
             f"--dataset {name!r}: not an embedded data set ({', '.join(EMBEDDED_DATASETS)}), not a file, "
-            f"and not loadable from the local Hugging Face cache (runs are offline): {exc}"
+            f"and not loadable from the local Hugging Face cache (runs are offline): {library_reason(exc)}"
         ) from None
     return _split(ds, name, seed)
 
 
+SCHEMAS: tuple[tuple[str, ...], ...] = (*PROMPT_COLUMNS, (TEXT_COLUMN,))
+
+
 def _columns(ds: datasets.Dataset, where: str) -> tuple[str, str] | str:
-    cols = set(ds.column_names)
-    for prompt, completion in PROMPT_COLUMNS:
-        if {prompt, completion} <= cols:
-            return prompt, completion
-    if TEXT_COLUMN in cols:
-        return TEXT_COLUMN
-    allowed = ", ".join(f"{p}+{c}" for p, c in PROMPT_COLUMNS) + f", or {TEXT_COLUMN}"
-    raise DatasetError(f"--dataset {where}: columns {sorted(cols)} lack the needed ones; provide {allowed}")
+    """The fields every row uses: the first row's schema, which every other row must share.
+
+    A row's schema is the first of :data:`SCHEMAS` whose fields it has (not null), so a file that
+    mixes prompt/completion rows with text rows is refused instead of losing one kind.
+
+    Raises:
+        DatasetError: no known schema, or the first row whose schema differs from row 1's, by number.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    present = sorted(ds.column_names)
+    schemas = [s for s in SCHEMAS if set(s) <= set(present)]
+    allowed = ", ".join("+".join(s) for s in SCHEMAS)
+    if not schemas:
+        raise DatasetError(f"--dataset {where}: columns {present} lack the needed ones; provide {allowed}")
+    if len(ds) == 0:
+        return _as_columns(schemas[0])
+    valid = {c: pc.is_valid(ds.data.column(c)).to_numpy(zero_copy_only=False) for c in present}
+    kind = np.full(len(ds), -1)
+    for k in reversed(range(len(schemas))):
+        kind[np.logical_and.reduce([valid[c] for c in schemas[k]])] = k
+
+    def fields(row: int) -> list[str]:
+        return [c for c in present if valid[c][row]]
+
+    if kind[0] < 0:
+        raise DatasetError(f"--dataset {where}: row 1 has fields {fields(0)}, which match none of {allowed}")
+    odd = np.flatnonzero(kind != kind[0])
+    if odd.size:
+        row = int(odd[0])
+        raise DatasetError(f"--dataset {where}: row {row + 1} has fields {fields(row)}, but row 1 has "
+                           f"{list(schemas[kind[0]])}; every row must have the same fields (rows of another kind "
+                           "would be left out)")
+    return _as_columns(schemas[kind[0]])
+
+
+def _as_columns(schema: tuple[str, ...]) -> tuple[str, str] | str:
+    return schema if len(schema) == 2 else schema[0]
 
 
 def _split(ds: datasets.Dataset, where: str, seed: int) -> TaskData:
     """Normalise columns, drop empty rows, and split off an eval set that shares no example with train."""
     columns = _columns(ds, where)
+    rows = len(ds)
     if isinstance(columns, tuple):
         prompt, completion = columns
         ds = ds.select_columns([prompt, completion]).rename_columns({prompt: "prompt", completion: "completion"})
@@ -194,6 +276,7 @@ def _split(ds: datasets.Dataset, where: str, seed: int) -> TaskData:
         eval=kept,
         has_answers=isinstance(columns, tuple),
         eval_overlap_removed=len(eval_) - len(kept),
+        blank_rows_removed=rows - len(ds),
     )
 
 

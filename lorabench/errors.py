@@ -23,3 +23,7 @@ class DatasetError(LorabenchError):
 
 class HistoryError(LorabenchError):
     """A stored run cannot be found or read."""
+
+
+class StorageError(LorabenchError):
+    """A directory a run writes to cannot take its outputs."""

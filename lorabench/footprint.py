@@ -2,7 +2,7 @@
 
 Counts come from the tensors themselves (storage sizes, each storage once), so they
 are exact on any device. A quantized layer counts what its backend says it stores
-(:func:`lorabench.backends.storage_tensors`): packed data plus the quantization state
+(:func:`lorabench.backends.parameter_tensors`): packed data plus the quantization state
 (scales, zero points, nested scales, code books).
 """
 
@@ -16,8 +16,16 @@ from lorabench import backends
 MIB = 1024 * 1024
 
 
+def _local(t):
+    """This process's part of a tensor: an FSDP2 parameter (a DTensor) holds only its local shard."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _storage_key(t) -> tuple[str, int]:
     storage = t.untyped_storage()
+    if t.device.type == "meta":  # no data, so every meta storage has data_ptr 0: tell them apart by identity
+        return ("meta", id(storage))
     return (str(t.device), storage.data_ptr())
 
 
@@ -27,6 +35,7 @@ def unique_bytes(tensors: Iterable[Any]) -> int:
     for t in tensors:
         if t is None:
             continue
+        t = _local(t)
         key = _storage_key(t)
         if key not in seen:
             seen[key] = t.untyped_storage().nbytes()
@@ -35,10 +44,7 @@ def unique_bytes(tensors: Iterable[Any]) -> int:
 
 def _module_state_tensors(module) -> list[Any]:
     """Parameters, buffers and quantization state directly owned by ``module``."""
-    quantized = backends.storage_tensors(module)
-    if quantized is not None:
-        return quantized
-    return list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    return backends.parameter_tensors(module) + list(module.buffers(recurse=False))
 
 
 def weight_bytes(model) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabench.errors import HistoryError
-from lorabench.result import CaseResult
+from lorabench.result import FAILED_STATUSES, CaseResult
 
 log = logging.getLogger(__name__)
 RUN_FILE = re.compile(r"^(\d{4})_(.+)\.json$")
@@ -125,15 +125,56 @@ def select_run(spec: str, storage: Path = DEFAULT_STORAGE) -> StoredRun:
     return matches[-1]
 
 
-def latest_runs(count: int, storage: Path = DEFAULT_STORAGE) -> list[StoredRun]:
-    """The ``count`` most recent readable runs, oldest first.
+def failed_cases(run: StoredRun) -> list[CaseResult]:
+    """The cases of a run that did not finish: diverged, errored or timed out."""
+    return [r for r in run.results.values() if r.status in FAILED_STATUSES]
+
+
+def run_problem(run: StoredRun) -> str | None:
+    """Why a stored run is not a sound point of comparison (a case diverged or errored), or ``None``."""
+    failed = failed_cases(run)
+    if not failed:
+        return None
+    named = "; ".join(f"{r.case_id} {r.status}" + (f" ({r.error})" if r.error else "") for r in failed[:3])
+    more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+    return f"{len(failed)} case(s) did not finish: {named}{more}"
+
+
+def latest_runs(count: int, storage: Path = DEFAULT_STORAGE, *, skip_broken: bool = False,
+                skipped: list[str] | None = None) -> list[StoredRun]:
+    """The ``count`` most recent runs, oldest first.
+
+    Args:
+        skip_broken: pass over runs that cannot be read or hold a case that did not finish
+            (:func:`run_problem`); each one passed over is noted in ``skipped`` with the reason.
+            Without it, a run that cannot be read stops the choice, and a run with failed cases
+            is returned (for the caller to judge).
 
     Raises:
-        HistoryError: fewer runs are stored.
+        HistoryError: fewer usable runs are stored, or (without ``skip_broken``) one of the latest
+            cannot be read.
     """
-    runs = load_runs(storage)
-    if len(runs) < count:
+    chosen: list[StoredRun] = []
+    for path in reversed(run_files(storage)):
+        if len(chosen) == count:
+            break
+        try:
+            run = read_run(path)
+        except HistoryError as exc:
+            if not skip_broken:
+                raise HistoryError(f"{exc}; pass --skip-broken to leave it out and use the runs before it") from None
+            if skipped is not None:
+                skipped.append(f"{path}: {str(exc).removeprefix(f'{path}: ')}")
+            continue
+        problem = run_problem(run) if skip_broken else None
+        if problem:
+            if skipped is not None:
+                skipped.append(f"{run.label}: {problem}")
+            continue
+        chosen.append(run)
+    if len(chosen) < count:
+        kind = "usable" if skip_broken else "readable"
         raise HistoryError(
-            f"{storage}: {len(runs)} readable run(s) stored, {count} needed; run the bench with --benchmark-autosave"
+            f"{storage}: {len(chosen)} {kind} run(s) stored, {count} needed; run the bench with --benchmark-autosave"
         )
-    return runs[-count:]
+    return chosen[::-1]

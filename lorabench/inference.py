@@ -25,7 +25,10 @@ from typing import Any
 from lorabench.config import BenchConfig
 from lorabench.precision import resolve_dtype
 
-DEFAULT_NEW_TOKENS = 32
+# The timing protocol of every inference variant, transformers and GGUF alike.
+WARMUP_CALLS = 2  # the first generate call pays one-off costs (kernel selection, caches): ~6x a later one here
+MEASURED_CALLS = 6
+NEW_TOKENS = 16
 DRIFT_NEW_TOKENS = 16  # longest answer generated per prompt for semantic drift (EOS stops it sooner)
 
 
@@ -226,7 +229,7 @@ class InferenceRun:
     """
 
     def __init__(self, variant: Variant, *, source, adapter_dir, tokenizer, prompt: str, device, model_name: str,
-                 dataset: str, new_tokens: int = DEFAULT_NEW_TOKENS, warmup: int = 2, repeats: int = 10,
+                 dataset: str, new_tokens: int = NEW_TOKENS, warmup: int = WARMUP_CALLS, repeats: int = MEASURED_CALLS,
                  dtype: str = "auto") -> None:
         from lorabench.environment import machine
         from lorabench.meters import CudaMeter, RssMeter

@@ -15,23 +15,34 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import traceback
 from typing import Any
 
 from lorabench import backends
 from lorabench.errors import LorabenchError
+from lorabench.quiet import QUIET_ENV
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
 from lorabench.runner import CaseAborted
 
-# Imported once by the forkserver; every case process inherits them. Every installed quantization
-# library is among them, so no backend's load time includes importing its library.
+# Imported once by the forkserver; every case process inherits them. lorabench.quiet comes first, so that
+# libraries' import-time notices are filtered in case processes too (below -v: all of them, see quiet).
+# Every installed quantization library is among them, so no backend's load time includes importing it.
 PRELOAD = ["lorabench.quiet", "torch", "transformers", "peft", *backends.preload_modules(), "accelerate", "datasets",
            "lorabench.runner"]
 
 
 class ChildFailed(LorabenchError):
-    """The case process raised an error that is not a measurement outcome (bad input, a bug)."""
+    """The case process raised an error that is not a measurement outcome (bad input, a bug).
+
+    ``traceback`` is the child's traceback, kept apart from the message so that reports show the
+    message and keep the traceback for ``-v`` and Allure.
+    """
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback
 
 
 def _context():
@@ -77,9 +88,10 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
             report_to=payload["report_to"],
             log_dir=payload["log_dir"],
             memory_budget=payload["memory_budget"],
+            base_eval=payload["base_eval"],
         )
         run.prepare()
-        conn.send(("ready", run.config.to_dict()))
+        conn.send(("ready", run.base_eval))
         while True:
             try:
                 command = conn.recv()
@@ -109,15 +121,19 @@ class IsolatedCaseRun:
     """The parent's handle on a case running in a child process; same phases as ``CaseRun``."""
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
-                 log_dir: str | None = None, memory_budget: int | None = None) -> None:
+                 log_dir: str | None = None, memory_budget: int | None = None, base_eval=None,
+                 quiet: bool = False) -> None:
         from lorabench.config import resolve
 
         self.case = case
         self.case_id = case_id
         self.config = resolve(case.config, source.defaults, device)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
-                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget}
+                         "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget,
+                         "base_eval": base_eval}
+        self.base_eval = base_eval
         self._device = str(device)
+        self._quiet = quiet
         self._process = None
         self._conn = None
         self._finished = False
@@ -127,10 +143,19 @@ class IsolatedCaseRun:
         parent_end, child_end = ctx.Pipe()
         self._process = ctx.Process(target=_child_main, args=(child_end, self._payload), daemon=True,
                                     name=f"lorabench-{self.case_id}")
-        self._process.start()
+        # The first start also starts the forkserver, which reads QUIET_ENV when it imports lorabench.quiet.
+        saved = os.environ.get(QUIET_ENV)
+        os.environ[QUIET_ENV] = "1" if self._quiet else "0"
+        try:
+            self._process.start()
+        finally:
+            if saved is None:
+                del os.environ[QUIET_ENV]
+            else:
+                os.environ[QUIET_ENV] = saved
         child_end.close()
         self._conn = parent_end
-        self._await("ready")
+        self.base_eval = self._await("ready")
 
     def step(self) -> float:
         self._conn.send("step")
@@ -184,7 +209,7 @@ class IsolatedCaseRun:
             elif kind == "aborted":
                 raise CaseAborted(CaseResult.from_extra_info(message[1]))
             elif kind == "failed":
-                raise ChildFailed(f"{self.case_id}: {message[1]}\n{message[2]}")
+                raise ChildFailed(f"{self.case_id}: {message[1]}", message[2])
             else:
                 raise ChildFailed(f"{self.case_id}: unexpected message {kind!r} from the case process")
 

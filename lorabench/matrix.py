@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lorabench import yamlio
 from lorabench.config import BenchConfig, apply_overrides
 from lorabench.errors import ConfigError
 
@@ -36,6 +35,10 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
         BenchConfig(f"qlora_nf4_r{r}", method="lora", quant="nf4", double_quant=True, rank=r, alpha=SWEEP_ALPHA, tags=("sweep",))
         for r in SWEEP_RANKS
     ),
+    # LoRA on two processes (lorabench/distributed.py), scaled against `lora`: DDP keeps a whole replica
+    # per rank, FSDP2 a half of every weight. gloo on the CPU, NCCL on CUDA (one GPU per rank).
+    BenchConfig("lora_ddp2", method="lora", world_size=2, strategy="ddp"),
+    BenchConfig("lora_fsdp2", method="lora", world_size=2, strategy="fsdp"),
 )
 
 DEFAULT_MODEL = "tiny-llama"
@@ -61,6 +64,10 @@ class Case:
         parts.append(self.config.id)
         return "-".join(parts)
 
+    def keywords(self) -> set[str]:
+        """The ``-k`` words that select this case by field (see :func:`selection_keywords`)."""
+        return selection_keywords(self.config.id, model=self.model, dataset=self.dataset)
+
 
 @dataclass(frozen=True)
 class Matrix:
@@ -75,6 +82,44 @@ class Matrix:
     def ids(self) -> list[str]:
         multi_model, multi_data = len(self.models) > 1, len(self.datasets) > 1
         return [c.case_id(with_model=multi_model, with_dataset=multi_data) for c in self.cases()]
+
+
+# Fields that say how a case spreads over processes, not what it trains.
+_SPREAD_FIELDS = ("id", "world_size", "strategy", "tags")
+
+
+def single_device_id(config: BenchConfig, configs) -> str | None:
+    """The configuration a multi-process case scales against: the one-process configuration of
+    ``configs`` that trains the same thing (every field equal but id, world_size, strategy, tags).
+
+    Returns:
+        Its id, or ``None`` for a one-process configuration or where ``configs`` has no such one.
+    """
+    if config.world_size == 1:
+        return None
+    mine = {k: v for k, v in config.to_dict().items() if k not in _SPREAD_FIELDS}
+    for other in configs:
+        if other.world_size == 1 and {k: v for k, v in other.to_dict().items() if k not in _SPREAD_FIELDS} == mine:
+            return other.id
+    return None
+
+
+def selection_keywords(config_id: str, *, model: str | None = None, dataset: str | None = None) -> set[str]:
+    """Words that ``pytest -k`` matches on a case, one per field, bracketed so no name is part of another.
+
+    ``-k`` matches any substring of a case's names, so ``-k qlora_nf4`` also picks up ``qlora_nf4_r8``
+    and ``minilm_qlora_nf4``. ``config[qlora_nf4]`` cannot: the brackets close the name on both sides.
+    Models and data sets get ``model[NAME]`` and ``dataset[NAME]`` with NAME as in the case id
+    (:func:`short_name`) and also as given (``model[Qwen/Qwen3-0.6B]``).
+
+    Returns:
+        e.g. ``{"config[qlora_nf4]", "model[tiny-llama]", "dataset[digit-reverse]"}``.
+    """
+    words = {f"config[{config_id}]"}
+    for field, spec in (("model", model), ("dataset", dataset)):
+        if spec:
+            words |= {f"{field}[{short_name(spec)}]", f"{field}[{spec}]"}
+    return words
 
 
 def short_name(spec: str) -> str:
@@ -115,14 +160,14 @@ def build_matrix(
 
 
 def _read_matrix_file(path: Path) -> tuple[list[str], list[str], list[BenchConfig]]:
-    if not path.is_file():
-        raise ConfigError(f"matrix file {path}: not found")
+    from lorabench.paths import read_text
+
+    text = read_text(path, "--matrix")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"matrix file {path}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        data = yamlio.load(text)
+    except yamlio.YamlProblem as exc:
+        at = f" (line {exc.line})" if exc.line else ""
+        raise ConfigError(f"matrix file {path}{at}: {exc.problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"matrix file {path}: expected a mapping with keys {', '.join(_MATRIX_KEYS)}")
     unknown = sorted(set(data) - set(_MATRIX_KEYS))
@@ -152,7 +197,7 @@ def _read_matrix_file(path: Path) -> tuple[list[str], list[str], list[BenchConfi
         for i, entry in enumerate(raw_configs):
             where = f"{path}: configs[{i}]"
             if not isinstance(entry, dict):
-                raise ConfigError(f"{where}: expected a mapping of configuration fields, got {entry!r}")
+                raise ConfigError(f"{where}: expected a mapping of configuration fields, got {type(entry).__name__} {entry!r}")
             configs.append(BenchConfig.from_dict({**defaults, **entry}, where=where))
     seen: set[str] = set()
     for c in configs:

@@ -45,6 +45,19 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("grads_mib", "MiB", "lower", "memory", "gradient bytes after the last backward pass"),
     _m("optimizer_state_mib", "MiB", "lower", "memory", "optimizer state bytes after the last step"),
     _m("other_mib", "MiB", "lower", "memory", "peak minus weights, gradients and optimizer state: activations, buffers, workspace"),
+    # memory: live tensor bytes over the warm-up steps (lorabench.tensor_tracker), any device
+    _m("tensor_peak_mib", "MiB", "lower", "memory", "peak of live tensor bytes in the training steps; the sum of the tensor_* parts"),
+    _m("tensor_params_mib", "MiB", "lower", "memory", "at the tensor peak: parameters, quantized storage, quantization state"),
+    _m("tensor_buffers_mib", "MiB", "lower", "memory", "at the tensor peak: the model's registered buffers"),
+    _m("tensor_grads_mib", "MiB", "lower", "memory", "at the tensor peak: gradients of trainable parameters"),
+    _m("tensor_optimizer_mib", "MiB", "lower", "memory", "at the tensor peak: optimizer state and tensors held by the optimizer"),
+    _m("tensor_activations_mib", "MiB", "lower", "memory",
+       "at the tensor peak: tensors of the forward pass alive when backward starts (saved for backward)"),
+    _m("tensor_temporaries_mib", "MiB", "lower", "memory",
+       "at the tensor peak: other tensors of the step (intermediates, activation gradients, recomputation)"),
+    # memory: the memory model's prediction for the case (lorabench.estimate), from the config alone
+    _m("predicted_peak_mib", "MiB", None, "memory", "tensor peak predicted on the meta device, no weights"),
+    _m("prediction_error_pct", "%", None, "memory", "(predicted_peak_mib - tensor_peak_mib) / tensor_peak_mib"),
     # size
     _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
     _m("params_trainable", "count", "lower", "size", "parameters that train"),
@@ -60,8 +73,8 @@ _FINETUNE: tuple[Metric, ...] = (
        gated=False),
     _m("step_cpu_ms", "ms", "lower", "speed", "median CPU time of the case process (all threads) per measured step",
        gated=False),
-    _m("samples_per_s", "1/s", "higher", "speed", "training examples per second over the measured steps", gated=False),
-    _m("tokens_per_s", "1/s", "higher", "speed", "non-padding tokens per second over the measured steps", gated=False),
+    _m("samples_per_s", "samples/s", "higher", "speed", "training examples per second over the measured steps", gated=False),
+    _m("tokens_per_s", "tokens/s", "higher", "speed", "non-padding tokens per second over the measured steps", gated=False),
     _m("train_s", "s", "lower", "speed", "wall time of all training steps, warm-up included", gated=False),
     _m("load_s", "s", "lower", "speed", "model load plus quantization time (one-shot)", gated=False),
     _m("mfu_pct", "%", "higher", "speed", "model FLOPs utilisation (PaLM): model FLOPs/token x tokens/s over the "
@@ -103,11 +116,19 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
     _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
 )
+# What a multi-process case (world_size > 1, lorabench.distributed) adds; its per-device memory figures
+# above are the largest rank's, and tokens_per_s / samples_per_s the sum over ranks.
+_DISTRIBUTED: tuple[Metric, ...] = (
+    _m("world_size", "count", None, "size", "ranks (processes, one device each) the case trained on"),
+    _m("tokens_per_s_per_device", "1/s", "higher", "speed", "tokens_per_s over world_size", gated=False),
+    _m("scaling_efficiency_pct", "%", "higher", "speed",
+       "tokens_per_s over world_size x the single-device case's tokens_per_s (100% is linear scaling)", gated=False),
+)
 _INFERENCE: tuple[Metric, ...] = (
     # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
     _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
     _m("ttft_ms_p90", "ms", "lower", "speed", "90th percentile of the time to first token"),
-    _m("decode_tokens_per_s", "1/s", "higher", "speed", "median decode rate after the first token, batch 1"),
+    _m("decode_tokens_per_s", "tokens/s", "higher", "speed", "median decode rate after the first token, batch 1"),
     _m("latency_ms", "ms", "lower", "speed", "median end-to-end time of one generate call"),
     _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
     _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),
@@ -134,7 +155,7 @@ _QUANT_ERROR: tuple[Metric, ...] = (
     )),
 )
 
-METRICS: dict[str, Metric] = {m.name: m for m in (*_FINETUNE, *_INFERENCE, *_QUANT_ERROR)}
+METRICS: dict[str, Metric] = {m.name: m for m in (*_FINETUNE, *_DISTRIBUTED, *_INFERENCE, *_QUANT_ERROR)}
 # What a fine-tuning case records, each figure or the reason it is absent.
 FINETUNE_METRICS: frozenset[str] = frozenset(m.name for m in _FINETUNE)
 
@@ -146,3 +167,16 @@ def direction(name: str) -> str | None:
         KeyError: the metric is unknown.
     """
     return METRICS[name].better
+
+
+# Metrics whose value may fall below zero (differences, similarities); every other one is a
+# size, a time, a rate, a count, a share or a loss, never negative.
+SIGNED_METRICS: frozenset[str] = frozenset({
+    "loss_drop", "forgetting_nats", "accuracy_gain_pp", "drift_cosine_mean", "drift_cosine_min",
+    "adapter_drift_cosine_mean", "adapter_drift_cosine_min",
+})
+
+
+def can_be_negative(name: str) -> bool:
+    """Whether a metric's value may be below zero (a difference or a cosine)."""
+    return name in SIGNED_METRICS

@@ -7,6 +7,7 @@ the checkpoint comes from differs.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from lorabench import backends
+from lorabench.checkpoints import check_causal_lm, check_weights
 from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ConfigError, ModelError
+from lorabench.paths import expand, require
 from lorabench.precision import resolve_dtype, torch_dtype
 from lorabench.zoo import ZOO, checkpoint_dir
 
@@ -36,45 +39,106 @@ class ModelSource:
 
 
 def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
-    """Turn a ``--model`` value into a loadable source, checking it is a causal LM.
+    """Turn a ``--model`` value into a loadable source the way Hugging Face resolves a name, checking it is a causal LM.
+
+    In order: a zoo name (``tiny-llama``); an existing directory, which is a checkpoint; a hub id
+    (``org/name``, dots and dashes allowed, ``org/name@revision`` for a branch, tag or commit),
+    which is looked up in the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and
+    loaded from its snapshot folder. Runs are offline, so nothing is downloaded.
 
     Args:
-        spec: a zoo name (``tiny-llama``), a checkpoint directory, or a hub id in the local cache.
+        spec: what the user passed to ``--model``.
         trust_remote_code: allow the checkpoint's own modelling code (off unless the user asks).
 
     Raises:
-        ModelError: the path is missing, the hub id is not cached, or the model is not a causal LM.
+        ModelError: the directory is missing or not a checkpoint, the hub id is malformed or not
+            in the local cache, or the model is not a causal LM.
     """
     if spec in ZOO:
         return ModelSource(spec, str(checkpoint_dir(spec)), True, ZOO[spec].defaults)
-    path = Path(spec)
-    looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix
-    if looks_local and not path.is_dir():
-        raise ModelError(f"--model {spec}: no such checkpoint directory")
-    if looks_local and not (path / "config.json").is_file():
-        raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
-    _check_causal_lm(spec, trust_remote_code)
-    return ModelSource(spec, spec, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
+    path = expand(spec, "--model", ModelError)
+    if os.path.lexists(path) or _looks_like_path(spec):
+        require(path, "directory", "--model", ModelError)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
+        _check_causal_lm(spec, str(path), trust_remote_code)
+        check_weights(path, spec)
+        return ModelSource(spec, str(path), False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
+    snapshot = hub_snapshot(spec)
+    _check_causal_lm(spec, snapshot, trust_remote_code)
+    check_weights(Path(snapshot), spec)
+    return ModelSource(spec, snapshot, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
 
 
-def _check_causal_lm(spec: str, trust_remote_code: bool) -> None:
+def _looks_like_path(spec: str) -> bool:
+    """A spec written as a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) rather than ``org/name[@rev]``."""
+    repo = spec.split("@", 1)[0]
+    return spec.startswith((".", "/", "~")) or "\\" in spec or repo.count("/") > 1
+
+
+def split_hub_id(spec: str) -> tuple[str, str | None]:
+    """``org/name@rev`` -> (``org/name``, ``rev``); the revision is ``None`` when not given.
+
+    Raises:
+        ModelError: the id is not a valid hub repository id.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo, _, revision = spec.partition("@")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise ModelError(
+            f"--model {spec!r}: not an embedded model ({', '.join(ZOO)}), not an existing directory, and not a hub "
+            f"id of the form ORG/NAME or ORG/NAME@REVISION ({exc})"
+        ) from None
+    if spec.endswith("@"):
+        raise ModelError(f"--model {spec!r}: empty revision after '@'; write ORG/NAME@REVISION or leave '@' out")
+    return repo, revision or None
+
+
+def hub_snapshot(spec: str) -> str:
+    """The snapshot folder of a hub id in the local Hugging Face cache (nothing is downloaded).
+
+    Raises:
+        ModelError: the id is malformed, or that repository and revision are not in the local cache;
+            the message says how to fetch it.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, revision = split_hub_id(spec)
+    try:
+        return snapshot_download(repo, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError:
+        at = f" at revision {revision!r}" if revision else ""
+        fetch = f"{repo}" + (f" --revision {revision}" if revision else "")
+        zoo = "" if "/" in repo else f"not an embedded model ({', '.join(ZOO)}) and "
+        cache = str(constants.HF_HUB_CACHE)
+        if cache.startswith(str(Path.home())):
+            cache = "~" + cache[len(str(Path.home())):]
+        raise ModelError(
+            f"--model {spec!r}: {zoo}not in the local Hugging Face cache{at} ({cache}); runs are "
+            f"offline. Fetch it on a machine with network with `huggingface-cli download {fetch}` (or `hf download "
+            f"{fetch}`) and copy the cache here, or point HF_HOME at a cache that holds it"
+        ) from None
+
+
+def _check_causal_lm(spec: str, path: str, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
-        config = AutoConfig.from_pretrained(spec, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        known = ", ".join(ZOO)
-        raise ModelError(
-            f"--model {spec!r}: not an embedded model ({known}), not a checkpoint directory, and not in the local "
-            f"Hugging Face cache (runs are offline; download it first with `hf download {spec}`): {exc}"
-        ) from None
-    auto_map = getattr(config, "auto_map", None) or {}
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in auto_map:
-        raise ModelError(
-            f"--model {spec!r}: model type {config.model_type!r} is not a causal language model "
-            "(AutoModelForCausalLM cannot load it)"
-        )
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError or KeyError by case
+        text = str(exc)
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise ModelError(f"--model {spec}: the checkpoint ships its own modelling code (auto_map in config.json), "
+                             "which runs only with --trust-remote-code; read that code, then pass --trust-remote-code "
+                             "to allow it") from None
+        first = text.splitlines()[0] if text else "no reason given"
+        raise ModelError(f"--model {spec!r}: cannot read its config.json ({path}): {type(exc).__name__}: {first}") from None
+    check_causal_lm(config, spec)
 
 
 @dataclass

@@ -76,15 +76,15 @@ class OverheadReading:
         return 100.0 * (1.0 - self.ratio)
 
 
-def interleaved(suite_step, bare_step, *, steps: int) -> tuple[list[float], list[float]]:
-    """Alternate the two step functions ``steps`` times each; return each side's step times in seconds."""
-    suite, bare = [], []
-    for _ in range(steps):
-        for fn, times in ((suite_step, suite), (bare_step, bare)):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-    return suite, bare
+def step_pair(suite_step, bare_step, suite_s: list[float], bare_s: list[float]) -> None:
+    """One suite step, then one bare step, each timed on its own; their times go to ``suite_s`` and ``bare_s``.
+
+    Alternating the two keeps both sides under the same machine state (load, caches, clocks).
+    """
+    for fn, times in ((suite_step, suite_s), (bare_step, bare_s)):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
 
 
 def compare(suite_s: list[float], bare_s: list[float], suite_tokens: list[int], bare_tokens: list[int],

@@ -1,7 +1,10 @@
 """Plots of a run's results with matplotlib (no display needed), each as PNG and SVG.
 
 memory vs training time, quality vs training time, quality vs LoRA rank, and the Pareto
-frontier of memory vs quality. Axis labels name the counter a figure comes from.
+frontier of memory vs quality. Each plot has one panel per model and data set, titled with
+both, so cases of different tasks are never drawn on one axis. Axis labels name the counter a
+figure comes from; a case run at several seeds (``--seeds``) shows its mean with a bar of one
+standard deviation.
 """
 
 from __future__ import annotations
@@ -9,24 +12,28 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from lorabench import backends
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.textsafe import plot_label
 
 FORMATS = ("png", "svg")
+PANEL_SIZE = (6.4, 4.2)  # inches per model x data set panel
 
 
 def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; works on machines with no display
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text: searchable, and smaller
     import matplotlib.pyplot as plt
 
     return plt
 
 
 def _label(metric: str) -> str:
-    m = METRICS[metric]
-    return f"{metric} ({m.unit}): {m.help}" if len(m.help) < 48 else f"{metric} ({m.unit})"
+    """The metric's name (the counter it comes from, lorabench/metrics.py) and its unit."""
+    return f"{metric} ({METRICS[metric].unit})"
 
 
 def _save(fig, base: Path) -> list[Path]:
@@ -39,32 +46,84 @@ def _save(fig, base: Path) -> list[Path]:
     return paths
 
 
-def _points(results: list[CaseResult], x: str, y: str) -> list[tuple[float, float, str]]:
-    return [(r.metrics[x], r.metrics[y], f"{r.config_id}" + ("" if len({q.model for q in results}) == 1 else f" {r.model}"))
-            for r in results if r.status == STATUS_OK and x in r.metrics and y in r.metrics]
+def panels(results: list[CaseResult]) -> list[tuple[str, str, list[CaseResult]]]:
+    """(model, data set, its fine-tuning cases that ran), in run order: one panel each."""
+    grouped: dict[tuple[str, str], list[CaseResult]] = defaultdict(list)
+    for r in results:
+        if r.config.get("kind", "finetune") == "finetune" and r.status == STATUS_OK:
+            grouped[(r.model, r.dataset)].append(r)
+    return [(model, dataset, members) for (model, dataset), members in grouped.items()]
+
+
+def _figure(n: int, title: str):
+    """A figure with ``n`` panels in a near-square grid, at most three a row."""
+    import math
+
+    plt = _pyplot()
+    cols = min(math.ceil(math.sqrt(max(n, 1))), 3)
+    rows = -(-max(n, 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, flat[:max(n, 1)]
+
+
+def _sd(result: CaseResult, metric: str) -> float | None:
+    spread = result.spread.get(metric)
+    return spread["sd"] if spread else None
+
+
+def _points(members: list[CaseResult], x: str, y: str) -> list[tuple[float, float, str, CaseResult]]:
+    return [(r.metrics[x], r.metrics[y], r.config_id, r) for r in members if x in r.metrics and y in r.metrics]
+
+
+def _draw_points(ax, points, x: str, y: str, colour=None) -> None:
+    """Each case at its (mean) values, a bar of one standard deviation where it ran several seeds, named."""
+    for px, py, name, r in points:
+        ax.errorbar(px, py, xerr=_sd(r, x), yerr=_sd(r, y), fmt="o", color=colour(r) if colour else None, capsize=3)
+        ax.annotate(plot_label(name), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+
+
+def _panel_axes(ax, model: str, dataset: str, x: str, y: str) -> None:
+    from lorabench.matrix import short_name
+
+    ax.set_title(plot_label(f"{short_name(model)} on {short_name(dataset)}"), fontsize=10)
+    ax.set(xlabel=_label(x), ylabel=_label(y))
+    ax.margins(x=0.18, y=0.12)  # room for the case names written beside the points
+    ax.grid(alpha=0.3)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
 def _scatter(results: list[CaseResult], x: str, y: str, title: str, base: Path) -> list[Path]:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = _points(results, x, y)
-    for px, py, name in points:
-        ax.scatter(px, py)
-        ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if not points:
-        ax.text(0.5, 0.5, f"no case measured both {x} and {y}", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel=_label(x), ylabel=_label(y), title=title)
-    ax.grid(alpha=0.3)
+    found = panels(results)
+    fig, axes = _figure(len(found), title)
+    for ax, (model, dataset, members) in zip(axes, found):
+        _panel_axes(ax, model, dataset, x, y)
+        points = _points(members, x, y)
+        _draw_points(ax, points, x, y)
+        if not points:
+            _empty(ax, f"no case measured both {x} and {y}")
+    if not found:
+        _empty(axes[0], "no fine-tuning case ran")
     return _save(fig, base)
 
 
-def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
-    """The points no other point beats on both axes (both lower-is-better), by increasing x."""
+def pareto_front(points: list[tuple]) -> list[tuple]:
+    """The points no other point beats on both axes (both lower-is-better), by increasing x.
+
+    Each point is ``(x, y, ...)``; whatever follows x and y is carried along.
+    """
     front, best_y = [], float("inf")
-    for px, py, name in sorted(points, key=lambda p: (p[0], p[1])):
-        if py < best_y:
-            front.append((px, py, name))
-            best_y = py
+    for point in sorted(points, key=lambda p: (p[0], p[1])):
+        if point[1] < best_y:
+            front.append(point)
+            best_y = point[1]
     return front
 
 
@@ -85,50 +144,88 @@ def write_plots(results: list[CaseResult], out: Path) -> list[Path]:
     return written
 
 
+def base_label(config: dict) -> str:
+    """How a LoRA case's base is stored: ``NF4 base (double quant.)``, ``int8 base``, ``bf16 base``."""
+    quant = config.get("quant") or "none"
+    if quant == "none":
+        return f"{config.get('dtype', 'bf16')} base"
+    name = backends.format_for(quant).label if quant in backends.quant_values() else quant
+    return f"{name} base" + (" (double quant.)" if config.get("double_quant") else "")
+
+
+def _series_name(r: CaseResult) -> str:
+    """A rank series: cases that differ only in rank (a sweep) share one; others stand alone under their id."""
+    c = r.config
+    if "sweep" in (c.get("tags") or ()):
+        return f"{base_label(c)}, alpha {c.get('alpha')} (sweep)"
+    return f"{r.config_id}: {base_label(c)}, alpha {c.get('alpha')}"
+
+
 def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = defaultdict(list)
-    for r in results:
-        rank = r.config.get("rank")
-        if r.status == STATUS_OK and r.config.get("method") != "full" and rank and "eval_loss" in r.metrics:
-            series[f"{r.config.get('quant') or 'bf16'} {r.model}"].append((rank, r.metrics["eval_loss"]))
-    for name, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if series:
-        ax.set_xscale("log", base=2)
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no LoRA case with an eval loss", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="LoRA rank", ylabel=_label("eval_loss"), title="Quality vs LoRA rank")
-    ax.grid(alpha=0.3)
+    from matplotlib.ticker import NullLocator
+
+    found = panels(results)
+    fig, axes = _figure(len(found), "Quality vs LoRA rank")
+    for ax, (model, dataset, members) in zip(axes, found):
+        _panel_axes(ax, model, dataset, "eval_loss", "eval_loss")
+        ax.set_xlabel("LoRA rank (log scale)")
+        series: dict[str, list[tuple[int, float, float | None, str]]] = defaultdict(list)
+        for r in members:
+            rank = r.config.get("rank")
+            if r.config.get("method") != "full" and rank and "eval_loss" in r.metrics:
+                series[plot_label(_series_name(r))].append((int(rank), r.metrics["eval_loss"], _sd(r, "eval_loss"), r.config_id))
+        ranks = sorted({p[0] for pts in series.values() for p in pts})
+        for name, pts in sorted(series.items()):
+            pts.sort(key=lambda p: p[0])
+            yerr = [p[2] or 0.0 for p in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr if any(yerr) else None, marker="o",
+                        capsize=3, label=name, linestyle="-" if len(pts) > 1 else "none")
+            for rank, loss, _, config_id in pts:
+                ax.annotate(plot_label(config_id), (rank, loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if series:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(ranks, [str(r) for r in ranks])  # the ranks used, written as numbers
+            ax.legend(fontsize=7)
+        else:
+            _empty(ax, "no LoRA case with an eval loss")
+    if not found:
+        _empty(axes[0], "no fine-tuning case ran")
     return _save(fig, base)
 
 
 def _pareto_plot(results: list[CaseResult], memory: str, base: Path) -> list[Path]:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = _points(results, memory, "eval_loss")
-    front = pareto_front(points)
-    for px, py, name in points:
-        on_front = (px, py, name) in front
-        ax.scatter(px, py, color="tab:red" if on_front else "tab:gray")
-        ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if front:
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto frontier")
-        ax.legend(fontsize=8)
-    ax.set(xlabel=_label(memory), ylabel=_label("eval_loss"), title="Memory vs quality: the Pareto frontier (red)")
-    ax.grid(alpha=0.3)
+    found = panels(results)
+    fig, axes = _figure(len(found), "Memory vs quality: the Pareto frontier (red)")
+    for ax, (model, dataset, members) in zip(axes, found):
+        _panel_axes(ax, model, dataset, memory, "eval_loss")
+        points = _points(members, memory, "eval_loss")
+        front = pareto_front(points)
+        on_front = {id(p[3]) for p in front}
+        _draw_points(ax, points, memory, "eval_loss",
+                     colour=lambda r: "tab:red" if id(r) in on_front else "tab:gray")
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto frontier")
+            ax.legend(fontsize=8)
+        if not points:
+            _empty(ax, f"no case measured both {memory} and eval_loss")
+    if not found:
+        _empty(axes[0], "no fine-tuning case ran")
     return _save(fig, base)
 
 
 def loss_curve_png(result: CaseResult, path: Path) -> Path:
-    """One case's training loss per step (for the Allure attachment)."""
+    """One case's training loss per step, one line per seed (for the Allure attachment)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(result.loss_curve) + 1), result.loss_curve, marker=".")
-    ax.set(xlabel="optimizer step", ylabel="training loss (nats)", title=f"{result.case_id}: training loss")
+    curves = [(f"seed {s['seed']}", s["loss_curve"]) for s in result.seeds if s.get("loss_curve")] or \
+        [(None, result.loss_curve)]
+    for label, curve in curves:
+        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=label)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    ax.set(xlabel="optimizer step", ylabel="training loss (nats)",
+           title=plot_label(f"{result.case_id}: training loss ({result.model} on {result.dataset})", 80))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import lorabench.quiet  # noqa: F401  (first: before any Hugging Face library is imported)
+from lorabench.quiet import OwnRecordsOnly, quiet_libraries  # first: before any Hugging Face library is imported
 from lorabench.errors import LorabenchError
 from lorabench.session import (
     DEFAULT_CASE_TIMEOUT_S,
@@ -21,10 +21,12 @@ from lorabench.session import (
     BenchSession,
     open_session,
 )
+from lorabench.failures import failure_block
 from lorabench.summary import render_summary
-from lorabench.thresholds import FAIL
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
+# pytest-xdist workers, --shard and the results the workers send back (lorabench/scaleout.py)
+pytest_plugins = ["lorabench.plugin_scaleout"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,6 +51,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--memory-budget", dest="memory_budget", default=None, metavar="SIZE",
                 help="cap each case's memory, e.g. 6GiB: CUDA caps the allocator, the CPU a watchdog on RSS; "
                      "a case over it records 'does not fit'")
+    g.addoption("--seeds", default=None, metavar="N|S1,S2,...",
+                help="run every fine-tuning case N times, with the configuration's seed and the N-1 after it, or "
+                     "with the seeds listed; the record keeps each seed's figures, their mean and 95%% interval "
+                     "(default: one run at the configuration's seed)")
     g.addoption("--case-timeout", dest="case_timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="SECONDS",
                 help=f"fail a case that runs longer than this (default {DEFAULT_CASE_TIMEOUT_S:.0f}; 0 turns it off)")
 
@@ -60,6 +66,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
+    quiet = config.get_verbosity() <= 0
+    if quiet:
+        for line in quiet_libraries():
+            config.addinivalue_line("filterwarnings", line)
     try:
         config.stash[SESSION_KEY] = open_session(
             root=Path(config.rootpath),
@@ -75,26 +85,42 @@ def pytest_configure(config: pytest.Config) -> None:
             trust_remote_code=config.getoption("trust_remote_code"),
             memory_budget=config.getoption("memory_budget"),
             case_timeout_s=config.getoption("case_timeout"),
+            seeds=config.getoption("seeds"),
+            quiet=quiet,
         )
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """After pytest-benchmark has set up its storage: make its writes atomic."""
-    from lorabench.storage import make_atomic
+    """After pytest-benchmark has set up its storage: make its writes atomic, with a fallback on failure.
+    Below -v, the live log and the captured-log sections show lorabench's records and other loggers' errors only."""
+    from lorabench.storage import make_atomic, protect_json_output
 
     benchmark_session = getattr(session.config, "_benchmarksession", None)
-    if benchmark_session is not None:
-        make_atomic(benchmark_session.storage)
+    bench = session.config.stash.get(SESSION_KEY, None)
+    if benchmark_session is not None and bench is not None:
+        make_atomic(benchmark_session.storage, bench.save_failures)
+        if benchmark_session.json:
+            protect_json_output(benchmark_session, bench.save_failures)
+    logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
+    if bench is not None and bench.quiet and logging_plugin is not None:
+        for handler in (logging_plugin.log_cli_handler, logging_plugin.report_handler):
+            handler.addFilter(OwnRecordsOnly())
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """With --alluredir: the launch's environment (device, versions) and result categories."""
+    """A run whose results went to a fallback location fails (pytest-benchmark has saved by now);
+    with --alluredir: the launch's environment (device, versions) and result categories."""
     from lorabench import allure_results
     from lorabench.environment import machine
 
-    if allure_results.enabled(session.config) and session.config.stash.get(SESSION_KEY, None) is not None:
+    bench = session.config.stash.get(SESSION_KEY, None)
+    if bench is not None and bench.save_failures and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller writes them once
+    if allure_results.enabled(session.config) and bench is not None:
         allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
 
 
@@ -112,17 +138,59 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("bench_case", params)
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Give each bench case its ``-k`` words: ``config[ID]``, ``model[NAME]``, ``dataset[NAME]``."""
+    from lorabench.matrix import selection_keywords
+
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    session = item.config.stash.get(SESSION_KEY, None)
+    if "bench_case" in params:
+        item.extra_keyword_matches.update(params["bench_case"].keywords())
+    elif session is not None and hasattr(params.get("variant"), "id"):
+        # inference and GGUF variants run on the run's first model and data set
+        item.extra_keyword_matches.update(selection_keywords(
+            params["variant"].id, model=session.matrix.models[0], dataset=session.matrix.datasets[0]))
+    elif hasattr(params.get("config"), "id"):
+        item.extra_keyword_matches.update(selection_keywords(params["config"].id))
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the selected cases are checked
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Read the gates and check every user input once, before any case trains, if a bench case was collected."""
-    gated = ("bench_case", "inference_adapter")  # the inference cases train an adapter first
-    if not any(name in getattr(item, "fixturenames", ()) for item in items for name in gated):
+    """Read the gates and check every user input once, before any case trains, if a bench case was collected.
+
+    A bench case is any test that records through the session (fine-tuning, inference, GGUF,
+    classification, quantization error): each of them is gated, whichever file ran alone.
+    """
+    if not any("bench_session" in getattr(item, "fixturenames", ()) for item in items):
         return
     session = config.stash[SESSION_KEY]
+    selected = [item.callspec.params["bench_case"] for item in items
+                if "bench_case" in getattr(getattr(item, "callspec", None), "params", {})]
+    ids = [item.callspec.id for item in items if "bench_case" in getattr(getattr(item, "callspec", None), "params", {})]
+    # a case that is not a matrix case (an inference variant's adapter) draws on the whole matrix
+    whole_matrix = len(selected) < len(items)
     try:
         session.load_gates()
-        session.check_inputs()
+        session.check_inputs(None if whole_matrix else selected)
+        session.check_outputs(**_outputs(config), cases=len(items), ids=None if whole_matrix else ids)
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def _outputs(config: pytest.Config) -> dict:
+    """Where pytest-benchmark will write this run: its storage directory (when saving) and --benchmark-json."""
+    from pytest_benchmark.storage.file import FileStorage
+
+    benchmark_session = getattr(config, "_benchmarksession", None)
+    if benchmark_session is None:
+        return {}
+    storage = benchmark_session.storage
+    saving = (benchmark_session.save or benchmark_session.autosave) and isinstance(storage, FileStorage)
+    directory = None
+    if saving:
+        directory = storage.path / storage.default_machine_id if storage.default_machine_id else storage.path
+    json_path = Path(benchmark_session.json) if benchmark_session.json else None
+    return {"storage": directory, "json_path": json_path}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -130,7 +198,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     bench = session.config.stash.get(SESSION_KEY, None)
     items = [i for i in session.items if "bench_case" in getattr(i, "fixturenames", ())]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if bench is None or not items or reporter is None:
+    if bench is None or not items or reporter is None or hasattr(session.config, "workerinput"):
         return
     reporter.write_line(bench.plan_line([i.callspec.params["bench_case"] for i in items],
                                         [i.callspec.id for i in items], _storage_path(session.config)))
@@ -157,12 +225,22 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
-    if session is None or not session.results:
+    if session is None:
+        return
+    for failure in session.save_failures:
+        terminalreporter.write_sep("=", "lorabench: results not saved where asked", red=True)
+        for line in failure.lines():
+            terminalreporter.write_line(line, red=True)
+    if not session.results:
         return
     counts = Counter(g["status"] for r in session.results for g in r.gates)
     terminalreporter.write_sep("=", "lorabench summary")
     for line in render_summary(session.results, dict(counts)):
         terminalreporter.write_line(line)
-    failed = [g for r in session.results for g in r.gates if g["status"] == FAIL]
-    for g in failed:
-        terminalreporter.write_line(f"FAILED GATE {g['message']}")
+    blocks = [b for r in session.results if (b := failure_block(r, verbose=config.get_verbosity() > 0))]
+    if blocks:
+        terminalreporter.write_sep("-", f"lorabench: {len(blocks)} case(s) failed")
+        for block in blocks:
+            terminalreporter.write_line(block)
+    for notice in session.notices:
+        terminalreporter.write_line(f"NOTE {notice}")

@@ -87,3 +87,13 @@ def native_dtype_and_reason(device) -> tuple[str, str]:
 def resolve_dtype(requested: str, device) -> str:
     """``auto`` becomes the device's native dtype; a forced dtype stays as given."""
     return native_dtype(device) if requested == AUTO else requested
+
+
+def predicted_dtype(requested: str, target: str) -> str:
+    """``auto`` for a device that is not here (the memory model's ``target``): bf16 for ``cuda`` (a GPU of
+    compute capability 8.0 or newer; force ``fp16`` for older cards), this CPU's native dtype for ``cpu``."""
+    import torch
+
+    if requested != AUTO:
+        return requested
+    return "bf16" if target == "cuda" else native_dtype(torch.device("cpu"))

@@ -16,6 +16,16 @@ STATUS_OK = "ok"
 STATUS_DOES_NOT_FIT = "does_not_fit"
 STATUS_ERROR = "error"
 STATUS_TIMEOUT = "timeout"
+STATUS_DIVERGED = "diverged"  # the training loss became non-finite or broke the divergence rule
+# Outcomes that say the case itself went wrong (not a measurement such as "does not fit").
+FAILED_STATUSES = (STATUS_ERROR, STATUS_TIMEOUT, STATUS_DIVERGED)
+
+
+def plain_reason(why: str) -> str:
+    """An absence reason without a leading "not measured: " (records before 2026-12 carried one)."""
+    while why.lower().startswith("not measured: "):
+        why = why[len("not measured: "):]
+    return why
 
 
 @dataclass
@@ -37,6 +47,11 @@ class CaseResult:
     gates: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # breakdowns behind a metric (per-layer errors)
+    # With --seeds: each seed's record ({"seed", "status", "error", "metrics", "loss_curve", "step_ms_curve",
+    # "control_ms_curve"}),
+    # and per metric {"n", "sd", "ci_low", "ci_high"}; ``metrics`` then holds the means (lorabench.seeds).
+    seeds: list[dict[str, Any]] = field(default_factory=list)
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def set(self, name: str, value: float | None, *, reason: str = "", source: str = "") -> None:
         """Record a metric, or its absence with ``reason`` when ``value`` is None or not finite."""

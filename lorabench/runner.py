@@ -11,18 +11,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorabench.adapters import check_case_adapter
+from lorabench.adapters import check_case_adapter, record_adapter
 from lorabench.accuracy import record_accuracy
 from lorabench.budget import MemoryBudget
 from lorabench.config import BenchConfig, resolve
 from lorabench.data import TaskData, collator, tokenize
 from lorabench.environment import machine
+from lorabench.estimate.case import record_prediction
 from lorabench.footprint import (
     MIB,
     optimizer_state_bytes,
@@ -35,8 +37,9 @@ from lorabench.matrix import Case
 from lorabench.meters import CudaMeter, RssMeter, cuda_only_absent
 from lorabench.models import ModelSource, apply_adapter, load_model
 from lorabench.quality import eval_loss
-from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, CaseResult
-from lorabench.training import DivergenceError, StepRunner, make_trainer, simple_timer
+from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
+from lorabench.tensor_meter import TensorMeter
+from lorabench.training import DivergenceError, DivergenceRule, StepRunner, make_trainer, simple_timer
 
 log = logging.getLogger("lorabench.progress")
 
@@ -45,6 +48,25 @@ log = logging.getLogger("lorabench.progress")
 REFERENCE_EXAMPLES = 128
 
 Timer = Callable[[Callable[[], Any], int, int, Callable[[], None]], Any]  # (step, rounds, warmup_rounds, control)
+
+
+@dataclass(frozen=True)
+class BaseEvaluation:
+    """The base model's held-out and reference losses before training.
+
+    Every case whose base loads the same way (model, data set, quantization, dtype, sequence
+    length, batch) starts from the same model output, a LoRA adapter included (its B starts at
+    zero), so a session computes it once and the cases after the first reuse it.
+    """
+
+    held_out: Any  # EvalLoss with exact-match counts
+    reference: Any | None  # EvalLoss on the reference text, where the data set has one
+
+
+def base_evaluation_key(model: str, dataset: str, config: BenchConfig) -> tuple:
+    """What a base evaluation depends on; ``config`` is resolved (dtype, seq_len, batch_size filled)."""
+    return (model, dataset, config.quant, config.double_quant, config.dtype, config.seq_len, config.batch_size,
+            config.seed)
 
 
 @dataclass(frozen=True)
@@ -94,12 +116,15 @@ class CaseRun:
         log_dir: where those integrations write.
         memory_budget: bytes the case may use (``--memory-budget``); ``None`` for no cap.
         adapter_dir: where to keep the trained adapter (``None``: a temporary directory).
+        parallel: this rank's part in a multi-process case (:class:`lorabench.distributed.RankParallel`):
+            it shards and wraps the model; ``None`` for a case in one process.
     """
 
     def __init__(self, case: Case, *, case_id: str, source: ModelSource,
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
                  log_dir: str | None = None, memory_budget: int | None = None,
-                 adapter_dir: str | None = None) -> None:
+                 adapter_dir: str | None = None, base_eval: BaseEvaluation | None = None,
+                 parallel=None) -> None:
         self.config = config = resolve(case.config, source.defaults, device)
         self.case_id = case_id
         self.source = source
@@ -108,6 +133,7 @@ class CaseRun:
         self.report_to = report_to
         self.log_dir = log_dir
         self.adapter_dir = adapter_dir
+        self.parallel = parallel
         self.on_cuda = device.type == "cuda"
         self.result = CaseResult(
             case_id=case_id,
@@ -125,8 +151,9 @@ class CaseRun:
             self.result.environment["memory_budget_mib"] = self.budget.limit_mib
         self._meters_running = False
         self.model = self.trainer = self.runner = self.tokens = self.collate = None
+        self.tensors: TensorMeter | None = None
         self.eos_token_id = None
-        self.reference_before = None
+        self.base_eval = base_eval
         self.started = 0.0
         self._current_phase: tuple[str, float] | None = None
 
@@ -137,31 +164,43 @@ class CaseRun:
         with self._guard():
             config, result = self.config, self.result
             set_seed(config.seed)
+            self._record_load("start")
             self._phase("load", f"loading {self.source.spec} ({config.quant}, {config.dtype}, {config.method})")
             self.tokens = self.tokens_for(config)
             self._start_meters()
             loaded = load_model(self.source, config, self.device)
             self.model = apply_adapter(loaded.model, config)
+            if self.parallel is not None:  # FSDP: each rank keeps its shard (weights_mib is the shard's)
+                self.model = self.parallel.shard(self.model)
             result.set("load_s", loaded.load_s, source="wall clock around from_pretrained (load + quantize)")
             _record_model(result, self.model)
             self.collate = collator(loaded.tokenizer)
             self.eos_token_id = loaded.tokenizer.eos_token_id
-            self._phase("eval_before", "evaluating the base model")
-            before = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
-                               device=self.device, eos_token_id=self.eos_token_id)
-            result.set("eval_loss_before", before.loss)
-            record_accuracy(result, before, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len,
-                            stage="_before")
-            self.reference_before = self._reference_loss()
+            self._phase("eval_before", "evaluating the base model" if self.base_eval is None
+                        else "reusing this session's evaluation of the same base")
+            if self.base_eval is None:
+                held_out = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
+                                     device=self.device, eos_token_id=self.eos_token_id)
+                self.base_eval = BaseEvaluation(held_out, self._reference_loss())
+                shared = "measured in this case"
+            else:
+                shared = "shared: measured once per model, data set and base (quantization, dtype, length, batch)"
+            result.set("eval_loss_before", self.base_eval.held_out.loss, source=shared)
+            record_accuracy(result, self.base_eval.held_out, has_answers=self.tokens.task.has_answers,
+                            seq_len=config.seq_len, stage="_before")
             self._phase("train", f"training {config.steps} steps")
             self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
                                         self.device, self.report_to, self.log_dir)
-            self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end)
+            if self.parallel is not None:  # DDP: the Trainer's steps go through the wrapper that all-reduces
+                self.trainer.model_wrapped = self.parallel.wrap(self.model)
+            self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
+                                     divergence=DivergenceRule.of(config))
+            self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps)
             self.started = time.perf_counter()
 
     def step(self) -> float:
         with self._guard():
-            return self.runner.step()
+            return self.tensors.run(self.runner.step)
 
     def control(self) -> None:
         """Time the control workload just before the next step (:mod:`lorabench.control`)."""
@@ -171,28 +210,36 @@ class CaseRun:
     def finish(self) -> CaseResult:
         with self._guard():
             config, result = self.config, self.result
-            self.runner.run_until(config.steps)  # where the timer ran fewer (pytest-benchmark disabled)
+            while self.runner.steps_done < config.steps:  # where the timer ran fewer (pytest-benchmark disabled)
+                self.tensors.run(self.runner.step)
             train_s = time.perf_counter() - self.started
             self.runner.end()
             _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
-            _record_speed(result, self.runner, config, train_s, self.model, self.device)
+            record_prediction(result, self.source, config, self.tensors, self.runner.record.shapes, self.device)
+            record_speed(result, self.runner, config, train_s, self.model, self.device)
             self._phase("eval_after", "evaluating the trained model")
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
                               device=self.device, eos_token_id=self.eos_token_id)
             _record_quality(result, self.runner, after)
             record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
-            _record_task_change(result, self.reference_before, self._reference_loss())
+            _record_task_change(result, self.base_eval.reference, self._reference_loss())
             # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
-            self._phase("adapter_check", "saving, reloading and merging the adapter")
-            check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval, self.collate,
-                               self.adapter_dir)
+            if self.parallel is None:
+                self._phase("adapter_check", "saving, reloading and merging the adapter")
+                check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval,
+                                   self.collate, self.adapter_dir)
+            else:
+                record_adapter(result, None, reason=self.parallel.adapter_reason)
             self._phase(None, "")
+            self._record_load("end")
             self._judge_budget()
         self.close()
         return self.result
 
     def close(self) -> None:
         """Drop the model and everything that holds device memory."""
+        if self.tensors is not None:
+            self.tensors.close()
         self.model = self.trainer = self.runner = None
         gc.collect()
         if self.on_cuda:
@@ -200,11 +247,16 @@ class CaseRun:
 
             torch.cuda.empty_cache()
         if not self.on_cuda:
-            reason = f"not measured: the case ran on {self.device.type}, not CUDA"
+            reason = f"the case ran on {self.device.type}, not CUDA"
             for name, why in cuda_only_absent(reason).items():
                 self.result.absent.setdefault(name, why)
 
     # ----- helpers -------------------------------------------------------------
+    def _record_load(self, when: str) -> None:
+        """The machine's 1-minute load average, so a reader knows what else competed for the cores."""
+        if hasattr(os, "getloadavg"):
+            self.result.environment[f"load_avg_1m_{when}"] = round(os.getloadavg()[0], 2)
+
     def _phase(self, name: str | None, what: str) -> None:
         """End the current phase (its wall time becomes ``phase_<name>_s``) and start the next one."""
         now = time.perf_counter()
@@ -235,7 +287,8 @@ class CaseRun:
         self._meters_running = False
         if self.budget:
             self.budget.stop()
-        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else [])
+        tensors = [self.tensors.reading()] if self.tensors is not None else []
+        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else []) + tensors
 
     def _judge_budget(self) -> None:
         """A case whose measured peak passed the budget between two watchdog samples does not fit either."""
@@ -263,7 +316,8 @@ class CaseRun:
         try:
             yield
         except DivergenceError as exc:
-            self._abort(STATUS_ERROR, f"{exc} (configuration {self.config.id})")
+            self.result.details["diverged_at_step"] = exc.step
+            self._abort(STATUS_DIVERGED, f"{exc} (configuration {self.config.id})")
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
@@ -341,7 +395,7 @@ def _record_memory(result: CaseResult, readings, runner: StepRunner, trainer, on
         result.set("other_mib", None, reason=f"{peak_name} is absent: {result.absent.get(peak_name, '')}")
 
 
-def _record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
+def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
     """Wall-clock speed (informational under load), and the step time against the control (gated)."""
     from lorabench.control import paired_ratios
 
@@ -393,13 +447,23 @@ def _record_flops(result: CaseResult, rec, warmup: int, model, config: BenchConf
                source=f"model FLOPs plus recompute ({flops.hardware_per_token:.3g}/token) x tokens/s over {peak:.4g}")
 
 
+def record_train_loss(result: CaseResult, losses: list[float], *, source: str = "") -> None:
+    """``train_loss_first``, ``train_loss_final`` (mean of the last 10% of steps) and ``loss_drop``.
+
+    Args:
+        source: where each step's loss comes from, when not this process's own steps.
+    """
+    tail = losses[-max(1, len(losses) // 10):]
+    prefix = f"{source}; " if source else ""
+    result.set("train_loss_first", losses[0], source=source)
+    result.set("train_loss_final", statistics.fmean(tail), source=f"{prefix}mean of the last {len(tail)} steps")
+    result.set("loss_drop", losses[0] - statistics.fmean(tail), source=source)
+
+
 def _record_quality(result: CaseResult, runner: StepRunner, after) -> None:
     losses = runner.record.losses
     result.loss_curve = list(losses)
-    tail = losses[-max(1, len(losses) // 10):]
-    result.set("train_loss_first", losses[0])
-    result.set("train_loss_final", statistics.fmean(tail), source=f"mean of the last {len(tail)} steps")
-    result.set("loss_drop", losses[0] - statistics.fmean(tail))
+    record_train_loss(result, losses)
     result.set("eval_loss", after.loss, source=f"token-weighted over {after.tokens} held-out tokens")
     result.set("perplexity", after.perplexity)
     result.set("eval_examples", after.examples)

@@ -1,12 +1,15 @@
 """One bench session: the parsed options, the matrix, the gates, the inputs and the results so far.
 
 Everything a user passes is parsed here (:func:`open_session`) and checked before any case
-trains (:meth:`BenchSession.load_gates`, :meth:`BenchSession.check_inputs`); the pytest
-plugin only calls these and turns their errors into usage errors.
+trains (:meth:`BenchSession.load_gates`, :meth:`BenchSession.check_inputs`,
+:meth:`BenchSession.check_outputs`); the pytest plugin only calls these and turns their
+errors into usage errors.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,17 +19,20 @@ from lorabench import backends
 from lorabench.budget import parse_size
 from lorabench.config import parse_override
 from lorabench.environment import machine
-from lorabench.errors import ConfigError
-from lorabench.matrix import DEFAULT_CONFIGS, Matrix, build_matrix
+from lorabench.errors import ConfigError, StorageError
+from lorabench.matrix import DEFAULT_CONFIGS, Case, Matrix, build_matrix
 from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
 from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
 from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
+from lorabench.paths import expand, not_empty
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.seeds import SeedPlan, parse_seeds
 from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
+log = logging.getLogger("lorabench.preflight")
 
 
 def built_in_case_ids() -> set[str]:
@@ -52,10 +58,18 @@ class BenchSession:
     reports_dir: Path
     memory_budget: int | None = None
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
+    seeds: SeedPlan = field(default_factory=SeedPlan)  # --seeds: how many times each fine-tuning case runs
+    quiet: bool = False  # below -v: library chatter hidden here and in the case processes (lorabench.quiet)
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
+    # worth knowing, not wrong (rows left out); shown at start-up and in the summary
+    notices: list[str] = field(default_factory=list)
+    # runs that could not be written where asked (lorabench.storage.SaveFailure)
+    save_failures: list = field(default_factory=list)
     # 1-minute load average when the session began: other work on the machine slows every timing
     load_at_start: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    # the base model's evaluations before training, by lorabench.runner.base_evaluation_key
+    base_evaluations: dict[tuple, Any] = field(default_factory=dict)
     _device: Any = None
     _models: dict[str, Any] = field(default_factory=dict)
     _tasks: dict[str, Any] = field(default_factory=dict)
@@ -94,30 +108,76 @@ class BenchSession:
         known = built_in_case_ids() | {c.id for c in self.matrix.configs}
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
-    def check_inputs(self) -> None:
-        """Check what the user supplied before any case trains: device, dtypes, models, data sets.
+    def check_inputs(self, cases: list[Case] | None = None) -> None:
+        """Check what the user supplied before any case trains: device, dtypes, models, data sets,
+        and what each case would meet later (target modules, sequence length, batch size).
 
-        Embedded zoo models are skipped here (they cannot be wrong, and building one takes a while).
+        Embedded zoo models are not built here: their config and tokenizer are enough.
+
+        Args:
+            cases: the cases that will run (pytest's selection); every case of the matrix if ``None``.
 
         Raises:
             LorabenchError: the first bad input, named.
         """
-        from lorabench.models import check_dtype_supported, load_tokenizer
+        from lorabench import preflight
+        from lorabench.config import resolve
+        from lorabench.models import check_dtype_supported
         from lorabench.zoo import ZOO
 
-        for config in self.matrix.configs:
+        cases = self.matrix.cases() if cases is None else cases
+        for config in {c.config.id: c.config for c in cases}.values():
             check_dtype_supported(config.dtype, self.device)
             backends.check_runnable(config.quant, self.device)
-        for spec in self.matrix.models:
-            if spec not in ZOO:
-                load_tokenizer(self.model_source(spec))
-        for spec in self.matrix.datasets:
-            self.task(spec)
+        tasks = {spec: self.task(spec) for spec in dict.fromkeys(c.dataset for c in cases)}
+        facts = {}
+        for spec in dict.fromkeys(c.model for c in cases):
+            source = None if spec in ZOO else self.model_source(spec)
+            facts[spec] = preflight.model_facts(spec, source, trust_remote_code=self.trust_remote_code)
+        notices = [n for spec, task in tasks.items() for n in preflight.check_blank_rows(task, spec)]
+        lengths = {}
+        for case in cases:
+            fact, task = facts[case.model], tasks[case.dataset]
+            defaults = ZOO[case.model].defaults if case.model in ZOO else self.model_source(case.model).defaults
+            preflight.check_target_modules(case.config, fact)
+            key = (case.model, case.dataset)
+            if key not in lengths:
+                lengths[key] = preflight.token_lengths(task, fact.tokenizer)
+            notices += preflight.check_lengths(resolve(case.config, defaults, self.device), lengths[key], fact,
+                                             case.dataset)
+        for notice in dict.fromkeys(notices):
+            log.warning(notice)
+            self.notices.append(notice)
+
+    def check_outputs(self, *, storage: Path | None = None, json_path: Path | None = None, cases: int = 1,
+                      ids: list[str] | None = None) -> None:
+        """Check every place the run writes before any case trains: the history storage, the
+        ``--benchmark-json`` file's directory, and the reports directory when ids become paths there.
+
+        Args:
+            storage: where pytest-benchmark saves this run (``None`` when it does not save).
+            json_path: the ``--benchmark-json`` file, if any.
+            cases: the cases the run will hold (for the free space its outputs need).
+            ids: the ids of the cases that will run (every case of the matrix if ``None``).
+
+        Raises:
+            LorabenchError: a directory that cannot be written or lacks room, or a case id too long for a file name.
+        """
+        from lorabench import preflight
+
+        if storage is not None:
+            preflight.check_output_dir(storage, "--benchmark-storage", cases)
+        if json_path is not None:
+            if json_path.is_dir():
+                raise StorageError(f"--benchmark-json {json_path}: a directory, not a file; name the file to write")
+            preflight.check_output_dir(json_path.absolute().parent, f"--benchmark-json {json_path}: its directory", cases)
+        if self.report_to != "none":
+            runs = self.reports_dir / "runs"
+            preflight.check_name_lengths(self.matrix.ids() if ids is None else ids, runs, f"--report-to {self.report_to}")
+            preflight.check_output_dir(runs, f"--report-to {self.report_to}: its log directory", cases)
 
     def plan_line(self, cases: list, case_ids: list[str], storage: Path | None) -> str:
         """The first line of a run (lorabench.progress): cases, device, dtypes and the expected time."""
-        import statistics
-
         from lorabench.config import resolve
         from lorabench.control import ControlWorkload
         from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
@@ -129,7 +189,8 @@ class BenchSession:
         estimate = estimate_from_history(storage, case_ids)
         if estimate is None and all(c.model in ZOO for c in cases):
             control = ControlWorkload(self.device)
-            control_s = statistics.median(control.run() for _ in range(5))
+            control.run()  # the first pass pays for thread-pool and kernel start-up
+            control_s = min(control.run() for _ in range(5))
             estimate = (estimate_from_control([r.steps for r in resolved], control_s),
                         "a rough model of the tiny models, scaled by a control workload timed now")
         return plan_line(case_ids=case_ids, models=sorted({c.model for c in cases}),
@@ -184,20 +245,29 @@ def open_session(
     trust_remote_code: bool = False,
     memory_budget: str | None = None,
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
+    seeds: str | None = None,
+    quiet: bool = False,
 ) -> BenchSession:
     """Parse the run's options into a session (the command line's ``--matrix``, ``--set``, ...).
 
     Raises:
-        ConfigError: a malformed matrix file, override, budget or timeout, named.
+        ConfigError: a malformed matrix file, override, budget, timeout or seed list, or an empty value, named.
     """
+    for option, values in (("--model", models or []), ("--dataset", datasets or []), ("--set", overrides or [])):
+        for value in values:
+            not_empty(value, option)
     pairs = dict(parse_override(text) for text in overrides or [])
     if steps is not None:
         pairs["steps"] = steps
+    if matrix_file is not None:
+        matrix_file = expand(matrix_file, "--matrix")
     matrix = build_matrix(matrix_file=matrix_file, models=models, datasets=datasets, overrides=pairs)
-    if case_timeout_s < 0:
-        raise ConfigError(f"--case-timeout {case_timeout_s:g}: must be 0 (off) or a positive number of seconds")
-    for name, value, allowed in (("--report-to", report_to, REPORT_TO), ("--isolate", isolate, ISOLATION)):
-        if value not in allowed:
+    if not math.isfinite(case_timeout_s) or case_timeout_s < 0:
+        raise ConfigError(f"--case-timeout {case_timeout_s:g}: must be 0 (off) or a finite positive number of seconds")
+    for name, value, allowed in (("--report-to", report_to, REPORT_TO), ("--isolate", isolate, ISOLATION),
+                                 ("--device", device, None)):
+        not_empty(value, name)
+        if allowed and value not in allowed:
             raise ConfigError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
     return BenchSession(
         matrix=matrix,
@@ -205,8 +275,10 @@ def open_session(
         report_to=report_to,
         trust_remote_code=trust_remote_code,
         isolate=isolate,
-        thresholds_path=Path(thresholds) if thresholds else root / "thresholds.yaml",
+        thresholds_path=expand(thresholds, "--thresholds") if thresholds is not None else root / "thresholds.yaml",
         reports_dir=root / "reports",
-        memory_budget=parse_size(memory_budget) if memory_budget is not None else None,
+        memory_budget=parse_size(not_empty(memory_budget, "--memory-budget")) if memory_budget is not None else None,
         case_timeout_s=case_timeout_s,
+        seeds=parse_seeds(seeds),
+        quiet=quiet,
     )

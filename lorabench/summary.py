@@ -2,7 +2,10 @@
 
 A delta is the relative change of a value against the baseline's, signed the way the
 numbers move: a memory reduction prints as ``-78.4%`` and reads "78.4% less". Whether
-that is better or worse comes from the metric's direction in :mod:`lorabench.metrics`.
+that is better or worse comes from the metric's direction in :mod:`lorabench.metrics`, and
+it is said only where the data show a difference (:func:`difference_evidence`): a case run
+at several seeds shows ``mean ± sd``, and findings name a case lowest or highest only when
+its 95% interval is apart from every other's (:func:`ranking`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,21 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from lorabench import backends
+from lorabench.failures import status_text
 from lorabench.matrix import BASELINE_ID
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.seeds import n_seeds, separated
+
+# Figures the seed cannot move (tensor shapes and bytes): a difference in them needs no repeated seeds.
+SEED_INDEPENDENT_GROUPS = ("memory", "size")
+ALPHA = 0.05  # for telling two cases' per-step times apart within one run
+# Figures computed from the measured steps, so two cases' steps can tell them apart.
+STEP_METRICS = ("step_ms", "step_control_ratio", "samples_per_s", "tokens_per_s", "train_s")
 
 # (metric, column title, noun for findings)
-_CPU_PEAK = ("peak_rss_delta_mib", "peak RSS+ MiB", "peak memory (process RSS added)")
+_TENSOR_PEAK = ("tensor_peak_mib", "tensor peak MiB", "peak memory (live tensor bytes)")
+_PROCESS_PEAK = ("peak_rss_delta_mib", "process RSS+ MiB", "process memory (peak RSS added)")
 _CUDA_PEAK = ("peak_alloc_mib", "peak alloc MiB", "peak GPU memory (allocator)")
 COLUMNS = (
     ("weights_mib", "weights MiB", "weight memory"),
@@ -75,17 +87,51 @@ def verdict(metric: str, value: float, baseline: float) -> str:
     return "better" if improved else "worse"
 
 
-def describe(metric: str, noun: str, value: float, baseline: float) -> str:
-    """A phrase such as "51.6% less weight memory (3.01 vs 6.23 MiB, better)"."""
+def describe(metric: str, noun: str, value: float, baseline: float, evidence: str = "") -> str:
+    """A phrase such as "51.6% less weight memory (3.01 vs 6.23 MiB, better)".
+
+    Args:
+        evidence: ``""`` to state the verdict (better / worse), or why the difference is not shown to be
+            real ("not distinguishable at 3 seeds"), which then replaces the verdict.
+    """
     change = relative_change(value, baseline)
-    figures = f"{fmt(value)} vs {fmt(baseline)} {METRICS[metric].unit}"
+    unit = METRICS[metric].unit
+    figures = f"{fmt(value)} vs {fmt(baseline)}" + (f" {unit}" if unit not in ("ratio", "count") else "")
     if change is None or abs(change) < 0.0005:
         return f"the same {noun} ({figures})"
     if metric in ("tokens_per_s", "samples_per_s", "decode_tokens_per_s"):
         direction = "lower" if change < 0 else "higher"
     else:
         direction = "less" if change < 0 else "more"
-    return f"{abs(change) * 100:.1f}% {direction} {noun} ({figures}, {verdict(metric, value, baseline)})"
+    judged = f", {verdict(metric, value, baseline)}" if not evidence else f"; {evidence}"
+    return f"{abs(change) * 100:.1f}% {direction} {noun} ({figures}{judged})"
+
+
+def difference_evidence(metric: str, a: CaseResult, b: CaseResult) -> str:
+    """``""`` when ``a`` and ``b`` are shown to differ in ``metric``; otherwise why not, in words.
+
+    With repeated seeds on both sides, their 95% intervals must not overlap. With one seed, figures
+    the seed cannot move (memory, sizes) count as they are; per-step timings are told apart by a
+    Mann-Whitney test over the two cases' measured steps; anything else has no spread to judge by.
+    """
+    apart = separated(a, b, metric)
+    if apart is not None:
+        return "" if apart else f"not distinguishable at {min(n_seeds(a), n_seeds(b))} seeds, 95% intervals overlap"
+    if METRICS[metric].group in SEED_INDEPENDENT_GROUPS:
+        return ""
+    if metric in STEP_METRICS:
+        from scipy.stats import mannwhitneyu
+
+        from lorabench.compare import measured_step_ms, measured_step_ratios
+
+        # step/control ratios where both cases have them: the load can change between two cases of a run
+        sa, sb, what = measured_step_ratios(a), measured_step_ratios(b), "step/control ratios"
+        if min(len(sa), len(sb)) < 3:
+            sa, sb, what = measured_step_ms(a), measured_step_ms(b), "step times"
+        if min(len(sa), len(sb)) >= 3:
+            p = float(mannwhitneyu(sa, sb, alternative="two-sided").pvalue)
+            return "" if p < ALPHA else f"{what} not distinguishable, Mann-Whitney p={p:.2g}"
+    return "one run each, spread unknown: --seeds N measures it"
 
 
 def fmt(x: float) -> str:
@@ -117,13 +163,18 @@ def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
 def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, str, str], ...]:
     if case_kind in KIND_COLUMNS:
         return KIND_COLUMNS[case_kind]
-    peak = (_CUDA_PEAK if device.startswith("cuda") else _CPU_PEAK,)
-    return peak + (INFERENCE_COLUMNS if case_kind == "inference" else COLUMNS)
+    if case_kind == "inference":
+        return (_CUDA_PEAK if device.startswith("cuda") else _PROCESS_PEAK,) + INFERENCE_COLUMNS
+    # fine-tuning: exact tensor bytes lead on the CPU; on CUDA the allocator's peak, tensor bytes beside it
+    peaks = (_CUDA_PEAK, _TENSOR_PEAK) if device.startswith("cuda") else (_TENSOR_PEAK, _PROCESS_PEAK)
+    return peaks + COLUMNS
 
 
-def _cell(result: CaseResult, metric: str) -> str:
-    """A value; accuracy with its Wilson interval."""
+def cell(result: CaseResult, metric: str) -> str:
+    """A value: a mean over seeds with its standard deviation; accuracy with its Wilson interval."""
     m = result.metrics
+    if metric in result.spread:
+        return f"{fmt(m[metric])} ± {fmt(result.spread[metric]['sd'])}"
     if metric == "accuracy_pct" and "accuracy_ci_low_pct" in m and "accuracy_ci_high_pct" in m:
         return f"{m[metric]:.1f} [{m['accuracy_ci_low_pct']:.1f}-{m['accuracy_ci_high_pct']:.1f}]"
     return fmt(m[metric])
@@ -135,15 +186,15 @@ def table_cells(results: list[CaseResult]) -> list[list[str]]:
     cols = columns_for(results[0].device, kind(results[0]))
     rows = [["config", "status"] + [title for _, title, _ in cols]]
     for r in results:
-        row = [r.config_id, r.status]
+        row = [r.config_id, status_text(r)]
         for metric, _, _ in cols:
             if metric not in r.metrics:
                 row.append("-")
                 continue
-            cell = _cell(r, metric)
+            text = cell(r, metric)
             if base is not None and r is not base and metric in base.metrics:
-                cell += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
-            row.append(cell)
+                text += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
+            row.append(text)
         rows.append(row)
     return rows
 
@@ -158,7 +209,11 @@ def render_table(results: list[CaseResult]) -> list[str]:
 
 
 def findings(results: list[CaseResult]) -> list[str]:
-    """Key findings computed from the data: each case against the baseline, and the best eval loss."""
+    """Key findings computed from the data: each case against the baseline, and which case is best at what.
+
+    A difference is called better or worse, and a case lowest or highest, only where the data show it
+    (:func:`difference_evidence`, :func:`ranking`); otherwise the finding says why it cannot tell.
+    """
     if results and kind(results[0]) == "quant_error":
         return [f"{r.config_id}: NF4 vs FP4: " + describe("nf4_rel_error_mean", "reconstruction error",
                                                           r.metrics["nf4_rel_error_mean"], r.metrics["fp4_rel_error_mean"])
@@ -167,36 +222,82 @@ def findings(results: list[CaseResult]) -> list[str]:
     if base is None:
         return []
     out = []
-    peak_metric, _, peak_noun = columns_for(base.device)[0]
-    compared = ((peak_metric, peak_noun), ("weights_mib", "weight memory"), ("step_ms", "step time"),
+    peaks = [(metric, noun) for metric, _, noun in columns_for(base.device, kind(base))
+             if METRICS[metric].group == "memory" and metric != "weights_mib"]
+    compared = (*peaks, ("weights_mib", "weight memory"), ("step_ms", "step time"),
                 ("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))
     for r in results:
         if r is base or r.status != STATUS_OK:
             continue
         phrases = [
-            describe(metric, noun, r.metrics[metric], base.metrics[metric])
+            describe(metric, noun, r.metrics[metric], base.metrics[metric], difference_evidence(metric, r, base))
             for metric, noun in compared
             if metric in r.metrics and metric in base.metrics
         ]
         if phrases:
             out.append(f"{r.config_id} vs {base.config_id}: " + "; ".join(phrases))
-    scored = [r for r in results if "eval_loss" in r.metrics]
-    if scored:
-        best = min(scored, key=lambda r: r.metrics["eval_loss"])
-        out.append(f"lowest eval loss: {best.config_id} ({best.metrics['eval_loss']:.4f} nats)")
-    answered = [r for r in results if "accuracy_pct" in r.metrics]
-    if answered:
-        best = max(answered, key=lambda r: r.metrics["accuracy_pct"])
-        m = best.metrics
-        gain = f", {m['accuracy_gain_pp']:+.1f} pp over the base model" if "accuracy_gain_pp" in m else ""
-        out.append(f"highest accuracy: {best.config_id} ({m['accuracy_pct']:.1f}%, 95% CI "
-                   f"{m['accuracy_ci_low_pct']:.1f}-{m['accuracy_ci_high_pct']:.1f}%, n={m['accuracy_n']:.0f}{gain})")
-    forgot = [r for r in results if "forgetting_nats" in r.metrics]
-    if forgot:
-        least = min(forgot, key=lambda r: r.metrics["forgetting_nats"])
-        out.append(f"least forgetting: {least.config_id} (reference loss {least.metrics['reference_loss_before']:.4f} "
-                   f"-> {least.metrics['reference_loss']:.4f} nats)")
+    ok = [r for r in results if r.status == STATUS_OK]
+    for metric, noun, most in (("eval_loss", "eval loss", "lowest"), ("accuracy_pct", "accuracy", "highest"),
+                               ("forgetting_nats", "forgetting", "least")):
+        line = ranking(ok, metric, noun, most)
+        if line:
+            out.append(line)
     return out
+
+
+def _interval(result: CaseResult, metric: str) -> tuple[float, float] | None:
+    """The 95% interval of a metric: over seeds, or for accuracy of one seed its Wilson interval."""
+    if metric in result.spread:
+        return result.spread[metric]["ci_low"], result.spread[metric]["ci_high"]
+    m = result.metrics
+    if metric == "accuracy_pct" and "accuracy_ci_low_pct" in m and "accuracy_ci_high_pct" in m:
+        return m["accuracy_ci_low_pct"], m["accuracy_ci_high_pct"]
+    return None
+
+
+def _value(result: CaseResult, metric: str) -> str:
+    percent = METRICS[metric].unit == "%"
+    show = (lambda x: f"{x:.1f}") if percent else fmt
+    unit = "%" if percent else f" {METRICS[metric].unit}"
+    text = f"{show(result.metrics[metric])}{unit}"
+    interval = _interval(result, metric)
+    if interval is not None:
+        low, high = interval
+        over = (f" over {n_seeds(result)} seeds" if metric in result.spread
+                else f", Wilson, n={result.metrics.get('accuracy_n', 0):.0f}")
+        text += f", 95% interval {show(low)}-{show(high)}{'%' if percent else ''}{over}"
+    if metric == "accuracy_pct" and "accuracy_gain_pp" in result.metrics:
+        text += f", {result.metrics['accuracy_gain_pp']:+.1f} pp over the base model"
+    return text
+
+
+def ranking(results: list[CaseResult], metric: str, noun: str, most: str) -> str | None:
+    """Which case is best in ``metric`` (``most``: "lowest", "highest"), said only where its interval is
+    apart from every other's.
+
+    Returns:
+        ``None`` with fewer than two cases measuring it.
+    """
+    scored = [r for r in results if metric in r.metrics]
+    if len(scored) < 2:
+        return None
+    best_first = sorted(scored, key=lambda r: r.metrics[metric], reverse=METRICS[metric].better == "higher")
+    best, rest = best_first[0], best_first[1:]
+    if best.metrics[metric] == best_first[-1].metrics[metric]:
+        return f"the same {noun} in every case ({_value(best, metric).split(',')[0]})"
+    intervals = [_interval(r, metric) for r in best_first]
+    if any(i is None for i in intervals):
+        values = ", ".join(f"{r.config_id} {fmt(r.metrics[metric])}" for r in best_first)
+        return (f"{noun} from one seed each, so no case is shown to have the {most} (--seeds N measures the "
+                f"spread): {values} {METRICS[metric].unit}")
+    low, high = intervals[0]
+    ties = [r.config_id for r, (lo, hi) in zip(rest, intervals[1:]) if lo <= high and low <= hi]
+    if not ties:
+        return f"{most} {noun}: {best.config_id} ({_value(best, metric)})"
+    seeds = n_seeds(best)
+    at = f"at {seeds} seeds" if metric in best.spread else "(95% intervals overlap)"
+    return (f"{best.config_id} has the {most} {noun} ({_value(best, metric)}) but is not distinguishable {at} "
+            f"from {', '.join(ties)}")
 
 
 def adapter_lines(results: list[CaseResult]) -> list[str]:
@@ -215,6 +316,46 @@ def adapter_lines(results: list[CaseResult]) -> list[str]:
             parts.append(f"merged vs unmerged max |logit diff| {m['merge_max_abs_diff']:.3g}, "
                          f"same greedy token at {fmt(m['merge_argmax_agree_pct'])}% of positions")
         lines.append(", ".join(parts))
+    return lines
+
+
+def tensor_lines(results: list[CaseResult]) -> list[str]:
+    """One line per case with a tensor peak: the peak and its non-zero parts, largest first."""
+    peak = "tensor_peak_mib"
+    parts_of = [name for name in METRICS if name.startswith("tensor_") and name != peak]
+    lines = []
+    for r in results:
+        m = r.metrics
+        if peak not in m:
+            continue
+        parts = sorted(((m[name], name.removeprefix("tensor_").removesuffix("_mib")) for name in parts_of if name in m),
+                       reverse=True)
+        shown = " + ".join(f"{category} {fmt(mib)}" for mib, category in parts if mib >= 0.005)
+        lines.append(f"{r.config_id}: {fmt(m[peak])} MiB = {shown}")
+    return lines
+
+
+def rank_lines(results: list[CaseResult]) -> list[str]:
+    """One line per multi-process case: each rank's peak and weights, throughput in total and per device,
+    and the scaling efficiency against the single-device case (lorabench/distributed.py)."""
+    lines = []
+    for r in results:
+        ranks = r.details.get("ranks")
+        if not ranks:
+            continue
+        peak = (("peak_alloc_mib", "peak alloc") if r.device.startswith("cuda")
+                else ("peak_rss_delta_mib", "peak RSS+"))
+        parts = [f"{r.config_id} ({r.details.get('strategy')}, {len(ranks)} ranks): per rank "
+                 + ", ".join(f"{label} {'/'.join(fmt(k[metric]) for k in ranks)} MiB"
+                             for metric, label in (peak, ("weights_mib", "weights")) if all(metric in k for k in ranks))]
+        m = r.metrics
+        if "tokens_per_s" in m and "tokens_per_s_per_device" in m:
+            parts.append(f"{fmt(m['tokens_per_s'])} tokens/s in total, {fmt(m['tokens_per_s_per_device'])} per device")
+        if "scaling_efficiency_pct" in m:
+            parts.append(f"scaling efficiency {m['scaling_efficiency_pct']:.0f}% of linear")
+        elif "scaling_efficiency_pct" in r.absent:
+            parts.append(f"scaling efficiency not measured: {r.absent['scaling_efficiency_pct']}")
+        lines.append("; ".join(parts))
     return lines
 
 
@@ -240,8 +381,10 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         base_text = f"baseline {base.config_id}" if base else "no baseline (no case ran)"
         dtypes = sorted({str(r.config["dtype"]) for r in group if r.config.get("dtype")})
         dtype_text = f", trained in {'/'.join(dtypes)}" if dtypes else ""
+        seeds = max(n_seeds(r) for r in group)
+        spread = f"; {seeds} seeds: mean ± standard deviation" if seeds > 1 else ""
         lines.append(f"{model} on {dataset} ({device}{dtype_text}), {base_text}; "
-                     "deltas are (value - baseline) / baseline")
+                     f"deltas are (value - baseline) / baseline{spread}")
         lines += render_table(group)
         not_ok = [r for r in group if r.status != STATUS_OK]
         for r in not_ok:
@@ -250,10 +393,18 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         if found:
             lines.append("findings:")
             lines += [f"  - {f}" for f in found]
+        tensors = tensor_lines(group)
+        if tensors:
+            lines.append("memory at the tensor peak, MiB (live tensor bytes; lorabench/tensor_tracker.py):")
+            lines += [f"  - {t}" for t in tensors]
         adapters = adapter_lines(group)
         if adapters:
             lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
             lines += [f"  - {a}" for a in adapters]
+        ranks = rank_lines(group)
+        if ranks:
+            lines.append("multi-process cases (per-device figures are the largest rank's; wall clock):")
+            lines += [f"  - {line}" for line in ranks]
         phases = phase_lines(group)
         if phases:
             lines.append("seconds per phase (wall clock):")

@@ -21,12 +21,16 @@ The file::
 A rule reads ``METRIC OP BOUND`` where OP is one of ``<= >= < >`` and BOUND is a number,
 or ``[FACTOR *] CONFIG.METRIC``: a metric of another configuration of the same run,
 model and data set, or of the case itself when CONFIG is ``self``
-(``peak_alloc_mib >= self.weights_mib``).
+(``peak_alloc_mib >= self.weights_mib``). Both sides of a relative rule share a unit (a plain
+number is read in the metric's own unit), bounds and factors are finite, and rules that no
+value can meet together are refused. The file is read by :mod:`lorabench.yamlio` (no repeated
+keys, bounded aliases, plain tags).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,8 +39,9 @@ from typing import Any
 
 import yaml
 
+from lorabench import yamlio
 from lorabench.errors import ThresholdError
-from lorabench.metrics import METRICS
+from lorabench.metrics import METRICS, can_be_negative
 
 TOP_LEVEL_KEYS = ("version", "profiles", "compare")
 DEVICE_SELECTORS = ("cpu", "cuda")
@@ -128,16 +133,22 @@ class GateOutcome:
     message: str
     value: float | None = None
     bound: float | None = None
+    reference: float | None = None  # the other configuration's value a relative bound is computed from
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "rule": self.gate.text,
             "config": self.gate.config,
+            "metric": self.gate.metric,
+            "op": self.gate.op,
+            "ref_config": self.gate.ref_config,
+            "ref_metric": self.gate.ref_metric,
             "where": self.gate.where,
             "profile": self.gate.profile,
             "status": self.status,
             "value": self.value,
             "bound": self.bound,
+            "reference": self.reference,
             "message": self.message,
         }
 
@@ -153,22 +164,19 @@ def load_thresholds(path: str | Path, known_configs: Iterable[str]) -> Threshold
     Raises:
         ThresholdError: with the file, line, key and what is allowed.
     """
+    from lorabench.paths import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise ThresholdError(f"{path}: thresholds file not found")
-    return parse_thresholds(path.read_text(), str(path), set(known_configs))
+    return parse_thresholds(read_text(path, "--thresholds", ThresholdError), str(path), set(known_configs))
 
 
 def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thresholds:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{filename}:{mark.line + 1}" if mark else filename
-        raise ThresholdError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        root = yamlio.compose(text)
+    except yamlio.YamlProblem as exc:
+        raise ThresholdError(f"{exc.where(filename)}: {exc.problem}") from None
     if root is None:
         raise ThresholdError(f"{filename}: file is empty; expected keys {', '.join(TOP_LEVEL_KEYS)}")
-    _reject_custom_tags(root, filename)
     top = _mapping(root, filename, "the top level")
     unknown = [k for k in top if k not in TOP_LEVEL_KEYS]
     if unknown:
@@ -179,10 +187,10 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
     result = Thresholds(path=filename)
     if "version" in top:
         version_node = top["version"][1]
-        if yaml.safe_load(yaml.serialize(version_node)) != 1:
+        if yamlio.construct(version_node) != 1:
             raise ThresholdError(f"{filename}:{version_node.start_mark.line + 1}: version must be 1")
     if "compare" in top:
-        result.compare = yaml.safe_load(yaml.serialize(top["compare"][1])) or {}
+        result.compare = yamlio.construct(top["compare"][1]) or {}
         if not isinstance(result.compare, dict):
             raise ThresholdError(f"{filename}:{top['compare'][1].start_mark.line + 1}: 'compare' must be a mapping")
         from lorabench.compare import parse_tolerances  # checked now, so a typo stops the bench, not CI later
@@ -206,24 +214,6 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
                 result.gates.append(_parse_rule(rule, profile_key, config_key, filename, known_configs))
     _check_contradictions(result)
     return result
-
-
-_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
-
-
-def _reject_custom_tags(node, filename: str) -> None:
-    """Plain YAML only: a tag such as ``!!python/object`` is refused, never constructed."""
-    if node.tag not in _PLAIN_TAGS:
-        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-        raise ThresholdError(f"{filename}:{node.start_mark.line + 1}: YAML tag {tag!r} is not allowed; "
-                             "use plain strings, numbers, lists and mappings")
-    if isinstance(node, yaml.SequenceNode):
-        for child in node.value:
-            _reject_custom_tags(child, filename)
-    elif isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            _reject_custom_tags(key, filename)
-            _reject_custom_tags(value, filename)
 
 
 def _mapping(node, filename: str, what: str) -> dict[str, tuple[Any, Any]]:
@@ -274,7 +264,7 @@ def _parse_rule(node, profile: str, config: str, filename: str, known_configs: s
     line = node.start_mark.line + 1
     where = f"{filename}:{line}"
     if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
-        raise ThresholdError(f"{where}: a rule must be a string like 'loss_drop >= 0.1', got {node.value!r}")
+        raise ThresholdError(f"{where}: a rule must be a string like 'loss_drop >= 0.1', got {yamlio.node_kind(node)}")
     text = node.value
     m = _RULE.match(text)
     if not m:
@@ -287,7 +277,10 @@ def _parse_rule(node, profile: str, config: str, filename: str, known_configs: s
         raise _unknown_metric(metric, where)
     common = dict(profile=profile, config=config, metric=metric, op=m["op"], text=text, file=filename, line=line)
     if m["number"] is not None:
-        return Gate(number=float(m["number"]), **common)
+        number = float(m["number"])
+        if not math.isfinite(number):
+            raise ThresholdError(f"{where}: rule {text!r}: the bound {m['number']} is not a finite number")
+        return Gate(number=number, **common)
     ref_config, ref_metric = m["ref_config"], m["ref_metric"]
     if ref_config != SELF and ref_config not in known_configs:
         raise ThresholdError(
@@ -296,30 +289,46 @@ def _parse_rule(node, profile: str, config: str, filename: str, known_configs: s
     if ref_metric not in METRICS:
         raise _unknown_metric(ref_metric, where)
     factor = float(m["factor"]) if m["factor"] else 1.0
-    if factor <= 0:
-        raise ThresholdError(f"{where}: rule {text!r}: the factor must be positive, got {factor}")
+    if not math.isfinite(factor) or factor <= 0:
+        raise ThresholdError(f"{where}: rule {text!r}: the factor must be positive and finite, got {m['factor']}")
+    unit, ref_unit = METRICS[metric].unit, METRICS[ref_metric].unit
+    if unit != ref_unit:
+        raise ThresholdError(
+            f"{where}: rule {text!r} compares {metric} ({unit}) with {ref_metric} ({ref_unit}); both sides "
+            f"must share a unit (a plain number on the right is read in {unit})"
+        )
     if ref_config in (config, SELF) and ref_metric == metric:
         raise ThresholdError(f"{where}: rule {text!r} compares {config}.{metric} with itself")
     return Gate(factor=factor, ref_config=ref_config, ref_metric=ref_metric, **common)
 
 
 def _check_contradictions(t: Thresholds) -> None:
-    """Absolute bounds on one metric that no value can meet together are an error in the file."""
-    absolute = [g for g in t.gates if not g.relative]
-    for i, a in enumerate(absolute):
-        for b in absolute[i + 1:]:
+    """Pairs of rules on one metric that no value can meet together are an error in the file.
+
+    Absolute bounds are compared as numbers. Relative bounds are compared when both rules read
+    the same reference (``X <= 0.5 * ref`` against ``X >= 0.8 * ref``), for references that cannot
+    be negative (then no positive reference value leaves room for X).
+    """
+    for i, a in enumerate(t.gates):
+        for b in t.gates[i + 1:]:
             if a.metric != b.metric or not (a.config == b.config or "*" in (a.config, b.config)):
                 continue
             if not t.profiles[a.profile].can_coapply(t.profiles[b.profile]):
+                continue
+            if a.relative != b.relative or (a.relative and (a.ref_config, a.ref_metric) != (b.ref_config, b.ref_metric)):
+                continue
+            if a.relative and can_be_negative(a.ref_metric):
                 continue
             lower, upper = (a, b) if a.op in (">=", ">") else (b, a)
             if lower.op not in (">=", ">") or upper.op not in ("<=", "<"):
                 continue
             strict = lower.op == ">" or upper.op == "<"
-            if lower.number > upper.number or (strict and lower.number == upper.number):
+            low, high = (lower.factor, upper.factor) if a.relative else (lower.number, upper.number)
+            if low > high or (strict and low == high):
+                reference = f" for any positive {a.ref_config}.{a.ref_metric}" if a.relative else ""
                 raise ThresholdError(
                     f"{upper.where}: {upper.text!r} contradicts {lower.text!r} at {lower.where}: "
-                    f"no value of {a.metric} can meet both"
+                    f"no value of {a.metric} can meet both{reference}"
                 )
 
 
@@ -353,9 +362,9 @@ def evaluate(gate: Gate, config_id: str, metrics: dict[str, float], absent: dict
         bound = gate.factor * ref_value
         bound_text = f"{_fmt(bound)} (= {_fmt(gate.factor)} x {gate.ref_config}.{gate.ref_metric} {_fmt(ref_value)})"
     else:
-        bound = gate.number
+        bound, ref_value = gate.number, None
         bound_text = _fmt(bound)
     ok = OPS[gate.op](value, bound)
     verdict = "meets" if ok else "violates"
     message = f"{head} = {_fmt(value)} {verdict} '{gate.text}': bound {gate.op} {bound_text} [{gate.where}, profile {gate.profile}]"
-    return GateOutcome(gate, PASS if ok else FAIL, message, value, bound)
+    return GateOutcome(gate, PASS if ok else FAIL, message, value, bound, ref_value)

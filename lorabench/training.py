@@ -21,12 +21,43 @@ MAX_GRAD_NORM = 1.0
 
 
 class DivergenceError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or broke a :class:`DivergenceRule`."""
 
-    def __init__(self, step: int, loss: float) -> None:
-        super().__init__(f"training diverged: loss is {loss} at step {step}")
+    def __init__(self, step: int, loss: float, reason: str | None = None) -> None:
+        super().__init__(f"training diverged: {reason or f'loss is {loss}'} at step {step}")
         self.step = step
         self.loss = loss
+
+
+@dataclass(frozen=True)
+class DivergenceRule:
+    """When a finite loss still counts as diverged, measured against the first step's loss.
+
+    Args:
+        factor: a step whose loss exceeds ``factor`` times the first step's has diverged.
+        window: the run has diverged when the loss stays at or above the first step's for
+            ``window`` consecutive steps (it never fell, or it climbed back); 0 turns this off.
+    """
+
+    factor: float
+    window: int
+
+    @classmethod
+    def of(cls, config: BenchConfig) -> DivergenceRule:
+        return cls(config.divergence_factor, config.divergence_window)
+
+    def check(self, losses: list[float]) -> str | None:
+        """Why the run has diverged at its latest step, or ``None`` while it has not."""
+        first, loss, step = losses[0], losses[-1], len(losses)
+        if not math.isfinite(first) or first <= 0:
+            return None  # a loss of 0 leaves nothing to measure against
+        if loss > self.factor * first:
+            return (f"loss {loss:.4g} is above {self.factor:g} x the first step's {first:.4g} "
+                    f"(divergence_factor={self.factor:g})")
+        if self.window and step >= self.window and min(losses[-self.window:]) >= first:
+            return (f"loss has not fallen below the first step's {first:.4g} over steps {step - self.window + 1}-{step} "
+                    f"(divergence_window={self.window})")
+        return None
 
 
 @dataclass
@@ -39,6 +70,7 @@ class StepRecord:
     losses: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
+    shapes: list[tuple[int, int]] = field(default_factory=list)  # padded (batch, length) of each step's largest micro-batch
 
 
 def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, device, report_to: str = "none",
@@ -97,17 +129,19 @@ class StepRunner:
     Args:
         trainer: from :func:`make_trainer`.
         on_step_end: called after every step with the step number (1-based); meters sample here.
+        divergence: when a finite loss counts as diverged; ``None`` stops only on NaN or infinity.
     """
 
-    def __init__(self, trainer, *, on_step_end=None) -> None:
+    def __init__(self, trainer, *, on_step_end=None, divergence: DivergenceRule | None = None) -> None:
         from lorabench.control import ControlWorkload
 
         self.trainer = trainer
-        self.model = trainer.model
+        self.model = trainer.model_wrapped  # the model itself, or its DistributedDataParallel wrapper
         self.device = trainer.args.device
         self.grad_accum = trainer.args.gradient_accumulation_steps
         self.record = StepRecord()
         self.on_step_end = on_step_end
+        self.divergence = divergence
         self.grad_bytes_seen: int | None = None
         self._batches = self._endless(trainer.get_train_dataloader())
         self._control = ControlWorkload(self.device)
@@ -142,7 +176,9 @@ class StepRunner:
         loss = torch.zeros((), device=self.device)
         tokens = torch.zeros((), dtype=torch.long, device=self.device)
         samples = 0
+        shape = (0, 0)
         for inputs in batches:
+            shape = max(shape, tuple(inputs["input_ids"].shape), key=lambda s: s[0] * s[1])
             tokens += inputs["attention_mask"].sum()
             samples += int(inputs["input_ids"].shape[0])
             loss += trainer.training_step(model, inputs, num_items)
@@ -165,10 +201,14 @@ class StepRunner:
         rec.losses.append(value)
         rec.tokens.append(tokens)
         rec.samples.append(samples)
+        rec.shapes.append(shape)
         trainer.state.global_step = step_number
         trainer.log({"loss": value, "learning_rate": trainer.lr_scheduler.get_last_lr()[0]})
         if not math.isfinite(value):
             raise DivergenceError(step_number, value)
+        reason = self.divergence.check(rec.losses) if self.divergence is not None else None
+        if reason:
+            raise DivergenceError(step_number, value, reason)
         if self.on_step_end is not None:
             self.on_step_end(step_number)
         return value

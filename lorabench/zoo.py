@@ -146,19 +146,27 @@ def checkpoint_dir(name: str) -> Path:
     return target
 
 
-def _build(spec: ZooModel, out: Path) -> None:
-    import torch
+def model_config(spec: ZooModel, tokenizer=None):
+    """The transformers config of a zoo model (what its checkpoint's config.json holds), without building it."""
     import transformers
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     config_cls = getattr(transformers, spec.config_class)
-    config = config_cls(
+    return config_cls(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
         **spec.config_kwargs,
     )
+
+
+def _build(spec: ZooModel, out: Path) -> None:
+    import torch
+    import transformers
+
+    tokenizer = build_tokenizer()
+    config = model_config(spec, tokenizer)
     torch.manual_seed(spec.pretrain.seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _pretrain(model, tokenizer, spec.pretrain)

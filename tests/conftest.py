@@ -31,6 +31,45 @@ def cpu():
     return torch.device("cpu")
 
 
+def add_to_hub_cache(hub: Path, repo_id: str, checkpoint: Path, *, ref: str = "main") -> Path:
+    """Lay a checkpoint out as the Hugging Face hub cache does: content-addressed blobs, a snapshot
+    folder of symlinks named by a commit hash, and ``refs/REF`` naming that commit.
+
+    Returns:
+        The snapshot folder.
+    """
+    import hashlib
+
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{ref}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for src in sorted(p for p in checkpoint.iterdir() if p.is_file() and not p.name.endswith(".lock")):
+        data = src.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / src.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def hub_id() -> str:
+    """A dotted hub id, as real ones are (Qwen2.5-7B, Llama-3.2-1B)."""
+    return "acme/Tiny-Llama-0.5B"
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory, tiny_llama, hub_id) -> Path:
+    """A Hugging Face home whose hub cache holds the zoo's tiny Llama under ``hub_id`` (refs main and v1)."""
+    home = tmp_path_factory.mktemp("hf-home")
+    for ref in ("main", "v1"):
+        add_to_hub_cache(home / "hub", hub_id, Path(tiny_llama.path), ref=ref)
+    return home
+
+
 FAILING_GATE = "version: 1\nprofiles:\n  default:\n    lora:\n      - eval_loss <= 0.0001\n"
 
 
@@ -44,7 +83,7 @@ def allure_results(tmp_path_factory) -> Path:
     results = tmp / "allure-results"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or lora", "--steps", "6", f"--thresholds={gates}",
+         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or config[lora]", "--steps", "6", f"--thresholds={gates}",
          f"--alluredir={results}", "--benchmark-disable"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

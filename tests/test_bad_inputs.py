@@ -1,7 +1,10 @@
-"""Every bad input a user can give fails before any training, with a message naming what is wrong.
+"""Every bad input a user can give gets a clear answer, before any training where it can.
 
-Each entry of ``CATALOG`` goes through the same code a bench run does at start-up
-(:func:`lorabench.session.open_session`, then ``load_gates`` and ``check_inputs``).
+Each entry of ``CATALOG`` goes through the same code a bench run does: start-up
+(:func:`lorabench.session.open_session`, then ``load_gates``, ``check_inputs`` and
+``check_outputs``), a case run where training is the point (divergence), or the command
+line (``python -m lorabench compare`` / ``report``). Some inputs are not errors at all but
+were once mishandled (a file literally named ``f*.jsonl``); their row says how they are read.
 The table in docs/bad-inputs.md is generated from this catalog, and a test keeps it current:
 
     python tests/test_bad_inputs.py > docs/bad-inputs.md
@@ -9,9 +12,17 @@ The table in docs/bad-inputs.md is generated from this catalog, and a test keeps
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,28 +35,171 @@ from lorabench.errors import LorabenchError  # noqa: E402
 from lorabench.session import open_session  # noqa: E402
 
 GATES_HEAD = "version: 1\nprofiles:\n  default:\n"
+STARTUP, ACCEPTED, TRAINING, COMMAND = "refused at start-up", "read as given", "stopped in training", "command"
+# 306 bytes of nested aliases that stand for 10^9 strings
+ALIAS_BOMB = ("a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+              "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+              "f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]\n"
+              "h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g,*g]\n")
+SAFE_NAME = "m-$x^^2$ <b>|`q`| " + "é" * 300  # bad mathtext, HTML, a Markdown cell break, a code span, 300 non-ASCII
 
 
 @dataclass(frozen=True)
 class BadInput:
-    """One bad input: the files it writes, the options it passes, and words its message must hold."""
+    """One input: the files it writes, what it passes, the words its answer must hold.
+
+    Args:
+        stage: STARTUP (must be refused), ACCEPTED (must be read as given), TRAINING (the first
+            LoRA case runs), or COMMAND (``argv`` runs through ``python -m lorabench``).
+        outputs: directories the run would write (``check_outputs``), ``{d}`` standing for the work directory.
+        prepare: a context manager set up around the trigger (a read-only directory, a fake full disk, ...).
+        describe: for ACCEPTED inputs, what the session read, in words.
+    """
 
     name: str
-    options: dict
-    files: dict[str, str] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    files: dict[str, str | bytes] = field(default_factory=dict)
     expect: tuple[str, ...] = ()
-    patch_cuda_without_bf16: bool = False
+    stage: str = STARTUP
+    outputs: dict = field(default_factory=dict)
+    prepare: Callable[[Path], contextlib.AbstractContextManager] | None = None
+    describe: Callable | None = None
+    argv: tuple[str, ...] = ()
 
 
-def _causal_config() -> str:
+@dataclass(frozen=True)
+class Outcome:
+    stage: str
+    message: str
+    seconds: float
+
+
+# ----- files the catalog writes ----------------------------------------------------------------
+def _causal_config(**extra) -> str:
     return json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8,
-                       "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 16})
+                       "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 16,
+                       **extra})
+
+
+def _safetensors() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"model.embed_tokens.weight": torch.zeros(16, 8)})
+
+
+def _rows(n: int, prompt: str = "q") -> str:
+    return "".join(json.dumps({"prompt": f"{prompt}{i}", "completion": "ab"}) + "\n" for i in range(n))
+
+
+def _reverse_rows(n: int) -> str:
+    """Rows of the embedded task's kind, ``rev 1234=`` -> ``4321``."""
+    return "".join(json.dumps({"prompt": f"rev {k:04d}=", "completion": f"{k:04d}"[::-1]}) + "\n"
+                   for k in range(1000, 1000 + 7 * n, 7))
+
+
+def _stored_run(number: int, *cases: tuple[str, str, str | None], model: str = "tiny-llama") -> tuple[str, str]:
+    """A pytest-benchmark run file holding lorabench results: (config id, status, error) per case."""
+    from lorabench.result import CaseResult
+
+    benchmarks = []
+    for config_id, status, error in cases:
+        r = CaseResult(case_id=config_id, config_id=config_id, model=model, dataset="digit-reverse", device="cpu",
+                       config={"method": "lora", "rank": 16, "quant": "none", "warmup_steps": 1}, status=status,
+                       error=error)
+        if status == "ok":
+            r.metrics.update({"peak_rss_delta_mib": 100.0, "weights_mib": 6.0, "step_ms": 100.0, "train_s": 3.0,
+                              "tokens_per_s": 2000.0, "eval_loss": 0.5, "train_loss_final": 0.6})
+        r.loss_curve = [3.0, 2.0, 1.0]
+        benchmarks.append({"name": f"test_finetune[{config_id}]", "stats": {}, "extra_info": r.to_extra_info()})
+    path = f"history/Linux-CPython-3.11-64bit/{number:04d}_run{number}.json"
+    return path, json.dumps({"machine_info": {"cpu": "x86_64"}, "commit_info": {"id": f"c{number}"},
+                             "datetime": f"2026-11-2{number}T00:00:00", "benchmarks": benchmarks})
+
+
+DIVERGED = ("lora", "diverged", "training diverged: loss has not fallen below the first step's 2.492 over steps "
+                                "1-10 (divergence_window=10) at step 10 (configuration lora)")
+HISTORY = dict([_stored_run(1, ("lora", "ok", None)), _stored_run(2, ("lora", "ok", None)),
+                _stored_run(3, ("lora", "ok", None), DIVERGED)])
+
+
+# ----- conditions the catalog sets up ----------------------------------------------------------
+@contextlib.contextmanager
+def read_only_dir(workdir: Path) -> Iterator[None]:
+    """``<d>/ro``, a directory nobody may write: mode 555, and the immutable flag where root ignores modes."""
+    path = workdir / "ro"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    if os.access(path, os.W_OK):  # root
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+        if not immutable:
+            path.chmod(0o755)
+            pytest.skip("no way to make a directory read-only for this user (root without chattr)")
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+@contextlib.contextmanager
+def symlink_loop(workdir: Path) -> Iterator[None]:
+    (workdir / "loop").symlink_to(workdir / "loop")
+    yield
+
+
+@contextlib.contextmanager
+def home_is_workdir(workdir: Path) -> Iterator[None]:
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = str(workdir)
+    try:
+        yield
+    finally:
+        os.environ["HOME"] = saved or ""
+
+
+@contextlib.contextmanager
+def full_disk(workdir: Path) -> Iterator[None]:
+    """shutil.disk_usage reports 10 MiB free (filling a real disk is not a test's business)."""
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda path: real(path)._replace(free=10 * 2**20)
+    try:
+        yield
+    finally:
+        shutil.disk_usage = real
+
+
+@contextlib.contextmanager
+def cuda_without_bf16(workdir: Path) -> Iterator[None]:
+    import torch
+
+    saved = torch.cuda.is_available, torch.cuda.is_bf16_supported, torch.cuda.get_device_name
+    torch.cuda.is_available = lambda: True
+    torch.cuda.is_bf16_supported = lambda *a, **k: False
+    torch.cuda.get_device_name = lambda *a, **k: "Tesla T4"
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, torch.cuda.is_bf16_supported, torch.cuda.get_device_name = saved
+
+
+def rows_read(session, workdir: Path) -> str:
+    task = session.task(session.matrix.datasets[0])
+    texts = sorted(r["prompt"] for r in task.train) + sorted(r["prompt"] for r in task.eval)
+    return f"read {len(texts)} rows ({', '.join(sorted(texts))}) from {task.name}"
+
+
+def model_checked(session, workdir: Path) -> str:
+    source = session.model_source(session.matrix.models[0])
+    return f"checkpoint found at {source.path}"
 
 
 CATALOG = [
     # thresholds.yaml
     BadInput("thresholds: not valid YAML", {"thresholds": "{d}/gates.yaml"},
-             {"gates.yaml": GATES_HEAD + "    '*': [loss_drop >= 0.1\n"}, ("gates.yaml:", "not valid YAML")),
+             {"gates.yaml": GATES_HEAD + "    '*': [loss_drop >= 0.1\n"}, ("gates.yaml:5", "not valid YAML")),
     BadInput("thresholds: unknown metric", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": GATES_HEAD + "    '*':\n      - peak_vram <= 3\n"}, ("gates.yaml:5", "unknown metric 'peak_vram'")),
     BadInput("thresholds: unknown configuration", {"thresholds": "{d}/gates.yaml"},
@@ -53,21 +207,42 @@ CATALOG = [
              ("gates.yaml:4", "unknown configuration 'qlora_nf5'", "qlora_nf4")),
     BadInput("thresholds: bound is not a number", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": GATES_HEAD + "    '*':\n      - step_ms <= fast\n"}, ("gates.yaml:5", "step_ms <= fast")),
+    BadInput("thresholds: bound not finite (-1e999)", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": GATES_HEAD + "    '*':\n      - loss_drop >= -1e999\n"},
+             ("gates.yaml:5", "the bound -1e999 is not a finite number")),
     BadInput("thresholds: rules not a list", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": GATES_HEAD + "    '*': loss_drop >= 0.1\n"}, ("gates.yaml:4", "must be a list")),
+    BadInput("thresholds: a rule that is a mapping", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": GATES_HEAD + "    '*':\n      - {loss_drop: 0.1}\n"},
+             ("gates.yaml:5", "a rule must be a string", "got a mapping")),
     BadInput("thresholds: contradictory bounds", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": GATES_HEAD + "    '*':\n      - step_ms <= 10\n      - step_ms >= 20\n"},
              ("gates.yaml", "step_ms", "contradict")),
+    BadInput("thresholds: contradictory relative bounds", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": GATES_HEAD + "    qlora_nf4:\n      - weights_mib <= 0.5 * lora.weights_mib\n"
+                                         "      - weights_mib >= 0.8 * lora.weights_mib\n"},
+             ("gates.yaml:5", "contradicts", "for any positive lora.weights_mib")),
+    BadInput("thresholds: a rule comparing two units", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": GATES_HEAD + "    '*':\n      - peak_rss_delta_mib <= 1.0 * self.step_ms\n"},
+             ("gates.yaml:5", "peak_rss_delta_mib (MiB) with step_ms (ms)", "share a unit")),
     BadInput("thresholds: unknown top-level key", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": "version: 1\ngates: {}\nprofiles: {}\n"}, ("gates.yaml:2", "unknown key 'gates'")),
+    BadInput("thresholds: a key twice", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": "version: 1\nprofiles: {}\nprofiles: {default: {'*': [loss_drop >= 0.1]}}\n"},
+             ("gates.yaml:3", "key 'profiles' repeats (first at line 2)")),
+    BadInput("thresholds: a 306-byte alias bomb", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": ALIAS_BOMB}, ("gates.yaml:", "aliases expand the document past 20,000 nodes")),
     BadInput("thresholds: unknown profile", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": "version: 1\nprofiles:\n  tpu:\n    '*':\n      - loss_drop >= 0.1\n"}, ("gates.yaml:3", "tpu")),
     BadInput("thresholds: wrong version", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": "version: 2\nprofiles: {}\n"}, ("gates.yaml:1", "version must be 1")),
     BadInput("thresholds: a Python object tag (unsafe YAML)", {"thresholds": "{d}/gates.yaml"},
              {"gates.yaml": "version: 1\nprofiles: !!python/object/apply:os.system ['echo owned']\n"},
-             ("gates.yaml", "python/object/apply")),
+             ("gates.yaml:2", "python/object/apply", "not allowed")),
     BadInput("thresholds: file missing", {"thresholds": "{d}/nope.yaml"}, {}, ("nope.yaml", "not found")),
+    BadInput("thresholds: empty string (--thresholds '')", {"thresholds": ""}, {}, ("--thresholds ''", "empty")),
+    BadInput("thresholds: a directory", {"thresholds": "{d}/gates"}, {"gates/x": "x"},
+             ("--thresholds <dir>/gates", "a directory, not a file")),
     # matrix files
     BadInput("matrix: unknown field", {"matrix_file": "{d}/m.yaml"},
              {"m.yaml": "configs:\n  - id: a\n    rnak: 8\n"}, ("m.yaml: configs[0]", "unknown field(s) 'rnak'", "rank")),
@@ -89,132 +264,302 @@ CATALOG = [
              {"m.yaml": "model: tiny-llama\n"}, ("m.yaml", "unknown key(s) ['model']", "models")),
     BadInput("matrix: the same id twice", {"matrix_file": "{d}/m.yaml"},
              {"m.yaml": "configs:\n  - id: a\n  - id: a\n"}, ("m.yaml", "'a' appears twice")),
+    BadInput("matrix: 'configs:' twice (the second would replace the first)", {"matrix_file": "{d}/m.yaml"},
+             {"m.yaml": "configs:\n  - id: a\nconfigs:\n  - id: b\n"}, ("m.yaml (line 3)", "key 'configs' repeats (first at line 1)")),
+    BadInput("matrix: 'rank: 8' and 'rank: 64' in one configuration", {"matrix_file": "{d}/m.yaml"},
+             {"m.yaml": "configs:\n  - id: a\n    rank: 8\n    rank: 64\n"}, ("m.yaml (line 4)", "key 'rank' repeats (first at line 3)")),
+    BadInput("matrix: a 306-byte alias bomb", {"matrix_file": "{d}/m.yaml"},
+             {"m.yaml": ALIAS_BOMB}, ("m.yaml", "aliases expand the document past 20,000 nodes")),
     BadInput("matrix: a Python object tag (unsafe YAML)", {"matrix_file": "{d}/m.yaml"},
-             {"m.yaml": "configs: !!python/object/apply:os.system ['echo owned']\n"}, ("m.yaml", "not valid YAML")),
+             {"m.yaml": "configs: !!python/object/apply:os.system ['echo owned']\n"}, ("m.yaml (line 1)", "not allowed")),
     BadInput("matrix: file missing", {"matrix_file": "{d}/nope.yaml"}, {}, ("nope.yaml", "not found")),
-    BadInput("compute dtype the device lacks (bf16 on a CUDA card without it)", {"device": "cuda"}, {},
-             ("dtype='bf16' is not supported", "dtype=fp16"), patch_cuda_without_bf16=True),
+    BadInput("matrix: empty string (--matrix '')", {"matrix_file": ""}, {}, ("--matrix ''", "empty")),
+    BadInput("compute dtype the device lacks (--set dtype=bf16 on a CUDA card without it)",
+             {"device": "cuda", "overrides": ["dtype=bf16"]}, {},
+             ("dtype='bf16' is not supported", "dtype=fp16"), prepare=cuda_without_bf16),
     # command line
     BadInput("--set without '='", {"overrides": ["rank"]}, {}, ("--set 'rank'", "KEY=VALUE")),
     BadInput("--set unknown key", {"overrides": ["rnak=8"]}, {}, ("unknown key 'rnak'", "rank")),
+    BadInput("--set empty value (--set lr=)", {"overrides": ["lr="]}, {}, ("--set 'lr='", "empty value")),
+    BadInput("--set empty string (--set '')", {"overrides": [""]}, {}, ("--set ''", "empty")),
     BadInput("--set lr not a number", {"overrides": ["lr=fast"]}, {}, ("lr='fast' is not a number",)),
+    BadInput("--set lr=nan", {"overrides": ["lr=nan"]}, {}, ("lr=nan must be a finite number",)),
     BadInput("--set optimizer unknown", {"overrides": ["optimizer=sgd"]}, {}, ("optimizer='sgd'", "paged_adamw_8bit")),
+    BadInput("--set seed=4294967296 (past numpy's seed range)", {"overrides": ["seed=4294967296"]}, {},
+             ("seed=4294967296 is out of range", "0 to 4294967295")),
+    BadInput("--set a YAML value with a key twice", {"overrides": ["target_modules={a: 1, a: 2}"]}, {},
+             ("--set 'target_modules={a: 1, a: 2}'", "key 'a' repeats")),
+    BadInput("--set target_modules=[no_such_module]", {"overrides": ["target_modules=[no_such_module]"]}, {},
+             ("target_modules names 'no_such_module', which is no module of the model", "q_proj")),
+    BadInput("--set target_modules=[layers] (a container, not a layer)", {"overrides": ["target_modules=[layers]"]}, {},
+             ("'layers', a ModuleList, which LoRA cannot adapt",)),
+    BadInput("--set seq_len=1", {"overrides": ["seq_len=1"]}, {},
+             ("seq_len=1 leaves no completion token in any training row", "--set seq_len=10 or more")),
+    BadInput("--set divergence_factor=1", {"overrides": ["divergence_factor=1"]}, {},
+             ("divergence_factor=1 must be above 1",)),
     BadInput("--steps 0", {"steps": 0}, {}, ("steps=0 must be at least 1",)),
     BadInput("--device cuda where there is none", {"device": "cuda"}, {}, ("--device cuda", "no CUDA device")),
     BadInput("--device unknown", {"device": "tpu"}, {}, ("--device 'tpu'", "auto, cpu, cuda")),
+    BadInput("--device empty string", {"device": ""}, {}, ("--device ''", "empty")),
     BadInput("--memory-budget without a unit we know", {"memory_budget": "6 gigs"}, {}, ("--memory-budget '6 gigs'", "6GiB")),
     BadInput("--memory-budget 0", {"memory_budget": "0GiB"}, {}, ("more than 0 bytes",)),
     BadInput("--case-timeout negative", {"case_timeout_s": -1.0}, {}, ("--case-timeout -1", "positive")),
+    BadInput("--case-timeout inf", {"case_timeout_s": float("inf")}, {}, ("--case-timeout inf", "finite positive")),
+    BadInput("--case-timeout nan", {"case_timeout_s": float("nan")}, {}, ("--case-timeout nan", "finite positive")),
+    BadInput("--report-to tensorboard with a 300-character configuration id",
+             {"matrix_file": "{d}/m.yaml", "report_to": "tensorboard"}, {"m.yaml": "configs:\n  - id: " + "a" * 300 + "\n"},
+             ("case id aaaa", "(300 bytes)", "limited to 255 bytes")),
+    # where a run writes
+    BadInput("--benchmark-storage a read-only directory", {}, {}, ("--benchmark-storage <dir>/ro", "read-only or not permitted"),
+             outputs={"storage": "{d}/ro"}, prepare=read_only_dir),
+    BadInput("--benchmark-storage a path that is a file", {}, {"history": "x"},
+             ("--benchmark-storage <dir>/history/Linux-CPython-3.11-64bit", "a component of the path is a file"),
+             outputs={"storage": "{d}/history/Linux-CPython-3.11-64bit"}),
+    BadInput("--benchmark-storage on a full disk", {}, {},
+             ("--benchmark-storage <dir>/history", "10.0 MiB free", "the run's outputs need up to"),
+             outputs={"storage": "{d}/history"}, prepare=full_disk),
+    BadInput("--benchmark-json in a directory that is a file", {}, {"out": "x"},
+             ("--benchmark-json <dir>/out/run.json: its directory <dir>/out", "a file stands where the directory should be"),
+             outputs={"json_path": "{d}/out/run.json"}),
+    BadInput("--benchmark-json a directory", {}, {"out/x": "x"},
+             ("--benchmark-json <dir>/out: a directory, not a file",), outputs={"json_path": "{d}/out"}),
+    BadInput("--seeds 0", {"seeds": "0"}, {}, ("--seeds '0'", "a count from 1 to 100")),
+    BadInput("--seeds with a repeated seed", {"seeds": "7,7"}, {}, ("--seeds '7,7'", "seed 7 appears twice")),
     # models
-    BadInput("--model path missing", {"models": ["{d}/no-such-model"]}, {}, ("no-such-model", "no such checkpoint directory")),
+    BadInput("--model path missing", {"models": ["{d}/no-such-model"]}, {}, ("no-such-model", "not found")),
+    BadInput("--model empty string", {"models": [""]}, {}, ("--model ''", "empty")),
+    BadInput("--model a file, not a directory", {"models": ["{d}/model.bin"]}, {"model.bin": "x"},
+             ("--model <dir>/model.bin", "a file, not a directory")),
+    BadInput("--model a symbolic link loop", {"models": ["{d}/loop"]}, {},
+             ("--model <dir>/loop", "a symbolic link loop"), prepare=symlink_loop),
     BadInput("--model directory without config.json", {"models": ["{d}/empty"]}, {"empty/README": "x"},
              ("empty", "no config.json")),
+    BadInput("--model checkpoint with a config but no weight files", {"models": ["{d}/noweights"]},
+             {"noweights/config.json": _causal_config()}, ("noweights", "no weight files", "model.safetensors")),
+    BadInput("--model a truncated model.safetensors", {"models": ["{d}/trunc"]},
+             {"trunc/config.json": _causal_config(), "trunc/model.safetensors": _safetensors()[:-7]},
+             ("model.safetensors: truncated", "its header describes")),
+    BadInput("--model a weight index naming a missing shard", {"models": ["{d}/shards"]},
+             {"shards/config.json": _causal_config(),
+              "shards/model.safetensors.index.json": json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}})},
+             ("model.safetensors.index.json names 1 shard(s) that are not in the directory", "model-00001-of-00002")),
     BadInput("--model not a causal LM", {"models": ["{d}/distilbert"]},
              {"distilbert/config.json": json.dumps({"model_type": "distilbert"})},
              ("distilbert", "'distilbert' is not a causal language model")),
+    BadInput("--model a BERT checkpoint (BertForMaskedLM) as a causal LM", {"models": ["{d}/bert"]},
+             {"bert/config.json": json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}),
+              "bert/model.safetensors": _safetensors()}, ("the checkpoint is a BertForMaskedLM, not a causal language model",)),
+    BadInput("--model a BERT config without architectures", {"models": ["{d}/bert"]},
+             {"bert/config.json": json.dumps({"model_type": "bert"}), "bert/model.safetensors": _safetensors()},
+             ("'bert' is an encoder", "is_decoder")),
+    BadInput("--model a checkpoint with its own code, without --trust-remote-code", {"models": ["{d}/custom"]},
+             {"custom/config.json": json.dumps({"model_type": "my_arch", "auto_map": {
+                 "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyForCausalLM"}}),
+              "custom/model.safetensors": _safetensors()}, ("--trust-remote-code", "its own modelling code")),
     BadInput("--model hub id not in the local cache", {"models": ["no-such-org/no-such-model"]}, {},
              ("no-such-org/no-such-model", "not in the local Hugging Face cache", "offline")),
+    BadInput("--model hub revision not in the local cache", {"models": ["no-such-org/Model-1.5B@v2"]}, {},
+             ("at revision 'v2'", "huggingface-cli download no-such-org/Model-1.5B --revision v2")),
+    BadInput("--model neither a directory nor a hub id", {"models": ["org/bad--name"]}, {},
+             ("not an existing directory", "ORG/NAME or ORG/NAME@REVISION")),
+    BadInput("--model a file", {"models": ["{d}/weights.bin"]}, {"weights.bin": "x"},
+             ("weights.bin", "a file, not a directory")),
     BadInput("--model causal LM without a tokenizer", {"models": ["{d}/notok"]},
-             {"notok/config.json": _causal_config()}, ("notok", "no usable tokenizer")),
+             {"notok/config.json": _causal_config(), "notok/model.safetensors": _safetensors()},
+             ("notok", "no usable tokenizer")),
+    BadInput("--model ~/ckpt (~ expanded)", {"models": ["~/ckpt"]},
+             {"ckpt/config.json": _causal_config(), "ckpt/model.safetensors": _safetensors()},
+             ("--model ~/ckpt", "no usable tokenizer"), prepare=home_is_workdir),
     # data sets
-    BadInput("--dataset file missing", {"datasets": ["{d}/none.jsonl"]}, {}, ("none.jsonl", "file not found")),
-    BadInput("--dataset empty file", {"datasets": ["{d}/empty.jsonl"]}, {"empty.jsonl": ""}, ("empty.jsonl",)),
+    BadInput("--dataset file missing", {"datasets": ["{d}/none.jsonl"]}, {}, ("none.jsonl", "not found")),
+    BadInput("--dataset empty string", {"datasets": [""]}, {}, ("--dataset ''", "empty")),
+    BadInput("--dataset a directory, not a file", {"datasets": ["{d}/data"]}, {"data/a.jsonl": _rows(4)},
+             ("--dataset <dir>/data", "a directory, not a file", "glob:")),
+    BadInput("--dataset a symbolic link loop", {"datasets": ["{d}/loop"]}, {},
+             ("--dataset <dir>/loop", "a symbolic link loop"), prepare=symlink_loop),
+    BadInput("--dataset empty file", {"datasets": ["{d}/empty.jsonl"]}, {"empty.jsonl": ""}, ("empty.jsonl", "empty")),
+    BadInput("--dataset a line that is not JSON", {"datasets": ["{d}/bad.jsonl"]},
+             {"bad.jsonl": '{"text": "a"}\n{"text": oops}\n'},
+             ("bad.jsonl: could not be read as json", "ArrowInvalid: JSON parse error")),
     BadInput("--dataset lacks the needed columns", {"datasets": ["{d}/cols.jsonl"]},
              {"cols.jsonl": '{"q": "a", "a": "b"}\n{"q": "c", "a": "d"}\n'}, ("cols.jsonl", "lack the needed ones", "prompt+completion")),
+    BadInput("--dataset mixing prompt/completion rows with text rows", {"datasets": ["{d}/mixed.jsonl"]},
+             {"mixed.jsonl": _rows(3) + '{"text": "plain"}\n' + _rows(3)},
+             ("row 4 has fields ['text'], but row 1 has ['prompt', 'completion']",)),
     BadInput("--dataset whose rows are all blank", {"datasets": ["{d}/blank.jsonl"]},
              {"blank.jsonl": '{"text": " "}\n{"text": ""}\n'}, ("blank.jsonl", "needs at least 2 non-empty rows", "has 0")),
     BadInput("--dataset with one row", {"datasets": ["{d}/one.jsonl"]},
              {"one.jsonl": '{"prompt": "a", "completion": "b"}\n'}, ("one.jsonl", "needs at least 2 non-empty rows")),
+    BadInput("--dataset prompts longer than seq_len", {"datasets": ["{d}/long.jsonl"]},
+             {"long.jsonl": _rows(20, prompt="x" * 40)}, ("seq_len=32 leaves no completion token", "seq_len=42 or more")),
+    BadInput("--dataset smaller than the batch", {"datasets": ["{d}/small.jsonl"]}, {"small.jsonl": _rows(12)},
+             ("batch_size=16 is larger than the 11 training rows", "--set batch_size=11 or less")),
     BadInput("--dataset unsupported file type", {"datasets": ["{d}/d.xlsx"]}, {"d.xlsx": "x"}, ("d.xlsx", "unsupported file type")),
     BadInput("--dataset hub name not in the local cache", {"datasets": ["no-such-org/no-such-data"]}, {},
              ("no-such-org/no-such-data", "local Hugging Face cache")),
+    BadInput("--dataset a file literally named f*.jsonl, f1.jsonl beside it", {"datasets": ["{d}/f*.jsonl"]},
+             {"f*.jsonl": _rows(20, prompt="star"), "f1.jsonl": _rows(20, prompt="one")},
+             ("read 20 rows", "from <dir>/f*.jsonl"), stage=ACCEPTED, describe=rows_read),
+    BadInput("--dataset a file named d[1].jsonl", {"datasets": ["{d}/d[1].jsonl"]}, {"d[1].jsonl": _rows(20)},
+             ("read 20 rows", "from <dir>/d[1].jsonl"), stage=ACCEPTED, describe=rows_read),
+    BadInput("--dataset glob:PATTERN (the explicit way to read several files)", {"datasets": ["glob:{d}/f*.jsonl"]},
+             {"f*.jsonl": _rows(10, prompt="star"), "f1.jsonl": _rows(10, prompt="one")},
+             ("read 20 rows", "one0", "star0"), stage=ACCEPTED, describe=rows_read),
+    BadInput("--dataset ~/data.jsonl (~ expanded)", {"datasets": ["~/data.jsonl"]}, {"data.jsonl": _rows(20)},
+             ("read 20 rows", "from <dir>/data.jsonl"), stage=ACCEPTED, describe=rows_read, prepare=home_is_workdir),
+    # training: a loss that does not become NaN still stops the case
+    # (a 40-row data set, fp32 and a window of 4 steps keep these to seconds; the default window is 10)
+    BadInput("--set lr=1e9 (the loss more than doubles, never NaN)",
+             {"overrides": ["lr=1e9", "steps=8", "divergence_window=4", "dtype=fp32", "batch_size=4"],
+              "datasets": ["{d}/reverse.jsonl"]}, {"reverse.jsonl": _reverse_rows(40)},
+             ("status diverged", "is above 2 x the first step's", "(divergence_factor=2) at step 2"), stage=TRAINING),
+    BadInput("--set lr=1e9 --set divergence_factor=3 (the loss stays up, never NaN)",
+             {"overrides": ["lr=1e9", "steps=8", "divergence_window=4", "divergence_factor=3", "dtype=fp32",
+                            "batch_size=4"], "datasets": ["{d}/reverse.jsonl"]}, {"reverse.jsonl": _reverse_rows(40)},
+             ("status diverged", "loss has not fallen below the first step's", "over steps 1-4", "at step 4"),
+             stage=TRAINING),
+    # the command line
+    BadInput("compare --fail, the latest stored run has a diverged case", {}, HISTORY,
+             ("exit 1", "run 0003_run3 (c3): 1 case(s) did not finish: lora diverged", "this fails --fail"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail")),
+    BadInput("compare --fail --skip-broken", {}, HISTORY,
+             ("exit 0", "skipped run 0003_run3 (c3): 1 case(s) did not finish", "A = 0001_run1 (c1), B = 0002_run2 (c2)"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail", "--skip-broken")),
+    BadInput("compare, the latest stored run holds no lorabench result", {},
+             dict([_stored_run(1, ("lora", "ok", None)), _stored_run(2, ("lora", "ok", None)),
+                   ("history/Linux-CPython-3.11-64bit/0003_run3.json",
+                    json.dumps({"benchmarks": [{"name": "test_overhead", "extra_info": {}}]}))]),
+             ("exit 2", "0003_run3.json: holds no lorabench result", "pass --skip-broken"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail")),
+    BadInput("report, a model path with $...$, <, |, backticks and 300 non-ASCII characters", {},
+             dict([_stored_run(1, ("lora", "ok", None), model=SAFE_NAME)]),
+             ("exit 0", "wrote 10 files", "m-\\$x^^2\\$ &lt;b&gt;\\|\\`q\\`\\|"),
+             stage=COMMAND, argv=("report", "--storage", "{d}/history", "--out", "{d}/reports")),
 ]
 
 
-def trigger(bad: BadInput, workdir: Path) -> str:
-    """Run ``bad`` through the bench's start-up checks and return the error message.
+# ----- running an input ---------------------------------------------------------------------------
+def _fill(value, workdir: Path):
+    if isinstance(value, list):
+        return [_fill(v, workdir) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_fill(v, workdir) for v in value)
+    return value.replace("{d}", str(workdir)) if isinstance(value, str) else value
+
+
+def trigger(bad: BadInput, workdir: Path) -> Outcome:
+    """Run ``bad`` as the bench or the command line would and return what the user gets.
 
     Raises:
-        AssertionError: the input was accepted.
+        AssertionError: an input that must be refused was accepted, or the reverse.
     """
-    for rel, text in bad.files.items():
+    for rel, content in bad.files.items():
         path = workdir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with (bad.prepare(workdir) if bad.prepare else contextlib.nullcontext()):
+        started = time.perf_counter()
+        message = _run_command(bad, workdir) if bad.stage == COMMAND else _session(bad, workdir)
+        seconds = time.perf_counter() - started
+    message = message.replace(str(workdir), "<dir>").replace(str(ROOT), "<root>")
+    for words in bad.expect:
+        assert words in message, f"{bad.name}: {words!r} not in {message!r}"
+    return Outcome(bad.stage, message, seconds)
 
-    def fill(value):
-        if isinstance(value, list):
-            return [fill(v) for v in value]
-        return value.replace("{d}", str(workdir)) if isinstance(value, str) else value
 
-    options = {k: fill(v) for k, v in bad.options.items()}
+def _session(bad: BadInput, workdir: Path) -> str:
+    options = {k: _fill(v, workdir) for k, v in bad.options.items()}
+    outputs = {k: Path(_fill(v, workdir)) for k, v in bad.outputs.items()}
     try:
         session = open_session(root=ROOT, **options)
         session.load_gates()
         session.check_inputs()
+        session.check_outputs(**outputs, cases=len(session.matrix.cases()))
     except LorabenchError as exc:
-        return str(exc).replace(str(workdir), "<dir>")
-    raise AssertionError(f"{bad.name}: accepted")
+        assert bad.stage == STARTUP, f"{bad.name}: refused ({exc})"
+        return str(exc)
+    assert bad.stage != STARTUP, f"{bad.name}: accepted"
+    if bad.stage == ACCEPTED:
+        return bad.describe(session, workdir)
+    return _train_first_lora_case(session)
 
 
-@pytest.fixture
-def fake_cuda_without_bf16(monkeypatch):
-    import torch
+def _train_first_lora_case(session) -> str:
+    from lorabench.models import load_tokenizer
+    from lorabench.runner import CaseRun, measure, tokenize_task
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    i, case = next((i, c) for i, c in enumerate(session.matrix.cases())
+                   if c.config.method == "lora" and not c.config.quantized)
+    source, task = session.model_source(case.model), session.task(case.dataset)
+    tokenizer = load_tokenizer(source)
+    result = measure(CaseRun(case, case_id=session.matrix.ids()[i], source=source, device=session.device,
+                             tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len)))
+    return f"status {result.status}: {result.error}"
+
+
+def _run_command(bad: BadInput, workdir: Path) -> str:
+    from lorabench.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(_fill(bad.argv, workdir)))
+    lines = [line for line in (out.getvalue() + err.getvalue()).splitlines()
+             if re.search(r"error|skipped|did not finish|A = |wrote", line)]
+    if bad.argv[0] == "report":
+        md = (workdir / "reports" / "summary.md").read_text()
+        title = next(line for line in md.splitlines() if line.startswith("## "))
+        lines = [f"wrote {len(lines)} files", f"summary.md heading: {title[:60]}..."]
+    return f"exit {code}; " + "; ".join(lines)
+
+
+_OUTCOMES: dict[str, Outcome] = {}
+
+
+def outcome(bad: BadInput) -> Outcome:
+    """The input's outcome, computed once per process (the per-row tests and the table share it)."""
+    if bad.name not in _OUTCOMES:
+        with tempfile.TemporaryDirectory() as tmp:
+            _OUTCOMES[bad.name] = trigger(bad, Path(tmp))
+    return _OUTCOMES[bad.name]
 
 
 @pytest.mark.parametrize("bad", CATALOG, ids=[b.name for b in CATALOG])
-def test_bad_input_fails_before_training_and_names_the_problem(bad, tmp_path, request):
-    if bad.patch_cuda_without_bf16:
-        request.getfixturevalue("fake_cuda_without_bf16")
-    message = trigger(bad, tmp_path)
-    for words in bad.expect:
-        assert words in message, f"{bad.name}: {words!r} not in {message!r}"
+def test_each_input_gets_a_clear_answer(bad):
+    result = outcome(bad)
+    if bad.stage in (STARTUP, ACCEPTED):
+        assert result.seconds < 60, f"{bad.name}: {result.seconds:.1f} s at start-up"
 
 
 def test_the_catalog_is_large_and_documented():
-    assert len(CATALOG) >= 20
-    assert (ROOT / "docs" / "bad-inputs.md").read_text() == render_table(), (
+    assert len(CATALOG) >= 90
+    assert len({b.name for b in CATALOG}) == len(CATALOG)
+    strip = lambda text: re.sub(r"\| [\d.]+ \|$", "| |", text, flags=re.M)  # noqa: E731 - timings vary by run
+    assert strip((ROOT / "docs" / "bad-inputs.md").read_text()) == strip(render_table()), (
         "docs/bad-inputs.md is stale: run `python tests/test_bad_inputs.py > docs/bad-inputs.md`"
     )
 
 
 def render_table() -> str:
     lines = [
-        "# Bad inputs and the messages they get",
+        "# Bad inputs and what they get",
         "",
         "Generated from `tests/test_bad_inputs.py` (`python tests/test_bad_inputs.py > docs/bad-inputs.md`),",
-        "where each row is also a test. Every one of these stops the run at start-up, before any case trains;",
-        "pytest exits with status 4 (usage error). `<dir>` stands for the directory holding the file.",
+        "where each row is also a test, run through the same code as the bench or the command line.",
+        f"*{STARTUP}*: the run stops before any case trains, pytest exits with status 4 (usage error).",
+        f"*{ACCEPTED}*: an input once mishandled, now read literally. *{TRAINING}*: the case runs (here in",
+        "the test's process) and is recorded with the status shown. *command*: `python -m lorabench ...`,",
+        "with its exit status. `<dir>` stands for the directory holding the files, `<root>` for the repository;",
+        "seconds are wall time from start-up to the answer, on the machine that generated the table (the",
+        "first row that builds a model also pays for importing transformers).",
         "",
-        "| # | bad input | message |",
-        "|---|---|---|",
+        "| # | input | outcome | message | seconds |",
+        "|---|---|---|---|---|",
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, bad in enumerate(CATALOG, 1):
-            if bad.patch_cuda_without_bf16:
-                message = _with_fake_cuda(bad, Path(tmp) / str(i))
-            else:
-                message = trigger(bad, Path(tmp) / str(i))
-            one_line = " ".join(message.split()).replace("|", "\\|")
-            lines.append(f"| {i} | {bad.name} | {one_line} |")
+    for i, bad in enumerate(CATALOG, 1):
+        result = outcome(bad)
+        one_line = " ".join(result.message.split()).replace("|", "\\|")
+        lines.append(f"| {i} | {bad.name} | {result.stage} | {one_line} | {result.seconds:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def _with_fake_cuda(bad: BadInput, workdir: Path) -> str:
-    import torch
-
-    saved = torch.cuda.is_available, torch.cuda.is_bf16_supported, torch.cuda.get_device_name
-    torch.cuda.is_available = lambda: True
-    torch.cuda.is_bf16_supported = lambda *a, **k: False
-    torch.cuda.get_device_name = lambda *a, **k: "Tesla T4"
-    try:
-        return trigger(bad, workdir)
-    finally:
-        torch.cuda.is_available, torch.cuda.is_bf16_supported, torch.cuda.get_device_name = saved
 
 
 if __name__ == "__main__":

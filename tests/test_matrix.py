@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lorabench.errors import ConfigError
@@ -78,3 +80,60 @@ def test_missing_matrix_file():
                                         ("tiny-llama", "tiny-llama"), ("./ckpt/", "ckpt")])
 def test_short_names(spec, name):
     assert short_name(spec) == name
+
+
+def _readme_selection_examples() -> list[str]:
+    """The -k expressions of the README's "Selecting cases" block."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("**Selecting cases.**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.split("#")[0])[3] for line in block.splitlines() if line.startswith("pytest bench/ -k")]
+
+
+# What each README example must select from --model tiny-llama --model tiny-qwen --dataset digit-reverse
+# --dataset qa.jsonl: a test of (model, data set short name, configuration id) for fine-tuning cases.
+SELECTIONS = {
+    "config[qlora_nf4]": lambda m, d, c: c == "qlora_nf4",
+    "sweep": lambda m, d, c: c.startswith("qlora_nf4_r"),
+    "model[tiny-qwen]": lambda m, d, c: m == "tiny-qwen",
+    "dataset[qa]": lambda m, d, c: d == "qa",
+    "model[tiny-qwen] and config[qlora_nf4]": lambda m, d, c: m == "tiny-qwen" and c == "qlora_nf4",
+    "config[qlora_nf4_r8] or config[qlora_nf4_r64]": lambda m, d, c: c in ("qlora_nf4_r8", "qlora_nf4_r64"),
+}
+
+
+def test_the_readme_lists_the_tested_selection_examples():
+    assert _readme_selection_examples() == list(SELECTIONS)
+
+
+@pytest.mark.parametrize("expression", list(SELECTIONS))
+def test_readme_selection_examples_select_exactly_their_cases(expression, tmp_path):
+    """Each README example, collected for real (``--co -q``) on a two-model, two-data-set matrix."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    data = tmp_path / "qa.jsonl"
+    shutil.copy(root / "tests" / "data" / "add-qa.jsonl", data)
+    models, datasets = ["tiny-llama", "tiny-qwen"], ["digit-reverse", str(data)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(root / "bench"), "--co", "-q", "-p", "no:cacheprovider", "--rootdir",
+         str(root), "-k", expression, *[f"--model={m}" for m in models], *[f"--dataset={d}" for d in datasets]],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    selected = {line.split("::", 1)[1] for line in proc.stdout.splitlines() if line.startswith("bench/")}
+    matrix = build_matrix(models=models, datasets=datasets)
+    expected = {f"test_finetune[{case_id}]" for case, case_id in zip(matrix.cases(), matrix.ids())
+                if SELECTIONS[expression](case.model, short_name(case.dataset), case.config.id)}
+    assert expected and selected == expected
+
+
+def test_selection_words_close_each_name_on_both_sides():
+    from lorabench.matrix import Case
+
+    case = Case("Qwen/Qwen3-0.6B", "data/qa.jsonl", next(c for c in DEFAULT_CONFIGS if c.id == "qlora_nf4"))
+    assert case.keywords() == {"config[qlora_nf4]", "model[Qwen3-0.6B]", "model[Qwen/Qwen3-0.6B]",
+                               "dataset[qa]", "dataset[data/qa.jsonl]"}

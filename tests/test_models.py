@@ -1,21 +1,95 @@
-"""Models: quantized loading, adapters, the 4-bit training layout (bad --model values: test_bad_inputs.py)."""
+"""Models: spec resolution, quantized loading, adapters, the 4-bit training layout (bad --model values:
+test_bad_inputs.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from lorabench.config import BenchConfig, resolve
-from lorabench.models import apply_adapter, attention_module_names, load_model, resolve_model
+from lorabench.matrix import DEFAULT_CONFIGS
+from lorabench.errors import ModelError
+from lorabench.models import apply_adapter, attention_module_names, load_model, resolve_model, split_hub_id
 from lorabench.precision import native_dtype, torch_dtype
 from lorabench.zoo import ZOO
+
+ROOT = Path(__file__).resolve().parent.parent
+LORA = next(c.id for c in DEFAULT_CONFIGS if c.method == "lora" and c.quant == "none")  # LoRA on an unquantized base
 
 
 def test_a_checkpoint_directory_goes_through_the_same_path(tiny_llama):
     source = resolve_model(tiny_llama.path)
     assert not source.embedded and source.path == tiny_llama.path
+
+
+@pytest.fixture
+def hub_cache(hf_home, monkeypatch):
+    """Point huggingface_hub at the test cache, as HF_HOME does for a fresh process."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    return hf_home / "hub"
+
+
+def test_a_dotted_hub_id_resolves_to_its_snapshot_in_the_local_cache(hub_cache, hub_id):
+    source = resolve_model(hub_id)
+    assert source.spec == hub_id and not source.embedded
+    assert Path(source.path).parent.parent.name == "models--acme--Tiny-Llama-0.5B"
+    assert (Path(source.path) / "config.json").is_file()
+    pinned = resolve_model(f"{hub_id}@v1")
+    assert pinned.path != source.path and pinned.spec == f"{hub_id}@v1"
+
+
+def test_an_uncached_hub_id_says_so_and_how_to_fetch_it(hub_cache, hub_id):
+    with pytest.raises(ModelError) as info:
+        resolve_model("acme/Other-Model-1.5B")
+    message = str(info.value)
+    assert "not in the local Hugging Face cache" in message and str(hub_cache) in message
+    assert "huggingface-cli download acme/Other-Model-1.5B" in message
+    with pytest.raises(ModelError, match=r"at revision 'v9'.*download acme/Tiny-Llama-0.5B --revision v9"):
+        resolve_model(f"{hub_id}@v9")
+
+
+@pytest.mark.parametrize("spec, repo, revision", [
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", None),
+    ("meta-llama/Llama-3.2-1B@main", "meta-llama/Llama-3.2-1B", "main"),
+    ("org/name@0123abc", "org/name", "0123abc"),
+])
+def test_hub_ids_split_into_repository_and_revision(spec, repo, revision):
+    assert split_hub_id(spec) == (repo, revision)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("./no-such-dir", "no-such-dir: not found"),
+    ("a/b/c", "a/b/c: not found"),
+    ("org/bad--name", "ORG/NAME or ORG/NAME@REVISION"),
+    ("org/name@", "empty revision"),
+])
+def test_specs_that_are_neither_a_directory_nor_a_hub_id(spec, words, hub_cache):
+    with pytest.raises(ModelError, match=words):
+        resolve_model(spec)
+
+
+def test_a_case_runs_on_a_dotted_hub_id_from_a_local_cache(hf_home, hub_id, tmp_path):
+    """A fresh process finds the checkpoint through HF_HOME alone, as on a machine with a real cache."""
+    gates = tmp_path / "gates.yaml"
+    gates.write_text(f"version: 1\nprofiles:\n  default:\n    {LORA}:\n      - weights_mib > 0\n")
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
+         "--rootdir", str(ROOT), "--model", hub_id, "-k", f"config[{LORA}]", "--steps", "4", "--isolate", "none",
+         f"--thresholds={gates}", "--benchmark-disable"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"{hub_id} on digit-reverse (cpu, trained in " in proc.stdout
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

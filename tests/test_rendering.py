@@ -22,6 +22,7 @@ from lorabench.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 STORED_RUN = Path(__file__).parent / "data" / "stored-run.json"
+STORED_2X2 = Path(__file__).parent / "data" / "stored-run-2x2.json"  # two models x two data sets
 
 pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None or shutil.which("chromedriver") is None,
@@ -80,6 +81,29 @@ def test_summary_html_tables_and_plots_render(tmp_path, browser, serve):
         return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 100) ? imgs.length : false;""")
     assert loaded == 4
     screenshot(browser, "report-summary.png")
+
+
+def test_two_models_on_two_data_sets_render_labelled_by_both(tmp_path, browser, serve):
+    run = read_run(STORED_2X2)
+    write_report(run, tmp_path)
+    browser.get(serve(tmp_path) + "summary.html")
+    cross = browser.execute_script("return document.querySelectorAll('#model-by-dataset tbody tr').length")
+    assert cross == len(run.results)
+    titles = browser.execute_script("return [...document.querySelectorAll('h2')].map(h => h.innerText)")
+    for model in ("tiny-llama", "tiny-qwen"):
+        for dataset in ("digit-reverse", "add-qa"):
+            assert any(t.startswith(f"{model} on ") and dataset in t for t in titles), (model, dataset, titles)
+    assert browser.execute_script("return document.querySelectorAll('#configurations tbody tr').length") >= 5
+    assert browser.execute_script("return document.getElementById('gates') !== null")
+    loaded = wait_for(browser, """
+        const imgs = [...document.images];
+        return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 1000) ? imgs.length : false;""")
+    assert loaded == 4  # each plot is a 2 x 2 grid of panels, so wider than one panel
+    screenshot(browser, "report-2x2.png")
+    folder = os.environ.get("LORABENCH_SCREENSHOTS")
+    if folder:
+        browser.find_element("css selector", "img[src$='pareto_memory_quality.svg']").screenshot(
+            str(Path(folder) / "report-2x2-pareto.png"))
 
 
 @pytest.mark.skipif(not (ROOT / "node_modules" / ".bin" / "allure").exists() and shutil.which("npm") is None,

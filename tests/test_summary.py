@@ -47,16 +47,56 @@ def test_verdict_follows_the_metric_direction():
 
 
 def test_summary_has_a_baseline_column_and_computed_findings():
-    rows = [result("full", peak_rss_delta_mib=100.0, weights_mib=10.0, step_ms=50.0, eval_loss=1.0),
-            result("qlora_nf4", peak_rss_delta_mib=40.0, weights_mib=3.0, step_ms=60.0, eval_loss=0.9)]
-    text = "\n".join(render_summary(rows, {"pass": 3}))
+    rows = [result("full", tensor_peak_mib=100.0, peak_rss_delta_mib=150.0, weights_mib=10.0, step_ms=50.0,
+                   eval_loss=1.0),
+            result("qlora_nf4", tensor_peak_mib=40.0, peak_rss_delta_mib=120.0, weights_mib=3.0, step_ms=60.0,
+                   eval_loss=0.9)]
+    lines = render_summary(rows, {"pass": 3})
+    text = "\n".join(lines)
     assert "baseline full" in text
-    assert "40.00 (-60.0%)" in text
+    assert lines[1].split()[2:5] == ["tensor", "peak", "MiB"]  # exact tensor bytes lead on the CPU
+    assert "40.00 (-60.0%)" in text and "process RSS+ MiB" in text
     assert "gates: 3 pass" in text
     found = findings(rows)
-    assert found[0].startswith("qlora_nf4 vs full: 60.0% less peak memory")
+    assert found[0].startswith("qlora_nf4 vs full: 60.0% less peak memory (live tensor bytes)")
+    assert "20.0% less process memory (peak RSS added)" in found[0]
     assert "20.0% more step time" in found[0]
-    assert found[-1].startswith("lowest eval loss: qlora_nf4")
+    # one seed each: the eval losses are listed, and neither is called the lowest
+    assert found[-1].startswith("eval loss from one seed each, so no case is shown to have the lowest")
+    assert "qlora_nf4 0.9, full 1.00 nats" in found[-1]
+    assert "step time (60.00 vs 50.00 ms; one run each, spread unknown" in found[0]
+
+
+def seeded(config_id: str, **per_seed) -> CaseResult:
+    """A record combined from one run per seed: ``eval_loss=[0.5, 0.6, 0.7]`` gives three seeds."""
+    from lorabench.seeds import combine
+
+    n = len(next(iter(per_seed.values())))
+    runs = []
+    for i in range(n):
+        r = result(config_id, **{name: values[i] for name, values in per_seed.items()})
+        r.config = {"seed": 1234 + i}
+        runs.append(r)
+    return combine(runs)
+
+
+def test_overlapping_seed_intervals_are_not_called_a_difference():
+    lora = seeded("lora", eval_loss=[0.60, 0.80, 0.70], weights_mib=[6.0, 6.0, 6.0])
+    qlora = seeded("qlora_nf4", eval_loss=[0.55, 0.85, 0.62], weights_mib=[3.0, 3.0, 3.0])
+    found = findings([lora, qlora])
+    assert "50.0% less weight memory (3.00 vs 6.00 MiB, better)" in found[0]  # no spread at all: apart
+    assert found[-1].startswith("qlora_nf4 has the lowest eval loss (0.673 nats, 95% interval")
+    assert found[-1].endswith("but is not distinguishable at 3 seeds from lora")
+    assert not any(f.startswith("lowest eval loss") for f in found)
+
+
+def test_separated_seed_intervals_name_the_lowest():
+    full = seeded("full", eval_loss=[1.00, 1.02, 1.01])
+    qlora = seeded("qlora_nf4", eval_loss=[0.50, 0.52, 0.51])
+    line = findings([full, qlora])[-1]
+    assert line.startswith("lowest eval loss: qlora_nf4 (0.51 nats, 95% interval 0.485-0.535 over 3 seeds)")
+    text = "\n".join(render_summary([full, qlora]))
+    assert "3 seeds: mean ± standard deviation" in text and "0.51 ± 0.01 (-49.5%)" in text
 
 
 def test_a_case_that_did_not_run_is_never_the_baseline():
@@ -71,7 +111,28 @@ def test_accuracy_shows_its_interval_and_quantization_error_gets_its_own_table()
                 accuracy_gain_pp=88.7, eval_loss=0.1)
     quant = result("quant_error_normal", nf4_rel_error_mean=0.092, fp4_rel_error_mean=0.122)
     quant.config = {"kind": "quant_error"}
-    text = "\n".join(render_summary([ok, quant]))
+    lower = result("lora", accuracy_pct=40.0, accuracy_ci_low_pct=34.2, accuracy_ci_high_pct=46.1,
+                   accuracy_n=256, eval_loss=0.3)
+    close = result("qlora_nf4", accuracy_pct=86.0, accuracy_ci_low_pct=81.2, accuracy_ci_high_pct=89.7,
+                   accuracy_n=256, eval_loss=0.3)
+    text = "\n".join(render_summary([ok, lower, quant]))
     assert "88.7 [84.2-92.0]" in text
-    assert "highest accuracy: full (88.7%, 95% CI 84.2-92.0%, n=256, +88.7 pp over the base model)" in text
+    # one seed, but accuracy has its Wilson interval: apart from lora's, so full is the highest
+    assert ("highest accuracy: full (88.7%, 95% interval 84.2-92.0%, Wilson, n=256, +88.7 pp over the base "
+            "model)" in text)
+    assert "full has the highest accuracy (88.7%" in findings([ok, lower, close])[-1]
+    assert findings([ok, lower, close])[-1].endswith("not distinguishable (95% intervals overlap) from qlora_nf4")
     assert "NF4 err" in text and "24.6% less reconstruction error" in text
+
+
+def test_the_tensor_peak_is_shown_with_its_parts_largest_first():
+    row = result("full", tensor_peak_mib=30.0, tensor_params_mib=6.0, tensor_buffers_mib=0.0, tensor_grads_mib=0.0,
+                 tensor_optimizer_mib=12.0, tensor_activations_mib=10.0, tensor_temporaries_mib=2.0)
+    text = "\n".join(render_summary([row]))
+    assert "full: 30.00 MiB = optimizer 12.00 + activations 10.00 + params 6.00 + temporaries 2.00" in text
+
+
+def test_no_case_is_best_when_all_score_the_same():
+    cases = [result(c, accuracy_pct=0.0, accuracy_ci_low_pct=0.0, accuracy_ci_high_pct=8.8, accuracy_n=40)
+             for c in ("full", "lora")]
+    assert findings(cases)[-1] == "the same accuracy in every case (0.0%)"

@@ -81,6 +81,15 @@ def test_rules_carry_their_file_line_and_kind():
         ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 100]\n  cpu:\n    qlora_nf4: [step_ms >= 200]",
          r"th.yaml:6: 'step_ms >= 200' contradicts|th.yaml:4: 'step_ms <= 100' contradicts"),
         ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 1, step_ms <= 2]\n    '*': []", r"key '\*' repeats"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= -1e999]", r"th.yaml:4: .*-1e999 is not a finite number"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [step_ms <= 1e999 * lora.step_ms]", r"positive and finite"),
+        ("version: 1\nprofiles:\n  default:\n    '*': [peak_rss_delta_mib <= 1.0 * self.step_ms]",
+         r"compares peak_rss_delta_mib \(MiB\) with step_ms \(ms\); both sides must share a unit"),
+        ("version: 1\nprofiles:\n  default:\n    qlora_nf4:\n      - eval_loss <= 1.0 * lora.eval_loss\n"
+         "      - eval_loss >= 1.5 * lora.eval_loss", r"th.yaml:5: .* contradicts .*for any positive lora.eval_loss"),
+        ("version: 1\nversion: 1\nprofiles: {}", r"th.yaml:2: key 'version' repeats \(first at line 1\)"),
+        ("version: 1\nprofiles: {}\nx: &a [*a]", r"th.yaml:3: an alias refers to the node that contains it"),
+        ("version: 1\nprofiles: !!set {a: null}", r"th.yaml:2: YAML tag '!!set' is not allowed"),
     ],
 )
 def test_malformed_files_name_the_line_and_what_is_allowed(text, match):
@@ -93,7 +102,7 @@ def test_bounds_on_exclusive_devices_do_not_contradict():
 
 
 def test_missing_file():
-    with pytest.raises(ThresholdError, match="nope.yaml: thresholds file not found"):
+    with pytest.raises(ThresholdError, match="--thresholds nope.yaml: not found"):
         load_thresholds("nope.yaml", KNOWN)
 
 

@@ -15,7 +15,7 @@ from lorabench.training import DivergenceError, StepRunner, make_trainer
 
 
 def _runner(source, device, **fields):
-    config = resolve(BenchConfig("t", **fields), source.defaults)
+    config = resolve(BenchConfig("t", **fields), source.defaults, device)
     tokenizer = load_tokenizer(source)
     tokens = tokenize_task(load_task_data("digit-reverse"), tokenizer, config.seq_len)
     model = apply_adapter(load_model(source, config, device).model, config)
@@ -68,7 +68,7 @@ def test_report_to_tensorboard_streams_every_step(tiny_llama, cpu, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = resolve(BenchConfig("t", steps=5, warmup_steps=1), tiny_llama.defaults)
+    config = resolve(BenchConfig("t", steps=5, warmup_steps=1), tiny_llama.defaults, cpu)
     tokenizer = load_tokenizer(tiny_llama)
     tokens = tokenize_task(load_task_data("digit-reverse"), tokenizer, config.seq_len)
     model = apply_adapter(load_model(tiny_llama, config, cpu).model, config)

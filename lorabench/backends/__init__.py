@@ -4,7 +4,7 @@ Every module in this package that defines ``BACKEND`` (a :class:`~lorabench.back
 is registered when the package is imported, in module-name order; adding a backend is adding
 a module (README "Adding a backend"). The rest of lorabench asks the functions here: the
 configuration validates ``quant`` against :func:`quant_values`, the loader takes
-:func:`quantization_config`, byte accounting :func:`storage_tensors`, the quantization-error
+:func:`quantization_config`, byte accounting :func:`parameter_tensors`, the quantization-error
 cases :func:`round_trip`, pytest its markers from :func:`markers`.
 """
 
@@ -152,14 +152,14 @@ def owner(module) -> QuantBackend | None:
     return next((b for b in _BACKENDS if b.owns(module)), None)
 
 
-def storage_tensors(module) -> list[Any] | None:
-    """Plain tensors holding everything a quantized layer owns (quantized weight with its state, bias,
-    buffers), or ``None`` when no backend owns ``module``."""
+def parameter_tensors(module) -> list[Any]:
+    """The tensors that hold ``module``'s own parameters: for a quantized layer, its backend's packed weight
+    and quantization state (scales, zero points, code books) plus its other parameters as they are."""
+    params = list(module.named_parameters(recurse=False))
     backend = owner(module)
     if backend is None:
-        return None
-    rest = [p for name, p in module.named_parameters(recurse=False) if name != "weight"]
-    return backend.weight_tensors(module) + rest + list(module.buffers(recurse=False))
+        return [p for _, p in params]
+    return backend.weight_tensors(module) + [p for name, p in params if name != "weight"]
 
 
 def logical_numel(param) -> int:
@@ -196,6 +196,6 @@ _discover()
 __all__ = [
     "NONE", "Format", "QuantBackend", "allowed_text", "backend_for", "backends", "check_available", "check_quant",
     "check_runnable", "double_quant_values", "format_for", "formats", "linear_type_names", "logical_numel",
-    "markers", "owner", "preload_modules", "quant_values", "quantization_config", "register", "round_trip",
-    "storage_tensors",
+    "markers", "owner", "parameter_tensors", "preload_modules", "quant_values", "quantization_config", "register",
+    "round_trip",
 ]

@@ -1,0 +1,129 @@
+"""A checkpoint directory checked before anything loads: whole weight files and a causal-LM architecture.
+
+Only ``config.json``, the weight index, the safetensors headers and the zip directories of
+``.bin`` files are read, never the weights themselves, so the check takes milliseconds
+whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lorabench.errors import ModelError
+
+# What from_pretrained looks for, in its order of preference.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+_PICKLE_MAGIC = b"\x80"  # torch's legacy (pre-zip) format starts with a pickle protocol byte
+
+
+def check_weights(directory: Path, spec: str) -> None:
+    """The directory holds weight files that are whole (complete headers and every byte they describe).
+
+    Raises:
+        ModelError: no weight file, a shard named by an index is missing, or a file is truncated.
+    """
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        files = _index_shards(path, spec) if name.endswith(".index.json") else [path]
+        for file in files:
+            why = weight_file_problem(file)
+            if why:
+                raise ModelError(f"--model {spec}: {file.name}: {why}")
+        return
+    present = sorted(p.name for p in directory.iterdir())[:8]
+    raise ModelError(f"--model {spec}: no weight files in the checkpoint directory (it needs one of "
+                     f"{', '.join(WEIGHT_FILES)}; it holds {', '.join(present) or 'nothing'})")
+
+
+def _index_shards(index: Path, spec: str) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"--model {spec}: {index.name} is not a weight index (JSON with a 'weight_map')") from None
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise ModelError(f"--model {spec}: {index.name} names {len(missing)} shard(s) that are not in the directory: "
+                         f"{', '.join(missing[:4])}")
+    return [index.parent / s for s in shards]
+
+
+def weight_file_problem(path: Path) -> str | None:
+    """Why a weight file cannot be whole, from its header alone; ``None`` when it looks whole."""
+    if path.suffix == ".safetensors":
+        return safetensors_problem(path)
+    if path.suffix == ".bin":
+        with path.open("rb") as fh:
+            head = fh.read(1)
+        if head == _PICKLE_MAGIC:
+            return None  # legacy format: nothing to check without unpickling
+        if not zipfile.is_zipfile(path):
+            return "not a whole torch archive (its zip directory is missing: truncated or not a weight file)"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Check a safetensors file against its own header: the header's length, its JSON, the data it describes."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        if size < 8:
+            return f"truncated: {size} bytes, fewer than the 8-byte header length"
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > size - 8:
+            return f"truncated: its header should take {header_len:,} bytes, the file has {size:,} in all"
+        try:
+            header: dict[str, Any] = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, ValueError):
+            return "not a safetensors file (its header is not JSON)"
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        return "not a safetensors file (its header has no tensor offsets)"
+    expected = 8 + header_len + end
+    if size < expected:
+        return f"truncated: {size:,} bytes, its header describes {expected:,}"
+    return None
+
+
+def check_causal_lm(config, spec: str) -> None:
+    """A config that ``AutoModelForCausalLM`` loads as a decoder that predicts the next token.
+
+    Raises:
+        ModelError: the model type has no causal-LM class, the checkpoint's architectures are
+            other heads (``BertForMaskedLM``), or an encoder's LM head would run without its
+            causal mask (``is_decoder`` false).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    causal_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if causal_class is None and "AutoModelForCausalLM" in auto_map:
+        return  # the checkpoint's own code says it is one (and runs only with --trust-remote-code)
+    if causal_class is None:
+        raise ModelError(f"--model {spec!r}: model type {config.model_type!r} is not a causal language model "
+                         "(AutoModelForCausalLM cannot load it)")
+    architectures = getattr(config, "architectures", None) or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelError(f"--model {spec!r}: the checkpoint is a {', '.join(architectures)}, not a causal language "
+                         f"model (for {config.model_type!r} that would be {causal_class})")
+    if getattr(config, "is_decoder", None) is False and _is_encoder_family(config.model_type):
+        raise ModelError(f"--model {spec!r}: model type {config.model_type!r} is an encoder; its causal head "
+                         f"({causal_class}) needs \"is_decoder\": true in config.json, or it reads every token "
+                         "of a sequence, the future included")
+
+
+def _is_encoder_family(model_type: str) -> bool:
+    """An encoder (BERT, RoBERTa, ...) whose causal head is the encoder run with a causal mask."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES

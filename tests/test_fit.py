@@ -1,0 +1,64 @@
+"""``python -m lorabench fit``: the table, the JSON record, the chart, the largest sizes, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorabench.cli import main
+from lorabench.config import BenchConfig
+from lorabench.estimate import hf_config, predict
+from lorabench.fit import Budget, fit_case
+
+ISSUE_KEYS = {"config": str, "gradient_checkpointing": bool, "batch_size": int, "seq_len": int,
+              "predicted_peak_mib": float, "components_mib": dict, "fits": dict}
+
+
+def test_fit_writes_the_table_the_json_record_and_the_chart(tmp_path, capsys):
+    out = tmp_path / "reports"
+    code = main(["fit", "--model", "tiny-llama", "--memory", "40MiB", "--memory", "1GiB", "--batch-size", "8",
+                 "--seq-len", "16", "--set", "rank=8", "--json", str(tmp_path / "fit.json"), "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "tiny-llama: batch 8 x 16 tokens, cuda kernels" in text
+    assert "fits 40MiB" in text and "fits 1GiB" in text
+    data = json.loads((tmp_path / "fit.json").read_text())
+    ids = [c["config"] for c in data["cases"]]
+    assert ids == ["full", "lora", "qlora_nf4", "qlora_fp4", "lora_int8"]  # the rank sweep left out
+    for case in data["cases"]:
+        for key, kind in ISSUE_KEYS.items():
+            assert isinstance(case[key], kind), key
+        assert (case["batch_size"], case["seq_len"]) == (8, 16)
+        assert set(case["fits"]) == {"40MiB", "1GiB"}
+        assert case["predicted_peak_mib"] == pytest.approx(sum(case["components_mib"].values()))
+        assert case["fits"]["1GiB"] is (case["predicted_peak_mib"] <= 1024)
+        assert case["fits"]["40MiB"] is (case["predicted_peak_mib"] <= 40)
+        assert {"params", "grads", "optimizer", "activations", "temporaries", "cuda_context"} <= set(case["components_mib"])
+    assert sorted(p.name for p in out.iterdir()) == ["fit-tiny-llama.png", "fit-tiny-llama.svg"]
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_the_largest_batch_that_fits_does_and_one_more_does_not(quant):
+    config = BenchConfig("c", method="lora", quant=quant, double_quant=quant == "nf4")
+    hf = hf_config("tiny-llama")
+    budget = Budget("40MiB", 40.0)
+    case = fit_case("tiny-llama", hf, config, [budget], batch_size=4, seq_len=16, target="cpu")
+    largest = case.max_batch_size["40MiB"]
+    assert largest > 4
+    at = predict(hf, config, batch_size=largest, seq_len=16, target="cpu").peak_mib
+    beyond = predict(hf, config, batch_size=largest + 1, seq_len=16, target="cpu").peak_mib
+    assert at <= budget.mib < beyond
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--memory", "24XB"], "--memory '24XB': expected a size like 6GiB"),
+    (["--memory", "24GiB", "--model", "preset:llama-9"], "no such preset; known:"),
+    (["--memory", "24GiB", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--memory", "24GiB", "--set", "rank=zero"], "rank='zero' must be a whole number"),
+])
+def test_bad_input_is_named_and_exits_2(argv, message, capsys):
+    if "--model" not in argv:
+        argv = ["--model", "tiny-llama", *argv]
+    assert main(["fit", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,43 @@
+"""The first line of a run: what will run and how long it should take."""
+
+from __future__ import annotations
+
+from lorabench.progress import ZOO_FIXED_CONTROLS, ZOO_STEP_CONTROLS, estimate_from_control, estimate_from_history, \
+    plan_line
+from pathlib import Path
+
+from lorabench.history import StoredRun
+from lorabench.result import CaseResult
+
+
+def run(*results: CaseResult, number: int) -> StoredRun:
+    return StoredRun(path=Path(f"{number:04d}_x.json"), number=number, name="x", datetime="", commit={"id": "abc"},
+                     machine={}, results={r.case_id: r for r in results})
+
+
+def test_estimate_from_control_scales_steps_and_fixed_work():
+    assert estimate_from_control([10, 20], 0.01) == (30 * ZOO_STEP_CONTROLS + 2 * ZOO_FIXED_CONTROLS) * 0.01
+
+
+def test_estimate_from_history_sums_the_phases_of_the_latest_run_holding_every_case(tmp_path, monkeypatch):
+    def case(case_id, seconds):
+        r = CaseResult(case_id=case_id, config_id=case_id, model="m", dataset="d", device="cpu", config={})
+        r.metrics.update({"phase_train_s": seconds, "phase_load_s": 1.0, "step_ms": 99.0})
+        return r
+
+    runs = [run(case("a", 10.0), case("b", 20.0), number=1), run(case("a", 5.0), number=2)]
+    monkeypatch.setattr("lorabench.history.load_runs", lambda storage: runs)
+    tmp_path.mkdir(exist_ok=True)
+    assert estimate_from_history(tmp_path, ["a", "b"]) == (32.0, "stored run 0001_x (abc)")
+    assert estimate_from_history(tmp_path, ["a"])[0] == 6.0  # the latest run holding it
+    assert estimate_from_history(tmp_path, ["c"]) is None
+    assert estimate_from_history(None, ["a"]) is None
+
+
+def test_plan_line_says_cases_device_dtype_and_time():
+    line = plan_line(case_ids=["full", "lora"], models=["tiny-llama"], datasets=["digit-reverse"], device="cpu",
+                     dtypes=["fp32"], isolate="process", estimate=(150.0, "stored run 0003_x"))
+    assert line == ("lorabench: 2 case(s) [full, lora] on tiny-llama x digit-reverse, cpu in fp32, isolation process; "
+                    "expected about 2.5 min (from stored run 0003_x)")
+    assert "no estimate" in plan_line(case_ids=["a"], models=["m"], datasets=["d"], device="cpu", dtypes=["bf16"],
+                                      isolate="none", estimate=None)
