@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lorabench.config import BenchConfig
 from lorabench.estimate import hf_config, predict
-from lorabench.estimate.build import _bnb_code_cache_untouched, _int8params, _params4bit
+from lorabench.backends.bitsandbytes import _code_cache_untouched, _int8params, _params4bit
 from lorabench.footprint import unique_bytes
 from lorabench.presets import names
 from lorabench.tensor_tracker import model_state_tensors
@@ -50,7 +50,7 @@ def _layer(quant: str, double_quant: bool, out_features: int, in_features: int, 
                  else bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
                                         compress_statistics=double_quant, quant_type=quant))
     if device == "meta":
-        with _bnb_code_cache_untouched():
+        with _code_cache_untouched():
             layer.weight = (_int8params if quant == "int8" else _params4bit)(layer, weight)
         return layer
     if quant == "int8":

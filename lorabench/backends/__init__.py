@@ -186,6 +186,24 @@ def round_trip(weight, quant: str):
     return backend_for(quant).round_trip(weight, quant)
 
 
+def quantize_meta(model, config_quant: str, *, dtype, double_quant: bool = False) -> None:
+    """Quantize a meta-device model as a real load in ``config_quant`` would (nothing for ``none``).
+
+    Raises:
+        ConfigError: unknown ``quant``, or its library is not installed.
+        NotImplementedError: the backend cannot build on the meta device.
+    """
+    quantization = quantization_config(config_quant, compute_dtype=dtype, double_quant=double_quant)
+    if quantization is not None:
+        backend_for(config_quant).quantize_meta(model, quantization, dtype)
+
+
+def meta_patches(target: str) -> list[tuple[Any, str, Any]]:
+    """Every installed backend's patches under which meta tensors take ``target``'s kernels."""
+    return [patch for b in _BACKENDS if importlib.util.find_spec(b.module) is not None
+            for patch in b.meta_patches(target)]
+
+
 def preload_modules() -> list[str]:
     """The installed backend libraries, for processes that import their libraries ahead of a case."""
     return [b.module for b in _BACKENDS if importlib.util.find_spec(b.module) is not None]
@@ -196,6 +214,6 @@ _discover()
 __all__ = [
     "NONE", "Format", "QuantBackend", "allowed_text", "backend_for", "backends", "check_available", "check_quant",
     "check_runnable", "double_quant_values", "format_for", "formats", "linear_type_names", "logical_numel",
-    "markers", "owner", "parameter_tensors", "preload_modules", "quant_values", "quantization_config", "register",
-    "round_trip",
+    "markers", "meta_patches", "owner", "parameter_tensors", "preload_modules", "quant_values", "quantization_config",
+    "quantize_meta", "register", "round_trip",
 ]

@@ -92,6 +92,21 @@ class QuantBackend:
         """Elements a packed parameter stands for, or ``None`` where ``param.numel()`` already says it."""
         return None
 
+    # ----- the memory model (lorabench.estimate) ------------------------------
+    def quantize_meta(self, model, quantization_config, dtype) -> None:
+        """Quantize a model built on the meta device as ``from_pretrained`` with ``quantization_config``
+        would: the same layer classes, and every quantized tensor with its real shape and dtype.
+
+        Raises:
+            NotImplementedError: the backend cannot build on the meta device (its cases get no prediction).
+        """
+        raise NotImplementedError(f"{self.name} has no meta-device build")
+
+    def meta_patches(self, target: str) -> list[tuple[Any, str, Any]]:
+        """``(owner, attribute, replacement)`` patches under which meta tensors take the kernels the
+        ``target`` device type (``cpu``, ``cuda``) would; default: none. Only called where the library is installed."""
+        return []
+
     # ----- quantization error ------------------------------------------------
     def round_trip(self, weight, quant: str):
         """A 2-D float32 ``weight`` quantized and dequantized as the backend stores it, in float32."""

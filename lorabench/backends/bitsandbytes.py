@@ -8,6 +8,7 @@ quantized to 8 bits with their own absmax, code book and offset. LLM.int8 layers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -60,6 +61,69 @@ def keep_4bit_layout_trainable(model) -> int:
             module.support_avx512bf16_for_cpu = False
             switched += 1
     return switched
+
+
+@contextlib.contextmanager
+def _code_cache_untouched():
+    """bitsandbytes caches its double-quantization code book on the device of its first use, for the
+    process. Quantizing on the meta device first would leave a meta code book behind, which real loads
+    then cannot copy: the meta build runs with a code book of its own and puts the cache back after."""
+    from bitsandbytes import functional
+
+    saved = dict(functional.name2qmap)
+    functional.name2qmap["dynamic"] = functional.create_dynamic_map()  # on the CPU, like a CPU load's
+    try:
+        yield
+    finally:
+        functional.name2qmap.clear()
+        functional.name2qmap.update(saved)
+
+
+def _meta_weight(shape, module, dtype):
+    """The unquantized weight as a checkpoint would hold it: (out, in), in the load dtype."""
+    import torch
+
+    if getattr(module, "source_cls", None) is not None and module.source_cls.__name__ == "Conv1D":
+        shape = shape[::-1]  # GPT-2's Conv1D stores (in, out); transformers transposes before quantizing
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _params4bit(module, weight):
+    import bitsandbytes as bnb
+
+    old = module.weight
+    param = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=old.blocksize,
+                              compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                              quant_storage=old.quant_storage, module=module)
+    return param._quantize("meta")  # .to() skips quantization on the meta device; the operators run there
+
+
+def _int8params(module, weight):
+    import bitsandbytes as bnb
+
+    param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=module.weight.has_fp16_weights)
+    return param._quantize("meta")
+
+
+def _int8_matmul(target: str, original):
+    """LLM.int8 training: bitsandbytes dequantizes and calls a plain matmul on CPUs (``MatMul8bitFp``) and
+    runs its int8 kernels on CUDA (``MatMul8bitLt``), chosen by the input's device type. On CUDA, which
+    activation columns count as outliers (kept in fp16 beside the int8 product) depends on their values:
+    the meta run assumes none, so it leaves out those columns' copies, a small share for a model without
+    many outliers."""
+    from bitsandbytes.autograd._functions import MatMul8bitFp, MatmulLtState
+
+    def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+        state = state or MatmulLtState()
+        if A.device.type == "meta" and target == "cpu" and state.is_training:
+            if threshold > 0.0:
+                state.threshold = threshold
+            return MatMul8bitFp.apply(A, B, out, bias, state)
+        if A.device.type == "meta":
+            state.threshold = threshold = 0.0  # outlier columns are found from values, which meta tensors lack
+        return original(A, B, out=out, state=state, threshold=threshold, bias=bias)
+
+    return matmul
 
 
 class BitsAndBytes(QuantBackend):
@@ -115,6 +179,34 @@ class BitsAndBytes(QuantBackend):
             return None
         shape = getattr(getattr(param, "quant_state", None), "shape", None)
         return int(shape.numel()) if shape is not None else param.numel() * 2  # two 4-bit values per stored byte
+
+    def quantize_meta(self, model, quantization_config, dtype) -> None:
+        """transformers' own bitsandbytes quantizer replaces the linear layers (as ``from_pretrained`` does),
+        then each weight is quantized by bitsandbytes' ``Params4bit`` / ``Int8Params`` code, whose operators
+        have meta implementations: packed storage, absmax, double-quantization statistics, code book, int8
+        matrix and row scales all get their real shapes and dtypes."""
+        import bitsandbytes as bnb
+        import torch
+        from transformers.quantizers import AutoHfQuantizer
+
+        shapes = {name: m.weight.shape for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+        quantizer = AutoHfQuantizer.from_config(quantization_config)
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
+                                   use_kernels=False)
+        with _code_cache_untouched():
+            for name, module in model.named_modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    module.weight = _params4bit(module, _meta_weight(shapes[name], module, dtype))
+                elif isinstance(module, bnb.nn.Linear8bitLt):
+                    module.weight = _int8params(module, _meta_weight(shapes[name], module, dtype))
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)
+
+    def meta_patches(self, target: str) -> list[tuple[Any, str, Any]]:
+        import bitsandbytes
+
+        return [(bitsandbytes, "matmul", _int8_matmul(target, bitsandbytes.matmul))]
 
     def round_trip(self, weight, quant: str):
         """The functions ``Linear4bit`` (bf16 in, blocks of 64) and ``Linear8bitLt`` (fp16 in, one absmax per row) use."""

@@ -19,9 +19,7 @@ Every fine-tuning case checks the prediction against its own measured tensor pea
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field
 
 from lorabench.config import BenchConfig
@@ -128,8 +126,8 @@ def predict(hf_config, config: BenchConfig, *, batch_size: int, seq_len: int, ta
     def run(layers: int) -> TensorPeak:
         model = meta_model(with_layers(hf_config, layers), config)
         attention.append(getattr(model.config, "_attn_implementation", "") or "")
-        with _quiet("bitsandbytes.autograd._functions"):  # "inputs will be cast": once per int8 layer and call
-            return track_training(model, config, batch_size=batch_size, seq_len=seq_len, target=target)
+        # (the bitsandbytes backend drops LLM.int8's "inputs will be cast" notice, once per layer and call)
+        return track_training(model, config, batch_size=batch_size, seq_len=seq_len, target=target)
 
     depth = hf_config.num_hidden_layers
     period = layer_period(hf_config)
@@ -142,17 +140,6 @@ def predict(hf_config, config: BenchConfig, *, batch_size: int, seq_len: int, ta
     peak = run(depth)
     runtime = cuda_terms(peak.storage_bytes) if target == "cuda" else []
     return Prediction(peak, target, batch_size, seq_len, runtime, (depth,), attention[-1])
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def layer_period(hf_config) -> int:

@@ -46,7 +46,12 @@ def record_prediction(result: CaseResult, source, config: BenchConfig, tensors: 
 
     batch_size, seq_len = max(shapes[:tensors.result.steps], key=lambda s: s[0] * s[1])
     hf = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=source.trust_remote_code)
-    prediction = predict(hf, config, batch_size=batch_size, seq_len=seq_len, target=device.type)
+    try:
+        prediction = predict(hf, config, batch_size=batch_size, seq_len=seq_len, target=device.type)
+    except NotImplementedError as exc:  # a quantization backend without a meta-device build
+        for metric in (PREDICTED, ERROR):
+            result.set(metric, None, reason=f"the memory model cannot build this case: {exc}")
+        return
     where = f"batch {batch_size} x {seq_len} tokens, {device.type} kernels"
     result.set(PREDICTED, prediction.tensor_mib,
                source=f"lorabench.estimate: meta-device build and one tracked step from the config alone ({where})")

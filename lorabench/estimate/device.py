@@ -10,11 +10,8 @@ they would fall to a path that no real run takes:
   ``batch x heads x length x length`` attention matrix. :func:`emulate` calls the fused
   kernel the target's dispatcher would choose, directly, and the math path only where
   the target falls back to it too (attention dropout on the CPU, an unsupported dtype).
-- LLM.int8 training: bitsandbytes dequantizes and calls a plain matmul on CPUs
-  (``MatMul8bitFp``) and runs its int8 kernels on CUDA (``MatMul8bitLt``), chosen by the
-  input's device type. On CUDA, which activation columns count as outliers (kept in fp16
-  beside the int8 product) depends on their values: the meta run assumes none, so it
-  leaves out those columns' copies, a small share for a model without many outliers.
+- a quantization backend's device-dependent kernels (:meth:`lorabench.backends.QuantBackend.meta_patches`;
+  LLM.int8 training dequantizes and calls a plain matmul on CPUs and runs int8 kernels on CUDA).
 - AdamW: torch runs the multi-tensor (``foreach``) implementation on CUDA and the
   per-parameter loop elsewhere; the optimizer is told which.
 
@@ -73,22 +70,6 @@ def _fused_sdpa(target: str, original):
     return sdpa
 
 
-def _int8_matmul(target: str, original):
-    from bitsandbytes.autograd._functions import MatMul8bitFp, MatmulLtState
-
-    def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
-        state = state or MatmulLtState()
-        if A.device.type == "meta" and target == "cpu" and state.is_training:
-            if threshold > 0.0:
-                state.threshold = threshold
-            return MatMul8bitFp.apply(A, B, out, bias, state)
-        if A.device.type == "meta":
-            state.threshold = threshold = 0.0  # outlier columns are found from values, which meta tensors lack
-        return original(A, B, out=out, state=state, threshold=threshold, bias=bias)
-
-    return matmul
-
-
 def _no_packed_rows(original):
     def find_packed_sequence_indices(position_ids):
         return None if position_ids.device.type == "meta" else original(position_ids)
@@ -107,18 +88,19 @@ def _quiet_for_meta(original):
 
 @contextlib.contextmanager
 def emulate(target: str):
-    """Within: meta tensors take ``target``'s attention kernel and LLM.int8 training path.
+    """Within: meta tensors take ``target``'s attention kernel and its quantization backends' kernels.
 
     Raises:
         ConfigError: ``target`` is not ``cpu`` or ``cuda``.
     """
-    import bitsandbytes
     import torch.nn.functional as F
     from transformers import PreTrainedModel, masking_utils
 
+    from lorabench import backends
+
     check_target(target)
     patches = ((F, "scaled_dot_product_attention", _fused_sdpa(target, F.scaled_dot_product_attention)),
-               (bitsandbytes, "matmul", _int8_matmul(target, bitsandbytes.matmul)),
+               *backends.meta_patches(target),
                (masking_utils, "find_packed_sequence_indices",
                 _no_packed_rows(masking_utils.find_packed_sequence_indices)),
                (PreTrainedModel, "warn_if_padding_and_no_attention_mask",
