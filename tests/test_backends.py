@@ -213,3 +213,20 @@ def test_a_peft_wrapper_is_not_counted_as_a_second_quantized_layer(tiny_llama, c
     assert quantized_linear_ratio(adapted) == before[1]
     lora_bytes = sum(p.numel() * p.element_size() for n, p in adapted.named_parameters() if "lora_" in n)
     assert weight_bytes(adapted) == before[0] + lora_bytes
+
+
+def test_torchao_builds_on_the_meta_device_with_the_bytes_of_a_real_load(tiny_llama, cpu):
+    """The memory model's meta build (lorabench.estimate) holds what a real load holds, byte for byte."""
+    from transformers import AutoConfig
+
+    from lorabench.config import resolve
+    from lorabench.estimate.build import meta_model
+    from lorabench.models import apply_adapter, load_model
+
+    config = resolve(BenchConfig("q", quant="torchao_int8"), tiny_llama.defaults, cpu)
+    real = apply_adapter(load_model(tiny_llama, config, cpu).model, config)
+    meta = meta_model(AutoConfig.from_pretrained(tiny_llama.path), config)
+    assert next(meta.parameters()).device.type == "meta"
+    assert weight_bytes(meta) == weight_bytes(real)
+    assert quantized_linear_ratio(meta) == quantized_linear_ratio(real)
+    assert type(meta.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "TorchaoLoraLinear"

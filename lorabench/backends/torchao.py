@@ -71,6 +71,24 @@ class TorchAO(QuantBackend):
     def weight_tensors(self, module) -> list[Any]:
         return flatten(module.weight)
 
+    def quantize_meta(self, model, quantization_config, dtype) -> None:
+        """``quantize_`` with the loading configuration on the layers transformers' torchao quantizer would
+        convert (every ``nn.Linear`` outside its ``modules_to_not_convert``: the output head); torchao's
+        int8 tensors build on the meta device with their real shapes and dtypes."""
+        import torch
+        from torchao.quantization import quantize_
+        from transformers.quantizers import AutoHfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        quantizer = AutoHfQuantizer.from_config(quantization_config)
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
+                                   use_kernels=False)
+        skip = quantizer.modules_to_not_convert
+        quantize_(model, quantization_config.quant_type,
+                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and should_convert_module(name, skip))
+        model.hf_quantizer = quantizer  # peft's TorchaoLoraLinear takes its requantization from it
+        quantizer.postprocess_model(model)
+
     def round_trip(self, weight, quant: str):
         """``quantize_`` with the loading configuration on a one-layer copy, then ``dequantize``; float32 in,
         so the figure is the format's own error (bitsandbytes' int8 takes fp16, which rounds far less than int8)."""
