@@ -2,17 +2,15 @@
 
 Each linear weight becomes an ``Int8Tensor`` inside an ordinary ``nn.Linear``: one int8 per
 weight, and per row a float32 scale (whatever the model's dtype) and an int8 zero point
-(symmetric, so zero, but stored). peft wraps these layers in its ``TorchaoLoraLinear``, whose merge dequantizes,
-adds the LoRA delta and quantizes again with the same configuration.
+(symmetric, so zero, but stored). peft wraps these layers in its ``TorchaoLoraLinear``, whose
+merge dequantizes, adds the LoRA delta and quantizes again with the same configuration.
 
-Why this library for the second backend, measured on the 2-core CPU with tiny-llama
-(torch 2.13, transformers 5.24, peft 0.21; README "Adding a backend"): torchao int8 loads,
-trains a LoRA (loss 2.46 to 0.59 in 20 steps, as the bf16 base did) and merges (max logit
-difference 0.15 against the unmerged adapter). optimum-quanto trains too but peft has no
-quanto layer and its merge is wrong (max logit difference 4.3); HQQ does not load in
-transformers 5 ("not available yet"), nor on a CPU device map. torchao's 4-bit weight-only
-formats need CUDA kernels, and its int4 on CPU (``IntxWeightOnlyConfig``) keeps one int4 per
-int8 byte, no smaller than int8.
+Why this library for the second backend (README "Quantization backends", measured in
+docs/benchmarks.md): torchao int8 loads on a CPU, trains a LoRA as well as an unquantized
+base does, and peft merges into it with its own layer. optimum-quanto trains too, but peft has
+no layer for it and its merge moves logits by 4.3; HQQ does not load in transformers 5 on a CPU;
+torchao's 4-bit weight-only formats need CUDA kernels, and its CPU int4 keeps each code in an
+int8 byte.
 """
 
 from __future__ import annotations
