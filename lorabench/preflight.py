@@ -26,8 +26,9 @@ log = logging.getLogger("lorabench.preflight")
 # Layer types a LoRA adapter can wrap (peft's LoRA layers, under their class names).
 LORA_LAYER_TYPES = frozenset({"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention"})
 # What one case adds to the run's outputs, at most: its record in the stored run and in
-# --benchmark-json (the loss and step curves, every metric, the gates; 20-60 KiB measured on
-# the tiny models), and its TensorBoard or Allure files. 4 MiB leaves a wide margin.
+# --benchmark-json (the loss and step curves, every metric, the gates: about 12 KiB a case in the
+# runs stored here, e.g. tests/data/stored-run.json, 3 cases in 34 KiB), and its TensorBoard or
+# Allure files. 4 MiB leaves a wide margin for long runs and big attachments.
 OUTPUT_BYTES_PER_CASE = 4 * 2**20
 OUTPUT_BYTES_FLOOR = 32 * 2**20  # the report, plots and the JSON's fixed part
 

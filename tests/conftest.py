@@ -83,7 +83,7 @@ def allure_results(tmp_path_factory) -> Path:
     results = tmp / "allure-results"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or lora", "--steps", "6", f"--thresholds={gates}",
+         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or config[lora]", "--steps", "6", f"--thresholds={gates}",
          f"--alluredir={results}", "--benchmark-disable"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

@@ -363,7 +363,7 @@ CATALOG = [
     BadInput("--model neither a directory nor a hub id", {"models": ["org/bad--name"]}, {},
              ("not an existing directory", "ORG/NAME or ORG/NAME@REVISION")),
     BadInput("--model a file", {"models": ["{d}/weights.bin"]}, {"weights.bin": "x"},
-             ("weights.bin", "is a file")),
+             ("weights.bin", "a file, not a directory")),
     BadInput("--model causal LM without a tokenizer", {"models": ["{d}/notok"]},
              {"notok/config.json": _causal_config(), "notok/model.safetensors": _safetensors()},
              ("notok", "no usable tokenizer")),

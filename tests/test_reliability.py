@@ -155,7 +155,7 @@ INTERRUPT_COMMON = ("--benchmark-autosave", "--isolate", "none")
 def earlier_history(no_gates, tmp_path_factory) -> Path:
     """A storage holding one finished autosaved run: the history an interrupted run must not damage."""
     storage = tmp_path_factory.mktemp("history")
-    first = bench("-k", "lora", "--steps", "5", f"--thresholds={no_gates}", *INTERRUPT_COMMON,
+    first = bench("-k", "config[lora]", "--steps", "5", f"--thresholds={no_gates}", *INTERRUPT_COMMON,
                   f"--benchmark-storage={storage}")
     assert first.returncode == 0, first.stdout[-3000:]
     return storage
@@ -171,7 +171,7 @@ def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_
     # A run interrupted while its first case trains: the session saves only after its last case.
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "lora or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
+         "--rootdir", str(ROOT), "-k", "config[lora] or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
          *INTERRUPT_COMMON, f"--benchmark-storage={storage}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -211,14 +211,14 @@ def test_a_save_that_dies_half_way_leaves_no_result_file(tmp_path, monkeypatch):
 # ----- preflight, through pytest ------------------------------------------------------------
 def test_preflight_stops_the_run_at_collection_and_checks_only_the_selected_cases(no_gates, tmp_path):
     matrix = tmp_path / "m.yaml"
-    matrix.write_text("configs:\n  - {id: fine}\n  - {id: cut, seq_len: 1}\n")
+    matrix.write_text("configs:\n  - {id: good}\n  - {id: cut, seq_len: 1}\n")
     common = (f"--matrix={matrix}", f"--thresholds={no_gates}", "--collect-only", "-q")
     refused = bench(*common)
     assert refused.returncode == 4, refused.stdout[-2000:]
     assert "configuration 'cut' on --model tiny-llama, --dataset digit-reverse: seq_len=1" in refused.stderr
-    assert bench(*common, "-k", "fine").returncode == 0  # the deselected case is not checked
+    assert bench(*common, "-k", "good").returncode == 0  # the deselected case is not checked
     (tmp_path / "history").write_text("a file")
-    storage = bench(*common, "-k", "fine", "--benchmark-autosave", f"--benchmark-storage={tmp_path / 'history'}")
+    storage = bench(*common, "-k", "good", "--benchmark-autosave", f"--benchmark-storage={tmp_path / 'history'}")
     assert storage.returncode == 4
     assert f"--benchmark-storage {tmp_path / 'history'}" in storage.stderr and "cannot write there" in storage.stderr
 
@@ -234,8 +234,8 @@ def test_a_run_whose_storage_breaks_before_saving_is_written_elsewhere_and_summa
     data.write_text("".join(json.dumps({"prompt": f"rev {n:04d}=", "completion": f"{n:04d}"[::-1]}) + "\n"
                             for n in range(1000, 1040)))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", case, "--steps", "5", f"--dataset={data}", "--set", "dtype=fp32",
+        [sys.executable, "-m", "pytest", f"{ROOT / 'bench' / 'test_finetune.py'}::test_finetune[{case}]",
+         "-p", "no:cacheprovider", "--rootdir", str(ROOT), "--steps", "5", f"--dataset={data}", "--set", "dtype=fp32",
          "--set", "batch_size=4", f"--thresholds={no_gates}", "--isolate", "none", "--benchmark-autosave",
          f"--benchmark-storage={storage}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -381,7 +381,7 @@ def test_a_cases_peak_memory_does_not_depend_on_the_cases_before_it(no_gates, tm
         assert proc.returncode == 0, proc.stdout[-3000:]
         return results(out)["lora"]["metrics"]["peak_rss_delta_mib"]
 
-    alone = peak("-k", "lora")
+    alone = peak("-k", "config[lora]")
     matrix = tmp_path / "others-first.yaml"
     # the largest case first (full fine-tuning), then a quantized one
     matrix.write_text("configs:\n  - {id: full, method: full}\n  - {id: lora_int8, quant: int8}\n"

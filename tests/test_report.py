@@ -108,8 +108,9 @@ def test_gates_table_in_markdown_html_and_allure(tmp_path):
     ]
     write_report(stored(result("full"), failing), tmp_path)
     md = (tmp_path / "summary.md").read_text()
-    assert ("| fail | qlora_nf4-tiny-llama-digit-reverse | tiny-llama | digit-reverse | eval_loss <= 2.0 * lora.eval_loss "
-            "| 0.9 | <= 0.8 | thresholds.yaml:37 |") in md
+    # Markdown-escaped (lorabench.textsafe): renders as "eval_loss <= 2.0 * lora.eval_loss"
+    assert ("| fail | qlora_nf4-tiny-llama-digit-reverse | tiny-llama | digit-reverse | "
+            "eval_loss &lt;= 2.0 \\* lora.eval_loss | 0.9 | &lt;= 0.8 | thresholds.yaml:37 |") in md
     assert md.index("| fail |") < md.index("| not evaluated |") < md.index("| pass |")
     assert "| qlora_nf4 | failed 1 gate |" in md  # the case's status says so, not "ok"
     assert "- 2 case(s): 1 ok, 1 failed 1 gate" in md and "- gates: 1 fail, 1 not evaluated, 1 pass" in md
