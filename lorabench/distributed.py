@@ -51,6 +51,8 @@ RANK_FIGURES = ("peak_rss_delta_mib", "peak_alloc_mib", "weights_mib", "grads_mi
                 "tokens_per_s", "step_ms", "train_loss_final")
 ADAPTER_REASON = ("the adapter check (save, reload, merge) runs in the single-device case of the same configuration; "
                   "a multi-process case checks training, memory and speed")
+TENSOR_REASON = ("live tensor bytes and the memory model's prediction are for one process; a rank's tensors differ "
+                 "from it (DDP's gradient buckets, FSDP's shards and gathered layers), which neither accounts for yet")
 
 log = logging.getLogger("lorabench.progress")
 
@@ -65,6 +67,7 @@ class RankParallel:
     """
 
     adapter_reason = ADAPTER_REASON
+    tensor_reason = TENSOR_REASON
 
     def __init__(self, strategy: str, device) -> None:
         self.strategy = strategy

@@ -195,7 +195,8 @@ class CaseRun:
                 self.trainer.model_wrapped = self.parallel.wrap(self.model)
             self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
                                      divergence=DivergenceRule.of(config))
-            self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps)
+            self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps,
+                                       off=self.parallel.tensor_reason if self.parallel is not None else "")
             self.started = time.perf_counter()
 
     def step(self) -> float:

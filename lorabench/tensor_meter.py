@@ -32,13 +32,16 @@ class TensorMeter:
         optimizer: its optimizer.
         device: the training device; only storages on it count.
         warmup_steps: how many leading steps to track (the untimed ones).
+        off: why not to track at all (every figure is then absent with this reason); ``""`` to track.
     """
 
-    def __init__(self, model, optimizer, device, warmup_steps: int) -> None:
+    def __init__(self, model, optimizer, device, warmup_steps: int, *, off: str = "") -> None:
         self.remaining = warmup_steps
         self.result: TensorPeak | None = None
         self.tracker: TensorTracker | None = None
-        self.reason = ""
+        self.reason = off
+        if off:
+            return
         if warmup_steps < MIN_TRACKED_STEPS:
             self.reason = (f"live tensor bytes are tracked over the untimed warm-up steps, and warmup_steps={warmup_steps} "
                            f"is below {MIN_TRACKED_STEPS} (the optimizer state exists from the second step on)")

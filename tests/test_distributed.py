@@ -160,3 +160,14 @@ def test_two_rank_cases_record_every_rank_and_pass_the_shipped_gates(two_rank_ru
     assert ddp["weights_mib"] == lora["weights_mib"] and ddp["grads_mib"] == lora["grads_mib"]  # whole replicas
     assert fsdp["weights_mib"] <= 0.55 * lora["weights_mib"] and fsdp["grads_mib"] == lora["grads_mib"] / 2
     assert "lora_fsdp2 (fsdp, 2 ranks): per rank peak RSS+" in stdout
+
+
+def test_a_rank_leaves_live_tensor_bytes_absent_and_says_why():
+    import torch
+
+    from lorabench.distributed import TENSOR_REASON, RankParallel
+    from lorabench.tensor_meter import TENSOR_METRICS, TensorMeter
+
+    meter = TensorMeter(None, None, torch.device("cpu"), 3, off=RankParallel("ddp", torch.device("cpu")).tensor_reason)
+    assert meter.run(lambda: 7) == 7  # the step runs, untracked
+    assert meter.reading().absent == dict.fromkeys(TENSOR_METRICS, TENSOR_REASON)
