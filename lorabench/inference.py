@@ -237,7 +237,8 @@ class InferenceRun:
 
         self.variant, self.source, self.adapter_dir, self.tokenizer = variant, source, adapter_dir, tokenizer
         self.device, self.new_tokens, self.warmup, self.repeats = device, new_tokens, warmup, repeats
-        self.prompt, self.dtype = prompt, dtype = resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device)
+        self.prompt, self.dtype = prompt, dtype
         self.result = CaseResult(case_id=variant.id, config_id=variant.id, model=model_name, dataset=dataset,
                                  device=str(device), environment=dict(machine()),
                                  config={"kind": "inference", **variant_result_config(variant, dtype, new_tokens,

@@ -91,6 +91,7 @@ def _measured_peak(spec: str, config: BenchConfig) -> tuple[int, tuple[int, int]
 
     from lorabench.config import resolve
     from lorabench.data import collator, load_task_data
+    from lorabench.precision import torch_dtype
     from lorabench.models import apply_adapter
     from lorabench.runner import tokenize_task
     from lorabench.tensor_tracker import TensorTracker
@@ -98,9 +99,9 @@ def _measured_peak(spec: str, config: BenchConfig) -> tuple[int, tuple[int, int]
     from lorabench.zoo import build_tokenizer, model_config
 
     set_seed(0)
-    config = resolve(config, ZOO[spec].defaults).replace(batch_size=4, steps=4, warmup_steps=3)
+    config = resolve(config, ZOO[spec].defaults, torch.device("cpu")).replace(batch_size=4, steps=4, warmup_steps=3)
     tokenizer = build_tokenizer()
-    model = AutoModelForCausalLM.from_config(model_config(ZOO[spec], tokenizer), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(model_config(ZOO[spec], tokenizer), dtype=torch_dtype(config.dtype))
     model = apply_adapter(model, config)
     tokens = tokenize_task(load_task_data("digit-reverse"), tokenizer, config.seq_len)
     trainer = make_trainer(model, tokenizer, tokens.train, collator(tokenizer), config, torch.device("cpu"))

@@ -25,7 +25,7 @@ def test_fit_writes_the_table_the_json_record_and_the_chart(tmp_path, capsys):
     assert "fits 40MiB" in text and "fits 1GiB" in text
     data = json.loads((tmp_path / "fit.json").read_text())
     ids = [c["config"] for c in data["cases"]]
-    assert ids == ["full", "lora", "qlora_nf4", "qlora_fp4", "lora_int8"]  # the rank sweep left out
+    assert ids == ["full", "lora", "qlora_nf4", "qlora_fp4", "lora_int8", "lora_torchao_int8"]  # the rank sweep left out
     for case in data["cases"]:
         for key, kind in ISSUE_KEYS.items():
             assert isinstance(case[key], kind), key
