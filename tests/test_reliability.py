@@ -116,7 +116,6 @@ def mid_size_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason="failed in the run after the merges of 2026-12-01; cause not yet diagnosed")
 def test_a_memory_budget_that_full_fine_tuning_exceeds_and_qlora_fits(mid_size_checkpoint, no_gates, tmp_path):
     # fp32 compute (this CPU has no fast bf16) and 40 rows (4 held out) keep it to seconds per case.
     # Unbudgeted on this model: full fine-tuning peaks near 750 MiB over its start, QLoRA NF4 near 170-260 MiB.
@@ -124,7 +123,7 @@ def test_a_memory_budget_that_full_fine_tuning_exceeds_and_qlora_fits(mid_size_c
     data.write_text("".join(json.dumps({"prompt": f"rev {n:04d}=", "completion": f"{n:04d}"[::-1]}) + "\n"
                             for n in range(1000, 1040)))
     out = tmp_path / "run.json"
-    proc = bench("-k", "full or qlora_nf4_r8", f"--model={mid_size_checkpoint}", f"--dataset={data}",
+    proc = bench("-k", "config[full] or config[qlora_nf4_r8]", f"--model={mid_size_checkpoint}", f"--dataset={data}",
                  "--set", "dtype=fp32", "--set", "batch_size=4", "--set", "seq_len=32", "--set", "warmup_steps=1",
                  "--steps", "3", "--memory-budget", "400MiB", f"--thresholds={no_gates}", f"--benchmark-json={out}")
     assert proc.returncode == 0, proc.stdout[-3000:]
