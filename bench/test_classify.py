@@ -8,7 +8,7 @@ Marked ``slow``: together they take about a minute or more on a 2-core CPU.
 
 import pytest
 
-from fixtures.case import assert_case_passed, record_result
+from lorabench.pytest_plugin import assert_case_passed, record_result, step_timer
 from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, QUANT_ERROR_CASE_ID, encoder_linear_weights, run_case
 from lorabench.quant_error import layer_errors, quant_error_result
 
@@ -24,9 +24,7 @@ def _finish(result, benchmark, bench_session, *, wildcard=True):
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.id for c in CONFIGS])
 def test_minilm_finetune(config, benchmark, bench_session):
     benchmark.group = f"finetune {MODEL_NAME} {DATASET_NAME}"
-    result = run_case(config, _cpu(),
-                      lambda step, rounds, warmup, control: benchmark.pedantic(
-                          step, setup=control, rounds=rounds, warmup_rounds=warmup, iterations=1))
+    result = run_case(config, _cpu(), step_timer(benchmark))
     _finish(result, benchmark, bench_session)
 
 

@@ -9,7 +9,7 @@ variant ids (infer_*).
 
 import pytest
 
-from fixtures.case import assert_case_passed
+from lorabench.pytest_plugin import assert_case_passed
 from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, VARIANTS, WARMUP_CALLS, InferenceRun
 
 

@@ -11,7 +11,7 @@ thresholds.yaml under gguf_q4_0 and gguf_q8_0.
 
 import pytest
 
-from fixtures.case import assert_case_passed
+from lorabench.pytest_plugin import assert_case_passed
 from lorabench.gguf import GGUF_VARIANTS, GGUFRun
 from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
 

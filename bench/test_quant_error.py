@@ -8,7 +8,7 @@ of the first ``--model`` as its checkpoint stores them. Per-layer errors go into
 
 import pytest
 
-from fixtures.case import assert_case_passed, record_result
+from lorabench.pytest_plugin import assert_case_passed, record_result
 from lorabench.quant_error import (
     MODEL_CASE_ID,
     NORMAL_CASE_ID,

@@ -22,7 +22,7 @@ from lorabench.failures import gate_value_text
 from lorabench.metrics import METRICS
 from lorabench.result import CaseResult, plain_reason
 
-# Test messages the categories below match (set in bench/test_finetune.py and fixtures/case.py).
+# Test messages the categories below match (set in bench/test_finetune.py and lorabench/pytest_plugin/case.py).
 GATE_FAILED = "gate(s) failed"
 DOES_NOT_FIT = "does not fit"
 CASE_ERROR = "case error"

@@ -157,7 +157,7 @@ def test_the_sharded_ci_example_runs_every_slice_and_joins_them():
 
 def test_the_controller_finds_each_collected_bench_case_by_its_node_id():
     from lorabench.matrix import build_matrix
-    from lorabench.plugin_scaleout import _gated_item
+    from lorabench.pytest_plugin.scaleout import _gated_item
 
     matrix = build_matrix(models=["tiny-llama", "tiny-qwen"])
     cases = dict(zip(matrix.ids(), matrix.cases()))

@@ -57,7 +57,7 @@ def test_a_violated_gate_fails_its_case_and_says_where(tmp_path):
     assert "qlora_nf4_r8.step_ms = " in proc.stdout and ": bound <= 0.001" in proc.stdout
     # no record repr, no harness traceback, no library progress bars or deprecation notices
     output = proc.stdout + proc.stderr
-    for noise in ("CaseResult(", "Traceback", "fixtures/case.py", "Loading weights", "FutureWarning",
+    for noise in ("CaseResult(", "Traceback", "pytest_plugin/case.py", "Loading weights", "FutureWarning",
                   "DeprecationWarning", "it/s]"):
         assert noise not in output, noise
 

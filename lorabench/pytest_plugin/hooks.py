@@ -1,4 +1,4 @@
-"""The pytest plugin: options, case generation, gates, machine info, terminal summary.
+"""The plugin's hooks: options, markers, case generation, gates, machine info, terminal summary.
 
 Hooks stay thin; the logic they call lives in the engine modules, where it is
 unit-tested without pytest.
@@ -25,8 +25,6 @@ from lorabench.failures import failure_block
 from lorabench.summary import render_summary
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
-# pytest-xdist workers, --shard and the results the workers send back (lorabench/scaleout.py)
-pytest_plugins = ["lorabench.plugin_scaleout"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,10 +58,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from lorabench import backends
+    from lorabench.pytest_plugin import markers
 
-    for name, text in backends.markers().items():  # each quantization backend's own markers (qlora, nf4, ...)
-        config.addinivalue_line("markers", f"{name}: {text}")
+    markers.register(config)
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     quiet = config.get_verbosity() <= 0

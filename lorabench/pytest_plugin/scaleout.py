@@ -48,7 +48,7 @@ def _is_controller(config: pytest.Config) -> bool:
 
 
 def _bench(config: pytest.Config):
-    from lorabench.plugin import SESSION_KEY
+    from lorabench.pytest_plugin.hooks import SESSION_KEY
 
     return config.stash.get(SESSION_KEY, None)
 
@@ -116,7 +116,7 @@ def _groups(config: pytest.Config, nodeids: list[str]) -> list[str | None]:
     """Each node id's group (:func:`lorabench.scaleout.gate_groups`), or ``None`` where it may run anywhere.
 
     The thresholds file is read here without touching the session, whose own reading
-    (lorabench.plugin) decides what is gated.
+    (lorabench.pytest_plugin.hooks) decides what is gated.
 
     Raises:
         pytest.UsageError: the thresholds file is malformed.

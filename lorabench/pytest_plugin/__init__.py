@@ -1,0 +1,33 @@
+"""lorabench's pytest plugin, loaded in any project where lorabench is installed (``pytest11`` entry point ``lorabench``).
+
+It brings the command-line options (``--model``, ``--dataset``, ``--steps``, ``--thresholds``,
+``--isolate``, ...), the bench markers, the fine-tuning matrix as the parameter ``bench_case``,
+the gates of ``thresholds.yaml`` (checked with every input before any case trains), and these fixtures:
+
+- ``bench_session``: the run's matrix, device, gates and results so far;
+- ``model_source``, ``tokenizer_for``, ``task_data``, ``task_tokens``: session caches of models and data;
+- ``finetune_result``: runs ``bench_case`` (in its own process unless ``--isolate none``) under
+  pytest-benchmark, gates it and records it; a test asserts on it with :func:`assert_case_passed`;
+- ``inference_adapter``, ``measure_inference``, ``gguf_export`` and their caches: inference cases.
+
+Helpers for a test body: :func:`record_result` (gate and keep a result a test built itself),
+:func:`assert_case_passed`, :func:`report_case` (Allure) and :func:`step_timer` (the timing
+protocol: one pytest-benchmark round per optimizer step after warm-up). Disable the plugin with
+``-p no:lorabench``.
+"""
+
+# hooks first: it quiets the Hugging Face libraries before any of them is imported
+from lorabench.pytest_plugin.hooks import SESSION_KEY
+from lorabench.pytest_plugin.case import assert_case_passed, record_result, report_case, step_timer
+
+# registered with this module: pytest-xdist and --shard, then the fixtures
+pytest_plugins = [
+    "lorabench.pytest_plugin.hooks",
+    "lorabench.pytest_plugin.scaleout",
+    "lorabench.pytest_plugin.models",
+    "lorabench.pytest_plugin.data",
+    "lorabench.pytest_plugin.case",
+    "lorabench.pytest_plugin.inference",
+]
+
+__all__ = ["SESSION_KEY", "assert_case_passed", "record_result", "report_case", "step_timer"]
