@@ -16,7 +16,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from lorabench import backends
 from lorabench.errors import ConfigError
@@ -245,7 +245,71 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each field takes, checked in this order: its type, its choices, its range, then the rules between
+# fields. A field of _OPTIONAL may be None (the model's default fills it: :func:`resolve`).
+_OPTIONAL = frozenset({"batch_size", "seq_len", "steps", "lr"})
+_TYPES = {
+    **dict.fromkeys(_INT_FIELDS, (_is_int, "must be a whole number")),
+    **dict.fromkeys(_FLOAT_FIELDS, (_is_finite, "must be a finite number")),
+    **dict.fromkeys(_BOOL_FIELDS, (lambda v: isinstance(v, bool), "must be true or false")),
+}
+_CHOICES = {"method": METHODS, "dtype": DTYPES, "optimizer": OPTIMIZERS, "strategy": STRATEGIES}
+_AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
+_RANGES = {
+    "rank": _AT_LEAST_1,
+    "alpha": _AT_LEAST_1,
+    "dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "grad_accum": _AT_LEAST_1,
+    "warmup_steps": (lambda v: v >= 0, "must not be negative"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"is out of range; use 0 to {MAX_SEED} (2**32 - 1, numpy's limit)"),
+    "divergence_factor": (lambda v: v > 1, "must be above 1 (a multiple of the first step's loss)"),
+    "divergence_window": (lambda v: v >= 0, "must be 0 (off) or a number of steps"),
+    "batch_size": _AT_LEAST_1,
+    "seq_len": _AT_LEAST_1,
+    "steps": _AT_LEAST_1,
+    "lr": (lambda v: v > 0, "must be positive"),
+    "world_size": _AT_LEAST_1,
+}
+# (broken, what to say): rules between fields, for a configuration whose fields are each valid
+_RULES: tuple[tuple[Callable[[BenchConfig], bool], Callable[[BenchConfig], str]], ...] = (
+    (lambda c: c.steps is not None and c.steps <= c.warmup_steps,
+     lambda c: f"steps={c.steps} must exceed warmup_steps={c.warmup_steps}: no step would be measured"),
+    (lambda c: c.method == "full" and c.quantized,
+     lambda c: f"method='full' with quant={c.quant!r}: quantized weights cannot be trained directly; "
+               "use method='lora'"),
+    (lambda c: c.double_quant and c.quant not in backends.double_quant_values(),
+     lambda c: f"double_quant=true needs a 4-bit quant ({' or '.join(backends.double_quant_values())}), "
+               f"not {c.quant!r}"),
+    (lambda c: isinstance(c.target_modules, str) and c.target_modules not in TARGET_MODULE_PRESETS,
+     lambda c: f"target_modules={c.target_modules!r}: use {' or '.join(TARGET_MODULE_PRESETS)} "
+               "or a list of module names"),
+    (lambda c: not isinstance(c.target_modules, str)
+     and not (c.target_modules and all(isinstance(m, str) and m for m in c.target_modules)),
+     lambda c: "target_modules must be a preset or a non-empty list of module names"),
+    (lambda c: c.world_size > 1 and c.strategy == "none",
+     lambda c: f"world_size={c.world_size} needs a strategy: ddp or fsdp"),
+    (lambda c: c.strategy != "none" and c.world_size < 2,
+     lambda c: f"strategy={c.strategy!r} needs world_size of at least 2 (one process is strategy 'none')"),
+    (lambda c: c.strategy == "fsdp" and c.quantized,
+     lambda c: f"strategy='fsdp' with quant={c.quant!r}: sharding a bitsandbytes-quantized base is not supported "
+               "yet; use strategy='ddp' or quant='none'"),
+    (lambda c: any(t not in EXTRA_TAGS for t in c.tags),
+     lambda c: f"tags {[t for t in c.tags if t not in EXTRA_TAGS]} are not allowed; "
+               f"choose from {', '.join(EXTRA_TAGS)}"),
+)
+
+
 def _validate(c: BenchConfig) -> None:
+    """Check ``c`` against the tables above.
+
+    Raises:
+        ConfigError: the first field or rule it breaks, with the value and what is allowed.
+    """
+
     def fail(msg: str) -> None:
         raise ConfigError(f"configuration {c.id!r}: {msg}")
 
@@ -260,70 +324,18 @@ def _validate(c: BenchConfig) -> None:
         backends.check_quant(c.quant)
     except ConfigError as exc:
         fail(str(exc))
-    for name, allowed in (("method", METHODS), ("dtype", DTYPES), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES)):
+    for name, allowed in _CHOICES.items():
         value = getattr(c, name)
         if value not in allowed:
             fail(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    for name in _INT_FIELDS:
+    for name, (valid, must) in _TYPES.items():
         value = getattr(c, name)
-        if value is None and name in ("batch_size", "seq_len", "steps"):
-            continue
-        if not _is_int(value):
-            fail(f"{name}={value!r} must be a whole number")
-    for name in _FLOAT_FIELDS:
+        if not valid(value) and not (value is None and name in _OPTIONAL):
+            fail(f"{name}={value!r} {must}")
+    for name, (within, must) in _RANGES.items():
         value = getattr(c, name)
-        if value is None and name == "lr":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            fail(f"{name}={value!r} must be a finite number")
-    for name in _BOOL_FIELDS:
-        if not isinstance(getattr(c, name), bool):
-            fail(f"{name}={getattr(c, name)!r} must be true or false")
-    if c.rank < 1:
-        fail(f"rank={c.rank} must be at least 1")
-    if c.alpha < 1:
-        fail(f"alpha={c.alpha} must be at least 1")
-    if not 0.0 <= c.dropout < 1.0:
-        fail(f"dropout={c.dropout} must be in [0, 1)")
-    if c.grad_accum < 1:
-        fail(f"grad_accum={c.grad_accum} must be at least 1")
-    if c.warmup_steps < 0:
-        fail(f"warmup_steps={c.warmup_steps} must not be negative")
-    if not 0 <= c.seed <= MAX_SEED:
-        fail(f"seed={c.seed} is out of range; use 0 to {MAX_SEED} (2**32 - 1, numpy's limit)")
-    if not c.divergence_factor > 1:
-        fail(f"divergence_factor={c.divergence_factor} must be above 1 (a multiple of the first step's loss)")
-    if c.divergence_window < 0:
-        fail(f"divergence_window={c.divergence_window} must be 0 (off) or a number of steps")
-    for name in ("batch_size", "seq_len", "steps"):
-        value = getattr(c, name)
-        if value is not None and value < 1:
-            fail(f"{name}={value} must be at least 1")
-    if c.lr is not None and not c.lr > 0:
-        fail(f"lr={c.lr} must be positive")
-    if c.steps is not None and c.steps <= c.warmup_steps:
-        fail(f"steps={c.steps} must exceed warmup_steps={c.warmup_steps}: no step would be measured")
-    if c.method == "full" and c.quantized:
-        fail(f"method='full' with quant={c.quant!r}: quantized weights cannot be trained directly; use method='lora'")
-    if c.double_quant and c.quant not in backends.double_quant_values():
-        fail(f"double_quant=true needs a 4-bit quant ({' or '.join(backends.double_quant_values())}), not {c.quant!r}")
-    if isinstance(c.target_modules, str):
-        if c.target_modules not in TARGET_MODULE_PRESETS:
-            fail(
-                f"target_modules={c.target_modules!r}: use {' or '.join(TARGET_MODULE_PRESETS)}"
-                " or a list of module names"
-            )
-    elif not c.target_modules or not all(isinstance(m, str) and m for m in c.target_modules):
-        fail("target_modules must be a preset or a non-empty list of module names")
-    if c.world_size < 1:
-        fail(f"world_size={c.world_size} must be at least 1")
-    if c.world_size > 1 and c.strategy == "none":
-        fail(f"world_size={c.world_size} needs a strategy: ddp or fsdp")
-    if c.strategy != "none" and c.world_size < 2:
-        fail(f"strategy={c.strategy!r} needs world_size of at least 2 (one process is strategy 'none')")
-    if c.strategy == "fsdp" and c.quantized:
-        fail(f"strategy='fsdp' with quant={c.quant!r}: sharding a bitsandbytes-quantized base is not supported "
-             "yet; use strategy='ddp' or quant='none'")
-    unknown_tags = [t for t in c.tags if t not in EXTRA_TAGS]
-    if unknown_tags:
-        fail(f"tags {unknown_tags} are not allowed; choose from {', '.join(EXTRA_TAGS)}")
+        if value is not None and not within(value):
+            fail(f"{name}={value} {must}")
+    for broken, say in _RULES:
+        if broken(c):
+            fail(say(c))
