@@ -38,7 +38,7 @@ def test_harness_overhead(benchmark, bench_session, model_source, task_tokens):
     for _ in range(config.warmup_steps):
         pair()
     benchmark.pedantic(pair, rounds=config.steps - config.warmup_steps, iterations=1)
-    reading = compare(suite_s, bare_s, run.runner.record.tokens, bare.tokens, config.warmup_steps)
+    reading = compare(suite_s, bare_s, run.step_runner.record.tokens, bare.tokens, config.warmup_steps)
     run.close()
 
     isolated = IsolatedCaseRun(case, case_id="overhead-isolated", source=source, device=device)

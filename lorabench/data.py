@@ -53,10 +53,6 @@ class TaskData:
     blank_rows_removed: int = 0  # rows whose needed fields are empty strings
     reference: datasets.Dataset | None = None  # text the fine-tune never sees, for forgetting
 
-    @property
-    def prompt_column(self) -> str | None:
-        return "prompt" if self.has_answers else None
-
 
 # ----- embedded tasks ------------------------------------------------------
 def _digit_strings(rng: random.Random, length: int) -> list[str]:

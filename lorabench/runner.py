@@ -150,7 +150,7 @@ class CaseRun:
         if self.budget:
             self.result.environment["memory_budget_mib"] = self.budget.limit_mib
         self._meters_running = False
-        self.model = self.trainer = self.runner = self.tokens = self.collate = None
+        self.model = self.trainer = self.step_runner = self.tokens = self.collate = None
         self.tensors: TensorMeter | None = None
         self.eos_token_id = None
         self.base_eval = base_eval
@@ -193,7 +193,7 @@ class CaseRun:
                                         self.device, self.report_to, self.log_dir)
             if self.parallel is not None:  # DDP: the Trainer's steps go through the wrapper that all-reduces
                 self.trainer.model_wrapped = self.parallel.wrap(self.model)
-            self.runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
+            self.step_runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
                                      divergence=DivergenceRule.of(config))
             self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps,
                                        off=self.parallel.tensor_reason if self.parallel is not None else "")
@@ -201,27 +201,27 @@ class CaseRun:
 
     def step(self) -> float:
         with self._guard():
-            return self.tensors.run(self.runner.step)
+            return self.tensors.run(self.step_runner.step)
 
     def control(self) -> None:
         """Time the control workload just before the next step (:mod:`lorabench.control`)."""
         with self._guard():
-            self.runner.control()
+            self.step_runner.control()
 
     def finish(self) -> CaseResult:
         with self._guard():
             config, result = self.config, self.result
-            while self.runner.steps_done < config.steps:  # where the timer ran fewer (pytest-benchmark disabled)
-                self.tensors.run(self.runner.step)
+            while self.step_runner.steps_done < config.steps:  # where the timer ran fewer (pytest-benchmark disabled)
+                self.tensors.run(self.step_runner.step)
             train_s = time.perf_counter() - self.started
-            self.runner.end()
-            _record_memory(result, self._stop_meters(), self.runner, self.trainer, self.on_cuda)
-            record_prediction(result, self.source, config, self.tensors, self.runner.record.shapes, self.device)
-            record_speed(result, self.runner, config, train_s, self.model, self.device)
+            self.step_runner.end()
+            _record_memory(result, self._stop_meters(), self.step_runner, self.trainer, self.on_cuda)
+            record_prediction(result, self.source, config, self.tensors, self.step_runner.record.shapes, self.device)
+            record_speed(result, self.step_runner, config, train_s, self.model, self.device)
             self._phase("eval_after", "evaluating the trained model")
             after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
                               device=self.device, eos_token_id=self.eos_token_id)
-            _record_quality(result, self.runner, after)
+            _record_quality(result, self.step_runner, after)
             record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
             _record_task_change(result, self.base_eval.reference, self._reference_loss())
             # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
@@ -241,7 +241,7 @@ class CaseRun:
         """Drop the model and everything that holds device memory."""
         if self.tensors is not None:
             self.tensors.close()
-        self.model = self.trainer = self.runner = None
+        self.model = self.trainer = self.step_runner = None
         gc.collect()
         if self.on_cuda:
             import torch
@@ -306,10 +306,10 @@ class CaseRun:
             self.cuda.sample()
         steps = self.config.steps
         if step % max(1, steps // 10) == 0 or step == steps:
-            seconds = self.runner.record.seconds
+            seconds = self.step_runner.record.seconds
             eta = statistics.median(seconds) * (steps - step)
             log.info("%s: step %d/%d loss %.4f elapsed %.1f s, training ETA %.0f s", self.case_id, step, steps,
-                     self.runner.record.losses[-1], time.perf_counter() - self.started, eta)
+                     self.step_runner.record.losses[-1], time.perf_counter() - self.started, eta)
 
     @contextlib.contextmanager
     def _guard(self):
@@ -333,7 +333,7 @@ class CaseRun:
                 result.metrics.update(reading.metrics)
                 result.absent.update(reading.absent)
                 result.sources.update(reading.sources)
-        _record_partial(result, self.runner)
+        _record_partial(result, self.step_runner)
         self.close()
         raise CaseAborted(result) from None
 

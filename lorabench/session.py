@@ -27,7 +27,7 @@ from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
 from lorabench.paths import expand, not_empty
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.seeds import SeedPlan, parse_seeds
-from lorabench.thresholds import GateOutcome, Thresholds, evaluate, load_thresholds
+from lorabench.thresholds import GateOutcome, Thresholds, evaluate_gate, load_thresholds
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
@@ -222,7 +222,7 @@ class BenchSession:
             return []
         device_type = result.device.split(":")[0]
         outcomes = [
-            evaluate(g, result.config_id, result.metrics, result.absent, self.reference(result.model, result.dataset))
+            evaluate_gate(g, result.config_id, result.metrics, result.absent, self.reference(result.model, result.dataset))
             for g in self.thresholds.gates_for(result.config_id, device_type, result.model, machine()["cpu_isa"],
                                                    wildcard=wildcard)
         ]

@@ -110,7 +110,6 @@ class Thresholds:
     path: str
     gates: list[Gate] = field(default_factory=list)
     profiles: dict[str, Profile] = field(default_factory=dict)
-    compare: dict[str, Any] = field(default_factory=dict)
 
     def gates_for(self, config_id: str, device_type: str, model: str, isa: str | None = None, *,
                   wildcard: bool = True) -> list[Gate]:
@@ -190,12 +189,13 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
         if yamlio.construct(version_node) != 1:
             raise ThresholdError(f"{filename}:{version_node.start_mark.line + 1}: version must be 1")
     if "compare" in top:
-        result.compare = yamlio.construct(top["compare"][1]) or {}
-        if not isinstance(result.compare, dict):
+        # read by `python -m lorabench compare` (lorabench.cli); checked now, so a typo stops the bench, not CI later
+        section = yamlio.construct(top["compare"][1]) or {}
+        if not isinstance(section, dict):
             raise ThresholdError(f"{filename}:{top['compare'][1].start_mark.line + 1}: 'compare' must be a mapping")
-        from lorabench.compare import parse_tolerances  # checked now, so a typo stops the bench, not CI later
+        from lorabench.compare import parse_tolerances
 
-        parse_tolerances(result.compare, f"{filename}:{top['compare'][1].start_mark.line + 1}")
+        parse_tolerances(section, f"{filename}:{top['compare'][1].start_mark.line + 1}")
     if "profiles" not in top:
         raise ThresholdError(f"{filename}: missing key 'profiles'")
     for profile_key, (key_node, body) in _mapping(top["profiles"][1], filename, "'profiles'").items():
@@ -337,7 +337,7 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
-def evaluate(gate: Gate, config_id: str, metrics: dict[str, float], absent: dict[str, str],
+def evaluate_gate(gate: Gate, config_id: str, metrics: dict[str, float], absent: dict[str, str],
              reference: Callable[[str], tuple[dict[str, float], dict[str, str]] | None]) -> GateOutcome:
     """Check one gate against a case's metrics.
 

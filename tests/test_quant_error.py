@@ -18,7 +18,7 @@ from lorabench.quant_error import (
     summarize,
 )
 from lorabench.session import built_in_case_ids
-from lorabench.thresholds import FAIL, PASS, evaluate, load_thresholds
+from lorabench.thresholds import FAIL, PASS, evaluate_gate, load_thresholds
 
 
 def test_round_trips_keep_shape_and_stay_close():
@@ -92,8 +92,8 @@ def test_the_shipped_gate_fails_when_torchao_int8_is_worse_than_llm_int8():
     good = summarize(layer_errors(normal_weights(shapes=((128, 128),))))
     worse = dict(good, torchao_int8_rel_error_mean=good["int8_rel_error_mean"] * 1.1)
     no_reference = lambda _config: None  # noqa: E731
-    assert all(evaluate(g, NORMAL_CASE_ID, good, {}, no_reference).status == PASS for g in gates)
-    assert evaluate(same_format[0], NORMAL_CASE_ID, worse, {}, no_reference).status == FAIL
+    assert all(evaluate_gate(g, NORMAL_CASE_ID, good, {}, no_reference).status == PASS for g in gates)
+    assert evaluate_gate(same_format[0], NORMAL_CASE_ID, worse, {}, no_reference).status == FAIL
 
 
 def test_the_shipped_gate_fails_when_nf4_is_worse_than_fp4():
@@ -105,5 +105,5 @@ def test_the_shipped_gate_fails_when_nf4_is_worse_than_fp4():
     good = summarize(layer_errors(normal_weights(shapes=((128, 128),))))
     swapped = dict(good, nf4_rel_error_mean=good["fp4_rel_error_mean"] * 1.01)
     no_reference = lambda _config: None  # noqa: E731
-    assert all(evaluate(g, NORMAL_CASE_ID, good, {}, no_reference).status == PASS for g in gates)
-    assert evaluate(ordering[0], NORMAL_CASE_ID, swapped, {}, no_reference).status == FAIL
+    assert all(evaluate_gate(g, NORMAL_CASE_ID, good, {}, no_reference).status == PASS for g in gates)
+    assert evaluate_gate(ordering[0], NORMAL_CASE_ID, swapped, {}, no_reference).status == FAIL

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lorabench.errors import ThresholdError
 from lorabench.session import built_in_case_ids
-from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate, load_thresholds, parse_thresholds
+from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate_gate, load_thresholds, parse_thresholds
 
 KNOWN = built_in_case_ids()
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,6 @@ def test_rules_carry_their_file_line_and_kind():
     assert (sanity.config, sanity.metric, sanity.op, sanity.number, sanity.line) == ("*", "loss_drop", ">=", 0.1, 5)
     assert (relative.factor, relative.ref_config, relative.ref_metric, relative.line) == (1.05, "lora", "eval_loss", 7)
     assert self_ref.ref_config == "self"
-    assert t.compare == {"tolerance_pct": {"default": 5}}
     assert [g.metric for g in t.gates_for("qlora_nf4", "cpu", "tiny-llama")] == ["loss_drop", "eval_loss", "peak_rss_delta_mib"]
     assert len(t.gates_for("qlora_nf4", "cuda", "Qwen/Qwen3-0.6B")) == 4
     assert len(t.gates_for("full", "cuda", "Qwen/Qwen3-0.6B")) == 1
@@ -90,6 +89,7 @@ def test_rules_carry_their_file_line_and_kind():
         ("version: 1\nversion: 1\nprofiles: {}", r"th.yaml:2: key 'version' repeats \(first at line 1\)"),
         ("version: 1\nprofiles: {}\nx: &a [*a]", r"th.yaml:3: an alias refers to the node that contains it"),
         ("version: 1\nprofiles: !!set {a: null}", r"th.yaml:2: YAML tag '!!set' is not allowed"),
+        ("version: 1\nprofiles: {}\ncompare:\n  tolerance_pct: {defualt: 5}", r"th.yaml:4: compare.tolerance_pct: unknown key 'defualt'"),
     ],
 )
 def test_malformed_files_name_the_line_and_what_is_allowed(text, match):
@@ -109,27 +109,27 @@ def test_missing_file():
 def test_violated_relative_gate_names_metric_values_bound_and_line():
     gate = parse(GOOD).gates[1]
     lookup = {"lora": ({"eval_loss": 2.0}, {})}.get
-    out = evaluate(gate, "qlora_nf4", {"eval_loss": 2.2}, {}, lookup)
+    out = evaluate_gate(gate, "qlora_nf4", {"eval_loss": 2.2}, {}, lookup)
     assert out.status == FAIL
     for text in ("qlora_nf4: eval_loss = 2.2", "violates", "<= 2.1", "1.05 x lora.eval_loss 2", "th.yaml:7"):
         assert text in out.message
-    assert evaluate(gate, "qlora_nf4", {"eval_loss": 2.0}, {}, lookup).status == PASS
+    assert evaluate_gate(gate, "qlora_nf4", {"eval_loss": 2.0}, {}, lookup).status == PASS
 
 
 def test_gates_that_cannot_be_checked_say_why_and_never_pass():
     relative, self_ref = parse(GOOD).gates[1:3]
-    out = evaluate(relative, "qlora_nf4", {"eval_loss": 2.0}, {}, no_reference)
+    out = evaluate_gate(relative, "qlora_nf4", {"eval_loss": 2.0}, {}, no_reference)
     assert out.status == NOT_EVALUATED and "lora did not run" in out.message
-    out = evaluate(relative, "qlora_nf4", {}, {"eval_loss": "diverged"}, no_reference)
+    out = evaluate_gate(relative, "qlora_nf4", {}, {"eval_loss": "diverged"}, no_reference)
     assert out.status == NOT_EVALUATED and "diverged" in out.message
-    out = evaluate(self_ref, "qlora_nf4", {"peak_rss_delta_mib": 3.0}, {"weights_mib": "x"}, no_reference)
+    out = evaluate_gate(self_ref, "qlora_nf4", {"peak_rss_delta_mib": 3.0}, {"weights_mib": "x"}, no_reference)
     assert out.status == NOT_EVALUATED
 
 
 def test_self_reference_reads_the_case_itself():
     gate = parse(GOOD).gates[2]
-    assert evaluate(gate, "qlora_nf4", {"peak_rss_delta_mib": 3.0, "weights_mib": 4.0}, {}, no_reference).status == FAIL
-    assert evaluate(gate, "qlora_nf4", {"peak_rss_delta_mib": 5.0, "weights_mib": 4.0}, {}, no_reference).status == PASS
+    assert evaluate_gate(gate, "qlora_nf4", {"peak_rss_delta_mib": 3.0, "weights_mib": 4.0}, {}, no_reference).status == FAIL
+    assert evaluate_gate(gate, "qlora_nf4", {"peak_rss_delta_mib": 5.0, "weights_mib": 4.0}, {}, no_reference).status == PASS
 
 
 finite = st.floats(-1e9, 1e9, allow_nan=False)
@@ -139,7 +139,7 @@ finite = st.floats(-1e9, 1e9, allow_nan=False)
 def test_absolute_gates_fail_exactly_when_the_bound_is_crossed(value, bound, op):
     gate = Gate(profile="default", config="*", metric="step_ms", op=op, text=f"step_ms {op} {bound}",
                 file="t", line=1, number=bound)
-    out = evaluate(gate, "x", {"step_ms": value}, {}, no_reference)
+    out = evaluate_gate(gate, "x", {"step_ms": value}, {}, no_reference)
     assert (out.status == PASS) == OPS[op](value, bound)
     assert out.status != NOT_EVALUATED
 
@@ -148,7 +148,7 @@ def test_absolute_gates_fail_exactly_when_the_bound_is_crossed(value, bound, op)
 def test_relative_gates_scale_the_reference(value, ref, factor):
     gate = Gate(profile="default", config="*", metric="peak_alloc_mib", op="<=", text="t", file="t", line=1,
                 factor=factor, ref_config="full", ref_metric="peak_alloc_mib")
-    out = evaluate(gate, "x", {"peak_alloc_mib": value}, {}, {"full": ({"peak_alloc_mib": ref}, {})}.get)
+    out = evaluate_gate(gate, "x", {"peak_alloc_mib": value}, {}, {"full": ({"peak_alloc_mib": ref}, {})}.get)
     assert out.bound == pytest.approx(factor * ref)
     assert (out.status == PASS) == (value <= factor * ref)
 
