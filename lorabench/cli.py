@@ -165,8 +165,8 @@ def _tolerances(path: Path):
 
 
 def _merge(args) -> int:
-    from lorabench.history import select_run
-    from lorabench.merge import default_output, merge_runs, read_json
+    from lorabench.history import read_json, select_run
+    from lorabench.merge import default_output, merge_runs
     from lorabench.storage import write_run
 
     paths = [select_run(spec, args.storage).path for spec in args.runs]

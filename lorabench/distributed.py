@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorabench.isolation import ChildFailed, IsolatedCaseRun, _PipeLogHandler
+from lorabench.isolation import ChildFailed, IsolatedCaseRun, send_logs
 from lorabench.quiet import QUIET_ENV
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, STATUS_OK, CaseResult
 from lorabench.runner import CaseAborted
@@ -126,11 +126,7 @@ def _rank_main(payload_path: str) -> int:
 
         host, port = os.environ[ENV_ADDRESS].rsplit(":", 1)
         conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[ENV_AUTHKEY]))
-        handler = _PipeLogHandler(conn)
-        logger = logging.getLogger("lorabench")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+        send_logs(conn)
     try:
         task = load_task_data(payload["case"].dataset)
         tokenizer = load_tokenizer(payload["source"])

@@ -53,11 +53,11 @@ def run_files(storage: Path) -> list[Path]:
     return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
 
 
-def read_run(path: Path) -> StoredRun:
-    """Read one stored run.
+def read_json(path: Path) -> dict[str, Any]:
+    """A stored run's JSON.
 
     Raises:
-        HistoryError: the file is not JSON, not a pytest-benchmark run, or holds no lorabench result.
+        HistoryError: unreadable, or not a pytest-benchmark run.
     """
     try:
         data = json.loads(path.read_text())
@@ -65,6 +65,16 @@ def read_run(path: Path) -> StoredRun:
         raise HistoryError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise HistoryError(f"{path}: not a pytest-benchmark run (no 'benchmarks' list)")
+    return data
+
+
+def read_run(path: Path) -> StoredRun:
+    """Read one stored run.
+
+    Raises:
+        HistoryError: the file is not JSON, not a pytest-benchmark run, or holds no lorabench result.
+    """
+    data = read_json(path)
     match = RUN_FILE.match(path.name)
     run = StoredRun(
         path=path,

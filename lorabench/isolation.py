@@ -62,6 +62,21 @@ class _PipeLogHandler(logging.Handler):
         self.conn.send(("log", record.name, record.levelno, record.getMessage()))
 
 
+def send_logs(conn) -> logging.Handler:
+    """In a case process: send lorabench's log records (INFO and up) through ``conn`` to the parent,
+    which shows them as its own, instead of printing them here.
+
+    Returns:
+        The handler, for ``logging.getLogger("lorabench").removeHandler`` when the process is done.
+    """
+    handler = _PipeLogHandler(conn)
+    logger = logging.getLogger("lorabench")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handler
+
+
 def _child_main(conn, payload: dict[str, Any]) -> None:
     """The case process: build the run, then obey "step" and "finish" until done."""
     import torch
@@ -70,11 +85,7 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
     from lorabench.models import load_tokenizer
     from lorabench.runner import CaseRun, tokenize_task
 
-    handler = _PipeLogHandler(conn)
-    root = logging.getLogger("lorabench")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    root.propagate = False
+    handler = send_logs(conn)
     try:
         source = payload["source"]
         task = load_task_data(payload["case"].dataset)
@@ -113,7 +124,7 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
     except BaseException as exc:  # report, then let the process end
         conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
-        root.removeHandler(handler)
+        logging.getLogger("lorabench").removeHandler(handler)
         conn.close()
 
 

@@ -104,21 +104,6 @@ def _missing(shards: list[str | None]) -> list[str]:
     return [f"slices {', '.join(f'{i}/{count}' for i in missing)} are missing: the merged run is incomplete"] if missing else []
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A stored run's JSON.
-
-    Raises:
-        HistoryError: unreadable, or not a pytest-benchmark run.
-    """
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HistoryError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-        raise HistoryError(f"{path}: not a pytest-benchmark run (no 'benchmarks' list)")
-    return data
-
-
 def default_output(storage: Path, data: dict[str, Any]) -> Path:
     """``<storage>/merged/NNNN_merged_<commit>.json``: the next number there, so the joined run is the
     latest stored run that ``compare`` and ``report`` pick by default."""

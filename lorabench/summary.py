@@ -374,6 +374,16 @@ def phase_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+# the lists under a group's table: (title, what lists the items), in the order they print
+_SECTIONS = (
+    ("findings:", findings),
+    ("memory at the tensor peak, MiB (live tensor bytes; lorabench/tensor_tracker.py):", tensor_lines),
+    ("adapters (saved, reloaded, merged; lorabench/adapters.py):", adapter_lines),
+    ("multi-process cases (per-device figures are the largest rank's; wall clock):", rank_lines),
+    ("seconds per phase (wall clock):", phase_lines),
+)
+
+
 def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
@@ -389,26 +399,11 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         not_ok = [r for r in group if r.status != STATUS_OK]
         for r in not_ok:
             lines.append(f"  {r.config_id}: {r.status}: {r.error or ''}".rstrip())
-        found = findings(group)
-        if found:
-            lines.append("findings:")
-            lines += [f"  - {f}" for f in found]
-        tensors = tensor_lines(group)
-        if tensors:
-            lines.append("memory at the tensor peak, MiB (live tensor bytes; lorabench/tensor_tracker.py):")
-            lines += [f"  - {t}" for t in tensors]
-        adapters = adapter_lines(group)
-        if adapters:
-            lines.append("adapters (saved, reloaded, merged; lorabench/adapters.py):")
-            lines += [f"  - {a}" for a in adapters]
-        ranks = rank_lines(group)
-        if ranks:
-            lines.append("multi-process cases (per-device figures are the largest rank's; wall clock):")
-            lines += [f"  - {line}" for line in ranks]
-        phases = phase_lines(group)
-        if phases:
-            lines.append("seconds per phase (wall clock):")
-            lines += [f"  - {p}" for p in phases]
+        for title, section in _SECTIONS:
+            items = section(group)
+            if items:
+                lines.append(title)
+                lines += [f"  - {item}" for item in items]
         lines.append("")
     if gate_counts:
         lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))

@@ -1,4 +1,4 @@
-"""lorabench's pytest plugin, loaded in any project where lorabench is installed (``pytest11`` entry point ``lorabench``).
+"""lorabench's pytest plugin, loaded wherever lorabench is installed (``pytest11`` entry point ``lorabench``).
 
 It brings the command-line options (``--model``, ``--dataset``, ``--steps``, ``--thresholds``,
 ``--isolate``, ...), the bench markers, the fine-tuning matrix as the parameter ``bench_case``,

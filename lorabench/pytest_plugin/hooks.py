@@ -57,6 +57,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help=f"fail a case that runs longer than this (default {DEFAULT_CASE_TIMEOUT_S:.0f}; 0 turns it off)")
 
 
+# open_session's arguments, from the options above (by their dest)
+_SESSION_OPTIONS = {
+    "matrix_file": "matrix", "models": "model", "datasets": "dataset", "overrides": "overrides", "steps": "steps",
+    "device": "bench_device", "thresholds": "thresholds", "report_to": "report_to", "isolate": "isolate",
+    "trust_remote_code": "trust_remote_code", "memory_budget": "memory_budget", "case_timeout_s": "case_timeout",
+    "seeds": "seeds",
+}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from lorabench.pytest_plugin import markers
 
@@ -68,23 +77,8 @@ def pytest_configure(config: pytest.Config) -> None:
         for line in quiet_libraries():
             config.addinivalue_line("filterwarnings", line)
     try:
-        config.stash[SESSION_KEY] = open_session(
-            root=Path(config.rootpath),
-            matrix_file=config.getoption("matrix"),
-            models=config.getoption("model"),
-            datasets=config.getoption("dataset"),
-            overrides=config.getoption("overrides"),
-            steps=config.getoption("steps"),
-            device=config.getoption("bench_device"),
-            thresholds=config.getoption("thresholds"),
-            report_to=config.getoption("report_to"),
-            isolate=config.getoption("isolate"),
-            trust_remote_code=config.getoption("trust_remote_code"),
-            memory_budget=config.getoption("memory_budget"),
-            case_timeout_s=config.getoption("case_timeout"),
-            seeds=config.getoption("seeds"),
-            quiet=quiet,
-        )
+        options = {argument: config.getoption(dest) for argument, dest in _SESSION_OPTIONS.items()}
+        config.stash[SESSION_KEY] = open_session(root=Path(config.rootpath), quiet=quiet, **options)
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
 
