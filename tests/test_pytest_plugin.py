@@ -68,6 +68,20 @@ def test_a_project_outside_the_repository_runs_a_case_with_the_plugin(tmp_path):
                                                                 ("eval_loss <= 0.0001", "fail")}
 
 
+def test_a_run_that_uses_none_of_it_is_left_as_it_is(tmp_path):
+    """The plugin loads in every run where lorabench is installed; one that collects no bench case keeps its
+    own log records (below -v, a bench run shows lorabench's alone) and gets no lorabench machine info."""
+    (tmp_path / "test_mine.py").write_text(
+        "import logging\n\n\ndef test_mine(benchmark):\n"
+        "    logging.getLogger('mine').warning('my own warning')\n    benchmark(sum, [1, 2])\n    assert False\n")
+    out = tmp_path / "run.json"
+    proc = _pytest(tmp_path, f"--benchmark-json={out}")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lorabench-" in proc.stdout  # loaded (pytest's plugins line)
+    assert "Captured log call" in proc.stdout and "my own warning" in proc.stdout
+    assert "torch_version" not in json.loads(out.read_text())["machine_info"]
+
+
 def test_the_plugin_can_be_turned_off(tmp_path):
     (tmp_path / "test_my_finetune.py").write_text(OUTSIDE_TEST)
     proc = _pytest(tmp_path, "-p", "no:lorabench")

@@ -16,11 +16,8 @@ protocol: one pytest-benchmark round per optimizer step after warm-up). Disable 
 ``-p no:lorabench``.
 """
 
-# hooks first: it quiets the Hugging Face libraries before any of them is imported
-from lorabench.pytest_plugin.hooks import SESSION_KEY
-from lorabench.pytest_plugin.case import assert_case_passed, record_result, report_case, step_timer
-
-# registered with this module: pytest-xdist and --shard, then the fixtures
+# registered with this module, hooks first (it quiets the Hugging Face libraries before any of them is
+# imported): then pytest-xdist and --shard, then the fixtures
 pytest_plugins = [
     "lorabench.pytest_plugin.hooks",
     "lorabench.pytest_plugin.scaleout",
@@ -30,4 +27,16 @@ pytest_plugins = [
     "lorabench.pytest_plugin.inference",
 ]
 
-__all__ = ["SESSION_KEY", "assert_case_passed", "record_result", "report_case", "step_timer"]
+# the public names, imported when first asked for: importing the modules here, before pytest registers
+# them, would keep pytest from rewriting their asserts
+_PUBLIC = {"SESSION_KEY": "hooks", "assert_case_passed": "case", "record_result": "case", "report_case": "case",
+           "step_timer": "case"}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)

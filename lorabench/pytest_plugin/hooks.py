@@ -25,6 +25,9 @@ from lorabench.failures import failure_block
 from lorabench.summary import render_summary
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
+# set once this process collects a bench case: until then the plugin leaves a run as it is (pytest loads
+# it in every run of an environment where lorabench is installed, most of which use none of it)
+_ACTIVE = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,7 +41,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="override a configuration field in every case, e.g. --set rank=32 --set optimizer=paged_adamw_8bit")
     g.addoption("--steps", type=int, default=None, metavar="N", help="training steps per case (same as --set steps=N)")
     g.addoption("--device", dest="bench_device", default="auto", metavar="DEVICE", help="auto (default), cpu, cuda or cuda:N")
-    g.addoption("--thresholds", default=None, metavar="FILE", help="gates file (default: thresholds.yaml at the root)")
+    g.addoption("--thresholds", default=None, metavar="FILE", help="gates file (default: thresholds.yaml in pytest's rootdir)")
     g.addoption("--report-to", dest="report_to", default="none", choices=REPORT_TO,
                 help="stream training curves through the Trainer's integration (tensorboard, or wandb offline)")
     g.addoption("--isolate", default="process", choices=ISOLATION,
@@ -72,20 +75,16 @@ def pytest_configure(config: pytest.Config) -> None:
     markers.register(config)
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
-    quiet = config.get_verbosity() <= 0
-    if quiet:
-        for line in quiet_libraries():
-            config.addinivalue_line("filterwarnings", line)
     try:
         options = {argument: config.getoption(dest) for argument, dest in _SESSION_OPTIONS.items()}
-        config.stash[SESSION_KEY] = open_session(root=Path(config.rootpath), quiet=quiet, **options)
+        config.stash[SESSION_KEY] = open_session(root=Path(config.rootpath), quiet=config.get_verbosity() <= 0,
+                                                 **options)
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """After pytest-benchmark has set up its storage: make its writes atomic, with a fallback on failure.
-    Below -v, the live log and the captured-log sections show lorabench's records and other loggers' errors only."""
+    """After pytest-benchmark has set up its storage: make its writes atomic, with a fallback on failure."""
     from lorabench.storage import make_atomic, protect_json_output
 
     benchmark_session = getattr(session.config, "_benchmarksession", None)
@@ -94,10 +93,29 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         make_atomic(benchmark_session.storage, bench.save_failures)
         if benchmark_session.json:
             protect_json_output(benchmark_session, bench.save_failures)
-    logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
-    if bench is not None and bench.quiet and logging_plugin is not None:
+
+
+def _activate(config: pytest.Config) -> None:
+    """This process runs bench cases. Below -v: the libraries' deprecation notices and chatter hidden, and the
+    live log and captured-log sections show lorabench's records and other loggers' errors only."""
+    bench = config.stash[SESSION_KEY]
+    if config.stash.get(_ACTIVE, False):
+        return
+    config.stash[_ACTIVE] = True
+    if not bench.quiet:
+        return
+    for line in quiet_libraries():  # pytest reads filterwarnings for each test, so they apply from here on
+        config.addinivalue_line("filterwarnings", line)
+    logging_plugin = config.pluginmanager.get_plugin("logging-plugin")
+    if logging_plugin is not None:
         for handler in (logging_plugin.log_cli_handler, logging_plugin.report_handler):
             handler.addFilter(OwnRecordsOnly())
+
+
+def _active(config: pytest.Config) -> bool:
+    """Whether lorabench took part in this run: it collected a bench case, or (an xdist controller) holds results."""
+    bench = config.stash.get(SESSION_KEY, None)
+    return bench is not None and (config.stash.get(_ACTIVE, False) or bool(bench.results))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -111,7 +129,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller writes them once
-    if allure_results.enabled(session.config) and bench is not None:
+    if allure_results.enabled(session.config) and _active(session.config):
         allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
 
 
@@ -154,6 +172,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """
     if not any("bench_session" in getattr(item, "fixturenames", ()) for item in items):
         return
+    _activate(config)
     session = config.stash[SESSION_KEY]
     selected = [item.callspec.params["bench_case"] for item in items
                 if "bench_case" in getattr(getattr(item, "callspec", None), "params", {})]
@@ -204,6 +223,8 @@ def _storage_path(config: pytest.Config) -> Path | None:
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     from lorabench.environment import machine
 
+    if not _active(config):
+        return
     machine_info.update(machine())
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
