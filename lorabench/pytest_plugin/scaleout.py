@@ -60,12 +60,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "relative gate links stay in one slice; join the stored runs with `python -m lorabench merge`")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    """``-n N`` alone means ``--dist load`` to xdist; here it means ``loadgroup``, so linked cases share a worker."""
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config):
+    """``-n N`` alone means ``--dist load`` to xdist; here it means ``loadgroup``, so linked cases share a worker.
+
+    A wrapper, so it runs before xdist's own ``tryfirst`` implementation whichever plugin pytest loaded first.
+    """
     option = config.option
     if getattr(option, "numprocesses", None) and getattr(option, "dist", "no") == "no":
         option.dist = "loadgroup"
+    return (yield)
 
 
 def pytest_configure(config: pytest.Config) -> None:
