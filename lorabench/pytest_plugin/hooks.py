@@ -28,9 +28,13 @@ SESSION_KEY = pytest.StashKey[BenchSession]()
 # set once this process collects a bench case: until then the plugin leaves a run as it is (pytest loads
 # it in every run of an environment where lorabench is installed, most of which use none of it)
 _ACTIVE = pytest.StashKey[bool]()
+_QUIETED = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini("lorabench_quiet_all", type="bool", default=False,
+                  help="below -v, quiet the libraries and the log in every run of this project, not only in runs "
+                       "with bench cases (lorabench's own test suite)")
     g = parser.getgroup("lorabench", "lorabench fine-tuning benchmark")
     g.addoption("--model", action="append", default=[], metavar="SPEC",
                 help="zoo name (tiny-llama, tiny-qwen, tiny-gpt2, tiny-neox), checkpoint directory, or cached hub id; repeatable")
@@ -93,17 +97,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         make_atomic(benchmark_session.storage, bench.save_failures)
         if benchmark_session.json:
             protect_json_output(benchmark_session, bench.save_failures)
+    if bench is not None and session.config.getini("lorabench_quiet_all"):
+        _quiet(session.config)
 
 
 def _activate(config: pytest.Config) -> None:
-    """This process runs bench cases. Below -v: the libraries' deprecation notices and chatter hidden, and the
-    live log and captured-log sections show lorabench's records and other loggers' errors only."""
-    bench = config.stash[SESSION_KEY]
-    if config.stash.get(_ACTIVE, False):
-        return
+    """This process runs bench cases: quiet (below -v), and lorabench's machine info and Allure environment."""
     config.stash[_ACTIVE] = True
-    if not bench.quiet:
+    _quiet(config)
+
+
+def _quiet(config: pytest.Config) -> None:
+    """Below -v: the libraries' deprecation notices and chatter hidden, and the live log and captured-log
+    sections show lorabench's records and other loggers' errors only."""
+    if config.stash.get(_QUIETED, False) or not config.stash[SESSION_KEY].quiet:
         return
+    config.stash[_QUIETED] = True
     for line in quiet_libraries():  # pytest reads filterwarnings for each test, so they apply from here on
         config.addinivalue_line("filterwarnings", line)
     logging_plugin = config.pluginmanager.get_plugin("logging-plugin")
