@@ -41,7 +41,7 @@ PER_STEP_METRICS = ("step_control_ratio",)
 MIN_ROUNDS_FOR_TEST = 3
 # Facts about the machine or the run that change what a figure means.
 MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python", "isolate",
-                "torch_threads", "xdist_workers")
+                "torch_threads", "omp_wait_policy", "xdist_workers")
 LOAD_KEYS = ("load_avg_1m_start", "load_avg_1m_end")
 LOAD_DIFFERENCE = 1.0  # runnable processes: on a 2-core machine one more busy process halves a step's share
 
@@ -254,12 +254,16 @@ def measured_step_ms(result: CaseResult) -> list[float]:
 
 
 def measured_step_ratios(result: CaseResult) -> list[float]:
-    """Step time over its control of every measured (post-warm-up) step, of every seed that ran; empty where
-    no control was stored."""
+    """Step over its control of every measured (post-warm-up) step, of every seed that ran, in the clock the
+    case's ``step_control_ratio`` used (CPU time on the CPU, wall time elsewhere); empty where no control
+    was stored."""
     from lorabench.control import paired_ratios
 
+    on_cpu = result.device.split(":")[0] == "cpu" and any(_measured(result, "control_cpu_ms_curve"))
+    step_curve, control_curve = (("step_cpu_ms_curve", "control_cpu_ms_curve") if on_cpu
+                                 else ("step_ms_curve", "control_ms_curve"))
     ratios = []
-    for steps, controls in zip(_measured(result, "step_ms_curve"), _measured(result, "control_ms_curve")):
+    for steps, controls in zip(_measured(result, step_curve), _measured(result, control_curve)):
         if not controls or len(controls) not in (len(steps), len(steps) + 1):
             return []
         ratios += paired_ratios(steps, controls)

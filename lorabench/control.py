@@ -38,6 +38,7 @@ class ControlWorkload:
         self.a = torch.randn(size, size, generator=generator).to(device)
         self.b = torch.randn(size, size, generator=generator).to(device)
         self.out = torch.empty(size, size, device=device)
+        self.last_cpu_s: float | None = None  # the process's CPU time over the last pass (all threads)
 
     def run(self) -> float:
         """One pass of the control work.
@@ -53,12 +54,15 @@ class ControlWorkload:
             torch.cuda.synchronize(self.device)
         # the control is not the model's work: a tensor tracker around the step must not count its buffers
         with _disable_current_modes():
+            cpu_started = time.process_time()
             started = time.perf_counter()
             for _ in range(self.repeats):
                 torch.mm(self.a, self.b, out=self.out)
             if cuda:
                 torch.cuda.synchronize(self.device)
-            return time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.last_cpu_s = time.process_time() - cpu_started
+            return elapsed
 
 
 def paired_ratios(step_s: list[float], control_s: list[float]) -> list[float]:

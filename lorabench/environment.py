@@ -25,6 +25,16 @@ def library_versions() -> dict[str, str | None]:
 
 
 @functools.lru_cache(maxsize=1)
+def omp_wait_policy() -> str:
+    """How idle OpenMP threads wait in this process: ``OMP_WAIT_POLICY`` as OpenMP read it at torch's import."""
+    import lorabench
+
+    value = os.environ.get("OMP_WAIT_POLICY") or "unset (the OpenMP runtime's default: spin, then sleep)"
+    if not lorabench.OMP_WAIT_POLICY_APPLIED:
+        return f"{value}, but set after torch was imported: the runtime's default applies"
+    return value
+
+
 def machine() -> dict[str, object]:
     """Hardware and versions; GPU fields are ``None`` (not 0, not "") where there is no GPU."""
     import torch
@@ -36,6 +46,7 @@ def machine() -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...: selects calibrated timing gates
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": omp_wait_policy(),
         **{f"{k}_version": v for k, v in library_versions().items()},
         "cuda_version": torch.version.cuda,
         "gpu_name": None,

@@ -43,12 +43,14 @@ class CaseResult:
     loss_curve: list[float] = field(default_factory=list)
     step_ms_curve: list[float] = field(default_factory=list)
     control_ms_curve: list[float] = field(default_factory=list)  # the control workload before each step
+    step_cpu_ms_curve: list[float] = field(default_factory=list)  # the case process's CPU time per step
+    control_cpu_ms_curve: list[float] = field(default_factory=list)  # its CPU time over each control
     environment: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # breakdowns behind a metric (per-layer errors)
     # With --seeds: each seed's record ({"seed", "status", "error", "metrics", "loss_curve", "step_ms_curve",
-    # "control_ms_curve"}),
+    # "control_ms_curve", "step_cpu_ms_curve"}),
     # and per metric {"n", "sd", "ci_low", "ci_high"}; ``metrics`` then holds the means (lorabench.seeds).
     seeds: list[dict[str, Any]] = field(default_factory=list)
     spread: dict[str, dict[str, float]] = field(default_factory=dict)

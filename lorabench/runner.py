@@ -405,14 +405,21 @@ def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, tr
     measured_s = sum(rec.seconds[w:])
     result.step_ms_curve = [s * 1000 for s in rec.seconds]
     result.control_ms_curve = [s * 1000 for s in rec.control_seconds]
+    result.step_cpu_ms_curve = [s * 1000 for s in rec.cpu_seconds]
+    result.control_cpu_ms_curve = [s * 1000 for s in rec.control_cpu_seconds]
     result.set("step_ms", statistics.median(rec.seconds[w:]) * 1000, source="median of post-warm-up optimizer steps")
     result.set("step_cpu_ms", statistics.median(rec.cpu_seconds[w:]) * 1000,
                source="median of the case process's CPU time (all threads) per post-warm-up step")
     result.set("control_ms", statistics.median(rec.control_seconds[w:]) * 1000,
                source="median time of the fixed control workload run before each step (lorabench.control)")
-    ratios = paired_ratios(rec.seconds[w:], rec.control_seconds[w:])
+    if device.type == "cpu":  # the work done, not the wall clock: the process's CPU time of both
+        ratios = paired_ratios(rec.cpu_seconds[w:], rec.control_cpu_seconds[w:])
+        clock = "the case process's CPU time (all threads)"
+    else:  # GPU work, timed between device synchronizations
+        ratios = paired_ratios(rec.seconds[w:], rec.control_seconds[w:])
+        clock = "wall time"
     result.set("step_control_ratio", statistics.median(ratios),
-               source="median over post-warm-up steps of step time / the control timed just before it")
+               source=f"median over post-warm-up steps of step / the controls before and after it, in {clock}")
     result.set("samples_per_s", sum(rec.samples[w:]) / measured_s)
     result.set("tokens_per_s", sum(rec.tokens[w:]) / measured_s, source="attention-mask tokens (no padding)")
     result.set("train_s", train_s, source="wall clock around all training steps")

@@ -100,6 +100,7 @@ def combine(runs: list[CaseResult]) -> CaseResult:
         case_id=first.case_id, config_id=first.config_id, model=first.model, dataset=first.dataset,
         device=first.device, config=dict(first.config), loss_curve=list(first.loss_curve),
         step_ms_curve=list(first.step_ms_curve), control_ms_curve=list(first.control_ms_curve),
+        step_cpu_ms_curve=list(first.step_cpu_ms_curve),
         environment=dict(first.environment), details=dict(first.details),
     )
     failed = next((r for r in runs if r.status != STATUS_OK), None)
@@ -107,7 +108,8 @@ def combine(runs: list[CaseResult]) -> CaseResult:
         combined.status, combined.error = failed.status, f"seed {failed.config.get('seed')}: {failed.error}"
     combined.seeds = [{"seed": r.config.get("seed"), "status": r.status, "error": r.error, "metrics": dict(r.metrics),
                        "loss_curve": list(r.loss_curve), "step_ms_curve": list(r.step_ms_curve),
-                       "control_ms_curve": list(r.control_ms_curve)} for r in runs]
+                       "control_ms_curve": list(r.control_ms_curve),
+                       "step_cpu_ms_curve": list(r.step_cpu_ms_curve)} for r in runs]
     names = set().union(*(r.metrics for r in ok)) if ok else set()
     for name in sorted(names):
         values = [r.metrics[name] for r in ok if name in r.metrics]

@@ -67,6 +67,7 @@ class StepRecord:
     seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)  # the process's CPU time (all threads) per step
     control_seconds: list[float] = field(default_factory=list)  # the control workload timed before each step
+    control_cpu_seconds: list[float] = field(default_factory=list)  # the process's CPU time over each control
     losses: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
@@ -159,6 +160,7 @@ class StepRunner:
     def control(self) -> None:
         """Time the control workload once; call it just before each :meth:`step` (untimed by the step timer)."""
         self.record.control_seconds.append(self._control.run())
+        self.record.control_cpu_seconds.append(self._control.last_cpu_s)
 
     def step(self) -> float:
         """One optimizer step: ``grad_accum`` forward/backward passes, clip, update. Returns the loss."""

@@ -16,6 +16,18 @@ settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_
 settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A plain ``pytest`` leaves out the ``integration`` tests (whole bench sessions in subprocesses, minutes
+    each), so the default run stays within its 10-minute budget; any ``-m`` expression decides for itself,
+    and CI runs ``pytest -m integration`` after the default run."""
+    if config.option.markexpr:
+        return
+    kept = [item for item in items if item.get_closest_marker("integration") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     """The embedded tiny Llama checkpoint (built and cached on first use)."""

@@ -136,6 +136,7 @@ def two_rank_run(tmp_path_factory):
     return proc.stdout, {b["extra_info"]["case_id"]: b for b in data["benchmarks"]}
 
 
+@pytest.mark.integration
 def test_two_rank_cases_record_every_rank_and_pass_the_shipped_gates(two_rank_run):
     import yaml
 

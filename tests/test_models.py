@@ -76,6 +76,7 @@ def test_specs_that_are_neither_a_directory_nor_a_hub_id(spec, words, hub_cache)
         resolve_model(spec)
 
 
+@pytest.mark.integration
 def test_a_case_runs_on_a_dotted_hub_id_from_a_local_cache(hf_home, hub_id, tmp_path):
     """A fresh process finds the checkpoint through HF_HOME alone, as on a machine with a real cache."""
     gates = tmp_path / "gates.yaml"

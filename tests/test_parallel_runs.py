@@ -83,6 +83,7 @@ def _worker_of(stdout: str) -> dict[str, str]:
     return {m.group(2): m.group(1) for m in re.finditer(r"\[(gw\d+)\] .*PASSED .*test_finetune\[(\w+)\]", stdout)}
 
 
+@pytest.mark.integration
 def test_xdist_runs_the_same_cases_gates_and_stored_results_as_a_serial_run(runs):
     _, out = runs
     (rc_s, log_s, serial), (rc_x, log_x, xdist) = out["serial"], out["xdist"]
@@ -109,6 +110,7 @@ def test_xdist_runs_the_same_cases_gates_and_stored_results_as_a_serial_run(runs
     assert "the runs differ in xdist_workers: None (A) vs 2 (B)" in compare.stdout
 
 
+@pytest.mark.integration
 def test_xdist_workers_write_allure_results_for_every_case(runs):
     tmp, _ = runs
     results = [json.loads(p.read_text()) for p in (tmp / "allure").glob("*-result.json")]
@@ -117,6 +119,7 @@ def test_xdist_workers_write_allure_results_for_every_case(runs):
     assert "torch_version=" in (tmp / "allure" / "environment.properties").read_text()
 
 
+@pytest.mark.integration
 def test_two_shards_merged_compare_clean_against_a_serial_run(runs):
     tmp, out = runs
     slices = []

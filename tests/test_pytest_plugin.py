@@ -7,6 +7,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import pytest
+
 from lorabench.matrix import DEFAULT_CONFIGS
 
 # the case the outside project runs: the smallest of the rank sweep, quick on the CPU
@@ -44,6 +46,7 @@ def _pytest(project, *args):
                           cwd=project, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.integration
 def test_a_project_outside_the_repository_runs_a_case_with_the_plugin(tmp_path):
     """Only a test file and thresholds.yaml, nothing installed beyond lorabench: the plugin's options, markers,
     fixtures and gates come through the entry point, the gates from the project's own thresholds.yaml."""

@@ -18,6 +18,8 @@ import pytest
 
 from lorabench import gate_proof
 
+pytestmark = pytest.mark.integration  # four bench runs, two under a CPU hog: minutes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

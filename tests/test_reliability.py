@@ -47,6 +47,7 @@ def no_gates(tmp_path_factory) -> Path:
 
 
 # ----- determinism ---------------------------------------------------------------
+@pytest.mark.integration
 def test_same_seed_gives_identical_losses_on_the_cpu(tiny_llama, cpu):
     from lorabench.data import load_task_data
     from lorabench.models import load_tokenizer
@@ -136,6 +137,7 @@ def test_a_memory_budget_that_full_fine_tuning_exceeds_and_qlora_fits(mid_size_c
 
 
 # ----- timeouts ---------------------------------------------------------------
+@pytest.mark.integration
 def test_a_case_over_its_time_limit_fails_and_the_run_goes_on(no_gates, tmp_path):
     matrix = tmp_path / "m.yaml"
     matrix.write_text("configs:\n  - id: hangs\n    steps: 100000\n  - id: quick\n    steps: 5\n")
@@ -161,6 +163,7 @@ def earlier_history(no_gates, tmp_path_factory) -> Path:
     return storage
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_history, tmp_path):
     storage = tmp_path / "history"
@@ -357,6 +360,7 @@ def test_a_report_of_names_with_mathtext_html_pipes_backticks_and_long_unicode(t
 
 
 # ----- offline -----------------------------------------------------------------------
+@pytest.mark.integration
 def test_the_embedded_default_makes_no_network_attempt(tmp_path, no_gates):
     log = tmp_path / "network.log"
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "offline"), os.environ.get("PYTHONPATH", "")]),
@@ -373,6 +377,7 @@ def test_the_embedded_default_makes_no_network_attempt(tmp_path, no_gates):
 
 
 # ----- isolation ------------------------------------------------------------------------
+@pytest.mark.integration
 def test_a_cases_peak_memory_does_not_depend_on_the_cases_before_it(no_gates, tmp_path):
     def peak(*select: str) -> float:
         out = tmp_path / f"{len(select)}.json"

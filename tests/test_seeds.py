@@ -103,6 +103,7 @@ def test_compare_counts_a_move_only_beyond_the_seeds_spread():
     assert row.status == UNCHANGED and "one-sample t-test against 3 seeds" in row.note
 
 
+@pytest.mark.integration
 def test_three_seeds_of_one_case_end_to_end(tmp_path):
     """--seeds 3 runs the case three times; the record, the summary and the report show the spread."""
     gates = tmp_path / "gates.yaml"
