@@ -31,13 +31,6 @@ def proof(tmp_path_factory):
     return rep, storage
 
 
-# Known to fail here (2026-12-01): the 10 ms control pass is preempted by the hog far more often than a
-# ~300 ms training step (control spikes of 50-500 ms), so the per-step ratios move with the load instead
-# of cancelling it. Kept as expected failures until the control is robust; strict=False so a fix XPASSes.
-UNDER_LOAD_XFAIL = pytest.mark.xfail(strict=False, reason="step/control normalization not yet robust to a CPU hog")
-
-
-@UNDER_LOAD_XFAIL
 def test_a_busier_machine_with_unchanged_code_passes_the_gate(proof):
     rep, storage = proof
     proc = gate_proof.compare(ROOT, storage, "1", "2")
@@ -45,7 +38,6 @@ def test_a_busier_machine_with_unchanged_code_passes_the_gate(proof):
     assert "no regression" in proc.stdout
 
 
-@UNDER_LOAD_XFAIL
 def test_a_30_percent_slower_step_under_the_same_load_fails_naming_the_ratio(proof):
     rep, storage = proof
     proc = gate_proof.compare(ROOT, storage, "1", "3")
