@@ -9,7 +9,7 @@ move counts comes from a tolerance per metric, per group or by default, written 
       alpha: 0.05           # significance for per-step timings (one-sided Mann-Whitney U)
       tolerance_pct:        # relative change that still counts as unchanged
         default: 5
-        speed: 10           # a group: memory, speed, quality, size, ...
+        speed: 15           # a group: memory, speed, quality, size, ...
         load_s: 50          # a metric
 
 Speed is gated on ``step_control_ratio``: each step's time over the fixed control workload timed
@@ -34,7 +34,7 @@ from lorabench.history import StoredRun
 from lorabench.metrics import METRICS, Metric
 from lorabench.result import STATUS_OK, CaseResult
 
-DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 10.0, "quality": 5.0, "size": 0.0}
+DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 15.0, "quality": 5.0, "size": 0.0}
 DEFAULT_ALPHA = 0.05
 # Judged on the per-step samples as well as on the median: the step/control ratio of each step.
 PER_STEP_METRICS = ("step_control_ratio",)

@@ -134,11 +134,11 @@ def test_a_busier_machine_slows_step_and_control_alike_and_is_not_a_regression()
 
 
 def test_a_step_time_move_that_the_steps_do_not_support_is_not_a_regression():
-    """Median ratio up 15% but the per-step samples overlap completely: noise, not a regression."""
+    """Median ratio up 18% but the per-step samples overlap completely: noise, not a regression."""
     steps_a = [300.0, 200.0] + [80, 120, 95, 130, 70, 115, 100, 125, 85, 110]
     steps_b = [300.0, 200.0] + [120, 80, 130, 95, 115, 70, 125, 100, 110, 85]
     c = compare_runs(run(case(step_control_ratio=10.0, steps=steps_a)),
-                     run(case(step_control_ratio=11.5, steps=steps_b)))
+                     run(case(step_control_ratio=11.8, steps=steps_b)))
     row = next(r for r in c.rows if r.metric == "step_control_ratio")
     assert row.status == UNCHANGED and "not significant" in row.note
 
