@@ -14,9 +14,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Tiny zoo models, measured as multiples of one control pass (lorabench.control): a training step
-# and the fixed work of a case (load, evals, adapter check). Rough: the estimate says so.
-ZOO_STEP_CONTROLS = 20.0
-ZOO_FIXED_CONTROLS = 1500.0
+# and the fixed work of a case (process start, load, evals, adapter check). Rough: the estimate says
+# so. From `pytest bench/ -m qlora` on a 2-core AVX512-BF16 CPU (2026-12-02): steps of 110-135 ms and
+# ~5-7 s of other work per case against a control of ~10 ms; 6 cases took 100 s.
+ZOO_STEP_CONTROLS = 12.0
+ZOO_FIXED_CONTROLS = 700.0
 PHASE_PREFIX = "phase_"
 
 
