@@ -6,7 +6,7 @@ One repetition stores three real bench runs of one case and compares them with
 - A: unchanged code on the machine as it is;
 - B: unchanged code while a bounded CPU hog (busy processes, one per core) competes for the cores:
   the comparison A -> B must pass (exit 0);
-- C: the same hog, and every training step made 30% slower by more of the same work (the
+- C: the same hog, and every training step given 30% more work (CPU time) of the same kind (the
   ``LORABENCH_SLOWDOWN`` hook of ``lorabench/_slowdown/sitecustomize.py``): A -> C must fail
   (exit 1), naming ``step_control_ratio``.
 

