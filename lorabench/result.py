@@ -28,6 +28,10 @@ def plain_reason(why: str) -> str:
     return why
 
 
+# The per-step series of a record (one value per optimizer step, warm-up included).
+STEP_CURVES = ("loss_curve", "step_ms_curve", "control_ms_curve", "step_cpu_ms_curve", "control_cpu_ms_curve")
+
+
 @dataclass
 class CaseResult:
     case_id: str
@@ -49,8 +53,7 @@ class CaseResult:
     gates: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # breakdowns behind a metric (per-layer errors)
-    # With --seeds: each seed's record ({"seed", "status", "error", "metrics", "loss_curve", "step_ms_curve",
-    # "control_ms_curve", "step_cpu_ms_curve"}),
+    # With --seeds: each seed's record ({"seed", "status", "error", "metrics"} and every one of STEP_CURVES),
     # and per metric {"n", "sd", "ci_low", "ci_high"}; ``metrics`` then holds the means (lorabench.seeds).
     seeds: list[dict[str, Any]] = field(default_factory=list)
     spread: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 
 from lorabench.errors import ConfigError
-from lorabench.result import STATUS_OK, CaseResult
+from lorabench.result import STATUS_OK, STEP_CURVES, CaseResult
 
 CONFIDENCE = 0.95
 MAX_SEEDS = 100
@@ -98,18 +98,14 @@ def combine(runs: list[CaseResult]) -> CaseResult:
     ok = [r for r in runs if r.status == STATUS_OK]
     combined = CaseResult(
         case_id=first.case_id, config_id=first.config_id, model=first.model, dataset=first.dataset,
-        device=first.device, config=dict(first.config), loss_curve=list(first.loss_curve),
-        step_ms_curve=list(first.step_ms_curve), control_ms_curve=list(first.control_ms_curve),
-        step_cpu_ms_curve=list(first.step_cpu_ms_curve),
-        environment=dict(first.environment), details=dict(first.details),
+        device=first.device, config=dict(first.config), environment=dict(first.environment),
+        details=dict(first.details), **{curve: list(getattr(first, curve)) for curve in STEP_CURVES},
     )
     failed = next((r for r in runs if r.status != STATUS_OK), None)
     if failed is not None:
         combined.status, combined.error = failed.status, f"seed {failed.config.get('seed')}: {failed.error}"
     combined.seeds = [{"seed": r.config.get("seed"), "status": r.status, "error": r.error, "metrics": dict(r.metrics),
-                       "loss_curve": list(r.loss_curve), "step_ms_curve": list(r.step_ms_curve),
-                       "control_ms_curve": list(r.control_ms_curve),
-                       "step_cpu_ms_curve": list(r.step_cpu_ms_curve)} for r in runs]
+                       **{curve: list(getattr(r, curve)) for curve in STEP_CURVES}} for r in runs]
     names = set().union(*(r.metrics for r in ok)) if ok else set()
     for name in sorted(names):
         values = [r.metrics[name] for r in ok if name in r.metrics]

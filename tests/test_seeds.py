@@ -62,6 +62,21 @@ def test_combine_keeps_each_seed_and_records_mean_spread_and_interval():
     assert CaseResult.from_extra_info(json.loads(json.dumps(combined.to_extra_info()))) == combined
 
 
+def test_combine_keeps_every_per_step_curve_of_every_seed():
+    """The CPU-time curves too: compare's per-step speed test on a CPU case divides them (lorabench.compare)."""
+    from lorabench.compare import measured_step_ratios
+    from lorabench.result import STEP_CURVES
+
+    runs = [run("q", seed) for seed in (1, 2)]
+    for r in runs:
+        r.step_cpu_ms_curve, r.control_cpu_ms_curve = [50.0, 20.0, 22.0], [10.0, 10.0, 11.0, 10.0]
+    combined = combine(runs)
+    for curve in STEP_CURVES:
+        assert [s[curve] for s in combined.seeds] == [getattr(r, curve) for r in runs]
+    # measured steps only, in CPU time: 20 / sqrt(10 * 11), 22 / sqrt(11 * 10), once per seed
+    assert measured_step_ratios(combined) == pytest.approx([20 / 110 ** 0.5, 22 / 110 ** 0.5] * 2)
+
+
 def test_one_seed_stays_a_plain_record_and_a_failing_seed_names_itself():
     single = run("q", 1, eval_loss=0.5)
     assert combine([single]) is single and not single.seeds and not single.spread
