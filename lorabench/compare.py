@@ -257,10 +257,11 @@ def measured_step_ratios(result: CaseResult) -> list[float]:
     """Step over its control of every measured (post-warm-up) step, of every seed that ran, in the clock the
     case's ``step_control_ratio`` used (CPU time on the CPU, wall time elsewhere); empty where no control
     was stored."""
-    from lorabench.control import paired_ratios
+    from lorabench.control import paired_ratios, ratio_in_cpu_time
 
-    on_cpu = result.device.split(":")[0] == "cpu" and any(_measured(result, "control_cpu_ms_curve"))
-    step_curve, control_curve = (("step_cpu_ms_curve", "control_cpu_ms_curve") if on_cpu
+    # (runs stored before the CPU-time curves existed have only the wall-time ones)
+    cpu_time = ratio_in_cpu_time(result.device.split(":")[0]) and any(_measured(result, "control_cpu_ms_curve"))
+    step_curve, control_curve = (("step_cpu_ms_curve", "control_cpu_ms_curve") if cpu_time
                                  else ("step_ms_curve", "control_ms_curve"))
     ratios = []
     for steps, controls in zip(_measured(result, step_curve), _measured(result, control_curve)):

@@ -16,10 +16,22 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 # Sizes per device type: about 10 ms of fp32 matrix products on a 2-core CPU, ~1 ms on a
 # data-centre GPU. Fixed, so that a control time is comparable across runs of the same machine.
 _SHAPES = {"cpu": (256, 32), "cuda": (2048, 16)}
+
+
+def ratio_in_cpu_time(device_type: str) -> bool:
+    """Whether a device's step/control ratio divides the process's CPU time (the work done: on the CPU)
+    rather than wall time (on a GPU, whose work the host only waits for)."""
+    return device_type == "cpu"
+
+
+class ControlPass(NamedTuple):
+    wall_s: float  # after a device synchronize on CUDA
+    cpu_s: float  # the process's CPU time over the pass (all threads)
 
 
 class ControlWorkload:
@@ -38,13 +50,12 @@ class ControlWorkload:
         self.a = torch.randn(size, size, generator=generator).to(device)
         self.b = torch.randn(size, size, generator=generator).to(device)
         self.out = torch.empty(size, size, device=device)
-        self.last_cpu_s: float | None = None  # the process's CPU time over the last pass (all threads)
 
-    def run(self) -> float:
+    def run(self) -> ControlPass:
         """One pass of the control work.
 
         Returns:
-            Its wall time in seconds (after a device synchronize on CUDA).
+            Its wall time and the process's CPU time, in seconds.
         """
         import torch
         from torch.utils._python_dispatch import _disable_current_modes
@@ -60,9 +71,7 @@ class ControlWorkload:
                 torch.mm(self.a, self.b, out=self.out)
             if cuda:
                 torch.cuda.synchronize(self.device)
-            elapsed = time.perf_counter() - started
-            self.last_cpu_s = time.process_time() - cpu_started
-            return elapsed
+            return ControlPass(time.perf_counter() - started, time.process_time() - cpu_started)
 
 
 def paired_ratios(step_s: list[float], control_s: list[float]) -> list[float]:

@@ -398,7 +398,7 @@ def _record_memory(result: CaseResult, readings, runner: StepRunner, trainer, on
 
 def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
     """Wall-clock speed (informational under load), and the step time against the control (gated)."""
-    from lorabench.control import paired_ratios
+    from lorabench.control import paired_ratios, ratio_in_cpu_time
 
     rec = runner.record
     w = config.warmup_steps
@@ -412,10 +412,10 @@ def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, tr
                source="median of the case process's CPU time (all threads) per post-warm-up step")
     result.set("control_ms", statistics.median(rec.control_seconds[w:]) * 1000,
                source="median time of the fixed control workload run before each step (lorabench.control)")
-    if device.type == "cpu":  # the work done, not the wall clock: the process's CPU time of both
+    if ratio_in_cpu_time(device.type):
         ratios = paired_ratios(rec.cpu_seconds[w:], rec.control_cpu_seconds[w:])
         clock = "the case process's CPU time (all threads)"
-    else:  # GPU work, timed between device synchronizations
+    else:
         ratios = paired_ratios(rec.seconds[w:], rec.control_seconds[w:])
         clock = "wall time"
     result.set("step_control_ratio", statistics.median(ratios),

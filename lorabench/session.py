@@ -190,7 +190,7 @@ class BenchSession:
         if estimate is None and all(c.model in ZOO for c in cases):
             control = ControlWorkload(self.device)
             control.run()  # the first pass pays for thread-pool and kernel start-up
-            control_s = min(control.run() for _ in range(5))
+            control_s = min(control.run().wall_s for _ in range(5))
             estimate = (estimate_from_control([r.steps for r in resolved], control_s),
                         "a rough model of the tiny models, scaled by a control workload timed now")
         return plan_line(case_ids=case_ids, models=sorted({c.model for c in cases}),

@@ -159,8 +159,9 @@ class StepRunner:
 
     def control(self) -> None:
         """Time the control workload once; call it just before each :meth:`step` (untimed by the step timer)."""
-        self.record.control_seconds.append(self._control.run())
-        self.record.control_cpu_seconds.append(self._control.last_cpu_s)
+        timed = self._control.run()
+        self.record.control_seconds.append(timed.wall_s)
+        self.record.control_cpu_seconds.append(timed.cpu_s)
 
     def step(self) -> float:
         """One optimizer step: ``grad_accum`` forward/backward passes, clip, update. Returns the loss."""
