@@ -22,9 +22,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     and CI runs ``pytest -m integration`` after the default run."""
     if config.option.markexpr:
         return
-    kept = [item for item in items if item.get_closest_marker("integration") is None]
-    if len(kept) < len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    kept, integration = [], []
+    for item in items:
+        (integration if item.get_closest_marker("integration") else kept).append(item)
+    if integration:
+        config.hook.pytest_deselected(items=integration)
         items[:] = kept
 
 

@@ -83,27 +83,32 @@ def test_torchao_int8_lands_where_llm_int8_does():
         assert abs(layer.errors["torchao_int8"] - layer.errors["int8"]) <= 0.05 * layer.errors["int8"], layer
 
 
-def test_the_shipped_gate_fails_when_torchao_int8_is_worse_than_llm_int8():
-    thresholds = load_thresholds(Path(__file__).resolve().parent.parent / "thresholds.yaml", built_in_case_ids())
-    gates = [g for g in thresholds.gates_for(NORMAL_CASE_ID, "cpu", "normal N(0,1) matrices")
-             if g.config == NORMAL_CASE_ID and g.metric.startswith("torchao_int8")]
-    same_format = [g for g in gates if g.ref_metric == "int8_rel_error_mean"]
-    assert same_format
-    good = summarize(layer_errors(normal_weights(shapes=((128, 128),))))
-    worse = dict(good, torchao_int8_rel_error_mean=good["int8_rel_error_mean"] * 1.1)
-    no_reference = lambda _config: None  # noqa: E731
-    assert all(evaluate_gate(g, NORMAL_CASE_ID, good, {}, no_reference).status == PASS for g in gates)
-    assert evaluate_gate(same_format[0], NORMAL_CASE_ID, worse, {}, no_reference).status == FAIL
-
-
-def test_the_shipped_gate_fails_when_nf4_is_worse_than_fp4():
+def _shipped_normal_gates_and_measured_errors():
+    """The shipped gates of the normal-matrix case, and the errors this code measures on such a matrix."""
     thresholds = load_thresholds(Path(__file__).resolve().parent.parent / "thresholds.yaml", built_in_case_ids())
     gates = [g for g in thresholds.gates_for(NORMAL_CASE_ID, "cpu", "normal N(0,1) matrices")
              if g.config == NORMAL_CASE_ID]
+    return gates, summarize(layer_errors(normal_weights(shapes=((128, 128),))))
+
+
+def _status(gate, metrics) -> str:
+    return evaluate_gate(gate, NORMAL_CASE_ID, metrics, {}, lambda _config: None).status
+
+
+def test_the_shipped_gate_fails_when_torchao_int8_is_worse_than_llm_int8():
+    gates, good = _shipped_normal_gates_and_measured_errors()
+    gates = [g for g in gates if g.metric.startswith("torchao_int8")]
+    same_format = [g for g in gates if g.ref_metric == "int8_rel_error_mean"]
+    assert same_format
+    worse = dict(good, torchao_int8_rel_error_mean=good["int8_rel_error_mean"] * 1.1)
+    assert all(_status(g, good) == PASS for g in gates)
+    assert _status(same_format[0], worse) == FAIL
+
+
+def test_the_shipped_gate_fails_when_nf4_is_worse_than_fp4():
+    gates, good = _shipped_normal_gates_and_measured_errors()
     ordering = [g for g in gates if g.metric == "nf4_rel_error_mean" and g.ref_metric == "fp4_rel_error_mean"]
     assert ordering
-    good = summarize(layer_errors(normal_weights(shapes=((128, 128),))))
     swapped = dict(good, nf4_rel_error_mean=good["fp4_rel_error_mean"] * 1.01)
-    no_reference = lambda _config: None  # noqa: E731
-    assert all(evaluate_gate(g, NORMAL_CASE_ID, good, {}, no_reference).status == PASS for g in gates)
-    assert evaluate_gate(ordering[0], NORMAL_CASE_ID, swapped, {}, no_reference).status == FAIL
+    assert all(_status(g, good) == PASS for g in gates)
+    assert _status(ordering[0], swapped) == FAIL
