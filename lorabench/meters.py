@@ -1,5 +1,11 @@
 """Memory meters: peaks and averages over a case, each from a named counter.
 
+Every meter follows one protocol (:class:`Meter`): ``start`` at the beginning of the case,
+``sample`` at the end of every training step (or timed call), ``stop`` at the end, which
+returns a :class:`Reading`; :meth:`lorabench.result.CaseResult.merge` puts a reading into
+the record. :class:`Meters` runs a case's meters together, as a context manager or phase by
+phase, and :func:`memory_meters` builds the set every kind of case uses on its device.
+
 - ``RssMeter``: the process's resident set. The peak is the kernel's own high-water
   mark (``VmHWM``), reset at the start of the case by writing ``5`` to
   ``/proc/self/clear_refs`` (Linux >= 4.0). Where that reset is not possible the peak is
@@ -18,6 +24,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from lorabench.footprint import MIB
 
@@ -32,6 +39,69 @@ class Reading:
     metrics: dict[str, float] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+
+
+class Meter(Protocol):
+    """What the case runners call on a meter."""
+
+    def start(self) -> None: ...
+
+    def sample(self) -> None: ...
+
+    def stop(self) -> Reading: ...
+
+
+class Meters:
+    """A case's meters, started, sampled and stopped together.
+
+    Use it as a context manager around the measured part of a case (``readings`` holds what
+    :meth:`stop` returned once the block ends), or call the phases yourself where the case
+    runs in phases. A meter added while the others run (one that needs the trained model,
+    say) starts at once.
+    """
+
+    def __init__(self, *meters: Meter) -> None:
+        self.meters: list[Meter] = list(meters)
+        self.running = False
+        self.readings: list[Reading] = []
+
+    def add(self, meter: Meter) -> None:
+        self.meters.append(meter)
+        if self.running:
+            meter.start()
+
+    def start(self) -> None:
+        for meter in self.meters:
+            meter.start()
+        self.running = True
+
+    def sample(self) -> None:
+        for meter in self.meters:
+            meter.sample()
+
+    def stop(self) -> list[Reading]:
+        """Stop every meter (once; later calls return the same readings)."""
+        if self.running:
+            self.running = False
+            self.readings = [meter.stop() for meter in self.meters]
+        return self.readings
+
+    def __enter__(self) -> Meters:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def memory_meters(device) -> Meters:
+    """The memory meters of a case on ``device``: the process's RSS and :func:`cuda_meter`."""
+    return Meters(RssMeter(), cuda_meter(device))
+
+
+def cuda_meter(device) -> Meter:
+    """On CUDA the allocator and NVML; elsewhere the reason each CUDA figure is absent."""
+    return CudaMeter(device) if device.type == "cuda" else NotOnCuda(device.type)
 
 
 def _status_kib(key: str) -> int | None:
@@ -166,7 +236,19 @@ class CudaMeter:
         return r
 
 
-def cuda_only_absent(reason: str) -> dict[str, str]:
-    """Absence reasons for the CUDA-only metrics on a run that is not on CUDA."""
-    names = ("peak_alloc_mib", "peak_reserved_mib", "alloc_before_mib", "avg_alloc_mib", "device_used_max_mib")
-    return {name: reason for name in names}
+class NotOnCuda:
+    """Stands in for :class:`CudaMeter` off CUDA: each CUDA-only figure is absent, with the reason."""
+
+    METRICS = ("peak_alloc_mib", "peak_reserved_mib", "alloc_before_mib", "avg_alloc_mib", "device_used_max_mib")
+
+    def __init__(self, device_type: str) -> None:
+        self.reason = f"the case ran on {device_type}, not CUDA"
+
+    def start(self) -> None:
+        pass
+
+    def sample(self) -> None:
+        pass
+
+    def stop(self) -> Reading:
+        return Reading(absent=dict.fromkeys(self.METRICS, self.reason))

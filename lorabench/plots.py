@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lorabench import backends
+from lorabench.case_kinds import DEFAULT_KIND, kind_name
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.textsafe import plot_label
@@ -50,7 +51,7 @@ def panels(results: list[CaseResult]) -> list[tuple[str, str, list[CaseResult]]]
     """(model, data set, its fine-tuning cases that ran), in run order: one panel each."""
     grouped: dict[tuple[str, str], list[CaseResult]] = defaultdict(list)
     for r in results:
-        if r.config.get("kind", "finetune") == "finetune" and r.status == STATUS_OK:
+        if kind_name(r) == DEFAULT_KIND and r.status == STATUS_OK:
             grouped[(r.model, r.dataset)].append(r)
     return [(model, dataset, members) for (model, dataset), members in grouped.items()]
 

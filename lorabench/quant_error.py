@@ -14,12 +14,25 @@ import statistics
 from dataclasses import dataclass
 
 from lorabench import backends
+from lorabench.case_kinds import CaseKind, register
 
 QUANT_TYPES = tuple(f.quant for f in backends.formats())  # every registered format
-NORMAL_CASE_ID, MODEL_CASE_ID = "quant_error_normal", "quant_error_model"  # configuration ids gates name
+# configuration ids gates name: normal matrices, the --model's layers, the pretrained MiniLM encoder's layers
+NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_CASE_ID = "quant_error_normal", "quant_error_model", "quant_error_minilm"
 # Shapes of the synthetic normal layers: the tiny zoo's attention and MLP matrices, and a larger one.
 NORMAL_SHAPES = ((256, 256), (704, 256), (256, 704), (512, 512))
 
+
+def _columns(_device: str) -> tuple:
+    """Every registered backend's formats: the mean error, then the largest layer's."""
+    formats = backends.formats()
+    return (*((f"{f.quant}_rel_error_mean", f"{f.label} err", f"{f.label} error") for f in formats),
+            *((f"{f.quant}_rel_error_max", f"{f.label} max", f"largest {f.label} layer error") for f in formats))
+
+
+# Only the rules that name these cases apply: the "*" rules are written for fine-tuning.
+KIND = register(CaseKind("quant_error", case_ids=lambda: (NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_CASE_ID),
+                         columns=_columns, wildcard_rules=False))
 
 @dataclass(frozen=True)
 class LayerError:

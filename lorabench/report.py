@@ -22,6 +22,7 @@ from lorabench.failures import gate_rows, status_text
 from lorabench.history import StoredRun
 from lorabench.metrics import METRICS
 from lorabench.plots import memory_metric
+from lorabench.case_kinds import DEFAULT_KIND, kind_name
 from lorabench.result import STATUS_OK, CaseResult, plain_reason
 from lorabench.seeds import n_seeds
 from lorabench.textsafe import markdown
@@ -34,7 +35,6 @@ from lorabench.summary import (
     fmt,
     format_delta,
     group_results,
-    kind,
     pick_baseline,
     table_cells,
 )
@@ -119,7 +119,7 @@ def build_groups(results: list[CaseResult]) -> list[Group]:
             for r in members:
                 if r is base or r.status != STATUS_OK:
                     continue
-                for metric, _, noun in columns_for(device, kind(members[0])):
+                for metric, _, noun in columns_for(members[0]):
                     if metric in r.metrics and metric in base.metrics:
                         a, b = base.metrics[metric], r.metrics[metric]
                         rows.append([r.config_id, metric, fmt(a), fmt(b), format_delta(b, a),
@@ -136,7 +136,7 @@ def build_groups(results: list[CaseResult]) -> list[Group]:
 def model_by_dataset(results: list[CaseResult]) -> list[list[str]] | None:
     """Every fine-tuning case by model and data set: eval loss, perplexity, accuracy, tokens/s and peak memory;
     shown when a run has several models or data sets."""
-    results = [r for r in results if kind(r) == "finetune"]  # quantization-error records have no eval loss
+    results = [r for r in results if kind_name(r) == DEFAULT_KIND]  # quantization-error records have no eval loss
     if len({r.model for r in results}) < 2 and len({r.dataset for r in results}) < 2:
         return None
     memory = memory_metric(results)
@@ -152,7 +152,7 @@ def hyper_parameters(results: list[CaseResult]) -> list[list[str]]:
     defaults fill what a configuration leaves open, so a configuration can differ between models)."""
     rows: dict[tuple, list[str]] = {}
     for r in results:
-        if kind(r) != "finetune":
+        if kind_name(r) != DEFAULT_KIND:
             continue
         values = []
         for key in HYPER_PARAMETERS:

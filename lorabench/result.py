@@ -69,6 +69,17 @@ class CaseResult:
         if source:
             self.sources[name] = source
 
+    def merge(self, reading) -> None:
+        """Put a meter's reading (:class:`lorabench.meters.Reading`) into the record: its figures, their
+        sources, and the reason for each figure it could not measure."""
+        for name, value in reading.metrics.items():
+            self.metrics[name] = float(value)
+            self.absent.pop(name, None)
+        for name, why in reading.absent.items():
+            self.metrics.pop(name, None)
+            self.absent[name] = why
+        self.sources.update(reading.sources)
+
     @classmethod
     def unmeasured(cls, case, config, *, case_id: str, device, status: str, error: str) -> CaseResult:
         """The record of a case that stopped before it could report anything."""

@@ -25,18 +25,11 @@ from lorabench.config import BenchConfig, resolve
 from lorabench.data import TaskData, collator, tokenize
 from lorabench.environment import machine
 from lorabench.estimate.case import record_prediction
-from lorabench.footprint import (
-    MIB,
-    optimizer_state_bytes,
-    param_counts,
-    quantized_linear_ratio,
-    trainable_bytes,
-    weight_bytes,
-)
 from lorabench.matrix import Case
-from lorabench.meters import CudaMeter, RssMeter, cuda_only_absent
+from lorabench.meters import Meters, RssMeter, cuda_meter
 from lorabench.models import ModelSource, apply_adapter, load_model
 from lorabench.quality import eval_loss
+from lorabench.recording import record_memory, record_model, record_speed, record_train_loss
 from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
 from lorabench.tensor_meter import TensorMeter
 from lorabench.training import DivergenceError, DivergenceRule, StepRunner, make_trainer, simple_timer
@@ -144,12 +137,11 @@ class CaseRun:
             config=config.to_dict(),
             environment=dict(machine()),
         )
-        self.rss = RssMeter()
-        self.cuda = CudaMeter(device) if self.on_cuda else None
+        self.rss = RssMeter()  # also the memory budget's baseline
+        self.meters = Meters(self.rss, cuda_meter(device))
         self.budget = MemoryBudget(memory_budget, device) if memory_budget else None
         if self.budget:
             self.result.environment["memory_budget_mib"] = self.budget.limit_mib
-        self._meters_running = False
         self.model = self.trainer = self.step_runner = self.tokens = self.collate = None
         self.tensors: TensorMeter | None = None
         self.eos_token_id = None
@@ -172,8 +164,7 @@ class CaseRun:
             self.model = apply_adapter(loaded.model, config)
             if self.parallel is not None:  # FSDP: each rank keeps its shard (weights_mib is the shard's)
                 self.model = self.parallel.shard(self.model)
-            result.set("load_s", loaded.load_s, source="wall clock around from_pretrained (load + quantize)")
-            _record_model(result, self.model)
+            record_model(result, self.model, load_s=loaded.load_s)
             self.collate = collator(loaded.tokenizer)
             self.eos_token_id = loaded.tokenizer.eos_token_id
             self._phase("eval_before", "evaluating the base model" if self.base_eval is None
@@ -197,6 +188,7 @@ class CaseRun:
                                      divergence=DivergenceRule.of(config))
             self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps,
                                        off=self.parallel.tensor_reason if self.parallel is not None else "")
+            self.meters.add(self.tensors)
             self.started = time.perf_counter()
 
     def step(self) -> float:
@@ -215,7 +207,7 @@ class CaseRun:
                 self.tensors.run(self.step_runner.step)
             train_s = time.perf_counter() - self.started
             self.step_runner.end()
-            _record_memory(result, self._stop_meters(), self.step_runner, self.trainer, self.on_cuda)
+            record_memory(result, self._stop_meters(), self.step_runner, self.trainer, self.on_cuda)
             record_prediction(result, self.source, config, self.tensors, self.step_runner.record.shapes, self.device)
             record_speed(result, self.step_runner, config, train_s, self.model, self.device)
             self._phase("eval_after", "evaluating the trained model")
@@ -247,10 +239,6 @@ class CaseRun:
             import torch
 
             torch.cuda.empty_cache()
-        if not self.on_cuda:
-            reason = f"the case ran on {self.device.type}, not CUDA"
-            for name, why in cuda_only_absent(reason).items():
-                self.result.absent.setdefault(name, why)
 
     # ----- helpers -------------------------------------------------------------
     def _record_load(self, when: str) -> None:
@@ -277,19 +265,14 @@ class CaseRun:
         return eval_loss(self.model, rows, self.collate, batch_size=self.config.batch_size, device=self.device)
 
     def _start_meters(self) -> None:
-        self.rss.start()
-        if self.cuda:
-            self.cuda.start()
+        self.meters.start()
         if self.budget:
             self.budget.start(self.rss.before)
-        self._meters_running = True
 
     def _stop_meters(self):
-        self._meters_running = False
         if self.budget:
             self.budget.stop()
-        tensors = [self.tensors.reading()] if self.tensors is not None else []
-        return [self.rss.stop()] + ([self.cuda.stop()] if self.cuda else []) + tensors
+        return self.meters.stop()
 
     def _judge_budget(self) -> None:
         """A case whose measured peak passed the budget between two watchdog samples does not fit either."""
@@ -301,9 +284,7 @@ class CaseRun:
             self.result.status, self.result.error = STATUS_DOES_NOT_FIT, violation
 
     def _on_step_end(self, step: int) -> None:
-        self.rss.sample()
-        if self.cuda:
-            self.cuda.sample()
+        self.meters.sample()
         steps = self.config.steps
         if step % max(1, steps // 10) == 0 or step == steps:
             seconds = self.step_runner.record.seconds
@@ -328,11 +309,9 @@ class CaseRun:
     def _abort(self, status: str, error: str) -> None:
         result = self.result
         result.status, result.error = status, error
-        if self._meters_running:
+        if self.meters.running:
             for reading in self._stop_meters():
-                result.metrics.update(reading.metrics)
-                result.absent.update(reading.absent)
-                result.sources.update(reading.sources)
+                result.merge(reading)
         _record_partial(result, self.step_runner)
         self.close()
         raise CaseAborted(result) from None
@@ -359,113 +338,6 @@ def _record_partial(result: CaseResult, runner: StepRunner | None) -> None:
     if runner is not None:
         result.loss_curve = list(runner.record.losses)
         result.step_ms_curve = [s * 1000 for s in runner.record.seconds]
-
-
-def _record_model(result: CaseResult, model) -> None:
-    total, trainable = param_counts(model)
-    result.set("params_total", total)
-    result.set("params_trainable", trainable)
-    result.set("trainable_pct", 100.0 * trainable / total)
-    result.set("weights_mib", weight_bytes(model) / MIB, source="storage bytes of parameters, buffers, quantization state")
-    result.set("trainable_mib", trainable_bytes(model) / MIB)
-    ratio = quantized_linear_ratio(model)
-    result.set("quant_linear_ratio", ratio, reason="the base model has no quantized linear layer")
-
-
-def _record_memory(result: CaseResult, readings, runner: StepRunner, trainer, on_cuda: bool) -> None:
-    for reading in readings:
-        result.metrics.update(reading.metrics)
-        result.absent.update(reading.absent)
-        result.sources.update(reading.sources)
-    grads = None if runner.grad_bytes_seen is None else runner.grad_bytes_seen / MIB
-    result.set("grads_mib", grads, reason="no backward pass completed",
-               source="storage bytes of .grad tensors after the first backward pass")
-    opt = optimizer_state_bytes(trainer.optimizer) / MIB
-    result.set("optimizer_state_mib", opt, source="storage bytes of optimizer.state tensors")
-    peak_name = "peak_alloc_mib" if on_cuda else "peak_rss_delta_mib"
-    if grads is None:
-        result.set("other_mib", None, reason="grads_mib is absent: no backward pass completed")
-    elif peak_name in result.metrics:
-        other = result.metrics[peak_name] - result.metrics["weights_mib"] - grads - opt
-        if other >= 0:
-            result.set("other_mib", other, source=f"{peak_name} minus weights, gradients and optimizer state")
-        else:
-            result.set("other_mib", None, reason=f"{peak_name} is below the sum of its parts (memory was reused "
-                                                 "from before the case), so the remainder is not meaningful")
-    else:
-        result.set("other_mib", None, reason=f"{peak_name} is absent: {result.absent.get(peak_name, '')}")
-
-
-def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
-    """Wall-clock speed (informational under load), and the step time against the control (gated)."""
-    from lorabench.control import paired_ratios, ratio_in_cpu_time
-
-    rec = runner.record
-    w = config.warmup_steps
-    measured_s = sum(rec.seconds[w:])
-    result.step_ms_curve = [s * 1000 for s in rec.seconds]
-    result.control_ms_curve = [s * 1000 for s in rec.control_seconds]
-    result.step_cpu_ms_curve = [s * 1000 for s in rec.cpu_seconds]
-    result.control_cpu_ms_curve = [s * 1000 for s in rec.control_cpu_seconds]
-    result.set("step_ms", statistics.median(rec.seconds[w:]) * 1000, source="median of post-warm-up optimizer steps")
-    result.set("step_cpu_ms", statistics.median(rec.cpu_seconds[w:]) * 1000,
-               source="median of the case process's CPU time (all threads) per post-warm-up step")
-    result.set("control_ms", statistics.median(rec.control_seconds[w:]) * 1000,
-               source="median time of the fixed control workload run before each step (lorabench.control)")
-    if ratio_in_cpu_time(device.type):
-        ratios = paired_ratios(rec.cpu_seconds[w:], rec.control_cpu_seconds[w:])
-        clock = "the case process's CPU time (all threads)"
-    else:
-        ratios = paired_ratios(rec.seconds[w:], rec.control_seconds[w:])
-        clock = "wall time"
-    result.set("step_control_ratio", statistics.median(ratios),
-               source=f"median over post-warm-up steps of step / the controls before and after it, in {clock}")
-    result.set("samples_per_s", sum(rec.samples[w:]) / measured_s)
-    result.set("tokens_per_s", sum(rec.tokens[w:]) / measured_s, source="attention-mask tokens (no padding)")
-    result.set("train_s", train_s, source="wall clock around all training steps")
-    _record_flops(result, rec, w, model, config, device)
-
-
-def _record_flops(result: CaseResult, rec, warmup: int, model, config: BenchConfig, device) -> None:
-    """MFU (PaLM's model FLOPs) and HFU (with recompute) against the GPU's dense peak for the dtype."""
-    from lorabench.flops import matmul_params, model_shape, peak_flops, training_flops
-
-    if device.type != "cuda":
-        for name in ("mfu_pct", "hfu_pct"):
-            result.set(name, None, reason=f"no peak FLOP/s for a {device.type} device: MFU is measured on CUDA GPUs")
-        return
-    import torch
-
-    name = torch.cuda.get_device_name(device)
-    peak = peak_flops(name, config.dtype)
-    if peak is None:
-        reason = f"no dense {config.dtype} peak FLOP/s known for {name!r} (lorabench.flops.GPU_PEAK_FLOPS)"
-        for metric in ("mfu_pct", "hfu_pct"):
-            result.set(metric, None, reason=reason)
-        return
-    frozen, trainable = matmul_params(model)
-    layers, hidden = model_shape(model)
-    seq_len = sum(rec.tokens[warmup:]) / sum(rec.samples[warmup:])  # mean real tokens per sequence
-    flops = training_flops(frozen=frozen, trainable=trainable, layers=layers, hidden=hidden, seq_len=seq_len,
-                           checkpointing=config.gradient_checkpointing)
-    tokens_per_s = result.metrics["tokens_per_s"]
-    result.set("mfu_pct", 100.0 * flops.model_per_token * tokens_per_s / peak,
-               source=f"PaLM model FLOPs/token ({flops.model_per_token:.3g}) x tokens/s over {peak:.4g} FLOP/s")
-    result.set("hfu_pct", 100.0 * flops.hardware_per_token * tokens_per_s / peak,
-               source=f"model FLOPs plus recompute ({flops.hardware_per_token:.3g}/token) x tokens/s over {peak:.4g}")
-
-
-def record_train_loss(result: CaseResult, losses: list[float], *, source: str = "") -> None:
-    """``train_loss_first``, ``train_loss_final`` (mean of the last 10% of steps) and ``loss_drop``.
-
-    Args:
-        source: where each step's loss comes from, when not this process's own steps.
-    """
-    tail = losses[-max(1, len(losses) // 10):]
-    prefix = f"{source}; " if source else ""
-    result.set("train_loss_first", losses[0], source=source)
-    result.set("train_loss_final", statistics.fmean(tail), source=f"{prefix}mean of the last {len(tail)} steps")
-    result.set("loss_drop", losses[0] - statistics.fmean(tail), source=source)
 
 
 def _record_quality(result: CaseResult, runner: StepRunner, after) -> None:

@@ -20,10 +20,8 @@ from lorabench.budget import parse_size
 from lorabench.config import parse_override
 from lorabench.environment import machine
 from lorabench.errors import ConfigError, StorageError
-from lorabench.matrix import DEFAULT_CONFIGS, Case, Matrix, build_matrix
-from lorabench.classify import CONFIGS as CLASSIFY_CONFIGS
-from lorabench.classify import QUANT_ERROR_CASE_ID as MINILM_QUANT_ERROR_ID
-from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID
+from lorabench.case_kinds import kind_of, known_case_ids
+from lorabench.matrix import Case, Matrix, build_matrix
 from lorabench.paths import expand, not_empty
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.seeds import SeedPlan, parse_seeds
@@ -33,16 +31,6 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
 log = logging.getLogger("lorabench.preflight")
-
-
-def built_in_case_ids() -> set[str]:
-    """Every case id the bench ships, which thresholds.yaml may gate by name: the default matrix,
-    the inference and GGUF variants, quantization error and the MiniLM classification cases."""
-    from lorabench.gguf import GGUF_VARIANTS
-    from lorabench.inference import VARIANTS
-
-    return ({c.id for c in DEFAULT_CONFIGS} | {v.id for v in VARIANTS} | {v.id for v in GGUF_VARIANTS}
-            | {NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_QUANT_ERROR_ID} | {c.id for c in CLASSIFY_CONFIGS})
 
 
 @dataclass
@@ -105,7 +93,7 @@ class BenchSession:
         Raises:
             ThresholdError: the file is malformed (with file, line, key and what is allowed).
         """
-        known = built_in_case_ids() | {c.id for c in self.matrix.configs}
+        known = known_case_ids() | {c.id for c in self.matrix.configs}
         self.thresholds = load_thresholds(self.thresholds_path, known)
 
     def check_inputs(self, cases: list[Case] | None = None) -> None:
@@ -201,7 +189,7 @@ class BenchSession:
         """Where the Trainer's integrations (TensorBoard) write for one case."""
         return str(self.reports_dir / "runs" / case_id)
 
-    def reference(self, model: str, dataset: str):
+    def other_case(self, model: str, dataset: str):
         """Lookup of another configuration's (metrics, absent) in this session, for relative gates."""
 
         def lookup(config_id: str):
@@ -212,19 +200,16 @@ class BenchSession:
 
         return lookup
 
-    def gate(self, result: CaseResult, *, wildcard: bool = True) -> list[GateOutcome]:
-        """Evaluate every applicable gate on ``result`` and store the outcomes in it.
-
-        Args:
-            wildcard: whether the ``"*"`` rules (written for fine-tuning cases) apply.
-        """
+    def gate(self, result: CaseResult) -> list[GateOutcome]:
+        """Evaluate every applicable gate on ``result`` and store the outcomes in it; the ``"*"`` rules
+        apply where the record's kind says so (:mod:`lorabench.case_kinds`)."""
         if self.thresholds is None or result.status != STATUS_OK:
             return []
         device_type = result.device.split(":")[0]
         outcomes = [
-            evaluate_gate(g, result.config_id, result.metrics, result.absent, self.reference(result.model, result.dataset))
+            evaluate_gate(g, result.config_id, result.metrics, result.absent, self.other_case(result.model, result.dataset))
             for g in self.thresholds.gates_for(result.config_id, device_type, result.model, machine()["cpu_isa"],
-                                                   wildcard=wildcard)
+                                                   wildcard=kind_of(result).wildcard_rules)
         ]
         result.gates = [o.to_dict() for o in outcomes]
         return outcomes

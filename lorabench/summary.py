@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from lorabench import backends
+from lorabench.case_kinds import DEFAULT_KIND, Column, kind_name, kind_of
 from lorabench.failures import status_text
 from lorabench.matrix import BASELINE_ID
 from lorabench.metrics import METRICS
@@ -25,44 +25,6 @@ SEED_INDEPENDENT_GROUPS = ("memory", "size")
 ALPHA = 0.05  # for telling two cases' per-step times apart within one run
 # Figures computed from the measured steps, so two cases' steps can tell them apart.
 STEP_METRICS = ("step_ms", "step_control_ratio", "samples_per_s", "tokens_per_s", "train_s")
-
-# (metric, column title, noun for findings)
-_TENSOR_PEAK = ("tensor_peak_mib", "tensor peak MiB", "peak memory (live tensor bytes)")
-_PROCESS_PEAK = ("peak_rss_delta_mib", "process RSS+ MiB", "process memory (peak RSS added)")
-_CUDA_PEAK = ("peak_alloc_mib", "peak alloc MiB", "peak GPU memory (allocator)")
-COLUMNS = (
-    ("weights_mib", "weights MiB", "weight memory"),
-    ("step_ms", "step ms", "step time"),
-    ("tokens_per_s", "tokens/s", "throughput"),
-    ("train_loss_final", "train loss", "final train loss"),
-    ("eval_loss", "eval loss", "eval loss"),
-    ("perplexity", "ppl", "perplexity"),
-    ("accuracy_pct", "acc % [95% CI]", "accuracy"),
-    ("forgetting_nats", "forgetting", "forgetting"),
-)
-# Records that are not fine-tuning cases carry ``config["kind"]`` and get a table of their own.
-KIND_COLUMNS = {
-    # every registered backend's formats: the mean error, then the largest layer's
-    "quant_error": (
-        *((f"{f.quant}_rel_error_mean", f"{f.label} err", f"{f.label} error") for f in backends.formats()),
-        *((f"{f.quant}_rel_error_max", f"{f.label} max", f"largest {f.label} layer error") for f in backends.formats()),
-    ),
-}
-
-
-def kind(result: CaseResult) -> str:
-    """``finetune`` for matrix cases, else the record's own ``config["kind"]``."""
-    return result.config.get("kind", "finetune")
-
-INFERENCE_COLUMNS = (
-    ("weights_mib", "weights MiB", "weight memory"),
-    ("ttft_ms", "TTFT ms", "time to first token"),
-    ("decode_tokens_per_s", "decode tok/s", "decode rate"),
-    ("latency_ms", "latency ms", "end-to-end latency"),
-    ("drift_cosine_mean", "cos to base", "similarity to the base's generations"),
-    ("adapter_drift_cosine_mean", "cos to adapter", "similarity to the unmerged adapter's generations"),
-)
-
 
 def relative_change(value: float, baseline: float) -> float | None:
     """(value - baseline) / |baseline|, or ``None`` when the baseline is 0."""
@@ -146,7 +108,7 @@ def group_results(results: Iterable[CaseResult]) -> dict[tuple[str, str, str], l
     """Results by (model, data set, device), in run order."""
     groups: dict[tuple[str, str, str], list[CaseResult]] = defaultdict(list)
     for r in results:
-        suffix = "" if kind(r) == "finetune" else f" {kind(r)}"
+        suffix = "" if kind_name(r) == DEFAULT_KIND else f" {kind_name(r)}"
         groups[(r.model, r.dataset, r.device + suffix)].append(r)
     return groups
 
@@ -160,14 +122,9 @@ def pick_baseline(results: list[CaseResult]) -> CaseResult | None:
     return ok[0] if ok else None
 
 
-def columns_for(device: str, case_kind: str = "finetune") -> tuple[tuple[str, str, str], ...]:
-    if case_kind in KIND_COLUMNS:
-        return KIND_COLUMNS[case_kind]
-    if case_kind == "inference":
-        return (_CUDA_PEAK if device.startswith("cuda") else _PROCESS_PEAK,) + INFERENCE_COLUMNS
-    # fine-tuning: exact tensor bytes lead on the CPU; on CUDA the allocator's peak, tensor bytes beside it
-    peaks = (_CUDA_PEAK, _TENSOR_PEAK) if device.startswith("cuda") else (_TENSOR_PEAK, _PROCESS_PEAK)
-    return peaks + COLUMNS
+def columns_for(result: CaseResult) -> tuple[Column, ...]:
+    """The summary's columns for a record: its kind's, for its device (:mod:`lorabench.case_kinds`)."""
+    return kind_of(result).columns(result.device)
 
 
 def cell(result: CaseResult, metric: str) -> str:
@@ -183,7 +140,7 @@ def cell(result: CaseResult, metric: str) -> str:
 def table_cells(results: list[CaseResult]) -> list[list[str]]:
     """One group's table, header first; each cell shows the value and its delta against the baseline."""
     base = pick_baseline(results)
-    cols = columns_for(results[0].device, kind(results[0]))
+    cols = columns_for(results[0])
     rows = [["config", "status"] + [title for _, title, _ in cols]]
     for r in results:
         row = [r.config_id, status_text(r)]
@@ -214,7 +171,7 @@ def findings(results: list[CaseResult]) -> list[str]:
     A difference is called better or worse, and a case lowest or highest, only where the data show it
     (:func:`difference_evidence`, :func:`ranking`); otherwise the finding says why it cannot tell.
     """
-    if results and kind(results[0]) == "quant_error":
+    if results and kind_name(results[0]) == "quant_error":
         return [f"{r.config_id}: NF4 vs FP4: " + describe("nf4_rel_error_mean", "reconstruction error",
                                                           r.metrics["nf4_rel_error_mean"], r.metrics["fp4_rel_error_mean"])
                 for r in results if "nf4_rel_error_mean" in r.metrics and "fp4_rel_error_mean" in r.metrics]
@@ -222,7 +179,7 @@ def findings(results: list[CaseResult]) -> list[str]:
     if base is None:
         return []
     out = []
-    peaks = [(metric, noun) for metric, _, noun in columns_for(base.device, kind(base))
+    peaks = [(metric, noun) for metric, _, noun in columns_for(base)
              if METRICS[metric].group == "memory" and metric != "weights_mib"]
     compared = (*peaks, ("weights_mib", "weight memory"), ("step_ms", "step time"),
                 ("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))

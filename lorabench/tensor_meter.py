@@ -25,7 +25,7 @@ SOURCE = "lorabench.tensor_tracker: live tensor storage bytes (each storage once
 
 
 class TensorMeter:
-    """Track the first ``warmup_steps`` optimizer steps of a case.
+    """Track the first ``warmup_steps`` optimizer steps of a case; a meter (:class:`lorabench.meters.Meter`).
 
     Args:
         model: the model that trains.
@@ -60,8 +60,16 @@ class TensorMeter:
             self.close()
         return value
 
-    def reading(self) -> Reading:
+    # The meter protocol (lorabench.meters.Meter): the tracking itself happens in ``run``.
+    def start(self) -> None:
+        pass
+
+    def sample(self) -> None:
+        pass
+
+    def stop(self) -> Reading:
         """The peak and its components in MiB, or the reason each is absent."""
+        self.close()
         r = Reading()
         if self.result is None:
             reason = self.reason or "the case stopped before its warm-up steps were done"

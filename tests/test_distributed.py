@@ -171,4 +171,4 @@ def test_a_rank_leaves_live_tensor_bytes_absent_and_says_why():
 
     meter = TensorMeter(None, None, torch.device("cpu"), 3, off=RankParallel("ddp", torch.device("cpu")).tensor_reason)
     assert meter.run(lambda: 7) == 7  # the step runs, untracked
-    assert meter.reading().absent == dict.fromkeys(TENSOR_METRICS, TENSOR_REASON)
+    assert meter.stop().absent == dict.fromkeys(TENSOR_METRICS, TENSOR_REASON)

@@ -37,9 +37,9 @@ def test_identical_texts_have_no_drift(encoder):
 
 
 def test_related_text_is_closer_than_unrelated_text(encoder):
-    reference = ["the cat sat on the mat"]
-    close = drift(encoder, reference, ["a cat was sitting on the mat"])
-    far = drift(encoder, reference, ["quarterly tax filing deadlines"])
+    baseline = ["the cat sat on the mat"]
+    close = drift(encoder, baseline, ["a cat was sitting on the mat"])
+    far = drift(encoder, baseline, ["quarterly tax filing deadlines"])
     assert far.cosine_mean < close.cosine_mean < 1.0
     assert close.exact_match_pct == 0.0
 
@@ -50,12 +50,12 @@ def test_min_and_mean_over_pairs(encoder):
     assert reading.exact_match_pct == 50.0
 
 
-def test_drift_needs_one_generation_per_reference(encoder):
-    with pytest.raises(ValueError, match="one generation per reference"):
+def test_drift_needs_one_generation_per_baseline_generation(encoder):
+    with pytest.raises(ValueError, match="one generation per baseline generation"):
         drift(encoder, ["a", "b"], ["a"])
 
 
-def test_record_drift_names_the_reference():
+def test_record_drift_names_whose_generations_it_compared_with():
     from lorabench.drift import DriftReading, record_drift, record_no_drift
     from lorabench.result import CaseResult
 

@@ -17,7 +17,7 @@ from lorabench.quant_error import (
     round_trip,
     summarize,
 )
-from lorabench.session import built_in_case_ids
+from lorabench.case_kinds import known_case_ids
 from lorabench.thresholds import FAIL, PASS, evaluate_gate, load_thresholds
 
 
@@ -85,7 +85,7 @@ def test_torchao_int8_lands_where_llm_int8_does():
 
 def _shipped_normal_gates_and_measured_errors():
     """The shipped gates of the normal-matrix case, and the errors this code measures on such a matrix."""
-    thresholds = load_thresholds(Path(__file__).resolve().parent.parent / "thresholds.yaml", built_in_case_ids())
+    thresholds = load_thresholds(Path(__file__).resolve().parent.parent / "thresholds.yaml", known_case_ids())
     gates = [g for g in thresholds.gates_for(NORMAL_CASE_ID, "cpu", "normal N(0,1) matrices")
              if g.config == NORMAL_CASE_ID]
     return gates, summarize(layer_errors(normal_weights(shapes=((128, 128),))))

@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorabench.errors import ThresholdError
-from lorabench.session import built_in_case_ids
+from lorabench.case_kinds import known_case_ids
 from lorabench.thresholds import FAIL, NOT_EVALUATED, OPS, PASS, Gate, evaluate_gate, load_thresholds, parse_thresholds
 
-KNOWN = built_in_case_ids()
+KNOWN = known_case_ids()
 ROOT = Path(__file__).resolve().parent.parent
 
 GOOD = """\

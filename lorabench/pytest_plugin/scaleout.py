@@ -125,13 +125,13 @@ def _groups(config: pytest.Config, nodeids: list[str]) -> list[str | None]:
     Raises:
         pytest.UsageError: the thresholds file is malformed.
     """
-    from lorabench.session import built_in_case_ids
+    from lorabench.case_kinds import known_case_ids
     from lorabench.thresholds import SELF, load_thresholds
 
     bench = _bench(config)
     if bench is None:
         return [None] * len(nodeids)
-    known = built_in_case_ids() | {c.id for c in bench.matrix.configs}
+    known = known_case_ids() | {c.id for c in bench.matrix.configs}
     cases = dict(zip(bench.matrix.ids(), bench.matrix.cases()))
     gated = [_gated_item(n, cases, known) for n in nodeids]
     if not any(gated):
