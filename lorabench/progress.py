@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # ~5-7 s of other work per case against a control of ~10 ms; 6 cases took 100 s.
 ZOO_STEP_CONTROLS = 12.0
 ZOO_FIXED_CONTROLS = 700.0
+# Building a zoo model that is not cached yet (lorabench.zoo): one fp32 pre-training step of batch 32, in
+# control passes. Same machine, 2026-12-02: tiny-llama built in 61.9 s (600 steps), controls of 6.9-10.6 ms.
+ZOO_PRETRAIN_STEP_CONTROLS = 13.0
 PHASE_PREFIX = "phase_"
 
 
@@ -48,6 +51,18 @@ def estimate_from_history(storage: Path | None, case_ids: list[str]) -> tuple[fl
 def estimate_from_control(steps: list[int], control_s: float) -> float:
     """A rough wall time for tiny-model cases of ``steps`` training steps each, from one control pass."""
     return sum(s * ZOO_STEP_CONTROLS * control_s + ZOO_FIXED_CONTROLS * control_s for s in steps)
+
+
+def estimate_zoo_builds(pretrain_steps: list[int], control_s: float) -> float:
+    """A rough wall time for building the zoo models of ``pretrain_steps`` pre-training steps each."""
+    return sum(pretrain_steps) * ZOO_PRETRAIN_STEP_CONTROLS * control_s
+
+
+def with_builds(estimate: tuple[float, str] | None, builds_s: float, names: list[str]) -> tuple[float, str] | None:
+    """``estimate`` plus the time to build the zoo models ``names`` that are not cached yet."""
+    if estimate is None or not names:
+        return estimate
+    return estimate[0] + builds_s, f"{estimate[1]}, plus the build of {', '.join(names)}, not cached yet"
 
 
 def plan_line(*, case_ids: list[str], models: list[str], datasets: list[str], device: str, dtypes: list[str],

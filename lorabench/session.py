@@ -169,18 +169,30 @@ class BenchSession:
         from lorabench.config import resolve
         from lorabench.control import ControlWorkload
         from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
-        from lorabench.progress import estimate_from_control, estimate_from_history, plan_line
-        from lorabench.zoo import ZOO
+        from lorabench.progress import (
+            estimate_from_control,
+            estimate_from_history,
+            estimate_zoo_builds,
+            plan_line,
+            with_builds,
+        )
+        from lorabench.zoo import ZOO, is_cached
 
         resolved = [resolve(c.config, ZOO[c.model].defaults if c.model in ZOO else CHECKPOINT_TRAIN_DEFAULTS,
                             self.device) for c in cases]
+        to_build = sorted({c.model for c in cases if c.model in ZOO and not is_cached(c.model)})
         estimate = estimate_from_history(storage, case_ids)
-        if estimate is None and all(c.model in ZOO for c in cases):
+        control_s = None
+        if to_build or (estimate is None and all(c.model in ZOO for c in cases)):
             control = ControlWorkload(self.device)
             control.run()  # the first pass pays for thread-pool and kernel start-up
             control_s = min(control.run().wall_s for _ in range(5))
+        if estimate is None and all(c.model in ZOO for c in cases):
             estimate = (estimate_from_control([r.steps for r in resolved], control_s),
                         "a rough model of the tiny models, scaled by a control workload timed now")
+        if to_build:
+            builds_s = estimate_zoo_builds([ZOO[name].pretrain.steps for name in to_build], control_s)
+            estimate = with_builds(estimate, builds_s, to_build)
         return plan_line(case_ids=case_ids, models=sorted({c.model for c in cases}),
                          datasets=sorted({c.dataset for c in cases}), device=str(self.device),
                          dtypes=sorted({r.dtype for r in resolved}), isolate=self.isolate, estimate=estimate)

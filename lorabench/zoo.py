@@ -118,6 +118,15 @@ def build_tokenizer():
     )
 
 
+def _target(name: str) -> Path:
+    return cache_root() / "zoo" / f"{name}-{ZOO[name].cache_key()}"
+
+
+def is_cached(name: str) -> bool:
+    """Whether zoo model ``name`` is built already (:func:`checkpoint_dir` returns at once)."""
+    return (_target(name) / "config.json").is_file()
+
+
 def checkpoint_dir(name: str) -> Path:
     """The checkpoint directory of zoo model ``name``, built and pre-trained on first use.
 
@@ -127,7 +136,7 @@ def checkpoint_dir(name: str) -> Path:
     from filelock import FileLock
 
     spec = ZOO[name]
-    target = cache_root() / "zoo" / f"{name}-{spec.cache_key()}"
+    target = _target(name)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

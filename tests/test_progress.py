@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lorabench.progress import ZOO_FIXED_CONTROLS, ZOO_STEP_CONTROLS, estimate_from_control, estimate_from_history, \
-    plan_line
+from lorabench.progress import ZOO_FIXED_CONTROLS, ZOO_PRETRAIN_STEP_CONTROLS, ZOO_STEP_CONTROLS, \
+    estimate_from_control, estimate_from_history, estimate_zoo_builds, plan_line, with_builds
 from pathlib import Path
 
 from lorabench.history import StoredRun
@@ -17,6 +17,15 @@ def run(*results: CaseResult, number: int) -> StoredRun:
 
 def test_estimate_from_control_scales_steps_and_fixed_work():
     assert estimate_from_control([10, 20], 0.01) == (30 * ZOO_STEP_CONTROLS + 2 * ZOO_FIXED_CONTROLS) * 0.01
+
+
+def test_a_zoo_model_not_cached_yet_adds_its_build_to_the_estimate():
+    builds = estimate_zoo_builds([600], 0.01)
+    assert builds == 600 * ZOO_PRETRAIN_STEP_CONTROLS * 0.01
+    seconds, source = with_builds((100.0, "stored run 0003_x"), builds, ["tiny-llama"])
+    assert seconds == 100.0 + builds and source.endswith(", plus the build of tiny-llama, not cached yet")
+    assert with_builds((100.0, "stored run"), builds, []) == (100.0, "stored run")
+    assert with_builds(None, builds, ["tiny-llama"]) is None
 
 
 def test_estimate_from_history_sums_the_phases_of_the_latest_run_holding_every_case(tmp_path, monkeypatch):
