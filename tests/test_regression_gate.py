@@ -66,7 +66,9 @@ def test_an_injected_memory_regression_fails_the_gate_naming_metric_and_configur
 
 def test_stock_pytest_benchmark_compare_reads_the_same_files(proof):
     _, storage = proof
-    proc = subprocess.run(["pytest-benchmark", "--storage", f"file://{storage}", "compare", "0001", "0002"],
+    # the command this environment installed beside its Python (not whichever is first on PATH)
+    command = str(Path(sys.executable).with_name("pytest-benchmark"))
+    proc = subprocess.run([command, "--storage", f"file://{storage}", "compare", "0001", "0002"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "test_finetune[qlora_nf4]" in proc.stdout
