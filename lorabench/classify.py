@@ -176,7 +176,7 @@ def run_case(config: BenchConfig, device, timer) -> CaseResult:
         record_model(result, model, load_s=load_s, unquantized_reason="the encoder is not quantized")
         before = evaluate(model, eval_t, collate, config.batch_size)
         trainer = make_trainer(model, tokenizer, train_t, collate, config, device)
-        runner = StepRunner(trainer, on_step_end=lambda _step: meters.sample())
+        runner = StepRunner(trainer, on_step_end=lambda _step: meters.sample(), compute_dtype=torch_dtype(config.dtype))
         started = time.perf_counter()
         timer(runner.step, config.steps - config.warmup_steps, config.warmup_steps, runner.control)
         runner.run_until(config.steps)

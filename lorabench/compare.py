@@ -41,7 +41,7 @@ PER_STEP_METRICS = ("step_control_ratio",)
 MIN_ROUNDS_FOR_TEST = 3
 # Facts about the machine or the run that change what a figure means.
 MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python", "isolate",
-                "torch_threads", "omp_wait_policy", "xdist_workers")
+                "torch_threads", "omp_wait_policy", "xdist_workers", "cpu_threads", "control_version")
 LOAD_KEYS = ("load_avg_1m_start", "load_avg_1m_end")
 LOAD_DIFFERENCE = 1.0  # runnable processes: on a 2-core machine one more busy process halves a step's share
 

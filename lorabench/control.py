@@ -10,6 +10,14 @@ it moves when the step's own work changes and stays put when the machine gets bu
 
 The control is timed outside pytest-benchmark's rounds (as ``pedantic``'s untimed ``setup``), so
 the stored step statistics are the training steps alone.
+
+What the control does matters on the CPU: a busy machine does not slow every kind of work alike.
+Under a CPU hog on a 2-core VM, fixed fp32 matrix products and a tiny model's training step moved
+apart by 20-26% (the step's many small operators gained more from cores that never went idle).
+So on the CPU the control is a small training step of its own: one transformer block, forward and
+backward, in the case's compute dtype; its ratio to a one-thread training step stayed within 5%
+with and without a hog (docs/benchmarks.md). On CUDA it is matrix products: the host's load
+barely moves a GPU's work.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ import math
 import time
 from typing import NamedTuple
 
-# Sizes per device type: about 10 ms of fp32 matrix products on a 2-core CPU, ~1 ms on a
-# data-centre GPU. Fixed, so that a control time is comparable across runs of the same machine.
-_SHAPES = {"cpu": (256, 32), "cuda": (2048, 16)}
+# CUDA: about 1 ms of fp32 matrix products on a data-centre GPU. CPU: one block of the tiny zoo's
+# shape (hidden 256, 4 heads, MLP 704) on a batch of 16 x 14 tokens, ~10-20 ms on a 2-core CPU.
+# Fixed, so that a control time is comparable across runs of the same machine.
+_CUDA_MATMUL = (2048, 16)
+_CPU_BLOCK = dict(hidden=256, heads=4, ffn=704, batch=16, tokens=14)
+CONTROL_VERSION = 2  # recorded with every run: 1 was fp32 matrix products on the CPU too
 
 
 def ratio_in_cpu_time(device_type: str) -> bool:
@@ -35,21 +46,41 @@ class ControlPass(NamedTuple):
 
 
 class ControlWorkload:
-    """Fixed fp32 matrix products on ``device``; :meth:`run` times one pass.
+    """A fixed amount of work on ``device``; :meth:`run` times one pass.
 
     Args:
         device: the torch device the training steps run on.
+        dtype: the steps' compute dtype (the CPU control computes in it).
     """
 
-    def __init__(self, device) -> None:
+    def __init__(self, device, dtype=None) -> None:
         import torch
 
         self.device = device
-        size, self.repeats = _SHAPES.get(device.type, _SHAPES["cpu"])
-        generator = torch.Generator().manual_seed(0)
-        self.a = torch.randn(size, size, generator=generator).to(device)
-        self.b = torch.randn(size, size, generator=generator).to(device)
-        self.out = torch.empty(size, size, device=device)
+        with torch.random.fork_rng(devices=[]):  # the training's random state stays as it was
+            torch.manual_seed(0)
+            if device.type == "cuda":
+                size, self.repeats = _CUDA_MATMUL
+                self.a = torch.randn(size, size).to(device)
+                self.b = torch.randn(size, size).to(device)
+                self.out = torch.empty(size, size, device=device)
+            else:
+                shape = _CPU_BLOCK
+                self.block = torch.nn.TransformerEncoderLayer(
+                    shape["hidden"], shape["heads"], shape["ffn"], dropout=0.0, batch_first=True,
+                ).to(device=device, dtype=dtype or torch.float32)
+                self.x = torch.randn(shape["batch"], shape["tokens"], shape["hidden"]).to(self.block.linear1.weight)
+
+    def _work(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            for _ in range(self.repeats):
+                torch.mm(self.a, self.b, out=self.out)
+            return
+        with torch.enable_grad():
+            self.block(self.x).float().square().mean().backward()
+        self.block.zero_grad(set_to_none=True)
 
     def run(self) -> ControlPass:
         """One pass of the control work.
@@ -63,12 +94,11 @@ class ControlWorkload:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
-        # the control is not the model's work: a tensor tracker around the step must not count its buffers
+        # the control is not the model's work: a tensor tracker around the step must not count its tensors
         with _disable_current_modes():
             cpu_started = time.process_time()
             started = time.perf_counter()
-            for _ in range(self.repeats):
-                torch.mm(self.a, self.b, out=self.out)
+            self._work()
             if cuda:
                 torch.cuda.synchronize(self.device)
             return ControlPass(time.perf_counter() - started, time.process_time() - cpu_started)

@@ -195,7 +195,7 @@ class DistributedCaseRun(IsolatedCaseRun):
         payload = Path(self._workdir.name) / "payload.pkl"
         import torch
 
-        threads = torch.get_num_threads()
+        threads = self._payload["cpu_threads"] or torch.get_num_threads()  # the ranks share them
         payload.write_bytes(pickle.dumps({**self._payload, "threads": threads}))
         self._output = Path(self._workdir.name) / "ranks.log"
         env = dict(os.environ, **{ENV_ADDRESS: "%s:%d" % listener.address, ENV_AUTHKEY: authkey.hex(),

@@ -8,6 +8,7 @@ import os
 import platform
 
 from lorabench import backends
+from lorabench.control import CONTROL_VERSION
 
 # every quantization backend's library too: a backend's figures move with its version
 LIBRARIES = ("torch", "transformers", "peft", *(b.install for b in backends.backends()), "accelerate", "datasets",
@@ -47,6 +48,7 @@ def machine() -> dict[str, object]:
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...: selects calibrated timing gates
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": omp_wait_policy(),
+        "control_version": CONTROL_VERSION,
         **{f"{k}_version": v for k, v in library_versions().items()},
         "cuda_version": torch.version.cuda,
         "gpu_name": None,

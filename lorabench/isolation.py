@@ -100,6 +100,7 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
             log_dir=payload["log_dir"],
             memory_budget=payload["memory_budget"],
             base_eval=payload["base_eval"],
+            cpu_threads=payload["cpu_threads"],
         )
         run.prepare()
         conn.send(("ready", run.base_eval))
@@ -133,7 +134,7 @@ class IsolatedCaseRun:
 
     def __init__(self, case, *, case_id: str, source, device, report_to: str = "none",
                  log_dir: str | None = None, memory_budget: int | None = None, base_eval=None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, cpu_threads: int | None = None) -> None:
         from lorabench.config import resolve
 
         self.case = case
@@ -141,7 +142,7 @@ class IsolatedCaseRun:
         self.config = resolve(case.config, source.defaults, device)
         self._payload = {"case": case, "case_id": case_id, "source": source, "device": str(device),
                          "report_to": report_to, "log_dir": log_dir, "memory_budget": memory_budget,
-                         "base_eval": base_eval}
+                         "base_eval": base_eval, "cpu_threads": cpu_threads}
         self.base_eval = base_eval
         self._device = str(device)
         self._quiet = quiet

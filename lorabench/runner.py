@@ -28,6 +28,7 @@ from lorabench.estimate.case import record_prediction
 from lorabench.matrix import Case
 from lorabench.meters import Meters, RssMeter, cuda_meter
 from lorabench.models import ModelSource, apply_adapter, load_model
+from lorabench.precision import torch_dtype
 from lorabench.quality import eval_loss
 from lorabench.recording import record_memory, record_model, record_speed, record_train_loss
 from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
@@ -111,13 +112,14 @@ class CaseRun:
         adapter_dir: where to keep the trained adapter (``None``: a temporary directory).
         parallel: this rank's part in a multi-process case (:class:`lorabench.distributed.RankParallel`):
             it shards and wraps the model; ``None`` for a case in one process.
+        cpu_threads: torch's intra-op threads for a case on the CPU (``None``: leave torch's setting).
     """
 
     def __init__(self, case: Case, *, case_id: str, source: ModelSource,
                  tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
                  log_dir: str | None = None, memory_budget: int | None = None,
                  adapter_dir: str | None = None, base_eval: BaseEvaluation | None = None,
-                 parallel=None) -> None:
+                 parallel=None, cpu_threads: int | None = None) -> None:
         self.config = config = resolve(case.config, source.defaults, device)
         self.case_id = case_id
         self.source = source
@@ -127,6 +129,8 @@ class CaseRun:
         self.log_dir = log_dir
         self.adapter_dir = adapter_dir
         self.parallel = parallel
+        self.cpu_threads = cpu_threads if device.type == "cpu" else None
+        self._threads_before: int | None = None
         self.on_cuda = device.type == "cuda"
         self.result = CaseResult(
             case_id=case_id,
@@ -156,6 +160,7 @@ class CaseRun:
         with self._guard():
             config, result = self.config, self.result
             set_seed(config.seed)
+            self._set_threads()
             self._record_load("start")
             self._phase("load", f"loading {self.source.spec} ({config.quant}, {config.dtype}, {config.method})")
             self.tokens = self.tokens_for(config)
@@ -185,7 +190,8 @@ class CaseRun:
             if self.parallel is not None:  # DDP: the Trainer's steps go through the wrapper that all-reduces
                 self.trainer.model_wrapped = self.parallel.wrap(self.model)
             self.step_runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
-                                     divergence=DivergenceRule.of(config))
+                                          divergence=DivergenceRule.of(config),
+                                          compute_dtype=torch_dtype(config.dtype))
             self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps,
                                        off=self.parallel.tensor_reason if self.parallel is not None else "")
             self.meters.add(self.tensors)
@@ -234,6 +240,11 @@ class CaseRun:
         if self.tensors is not None:
             self.tensors.close()
         self.model = self.trainer = self.step_runner = None
+        if self._threads_before is not None:  # in the pytest process (--isolate none), the next case starts as it was
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         gc.collect()
         if self.on_cuda:
             import torch
@@ -241,6 +252,16 @@ class CaseRun:
             torch.cuda.empty_cache()
 
     # ----- helpers -------------------------------------------------------------
+    def _set_threads(self) -> None:
+        """Apply ``cpu_threads``; record the threads the steps run with."""
+        import torch
+
+        if self.cpu_threads:
+            if self._threads_before is None:
+                self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.cpu_threads)
+        self.result.environment["torch_threads"] = torch.get_num_threads()
+
     def _record_load(self, when: str) -> None:
         """The machine's 1-minute load average, so a reader knows what else competed for the cores."""
         if hasattr(os, "getloadavg"):

@@ -30,6 +30,7 @@ from lorabench.thresholds import GateOutcome, Thresholds, evaluate_gate, load_th
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
+AUTO_THREADS = "auto"
 log = logging.getLogger("lorabench.preflight")
 
 
@@ -47,6 +48,7 @@ class BenchSession:
     memory_budget: int | None = None
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
     seeds: SeedPlan = field(default_factory=SeedPlan)  # --seeds: how many times each fine-tuning case runs
+    cpu_threads: int | None = None  # --cpu-threads N; None for auto (cpu_threads_for)
     quiet: bool = False  # below -v: library chatter hidden here and in the case processes (lorabench.quiet)
     thresholds: Thresholds | None = None
     results: list[CaseResult] = field(default_factory=list)
@@ -197,6 +199,19 @@ class BenchSession:
                          datasets=sorted({c.dataset for c in cases}), device=str(self.device),
                          dtypes=sorted({r.dtype for r in resolved}), isolate=self.isolate, estimate=estimate)
 
+    def cpu_threads_for(self, model: str) -> int | None:
+        """torch's threads for a case of ``model`` on the CPU (``None``: torch's own setting).
+
+        auto: one for an embedded zoo model. At their size a step's operators are too small to share
+        between cores (one thread ran a tiny-llama step in 119 ms, two in 202 ms, on 2 cores), and a
+        one-thread step keeps its ratio to the control workload under a CPU hog (lorabench.control).
+        """
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        from lorabench.zoo import ZOO
+
+        return 1 if model in ZOO else None
+
     def log_dir(self, case_id: str) -> str:
         """Where the Trainer's integrations (TensorBoard) write for one case."""
         return str(self.reports_dir / "runs" / case_id)
@@ -244,6 +259,7 @@ def open_session(
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
     seeds: str | None = None,
     quiet: bool = False,
+    cpu_threads: str = AUTO_THREADS,
 ) -> BenchSession:
     """Parse the run's options into a session (the command line's ``--matrix``, ``--set``, ...).
 
@@ -278,4 +294,19 @@ def open_session(
         case_timeout_s=case_timeout_s,
         seeds=parse_seeds(seeds),
         quiet=quiet,
+        cpu_threads=_parse_threads(cpu_threads),
     )
+
+
+def _parse_threads(text: str) -> int | None:
+    """``--cpu-threads``: ``auto`` (``None``) or a positive number of threads."""
+    not_empty(text, "--cpu-threads")
+    if text == AUTO_THREADS:
+        return None
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"--cpu-threads {text!r}: use auto or a whole number of threads, 1 or more")
+    return threads

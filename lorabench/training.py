@@ -131,9 +131,11 @@ class StepRunner:
         trainer: from :func:`make_trainer`.
         on_step_end: called after every step with the step number (1-based); meters sample here.
         divergence: when a finite loss counts as diverged; ``None`` stops only on NaN or infinity.
+        compute_dtype: the steps' compute dtype, which the control workload computes in (fp32 if ``None``).
     """
 
-    def __init__(self, trainer, *, on_step_end=None, divergence: DivergenceRule | None = None) -> None:
+    def __init__(self, trainer, *, on_step_end=None, divergence: DivergenceRule | None = None,
+                 compute_dtype=None) -> None:
         from lorabench.control import ControlWorkload
 
         self.trainer = trainer
@@ -145,7 +147,7 @@ class StepRunner:
         self.divergence = divergence
         self.grad_bytes_seen: int | None = None
         self._batches = self._endless(trainer.get_train_dataloader())
-        self._control = ControlWorkload(self.device)
+        self._control = ControlWorkload(self.device, compute_dtype)
         trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
 
     @staticmethod

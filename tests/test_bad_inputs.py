@@ -306,6 +306,8 @@ CATALOG = [
     BadInput("--case-timeout negative", {"case_timeout_s": -1.0}, {}, ("--case-timeout -1", "positive")),
     BadInput("--case-timeout inf", {"case_timeout_s": float("inf")}, {}, ("--case-timeout inf", "finite positive")),
     BadInput("--case-timeout nan", {"case_timeout_s": float("nan")}, {}, ("--case-timeout nan", "finite positive")),
+    BadInput("--cpu-threads 0", {"cpu_threads": "0"}, {}, ("--cpu-threads '0'", "1 or more")),
+    BadInput("--cpu-threads not a number", {"cpu_threads": "many"}, {}, ("--cpu-threads 'many'", "auto or a whole number")),
     BadInput("--report-to tensorboard with a 300-character configuration id",
              {"matrix_file": "{d}/m.yaml", "report_to": "tensorboard"}, {"m.yaml": "configs:\n  - id: " + "a" * 300 + "\n"},
              ("case id aaaa", "(300 bytes)", "limited to 255 bytes")),

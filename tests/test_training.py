@@ -11,7 +11,7 @@ from lorabench.data import collator, load_task_data
 from lorabench.matrix import Case
 from lorabench.models import apply_adapter, load_model, load_tokenizer
 from lorabench.runner import CaseRun, measure, tokenize_task
-from lorabench.training import DivergenceError, StepRunner, make_trainer
+from lorabench.training import DivergenceError, StepRunner, make_trainer, simple_timer
 
 
 def _runner(source, device, **fields):
@@ -81,3 +81,37 @@ def test_report_to_tensorboard_streams_every_step(tiny_llama, cpu, tmp_path):
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx(runner.record.losses, rel=1e-6)
+
+
+def test_a_case_runs_its_steps_on_the_threads_asked_and_gives_them_back(tiny_llama, cpu):
+    import torch
+
+    case = Case("tiny-llama", "digit-reverse", BenchConfig("lora", steps=4, warmup_steps=2))
+    tokenizer = load_tokenizer(tiny_llama)
+    task = load_task_data("digit-reverse")
+    before = torch.get_num_threads()
+    seen = []
+    run = CaseRun(case, case_id="lora", source=tiny_llama, device=cpu, cpu_threads=1,
+                  tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len))
+
+    def timer(step, rounds, warmup_rounds, control):
+        seen.append(torch.get_num_threads())
+        simple_timer(step, rounds, warmup_rounds, control)
+
+    result = measure(run, timer)
+    assert seen == [1] and result.environment["torch_threads"] == 1
+    assert torch.get_num_threads() == before  # the pytest process (--isolate none) is left as it was
+
+
+def test_the_control_leaves_the_training_random_state_alone(cpu):
+    import torch
+
+    from lorabench.control import ControlWorkload
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    control = ControlWorkload(cpu, torch.bfloat16)
+    control.run()
+    assert torch.equal(torch.rand(3), expected)
+    assert control.block.linear1.weight.dtype == torch.bfloat16 and control.block.linear1.weight.grad is None

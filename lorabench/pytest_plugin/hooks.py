@@ -15,6 +15,7 @@ import pytest
 from lorabench.quiet import OwnRecordsOnly, quiet_libraries  # first: before any Hugging Face library is imported
 from lorabench.errors import LorabenchError
 from lorabench.session import (
+    AUTO_THREADS,
     DEFAULT_CASE_TIMEOUT_S,
     ISOLATION,
     REPORT_TO,
@@ -60,6 +61,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="run every fine-tuning case N times, with the configuration's seed and the N-1 after it, or "
                      "with the seeds listed; the record keeps each seed's figures, their mean and 95%% interval "
                      "(default: one run at the configuration's seed)")
+    g.addoption("--cpu-threads", dest="cpu_threads", default=AUTO_THREADS, metavar="N|auto",
+                help="torch's intra-op threads for a case on the CPU: auto (default) runs embedded zoo models on "
+                     "one thread (faster at their size, and a step/control ratio that holds under load) and "
+                     "leaves other models at torch's default; N for every case")
     g.addoption("--case-timeout", dest="case_timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="SECONDS",
                 help=f"fail a case that runs longer than this (default {DEFAULT_CASE_TIMEOUT_S:.0f}; 0 turns it off)")
 
@@ -69,7 +74,7 @@ _SESSION_OPTIONS = {
     "matrix_file": "matrix", "models": "model", "datasets": "dataset", "overrides": "overrides", "steps": "steps",
     "device": "bench_device", "thresholds": "thresholds", "report_to": "report_to", "isolate": "isolate",
     "trust_remote_code": "trust_remote_code", "memory_budget": "memory_budget", "case_timeout_s": "case_timeout",
-    "seeds": "seeds",
+    "seeds": "seeds", "cpu_threads": "cpu_threads",
 }
 
 
@@ -239,6 +244,8 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     if session is not None:
         # --isolate none understates a repeated case's memory: compare warns when two runs differ in it
         machine_info["isolate"] = session.isolate
+        # the step/control ratio depends on the threads a case runs with and on what the control does
+        machine_info["cpu_threads"] = session.cpu_threads or AUTO_THREADS
     if hasattr(os, "getloadavg"):
         machine_info["load_avg_1m_start"] = session.load_at_start if session is not None else None
         machine_info["load_avg_1m_end"] = os.getloadavg()[0]
