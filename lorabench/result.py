@@ -73,12 +73,9 @@ class CaseResult:
         """Put a meter's reading (:class:`lorabench.meters.Reading`) into the record: its figures, their
         sources, and the reason for each figure it could not measure."""
         for name, value in reading.metrics.items():
-            self.metrics[name] = float(value)
-            self.absent.pop(name, None)
+            self.set(name, value, source=reading.sources.get(name, ""))
         for name, why in reading.absent.items():
-            self.metrics.pop(name, None)
-            self.absent[name] = why
-        self.sources.update(reading.sources)
+            self.set(name, None, reason=why)
 
     @classmethod
     def unmeasured(cls, case, config, *, case_id: str, device, status: str, error: str) -> CaseResult:
