@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 _FORWARD, _BACKWARD, _OPTIMIZER = "forward", "backward", "optimizer"
+PHASES = (_FORWARD, _BACKWARD, _OPTIMIZER)
 
 
 class _Storage:
@@ -157,10 +158,10 @@ class TensorTracker(TorchDispatchMode):
         self._live: dict[int, _Storage] = {}
         self._op = 0
         self._total = 0
-        self._peak = 0
-        self._peak_op = 0
-        self._peak_phase = _FORWARD
-        self._dead_since_peak: list[_Storage] = []
+        # the highest total seen in each phase, at which operator, and what died since then (so the
+        # storages alive at that moment can be named afterwards); the peak is the highest of them
+        self._phase_peaks: dict[str, tuple[int, int]] = {}
+        self._dead_since: dict[str, list[_Storage]] = {p: [] for p in PHASES}
         self._backward_starts: list[int] = []
         self._in_backward = False
         self._optimizer_depth = 0  # an accelerate-wrapped optimizer step runs the inner step inside the outer one
@@ -197,8 +198,9 @@ class TensorTracker(TorchDispatchMode):
             return
         rec.died = self._op
         self._total -= rec.nbytes
-        if rec.born <= self._peak_op:
-            self._dead_since_peak.append(rec)
+        for phase, (_, op) in self._phase_peaks.items():
+            if rec.born <= op:
+                self._dead_since[phase].append(rec)
 
     def _register_model(self) -> None:
         params, buffers = model_state_tensors(self.model)
@@ -263,9 +265,9 @@ class TensorTracker(TorchDispatchMode):
         elif isinstance(out, (tuple, list)):
             for t in _flat_tensors(out):
                 self._register(t, phase, None)
-        if self._total > self._peak:
-            self._peak, self._peak_op, self._peak_phase = self._total, self._op, phase
-            self._dead_since_peak.clear()
+        if self._total > self._phase_peaks.get(phase, (0, 0))[0]:
+            self._phase_peaks[phase] = (self._total, self._op)
+            self._dead_since[phase].clear()
         return out
 
     # ----- reading ------------------------------------------------------------------
@@ -275,12 +277,26 @@ class TensorTracker(TorchDispatchMode):
 
     def peak(self) -> TensorPeak:
         """The peak so far, split into categories (each storage alive at the peak in exactly one)."""
+        peaks = self.phase_peaks()
+        if not peaks:
+            return TensorPeak(0, dict.fromkeys(CATEGORIES, 0), _FORWARD, self._op, self._steps, [])
+        # the highest, and of equal ones the earliest
+        phase = max(peaks, key=lambda p: (self._phase_peaks[p][0], -self._phase_peaks[p][1]))
+        return peaks[phase]
+
+    def phase_peaks(self) -> dict[str, TensorPeak]:
+        """The highest total of each phase seen so far (``forward``, ``backward``, ``optimizer``), each split
+        into categories. A model deeper by identical layers moves every one of them along a line, while
+        which of them is the peak can change (:func:`lorabench.estimate.predict` extrapolates each)."""
         self._register_optimizer()
-        components = dict.fromkeys(CATEGORIES, 0)
-        alive = [r for r in self._live.values() if r.born <= self._peak_op] + self._dead_since_peak
-        for rec in alive:
-            components[self._category(rec)] += rec.nbytes
-        return TensorPeak(self._peak, components, self._peak_phase, self._op, self._steps, [r.nbytes for r in alive])
+        out = {}
+        for phase, (total, op) in self._phase_peaks.items():
+            components = dict.fromkeys(CATEGORIES, 0)
+            alive = [r for r in self._live.values() if r.born <= op] + self._dead_since[phase]
+            for rec in alive:
+                components[self._category(rec)] += rec.nbytes
+            out[phase] = TensorPeak(total, components, phase, self._op, self._steps, [r.nbytes for r in alive])
+        return out
 
     def _category(self, rec: _Storage) -> str:
         if rec.role is not None:
@@ -301,7 +317,8 @@ class TensorTracker(TorchDispatchMode):
         for rec in self._live.values():
             rec.ref = None
         self._live.clear()
-        self._dead_since_peak.clear()
+        for dead in self._dead_since.values():
+            dead.clear()
         self._closed = True
 
 

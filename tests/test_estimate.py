@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorabench.config import BenchConfig
-from lorabench.estimate import hf_config, predict
+from lorabench.estimate import hf_config, predict, with_layers
 from lorabench.backends.bitsandbytes import _code_cache_untouched, _int8params, _params4bit
 from lorabench.footprint import unique_bytes
 from lorabench.presets import names
@@ -133,6 +133,24 @@ def test_extrapolating_from_two_and_three_layers_gives_the_full_depth_exactly(sp
     full = predict(hf, config, batch_size=2, seq_len=24, target="cuda")
     short = predict(hf, config, batch_size=2, seq_len=24, target="cuda", extrapolate_layers=True)
     assert short.layers_run == (2, 3) and full.layers_run == (4,)
+    assert short.tensor.components == full.tensor.components
+
+
+def test_extrapolation_follows_each_phase_when_the_peak_moves_to_another_with_depth():
+    # Full fine-tuning of a deep, narrow model: with 3 layers the logits make the backward pass the peak,
+    # with 24 the optimizer step (every gradient, the state and foreach AdamW's scratch) outgrows it.
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False)
+    config = BenchConfig("full", method="full", gradient_checkpointing=True)
+    shape = dict(batch_size=1, seq_len=64, target="cuda")
+    three = predict(with_layers(hf, 3), config, **shape)
+    full = predict(hf, config, **shape)
+    short = predict(hf, config, **shape, extrapolate_layers=True)
+    assert (three.tensor.peak_phase, full.tensor.peak_phase) == ("backward", "optimizer")
+    assert short.layers_run == (2, 3)
+    assert short.tensor.peak_bytes == full.tensor.peak_bytes
     assert short.tensor.components == full.tensor.components
 
 

@@ -47,6 +47,27 @@ def test_the_peak_is_the_sum_of_its_parts_and_parameters_count_exactly():
     assert peak.steps == 2 and peak.ops > 0
 
 
+def test_each_phase_keeps_its_own_peak_and_the_peak_is_the_highest():
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = TensorTracker(model, optimizer)
+    _steps(model, optimizer, tracker, batch=512)  # a large batch: the forward pass's activations peak
+    phases = tracker.phase_peaks()
+    peak = tracker.peak()
+    tracker.close()
+    assert set(phases) == {"forward", "backward", "optimizer"}
+    for phase, at in phases.items():
+        assert at.peak_phase == phase
+        assert sum(at.components.values()) == at.peak_bytes
+    assert peak == max(phases.values(), key=lambda p: p.peak_bytes)
+    # the optimizer step holds every gradient, and of the forward pass only the batch and the loss
+    # (still referenced by the step's code); the forward pass holds no gradient yet
+    assert phases["optimizer"].components["activations"] == 512 * 64 * 4 + 4
+    assert phases["optimizer"].components["grads"] == _bytes(model.parameters())
+    assert phases["forward"].components["grads"] == 0
+    assert phases["forward"].components["activations"] > phases["optimizer"].components["optimizer"]
+
+
 def test_frozen_parameters_are_counted_without_gradients_or_state():
     model = _model(frozen_first=True)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -9,8 +9,10 @@ costs what a tiny one does, in tensor bytes; the Python that runs every layer's 
 is what takes time. ``extrapolate_layers`` runs the model with two and three periods of its
 layers instead (identical decoder layers hold identical tensors, so every part of the
 peak grows linearly with their number once the first layer, which reads the embeddings,
-is behind) and extends the line to the full depth; it falls back to the full model where
-the two runs peak in different phases. For a CUDA target
+is behind) and extends the line to the full depth. It does so for the highest total of each
+phase of the step (forward, backward, optimizer step) and takes the highest at full depth: the
+phases grow by different amounts per layer, so the phase that peaks in a short model is not
+always the one that peaks in the whole one. For a CUDA target
 the prediction adds what no tensor shows as named terms (:mod:`lorabench.estimate.runtime`).
 
 Every fine-tuning case checks the prediction against its own measured tensor peak
@@ -123,7 +125,7 @@ def predict(hf_config, config: BenchConfig, *, batch_size: int, seq_len: int, ta
 
     attention = []
 
-    def run(layers: int) -> TensorPeak:
+    def run(layers: int) -> dict[str, TensorPeak]:
         model = meta_model(with_layers(hf_config, layers), config)
         attention.append(getattr(model.config, "_attn_implementation", "") or "")
         # (the bitsandbytes backend drops LLM.int8's "inputs will be cast" notice, once per layer and call)
@@ -133,11 +135,11 @@ def predict(hf_config, config: BenchConfig, *, batch_size: int, seq_len: int, ta
     period = layer_period(hf_config)
     if extrapolate_layers and depth > 3 * period:
         runs = [run(2 * period), run(3 * period)]
-        if runs[0].peak_phase == runs[1].peak_phase:
+        if runs[0].keys() == runs[1].keys():
             prediction = _extrapolated(runs, period, depth, target, batch_size, seq_len)
             prediction.attention = attention[-1]
             return prediction
-    peak = run(depth)
+    peak = _highest(run(depth))
     runtime = cuda_terms(peak.storage_bytes) if target == "cuda" else []
     return Prediction(peak, target, batch_size, seq_len, runtime, (depth,), attention[-1])
 
@@ -162,17 +164,25 @@ def with_layers(hf_config, layers: int):
     return short
 
 
-def _extrapolated(runs: list[TensorPeak], period: int, depth: int, target: str, batch_size: int,
+def _highest(phase_peaks: dict[str, TensorPeak]) -> TensorPeak:
+    return max(phase_peaks.values(), key=lambda p: p.peak_bytes)
+
+
+def _extrapolated(runs: list[dict[str, TensorPeak]], period: int, depth: int, target: str, batch_size: int,
                   seq_len: int) -> Prediction:
-    """Extend the line through runs of two and three layer periods to ``depth`` layers."""
+    """Extend the line through runs of two and three layer periods to ``depth`` layers, phase by phase."""
     repeats = depth / period - 2  # periods beyond the first run's
 
     def line(first: int, second: int) -> int:
         return round(first + repeats * (second - first))
 
-    one, two = runs
-    components = {c: line(one.components[c], two.components[c]) for c in CATEGORIES}
-    peak = TensorPeak(sum(components.values()), components, two.peak_phase, one.ops + two.ops, 1)
+    at_depth = {}
+    for phase in runs[1]:
+        first, second = runs[0][phase], runs[1][phase]
+        components = {c: line(first.components[c], second.components[c]) for c in CATEGORIES}
+        at_depth[phase] = (sum(components.values()), components, first, second)
+    total, components, one, two = max(at_depth.values(), key=lambda v: v[0])
+    peak = TensorPeak(total, components, two.peak_phase, one.ops + two.ops, 1)
     runtime: list[RuntimeTerm] = []
     if target == "cuda":
         rounding = line(allocator_rounding(one.storage_bytes), allocator_rounding(two.storage_bytes))

@@ -71,7 +71,8 @@ def _create_optimizer_state(trainer, model) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int, target: str) -> TensorPeak:
+def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
+                   target: str) -> dict[str, TensorPeak]:
     """Track one training step of a meta model whose optimizer state exists.
 
     Args:
@@ -82,7 +83,7 @@ def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
         target: ``cpu`` or ``cuda``: whose kernels the meta run stands for.
 
     Returns:
-        The peak of live tensor bytes and its parts.
+        The highest live tensor bytes of each phase of the step, and their parts (the peak is the highest).
     """
     trainer = _trainer(model, config, target)
     _create_optimizer_state(trainer, model)
@@ -90,6 +91,6 @@ def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
     try:
         with emulate(target), tracker:
             _step(trainer, model, config, batch_size, seq_len)
-        return tracker.peak()
+        return tracker.phase_peaks()
     finally:
         tracker.close()
