@@ -65,7 +65,9 @@ class BenchConfig:
         rank, alpha, dropout: LoRA hyper-parameters.
         target_modules: ``all-linear``, ``attention``, or a list of module names.
         optimizer: ``adamw`` (torch), ``adamw_8bit`` or ``paged_adamw_8bit`` (bitsandbytes).
-        gradient_checkpointing: recompute activations in the backward pass.
+        gradient_checkpointing: recompute activations in the backward pass. On by default, as in the
+            QLoRA recipe (``qlora.py``: "You want to use this") and LLaMA-Factory: it is how LoRA and QLoRA
+            are run, and without it activations, not weights, decide which configuration needs most memory.
         batch_size, grad_accum, seq_len, lr, steps: training; ``None`` takes the model's default.
         warmup_steps: leading optimizer steps excluded from every speed figure.
         seed: seeds data order, adapter initialisation and dropout (0 to 2**32 - 1).
@@ -91,7 +93,7 @@ class BenchConfig:
     dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"
     optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
     batch_size: int | None = None
     grad_accum: int = 1
     seq_len: int | None = None

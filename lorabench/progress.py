@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 # Tiny zoo models, measured as multiples of one control pass (lorabench.control, fp32, timed in the
 # pytest process): a training step and the fixed work of a case (process start, load, evals, adapter
 # check). Rough: the estimate says so. From `pytest bench/ -m qlora` on a 2-core AVX512-BF16 CPU
-# (2026-12-02, one thread per case): steps of 80-130 ms and ~8 s of other work per case against a
-# control of ~13 ms; 6 cases took 85 s.
-ZOO_STEP_CONTROLS = 7.5
+# (2026-12-02, one thread per case, gradient checkpointing on): steps of 120-160 ms and ~8 s of other
+# work per case against a control of ~13 ms; 6 cases took 87-90 s (72 s without checkpointing).
+ZOO_STEP_CONTROLS = 12.0
 ZOO_FIXED_CONTROLS = 640.0
 # Building a zoo model that is not cached yet (lorabench.zoo): one fp32 pre-training step of batch 32, in
 # control passes. Same machine, 2026-12-02: tiny-llama built in 61.9 s (600 steps of ~103 ms).

@@ -236,7 +236,8 @@ class BenchSession:
         outcomes = [
             evaluate_gate(g, result.config_id, result.metrics, result.absent, self.other_case(result.model, result.dataset))
             for g in self.thresholds.gates_for(result.config_id, device_type, result.model, machine()["cpu_isa"],
-                                                   wildcard=kind_of(result).wildcard_rules)
+                                                   wildcard=kind_of(result).wildcard_rules,
+                                                   checkpointing=result.config.get("gradient_checkpointing"))
         ]
         result.gates = [o.to_dict() for o in outcomes]
         return outcomes

@@ -16,6 +16,8 @@ The file::
         ...
       "cpu & isa=AVX2":                # the CPU's vector ISA, as torch.backends.cpu.get_cpu_capability() names it
         ...
+      "cpu & checkpointing":           # cases trained with gradient checkpointing ('no-checkpointing': without)
+        ...
     compare: {...}                     # tolerances for `python -m lorabench compare`
 
 A rule reads ``METRIC OP BOUND`` where OP is one of ``<= >= < >`` and BOUND is a number,
@@ -44,6 +46,7 @@ from lorabench.errors import ThresholdError
 from lorabench.metrics import METRICS, can_be_negative
 
 TOP_LEVEL_KEYS = ("version", "profiles", "compare")
+CHECKPOINTING_SELECTORS = {"checkpointing": True, "no-checkpointing": False}
 DEVICE_SELECTORS = ("cpu", "cuda")
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": lambda a, b: a <= b,
@@ -94,15 +97,18 @@ class Profile:
     device: str | None = None
     model: str | None = None
     isa: str | None = None  # absolute timings hold only on the CPU class they were calibrated on
+    # activations decide much of a step's memory: some memory rules hold only with (or without) checkpointing
+    checkpointing: bool | None = None
 
-    def applies(self, device_type: str, model: str, isa: str | None = None) -> bool:
+    def applies(self, device_type: str, model: str, isa: str | None = None, checkpointing: bool | None = None) -> bool:
         return all(want is None or want == have
-                   for want, have in ((self.device, device_type), (self.model, model), (self.isa, isa)))
+                   for want, have in ((self.device, device_type), (self.model, model), (self.isa, isa),
+                                      (self.checkpointing, checkpointing)))
 
     def can_coapply(self, other: Profile) -> bool:
         same_or_open = lambda a, b: a is None or b is None or a == b  # noqa: E731
         return (same_or_open(self.device, other.device) and same_or_open(self.model, other.model)
-                and same_or_open(self.isa, other.isa))
+                and same_or_open(self.isa, other.isa) and same_or_open(self.checkpointing, other.checkpointing))
 
 
 @dataclass
@@ -112,8 +118,10 @@ class Thresholds:
     profiles: dict[str, Profile] = field(default_factory=dict)
 
     def gates_for(self, config_id: str, device_type: str, model: str, isa: str | None = None, *,
-                  wildcard: bool = True) -> list[Gate]:
-        """The gates that apply; ``isa`` is the CPU's vector ISA (``None`` matches no ``isa=`` profile).
+                  wildcard: bool = True, checkpointing: bool | None = None) -> list[Gate]:
+        """The gates that apply; ``isa`` is the CPU's vector ISA (``None`` matches no ``isa=`` profile),
+        ``checkpointing`` whether the case trained with gradient checkpointing (``None``, a case that does
+        not train, matches neither ``checkpointing`` nor ``no-checkpointing``).
 
         ``wildcard=False`` leaves out the ``"*"`` rules, which are written for fine-tuning cases
         (an inference variant has no training loss).
@@ -121,7 +129,7 @@ class Thresholds:
         configs = ("*", config_id) if wildcard else (config_id,)
         return [
             g for g in self.gates
-            if g.config in configs and self.profiles[g.profile].applies(device_type, model, isa)
+            if g.config in configs and self.profiles[g.profile].applies(device_type, model, isa, checkpointing)
         ]
 
 
@@ -231,7 +239,7 @@ def _mapping(node, filename: str, what: str) -> dict[str, tuple[Any, Any]]:
 def _parse_profile(key: str, where: str) -> Profile:
     if key == "default":
         return Profile(key)
-    device = model = isa = None
+    device = model = isa = checkpointing = None
     for part in (p.strip() for p in key.split("&")):
         if part in DEVICE_SELECTORS:
             if device:
@@ -245,13 +253,17 @@ def _parse_profile(key: str, where: str) -> Profile:
             if isa:
                 raise ThresholdError(f"{where}: profile {key!r} names two instruction sets")
             isa = part[len("isa="):]
+        elif part in CHECKPOINTING_SELECTORS:
+            if checkpointing is not None:
+                raise ThresholdError(f"{where}: profile {key!r} names checkpointing twice")
+            checkpointing = CHECKPOINTING_SELECTORS[part]
         else:
             raise ThresholdError(
                 f"{where}: profile {key!r}: unknown selector {part!r}; use 'default', "
                 f"{', '.join(map(repr, DEVICE_SELECTORS))}, 'model=NAME', 'isa=NAME' (e.g. AVX2, AVX512), "
-                f"joined with '&'"
+                f"{', '.join(map(repr, CHECKPOINTING_SELECTORS))}, joined with '&'"
             )
-    return Profile(key, device, model, isa)
+    return Profile(key, device, model, isa, checkpointing)
 
 
 def _unknown_metric(name: str, where: str) -> ThresholdError:

@@ -173,3 +173,22 @@ profiles:
 def test_a_profile_naming_two_isas_is_refused():
     with pytest.raises(ThresholdError, match="names two instruction sets"):
         parse('version: 1\nprofiles:\n  "isa=AVX2 & isa=AVX512":\n    "*":\n      - step_ms <= 1\n')
+
+
+def test_checkpointing_profiles_apply_only_to_cases_trained_with_or_without_it():
+    t = parse("""version: 1
+profiles:
+  "cpu & checkpointing":
+    lora:
+      - tensor_peak_mib < full.tensor_peak_mib
+  no-checkpointing:
+    lora:
+      - tensor_peak_mib <= 2 * full.tensor_peak_mib
+""")
+    bound = lambda ckpt: [g.text for g in t.gates_for("lora", "cpu", "tiny-llama", checkpointing=ckpt)]  # noqa: E731
+    assert bound(True) == ["tensor_peak_mib < full.tensor_peak_mib"]
+    assert bound(False) == ["tensor_peak_mib <= 2 * full.tensor_peak_mib"]
+    assert bound(None) == []  # a case that does not train
+    assert t.gates_for("lora", "cuda", "tiny-llama", checkpointing=True) == []
+    with pytest.raises(ThresholdError, match="names checkpointing twice"):
+        parse('version: 1\nprofiles:\n  "checkpointing & no-checkpointing":\n    "*":\n      - step_ms <= 1\n')
