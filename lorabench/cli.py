@@ -201,7 +201,9 @@ def _fit(args) -> int:
     from lorabench.errors import ConfigError
     from lorabench.fit import Budget, plot, render, run_fit, write_json
     from lorabench.matrix import build_matrix
+    from lorabench.quiet import quiet_libraries
 
+    quiet_libraries()  # the libraries' deprecation notices and optional-kernel messages say nothing about the answer
     for name in ("batch_size", "seq_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
