@@ -3,10 +3,17 @@
 For every model and configuration, :func:`lorabench.estimate.predict` gives the peak and
 its parts at the asked batch size and length; each budget gets a yes or no, and the
 largest batch size (at the asked length) and length (at the asked batch size) under it.
-Those two come from the peak's parts: parameters, gradients, optimizer state and the
-runtime terms stay fixed, activations and temporaries scale with the batch and, with
-sdpa or flash attention, with the length. Eager attention holds a length x length matrix
+Those two come from the parts of each phase's highest point (forward, backward, optimizer
+step): parameters, gradients, optimizer state and the runtime terms stay fixed, activations
+and temporaries scale with the batch and, with sdpa or flash attention, with the length,
+except the optimizer step's temporaries (its scratch is the size of the gradients). Each
+phase gives a line, and a size fits when every line stays under the budget: which phase
+peaks can change with the size (with gradient checkpointing, the optimizer step at a small
+batch, the backward pass at a large one). Eager attention holds a length x length matrix
 per head, so for it a second prediction at half the length fits the quadratic term.
+Where the backward pass peaks after some gradients exist, the place of its peak moves
+with the size (more activations move it towards the start of the pass), so the lines are
+only a first guess there, and predictions around it settle the largest size exactly.
 
 Output: a table on the terminal, ``--json`` with one record per case, and a stacked bar
 chart of the parts against the budget lines (PNG and SVG) in ``--out``.
@@ -25,8 +32,8 @@ from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.estimate import Prediction
 from lorabench.footprint import MIB
 
-FIXED = ("params", "buffers", "grads", "optimizer", "cuda_context", "cublas_workspace")
-SCALED = ("activations", "temporaries", "allocator_rounding")
+SCALED = ("activations", "temporaries", "allocator_rounding")  # grow with the batch and the length; the rest is fixed
+OPTIMIZER_PHASE = "optimizer"  # its temporaries are the optimizer's scratch: fixed, not scaled
 SHOWN = ("params", "grads", "optimizer", "activations", "temporaries")  # the rest is summed as "runtime"/"other"
 GIB = 1024.0
 
@@ -51,8 +58,8 @@ class FitCase:
     config: BenchConfig
     prediction: Prediction
     fits: dict[str, bool] = field(default_factory=dict)
-    max_batch_size: dict[str, int] = field(default_factory=dict)
-    max_seq_len: dict[str, int] = field(default_factory=dict)
+    max_batch_size: dict[str, int | None] = field(default_factory=dict)
+    max_seq_len: dict[str, int | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The issue's record (config, gradient_checkpointing, batch_size, seq_len, predicted_peak_mib,
@@ -89,23 +96,93 @@ def fit_case(model: str, hf_config, config: BenchConfig, budgets: list[Budget], 
     prediction = predict(hf_config, config, batch_size=batch_size, seq_len=seq_len, target=target,
                          extrapolate_layers=True)
     case = FitCase(model, config, prediction)
-    parts = prediction.components_mib
-    fixed = sum(parts.get(k, 0.0) for k in FIXED)
-    scaled = sum(parts.get(k, 0.0) for k in SCALED)
-    per_token, per_token_sq = scaled / seq_len, 0.0
+    lines = _phase_lines(prediction)
     if prediction.attention == "eager" and seq_len >= 2:
-        half = predict(hf_config, config, batch_size=batch_size, seq_len=seq_len // 2, target=target,
-                       extrapolate_layers=True)
-        per_token, per_token_sq = _quadratic(seq_len, scaled, seq_len // 2,
-                                             sum(half.components_mib.get(k, 0.0) for k in SCALED))
+        half = _phase_lines(predict(hf_config, config, batch_size=batch_size, seq_len=seq_len // 2, target=target,
+                                    extrapolate_layers=True))
+        lengths = {p: (fixed, *_quadratic(seq_len, scaled, seq_len // 2, half[p][1]))
+                   for p, (fixed, scaled) in lines.items() if p in half}
+    else:
+        lengths = {p: (fixed, scaled / seq_len, 0.0) for p, (fixed, scaled) in lines.items()}
     limit = getattr(hf_config, "max_position_embeddings", None)
+    moves = prediction.phases.get("backward", {}).get("grads", 0) > 0
+    peaks: dict[tuple[int, int], float] = {(batch_size, seq_len): prediction.peak_mib}
+
+    def peak_at(batch: int, length: int) -> float:
+        if (batch, length) not in peaks:
+            peaks[batch, length] = predict(hf_config, config, batch_size=batch, seq_len=length, target=target,
+                                           extrapolate_layers=True).peak_mib
+        return peaks[batch, length]
+
     for budget in budgets:
-        room = budget.mib - fixed
         case.fits[budget.label] = prediction.peak_mib <= budget.mib
-        case.max_batch_size[budget.label] = max(0, math.floor(room / (scaled / batch_size))) if scaled else 0
-        length = _largest_length(room, per_token, per_token_sq)
-        case.max_seq_len[budget.label] = min(length, limit) if limit else length
+        batch = min(_largest_length(budget.mib - fixed, scaled / batch_size, 0.0) for fixed, scaled in lines.values())
+        length = min(_largest_length(budget.mib - fixed, a, c) for fixed, a, c in lengths.values())
+        if limit:
+            length = min(length, limit)
+        if moves:
+            batch = _settle(lambda b: peak_at(b, seq_len) <= budget.mib, batch)
+            length = _settle(lambda t: peak_at(batch_size, t) <= budget.mib, length, limit)
+        # nothing of the step grows with it (not seen in a real step): no largest size to give
+        case.max_batch_size[budget.label] = None if math.isinf(batch) else batch
+        case.max_seq_len[budget.label] = None if math.isinf(length) else length
     return case
+
+
+def _settle(fits, guess: int | float, limit: int | None = None) -> int | float:
+    """The largest size ``n >= 1`` with ``fits(n)``, searched from ``guess`` (0 when even 1 does not fit);
+    ``fits`` must hold up to some size and not beyond it."""
+    if math.isinf(guess) or guess < 1:
+        return guess
+    cap = limit or math.inf
+    n = min(guess, cap)
+    step = 1
+    if fits(n):  # widen upwards until a size does not fit, then halve the gap
+        low, high = n, None
+        while high is None and low < cap:
+            probe = min(low + step, cap)
+            if fits(probe):
+                low, step = probe, 2 * step
+            else:
+                high = probe
+        if high is None:
+            return low
+    else:  # widen downwards until a size fits
+        high = n
+        low = None
+        while low is None:
+            probe = max(high - step, 0)
+            if probe == 0:
+                return 0 if not fits(1) else _bisect(fits, 1, high)
+            if fits(probe):
+                low = probe
+            else:
+                high, step = probe, 2 * step
+    return _bisect(fits, low, high)
+
+
+def _bisect(fits, low: int, high: int) -> int:
+    """The largest size in [low, high) that fits, given that ``low`` fits and ``high`` does not."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _phase_lines(prediction: Prediction) -> dict[str, tuple[float, float]]:
+    """(fixed, scaled) MiB of each phase's highest point: what the batch size and length do not move, and
+    what grows with them. The runtime terms join every phase (allocator rounding as scaled)."""
+    runtime = {t.name: t.mib for t in prediction.runtime}
+    lines = {}
+    for phase, parts in (prediction.phases or {"peak": prediction.tensor.components}).items():
+        mib = {**{k: v / MIB for k, v in parts.items()}, **runtime}
+        scaled_keys = [k for k in SCALED if not (phase == OPTIMIZER_PHASE and k == "temporaries")]
+        scaled = sum(mib.get(k, 0.0) for k in scaled_keys)
+        lines[phase] = (sum(mib.values()) - scaled, scaled)
+    return lines
 
 
 def _quadratic(t1: int, y1: float, t2: int, y2: float) -> tuple[float, float]:
@@ -114,9 +191,12 @@ def _quadratic(t1: int, y1: float, t2: int, y2: float) -> tuple[float, float]:
     return y1 / t1 - c * t1, max(0.0, c)
 
 
-def _largest_length(room: float, a: float, c: float) -> int:
-    if room <= 0 or a <= 0 and c <= 0:
+def _largest_length(room: float, a: float, c: float) -> int | float:
+    """The largest whole n with a n + c n^2 <= room (``inf`` when nothing grows)."""
+    if room < 0:
         return 0
+    if a <= 0 and c <= 0:
+        return math.inf
     if c == 0:
         return math.floor(room / a)
     return math.floor((-a + math.sqrt(a * a + 4 * c * room)) / (2 * c))

@@ -172,7 +172,7 @@ def test_flops_count_each_base_weight_once_under_an_adapter(tiny_llama, cpu):
 # ----- the second backend: torchao int8 weight-only ------------------------------
 def test_torchao_int8_is_registered_with_its_own_marker():
     assert backends.backend_for("torchao_int8").name == "torchao"
-    assert BenchConfig("c", quant="torchao_int8").markers == ("lora", "torchao", "quantized")  # not under -m qlora
+    assert BenchConfig("c", quant="torchao_int8").markers == ("lora", "torchao", "quantized", "checkpointing")  # not under -m qlora
 
 
 def test_torchao_loads_every_linear_but_the_head_and_its_ratio_is_exact(tiny_llama, cpu):

@@ -69,7 +69,8 @@ def test_markers_follow_the_fields(config):
 
 def test_default_markers_of_a_qlora_config():
     c = BenchConfig("qlora_nf4", quant="nf4", double_quant=True)
-    assert c.markers == ("lora", "qlora", "nf4", "quantized")
+    assert c.markers == ("lora", "qlora", "nf4", "quantized", "checkpointing")
+    assert "checkpointing" not in c.replace(gradient_checkpointing=False).markers
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ def test_a_bad_spread_is_refused_naming_the_field(fields, message):
 
 
 def test_a_multi_process_configuration_carries_its_markers():
-    assert BenchConfig("x", world_size=2, strategy="fsdp").markers == ("lora", "distributed", "fsdp")
+    assert BenchConfig("x", world_size=2, strategy="fsdp").markers == ("lora", "checkpointing", "distributed", "fsdp")
     assert "distributed" not in BenchConfig("x").markers
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lorabench.cli import main
 from lorabench.config import BenchConfig
@@ -62,3 +64,21 @@ def test_bad_input_is_named_and_exits_2(argv, message, capsys):
         argv = ["--model", "tiny-llama", *argv]
     assert main(["fit", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@given(largest=st.integers(-3, 3000), guess=st.integers(0, 4000), limit=st.none() | st.integers(1, 5000))
+def test_settling_from_any_guess_finds_the_largest_size_that_fits(largest, guess, limit):
+    from lorabench.fit import _settle
+
+    calls = []
+
+    def fits(n: int) -> bool:
+        calls.append(n)
+        return n <= largest
+
+    found = _settle(fits, guess, limit)
+    if guess < 1:
+        assert found == guess  # nothing to settle: the lines said nothing fits
+    else:
+        assert found == max(0, min(largest, limit or largest))
+        assert len(calls) <= 4 * (abs(guess - found) + 2).bit_length() + 2  # a few predictions, not a scan

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lorabench.progress import ZOO_FIXED_CONTROLS, ZOO_PRETRAIN_STEP_CONTROLS, ZOO_STEP_CONTROLS, \
     estimate_from_control, estimate_from_history, estimate_zoo_builds, plan_line, with_builds
 from pathlib import Path
@@ -16,7 +18,7 @@ def run(*results: CaseResult, number: int) -> StoredRun:
 
 
 def test_estimate_from_control_scales_steps_and_fixed_work():
-    assert estimate_from_control([10, 20], 0.01) == (30 * ZOO_STEP_CONTROLS + 2 * ZOO_FIXED_CONTROLS) * 0.01
+    assert estimate_from_control([10, 20], 0.01) == pytest.approx((30 * ZOO_STEP_CONTROLS + 2 * ZOO_FIXED_CONTROLS) * 0.01)
 
 
 def test_a_zoo_model_not_cached_yet_adds_its_build_to_the_estimate():

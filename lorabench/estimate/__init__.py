@@ -41,6 +41,8 @@ class Prediction:
         batch_size, seq_len: the shape predicted for.
         layers_run: decoder layers of the meta runs behind it (the full depth, or the two extrapolated from).
         attention: the attention implementation the model ran (``sdpa``, ``eager``, ...).
+        phases: the highest tensor bytes of each phase of the step (``forward``, ``backward``,
+            ``optimizer``), by category; ``tensor`` is the highest of them.
     """
 
     tensor: TensorPeak
@@ -50,6 +52,7 @@ class Prediction:
     runtime: list[RuntimeTerm] = field(default_factory=list)
     layers_run: tuple[int, ...] = ()
     attention: str = ""
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def tensor_mib(self) -> float:
@@ -139,9 +142,11 @@ def predict(hf_config, config: BenchConfig, *, batch_size: int, seq_len: int, ta
             prediction = _extrapolated(runs, period, depth, target, batch_size, seq_len)
             prediction.attention = attention[-1]
             return prediction
-    peak = _highest(run(depth))
+    phases = run(depth)
+    peak = _highest(phases)
     runtime = cuda_terms(peak.storage_bytes) if target == "cuda" else []
-    return Prediction(peak, target, batch_size, seq_len, runtime, (depth,), attention[-1])
+    return Prediction(peak, target, batch_size, seq_len, runtime, (depth,), attention[-1],
+                      {phase: dict(at.components) for phase, at in phases.items()})
 
 
 def layer_period(hf_config) -> int:
@@ -189,4 +194,5 @@ def _extrapolated(runs: list[dict[str, TensorPeak]], period: int, depth: int, ta
         runtime = cuda_terms([])
         runtime[0] = RuntimeTerm(runtime[0].name, rounding / MIB,
                                  runtime[0].source + f", extrapolated from {2 * period} and {3 * period} layers")
-    return Prediction(peak, target, batch_size, seq_len, runtime, (2 * period, 3 * period))
+    return Prediction(peak, target, batch_size, seq_len, runtime, (2 * period, 3 * period),
+                      phases={phase: v[1] for phase, v in at_depth.items()})
