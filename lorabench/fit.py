@@ -223,6 +223,10 @@ def run_fit(models: list[str], budgets: list[Budget], *, batch_size: int | None,
     return cases
 
 
+def _size(n: int | None) -> str:
+    return "-" if n is None else str(n)
+
+
 def _gib(mib: float) -> str:
     return f"{mib / GIB:.2f}"
 
@@ -248,7 +252,7 @@ def render(cases: list[FitCase], budgets: list[Budget]) -> list[str]:
                      _gib(case.prediction.peak_mib), *(_gib(parts[k]) for k in SHOWN), _gib(other)]
             for x in budgets:
                 verdict = "yes" if case.fits[x.label] else "no"
-                cells.append(f"{verdict} ({case.max_batch_size[x.label]} / {case.max_seq_len[x.label]})")
+                cells.append(f"{verdict} ({_size(case.max_batch_size[x.label])} / {_size(case.max_seq_len[x.label])})")
             rows.append(cells)
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         for i, row in enumerate(rows):
