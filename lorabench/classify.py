@@ -184,8 +184,7 @@ def run_case(config: BenchConfig, device, timer) -> CaseResult:
         step = lambda: tensors.run(runner.step)  # noqa: E731
         started = time.perf_counter()
         timer(step, config.steps - config.warmup_steps, config.warmup_steps, runner.control)
-        while runner.steps_done < config.steps:  # where the timer ran fewer (pytest-benchmark disabled)
-            step()
+        runner.run_until(config.steps, step)  # where the timer ran fewer (pytest-benchmark disabled)
         train_s = time.perf_counter() - started
         runner.end()
     record_memory(result, meters.readings, runner, trainer, on_cuda=False)

@@ -116,8 +116,8 @@ def fit_case(model: str, hf_config, config: BenchConfig, budgets: list[Budget], 
 
     for budget in budgets:
         case.fits[budget.label] = prediction.peak_mib <= budget.mib
-        batch = min(_largest_length(budget.mib - fixed, scaled / batch_size, 0.0) for fixed, scaled in lines.values())
-        length = min(_largest_length(budget.mib - fixed, a, c) for fixed, a, c in lengths.values())
+        batch = min(_largest_size(budget.mib - fixed, scaled / batch_size, 0.0) for fixed, scaled in lines.values())
+        length = min(_largest_size(budget.mib - fixed, a, c) for fixed, a, c in lengths.values())
         if limit:
             length = min(length, limit)
         if moves:
@@ -177,7 +177,7 @@ def _phase_lines(prediction: Prediction) -> dict[str, tuple[float, float]]:
     what grows with them. The runtime terms join every phase (allocator rounding as scaled)."""
     runtime = {t.name: t.mib for t in prediction.runtime}
     lines = {}
-    for phase, parts in (prediction.phases or {"peak": prediction.tensor.components}).items():
+    for phase, parts in prediction.phases.items():
         mib = {**{k: v / MIB for k, v in parts.items()}, **runtime}
         scaled_keys = [k for k in SCALED if not (phase == OPTIMIZER_PHASE and k == "temporaries")]
         scaled = sum(mib.get(k, 0.0) for k in scaled_keys)
@@ -191,7 +191,7 @@ def _quadratic(t1: int, y1: float, t2: int, y2: float) -> tuple[float, float]:
     return y1 / t1 - c * t1, max(0.0, c)
 
 
-def _largest_length(room: float, a: float, c: float) -> int | float:
+def _largest_size(room: float, a: float, c: float) -> int | float:
     """The largest whole n with a n + c n^2 <= room (``inf`` when nothing grows)."""
     if room < 0:
         return 0

@@ -218,9 +218,11 @@ class StepRunner:
             self.on_step_end(step_number)
         return value
 
-    def run_until(self, total_steps: int) -> None:
+    def run_until(self, total_steps: int, step=None) -> None:
+        """Step until ``total_steps`` are done (after a timer that ran fewer); ``step`` wraps :meth:`step`
+        (a tensor meter's tracking)."""
         while self.steps_done < total_steps:
-            self.step()
+            (step or self.step)()
 
     def end(self) -> None:
         """Time the control once more (it brackets the last step), and tell the Trainer's callbacks that
