@@ -6,7 +6,7 @@ move counts comes from a tolerance per metric, per group or by default, written 
 ``compare:`` in thresholds.yaml::
 
     compare:
-      alpha: 0.05           # significance for per-step timings (one-sided Mann-Whitney U)
+      alpha: 0.05           # 1 - confidence of the per-step timings' shift bound (Hodges-Lehmann)
       tolerance_pct:        # relative change that still counts as unchanged
         default: 5
         speed: 15           # a group: memory, speed, quality, size, ...
@@ -15,8 +15,10 @@ move counts comes from a tolerance per metric, per group or by default, written 
 Speed is gated on ``step_control_ratio``: each step's time over the fixed control workload timed
 just before it in the same process (:mod:`lorabench.control`), so a machine that got busier
 between two runs does not read as a slower code path. A move counts only when the median ratio
-moved beyond the tolerance (the minimum effect size) *and* the per-step ratios of the two runs
-differ significantly (one-sided Mann-Whitney U). Raw wall-clock figures (``step_ms``, throughputs,
+moved beyond the tolerance (the minimum effect size) *and* the shift of the per-step ratios is
+beyond it with confidence 1 - alpha: the one-sided bound of the Hodges-Lehmann interval (the
+inversion of the Mann-Whitney U test) must lie past the tolerance, so a shift that the steps'
+own spread cannot tell from the minimum effect does not gate. Raw wall-clock figures (``step_ms``, throughputs,
 ``train_s``) and one-shot wall times (``load_s``, ``adapter_check_s``, phases) are compared and
 shown, but informational: they do not gate. Any other metric of a case run at several seeds
 (``--seeds``) is judged against the seeds' spread: beyond the tolerance *and* significant in a
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from lorabench.errors import ThresholdError
 from lorabench.history import StoredRun
@@ -161,17 +163,15 @@ def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tole
                     f"{a.status} -> {b.status}" + (f": {b.error}" if b.error else ""))]
     if a.status != STATUS_OK:
         return [Row(case_id, "status", None, None, None, None, UNCHANGED, f"{a.status} in both")]
-    step_p = _step_ratio_p_values(a, b)
     rows = []
     for name in sorted(set(a.metrics) | set(b.metrics) | set(a.absent) | set(b.absent)):
         if name not in METRICS:
             continue  # a metric this version no longer records
-        rows.append(_compare_metric(case_id, METRICS[name], a, b, tolerances, step_p))
+        rows.append(_compare_metric(case_id, METRICS[name], a, b, tolerances))
     return rows
 
 
-def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, tolerances: Tolerances,
-                    step_p: tuple[float, float] | None) -> Row:
+def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, tolerances: Tolerances) -> Row:
     va, vb = a.metrics.get(metric.name), b.metrics.get(metric.name)
     tol = tolerances.for_metric(metric)
     if va is None and vb is None:
@@ -193,15 +193,17 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
         return row
     worse = (vb > va) if metric.better == "lower" else (vb < va)
     if metric.name in PER_STEP_METRICS:
-        if step_p is None:
-            row.note = f"fewer than {MIN_ROUNDS_FOR_TEST} paired steps in a run: no significance test, not gated"
+        shift = _step_ratio_shift(a, b, tolerances.alpha)
+        if shift is None:
+            row.note = (f"fewer than {MIN_ROUNDS_FOR_TEST} paired steps in a run, or too few to bound the shift "
+                        f"at alpha {tolerances.alpha:g}: not gated")
             row.status = CHANGED
             return row
-        p_slower, p_faster = step_p
-        p = p_slower if worse else p_faster
-        row.note = f"Mann-Whitney p={p:.3g} over per-step step/control ratios"
-        if p >= tolerances.alpha:
-            row.note += f" (not significant at alpha {tolerances.alpha:g})"
+        bound = shift.lower if worse else shift.upper
+        row.note = (f"per-step shift {shift.estimate:+.1%}, {1 - tolerances.alpha:.0%} bound {bound:+.1%} "
+                    "(Hodges-Lehmann over step/control ratios)")
+        if abs(bound) <= tol or (bound > 0) != worse:
+            row.note += f": the steps' spread leaves it within the ±{tol:.0%} tolerance"
             return row
     elif (seed_p := _seed_p_value(metric.name, a, b)) is not None:
         p, how = seed_p
@@ -271,15 +273,35 @@ def measured_step_ratios(result: CaseResult) -> list[float]:
     return ratios
 
 
-def _step_ratio_p_values(a: CaseResult, b: CaseResult) -> tuple[float, float] | None:
-    """One-sided p-values that B's steps are slower, and that they are faster, than A's, against the control."""
-    from scipy.stats import mannwhitneyu
+class Shift(NamedTuple):
+    """How much B's per-step ratios moved against A's, as a factor minus one (0.3: 30% slower)."""
+
+    estimate: float  # Hodges-Lehmann: the median of every pairwise ratio B_j / A_i
+    lower: float  # one-sided bounds, each at confidence 1 - alpha
+    upper: float
+
+
+def _step_ratio_shift(a: CaseResult, b: CaseResult, alpha: float) -> Shift | None:
+    """The shift of B's step/control ratios over A's with its confidence bounds, or ``None`` with too few steps.
+
+    The bounds invert the one-sided Mann-Whitney U test (Hollander and Wolfe, Nonparametric Statistical
+    Methods, 4.3): of the n*m sorted pairwise log differences, the C-th from either end, C being U's
+    critical value at ``alpha`` (normal approximation). A bound past the tolerance means the shift is
+    both significant and larger than the minimum effect.
+    """
+    from scipy.stats import norm
 
     sa, sb = measured_step_ratios(a), measured_step_ratios(b)
-    if min(len(sa), len(sb)) < MIN_ROUNDS_FOR_TEST:
+    n, m = len(sa), len(sb)
+    if min(n, m) < MIN_ROUNDS_FOR_TEST:
         return None
-    return (float(mannwhitneyu(sb, sa, alternative="greater").pvalue),
-            float(mannwhitneyu(sb, sa, alternative="less").pvalue))
+    diffs = sorted(math.log(y) - math.log(x) for x in sa for y in sb)
+    critical = round(n * m / 2 - norm.ppf(1 - alpha) * math.sqrt(n * m * (n + m + 1) / 12))
+    if critical < 1:
+        return None
+    middle = len(diffs) // 2
+    estimate = diffs[middle] if len(diffs) % 2 else (diffs[middle - 1] + diffs[middle]) / 2
+    return Shift(math.expm1(estimate), math.expm1(diffs[critical - 1]), math.expm1(diffs[-critical]))
 
 
 def machine_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -37,13 +37,33 @@ def _spin(deadline: float) -> None:
         x = (x * 1103515245 + 12345) % 2147483648
 
 
+def _train(deadline: float) -> None:
+    """Another tenant's training job: one thread of matrix products over ~40 MB of weights, which also
+    competes for the caches and memory bandwidth a spinning loop leaves alone."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024))
+    x = torch.randn(64, 1024)
+    while time.time() < deadline:
+        model(x).square().mean().backward()
+
+
+HOGS = {"spin": _spin, "train": _train}
+
+
 @contextlib.contextmanager
-def cpu_hog(processes: int | None = None, limit_s: float = HOG_LIMIT_S):
-    """Busy processes (one per core by default) for the duration of the block, at most ``limit_s``."""
+def cpu_hog(processes: int | None = None, limit_s: float = HOG_LIMIT_S, kind: str = "spin"):
+    """Busy processes (one per core by default) for the duration of the block, at most ``limit_s``.
+
+    Args:
+        kind: ``spin`` (a busy loop) or ``train`` (a torch training loop, :func:`_train`).
+    """
     count = processes or os.cpu_count() or 1
     deadline = time.time() + limit_s
     ctx = multiprocessing.get_context("spawn")
-    hogs = [ctx.Process(target=_spin, args=(deadline,), daemon=True, name="lorabench-cpu-hog") for _ in range(count)]
+    hogs = [ctx.Process(target=HOGS[kind], args=(deadline,), daemon=True, name="lorabench-cpu-hog")
+            for _ in range(count)]
     for hog in hogs:
         hog.start()
     try:
@@ -93,6 +113,8 @@ class Repetition:
     slowdown_named: bool
     ratio_change_pct: tuple[float | None, float | None]  # step_control_ratio change A->B, A->C
     step_change_pct: tuple[float | None, float | None]  # raw step_ms change A->B, A->C
+    # the lower confidence bound of the per-step ratios' shift A->B, A->C: it must pass the tolerance to gate
+    ratio_bound_pct: tuple[float | None, float | None] = (None, None)
 
     @property
     def false_alarm(self) -> bool:
@@ -104,11 +126,11 @@ class Repetition:
 
 
 def repetition(root: Path, storage: Path, *, case: str = DEFAULT_CASE, steps: int = DEFAULT_STEPS,
-               slowdown: float = 0.3, hog_processes: int | None = None) -> Repetition:
+               slowdown: float = 0.3, hog_processes: int | None = None, hog: str = "spin") -> Repetition:
     """Runs A, B (hog) and C (hog + slowdown) into a new ``storage`` and compares A -> B and A -> C."""
     storage.mkdir(parents=True, exist_ok=False)
     bench_run(root, storage, case=case, steps=steps)
-    with cpu_hog(hog_processes):
+    with cpu_hog(hog_processes, kind=hog):
         bench_run(root, storage, case=case, steps=steps)
         bench_run(root, storage, case=case, steps=steps, slowdown=slowdown)
     unchanged = compare(root, storage, "1", "2")
@@ -122,6 +144,7 @@ def repetition(root: Path, storage: Path, *, case: str = DEFAULT_CASE, steps: in
                           _row_change(root, storage, "1", "3", "step_control_ratio")),
         step_change_pct=(_row_change(root, storage, "1", "2", "step_ms"),
                          _row_change(root, storage, "1", "3", "step_ms")),
+        ratio_bound_pct=(_shift_lower_bound(storage, "1", "2"), _shift_lower_bound(storage, "1", "3")),
     )
 
 
@@ -132,3 +155,13 @@ def _row_change(root: Path, storage: Path, run_a: str, run_b: str, metric: str) 
 
     comparison = compare_runs(select_run(run_a, storage), select_run(run_b, storage))
     return next((r.change_pct for r in comparison.rows if r.metric == metric), None)
+
+
+def _shift_lower_bound(storage: Path, run_a: str, run_b: str) -> float | None:
+    """The lower confidence bound (percent) of the per-step step/control ratios' shift (the first case)."""
+    from lorabench.compare import DEFAULT_ALPHA, _step_ratio_shift
+    from lorabench.history import select_run
+
+    a, b = (next(iter(select_run(r, storage).results.values())) for r in (run_a, run_b))
+    shift = _step_ratio_shift(a, b, DEFAULT_ALPHA)
+    return None if shift is None else shift.lower * 100
