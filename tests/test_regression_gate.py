@@ -31,9 +31,9 @@ def proof(tmp_path_factory):
     return rep, storage
 
 
-# The speed gate under load (docs/benchmarks.md, "the gate judges a confidence bound"): over 8
-# repetitions with a busy-loop or a training hog, unchanged code moved the ratio -0.1% to +16.4% with
-# its 95% bound at most +11.1%, and every 30% slower step read +27% or more with a bound of +22% or
+# The speed gate under load (docs/benchmarks.md, "the gate judges a confidence bound"): over 15
+# repetitions with busy-loop or training hogs, unchanged code moved the ratio -0.1% to +16.4% with
+# its 95% bound at most +11.5%, and every 30% slower step read +27% or more with a bound of +22% or
 # more, against the 15% the bound must pass.
 def test_a_busier_machine_with_unchanged_code_passes_the_gate(proof):
     rep, storage = proof
