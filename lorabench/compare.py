@@ -193,7 +193,7 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
         return row
     worse = (vb > va) if metric.better == "lower" else (vb < va)
     if metric.name in PER_STEP_METRICS:
-        shift = _step_ratio_shift(a, b, tolerances.alpha)
+        shift = step_ratio_shift(a, b, tolerances.alpha)
         if shift is None:
             row.note = (f"fewer than {MIN_ROUNDS_FOR_TEST} paired steps in a run, or too few to bound the shift "
                         f"at alpha {tolerances.alpha:g}: not gated")
@@ -202,7 +202,7 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
         bound = shift.lower if worse else shift.upper
         row.note = (f"per-step shift {shift.estimate:+.1%}, {1 - tolerances.alpha:.0%} bound {bound:+.1%} "
                     "(Hodges-Lehmann over step/control ratios)")
-        if abs(bound) <= tol or (bound > 0) != worse:
+        if not (bound > tol if worse else bound < -tol):
             row.note += f": the steps' spread leaves it within the ±{tol:.0%} tolerance"
             return row
     elif (seed_p := _seed_p_value(metric.name, a, b)) is not None:
@@ -281,7 +281,7 @@ class Shift(NamedTuple):
     upper: float
 
 
-def _step_ratio_shift(a: CaseResult, b: CaseResult, alpha: float) -> Shift | None:
+def step_ratio_shift(a: CaseResult, b: CaseResult, alpha: float) -> Shift | None:
     """The shift of B's step/control ratios over A's with its confidence bounds, or ``None`` with too few steps.
 
     The bounds invert the one-sided Mann-Whitney U test (Hollander and Wolfe, Nonparametric Statistical

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SLOWDOWN_DIR = Path(__file__).resolve().parent / "_slowdown"
 DEFAULT_CASE = "qlora_nf4 and not sweep"
@@ -114,7 +115,7 @@ class Repetition:
     ratio_change_pct: tuple[float | None, float | None]  # step_control_ratio change A->B, A->C
     step_change_pct: tuple[float | None, float | None]  # raw step_ms change A->B, A->C
     # the lower confidence bound of the per-step ratios' shift A->B, A->C: it must pass the tolerance to gate
-    ratio_bound_pct: tuple[float | None, float | None] = (None, None)
+    ratio_bound_pct: tuple[float | None, float | None]
 
     @property
     def false_alarm(self) -> bool:
@@ -136,32 +137,32 @@ def repetition(root: Path, storage: Path, *, case: str = DEFAULT_CASE, steps: in
     unchanged = compare(root, storage, "1", "2")
     slowed = compare(root, storage, "1", "3")
     regressions = slowed.stdout.split("regression(s):", 1)[-1]
+    ab, ac = _pair_figures(storage, "1", "2"), _pair_figures(storage, "1", "3")
     return Repetition(
         unchanged_exit=unchanged.returncode,
         slowdown_exit=slowed.returncode,
         slowdown_named="step_control_ratio" in regressions,
-        ratio_change_pct=(_row_change(root, storage, "1", "2", "step_control_ratio"),
-                          _row_change(root, storage, "1", "3", "step_control_ratio")),
-        step_change_pct=(_row_change(root, storage, "1", "2", "step_ms"),
-                         _row_change(root, storage, "1", "3", "step_ms")),
-        ratio_bound_pct=(_shift_lower_bound(storage, "1", "2"), _shift_lower_bound(storage, "1", "3")),
+        ratio_change_pct=(ab.ratio_change_pct, ac.ratio_change_pct),
+        step_change_pct=(ab.step_change_pct, ac.step_change_pct),
+        ratio_bound_pct=(ab.ratio_bound_pct, ac.ratio_bound_pct),
     )
 
 
-def _row_change(root: Path, storage: Path, run_a: str, run_b: str, metric: str) -> float | None:
-    """The change (percent) of one metric between two stored runs (the first case)."""
-    from lorabench.compare import compare_runs
+class _PairFigures(NamedTuple):
+    ratio_change_pct: float | None
+    step_change_pct: float | None
+    ratio_bound_pct: float | None
+
+
+def _pair_figures(storage: Path, run_a: str, run_b: str) -> _PairFigures:
+    """The changes (percent) of step_control_ratio and step_ms between two stored runs, and the lower
+    confidence bound of the per-step ratios' shift, for the first case: one load and one comparison."""
+    from lorabench.compare import DEFAULT_ALPHA, compare_runs, step_ratio_shift
     from lorabench.history import select_run
 
-    comparison = compare_runs(select_run(run_a, storage), select_run(run_b, storage))
-    return next((r.change_pct for r in comparison.rows if r.metric == metric), None)
-
-
-def _shift_lower_bound(storage: Path, run_a: str, run_b: str) -> float | None:
-    """The lower confidence bound (percent) of the per-step step/control ratios' shift (the first case)."""
-    from lorabench.compare import DEFAULT_ALPHA, _step_ratio_shift
-    from lorabench.history import select_run
-
-    a, b = (next(iter(select_run(r, storage).results.values())) for r in (run_a, run_b))
-    shift = _step_ratio_shift(a, b, DEFAULT_ALPHA)
-    return None if shift is None else shift.lower * 100
+    a, b = select_run(run_a, storage), select_run(run_b, storage)
+    case_id = min(a.results)
+    changes = {r.metric: r.change_pct for r in compare_runs(a, b).rows if r.case_id == case_id}
+    shift = step_ratio_shift(a.results[case_id], b.results[case_id], DEFAULT_ALPHA) if case_id in b.results else None
+    return _PairFigures(changes.get("step_control_ratio"), changes.get("step_ms"),
+                        None if shift is None else shift.lower * 100)

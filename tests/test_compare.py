@@ -163,17 +163,17 @@ def test_a_median_past_the_tolerance_whose_bound_is_not_is_not_a_regression():
 @given(st.lists(st.floats(1, 1e3), min_size=3, max_size=25), st.lists(st.floats(1, 1e3), min_size=3, max_size=25),
        st.floats(0.25, 4.0))
 def test_the_shift_bounds_bracket_the_estimate_and_a_scaled_copy_reads_its_factor(xs, ys, factor):
-    from lorabench.compare import _step_ratio_shift
+    from lorabench.compare import step_ratio_shift
 
     def timed(steps):
         r = case(steps=[1.0, 1.0] + steps)
         r.control_ms_curve = [1.0] * len(r.step_ms_curve)
         return r
 
-    shift = _step_ratio_shift(timed(xs), timed(ys), 0.05)
+    shift = step_ratio_shift(timed(xs), timed(ys), 0.05)
     if shift is not None:
         assert shift.lower <= shift.estimate <= shift.upper
-    scaled = _step_ratio_shift(timed(xs), timed([x * factor for x in xs]), 0.05)
+    scaled = step_ratio_shift(timed(xs), timed([x * factor for x in xs]), 0.05)
     if scaled is not None:
         assert scaled.estimate == pytest.approx(factor - 1, rel=1e-9, abs=1e-12)
 
