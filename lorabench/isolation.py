@@ -197,6 +197,8 @@ class IsolatedCaseRun:
                 pass
             self._conn.close()
             self._conn = None
+        if self._process is not None and self._process.pid is None:
+            self._process = None  # stopped (time limit, Ctrl-C) before it started: nothing to wait for
         if self._process is not None:
             # A child stopped mid-phase (time limit, Ctrl-C) is busy and would not read "exit".
             self._process.join(timeout=10 if self._finished else 0)

@@ -55,7 +55,10 @@ def parse_seeds(text: str | None) -> SeedPlan:
             raise ConfigError(f"--seeds {text!r}: give a count from 1 to {MAX_SEEDS} (e.g. --seeds 3) "
                               "or a comma-separated list of seeds (e.g. --seeds 1234,7,99)")
         return SeedPlan(count=int(raw))
-    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    parts = [p.strip() for p in raw.split(",")]
+    if "" in parts:
+        raise ConfigError(f"--seeds {text!r}: item {parts.index('') + 1} is empty; list seeds separated by single "
+                          "commas (e.g. --seeds 1234,7,99)")
     bad = [p for p in parts if not p.isdigit() or int(p) >= 2**32]
     if bad or not parts:
         raise ConfigError(f"--seeds {text!r}: {bad[0] if bad else 'empty'!r} is not a seed; seeds are whole "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from lorabench.budget import parse_size
 from lorabench.config import parse_override
 from lorabench.environment import machine
 from lorabench.errors import ConfigError, StorageError
+from lorabench.integrations import require as require_integration
+from lorabench.integrations import run_name
 from lorabench.case_kinds import kind_of, known_case_ids
 from lorabench.matrix import Case, Matrix, build_matrix
 from lorabench.paths import expand, not_empty
@@ -31,6 +34,9 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
 AUTO_THREADS = "auto"
+# what --device accepts, checked when the options are read; whether CUDA is there is asked once, when the
+# selected cases' inputs are checked (BenchSession.device)
+DEVICE_CHOICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 log = logging.getLogger("lorabench.preflight")
 
 
@@ -58,6 +64,8 @@ class BenchSession:
     save_failures: list = field(default_factory=list)
     # 1-minute load average when the session began: other work on the machine slows every timing
     load_at_start: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    # reports/runs/<log_run>/<case>: the integrations' logs, one directory per run (lorabench.integrations)
+    log_run: str = field(default_factory=run_name)
     # the base model's evaluations before training, by lorabench.runner.base_evaluation_key
     base_evaluations: dict[tuple, Any] = field(default_factory=dict)
     _device: Any = None
@@ -162,7 +170,7 @@ class BenchSession:
                 raise StorageError(f"--benchmark-json {json_path}: a directory, not a file; name the file to write")
             preflight.check_output_dir(json_path.absolute().parent, f"--benchmark-json {json_path}: its directory", cases)
         if self.report_to != "none":
-            runs = self.reports_dir / "runs"
+            runs = self.reports_dir / "runs" / self.log_run
             preflight.check_name_lengths(self.matrix.ids() if ids is None else ids, runs, f"--report-to {self.report_to}")
             preflight.check_output_dir(runs, f"--report-to {self.report_to}: its log directory", cases)
 
@@ -214,7 +222,7 @@ class BenchSession:
 
     def log_dir(self, case_id: str) -> str:
         """Where the Trainer's integrations (TensorBoard) write for one case."""
-        return str(self.reports_dir / "runs" / case_id)
+        return str(self.reports_dir / "runs" / self.log_run / case_id)
 
     def other_case(self, model: str, dataset: str):
         """Lookup of another configuration's (metrics, absent) in this session, for relative gates."""
@@ -234,10 +242,12 @@ class BenchSession:
             return []
         device_type = result.device.split(":")[0]
         outcomes = [
-            evaluate_gate(g, result.config_id, result.metrics, result.absent, self.other_case(result.model, result.dataset))
+            evaluate_gate(g, result.config_id, result.metrics, result.absent, self.other_case(result.model, result.dataset),
+                          result.config)
             for g in self.thresholds.gates_for(result.config_id, device_type, result.model, machine()["cpu_isa"],
                                                    wildcard=kind_of(result).wildcard_rules,
-                                                   checkpointing=result.config.get("gradient_checkpointing"))
+                                                   checkpointing=result.config.get("gradient_checkpointing"),
+                                                   dataset=result.dataset)
         ]
         result.gates = [o.to_dict() for o in outcomes]
         return outcomes
@@ -272,10 +282,13 @@ def open_session(
             not_empty(value, option)
     pairs = dict(parse_override(text) for text in overrides or [])
     if steps is not None:
+        if pairs.get("steps", steps) != steps:
+            raise ConfigError(f"--steps {steps} and --set steps={pairs['steps']} conflict; give the number of steps once")
         pairs["steps"] = steps
     if matrix_file is not None:
         matrix_file = expand(matrix_file, "--matrix")
     matrix = build_matrix(matrix_file=matrix_file, models=models, datasets=datasets, overrides=pairs)
+    _check_unique_cases(matrix, from_command_line={"--model": models or [], "--dataset": datasets or []})
     if not math.isfinite(case_timeout_s) or case_timeout_s < 0:
         raise ConfigError(f"--case-timeout {case_timeout_s:g}: must be 0 (off) or a finite positive number of seconds")
     for name, value, allowed in (("--report-to", report_to, REPORT_TO), ("--isolate", isolate, ISOLATION),
@@ -283,6 +296,9 @@ def open_session(
         not_empty(value, name)
         if allowed and value not in allowed:
             raise ConfigError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
+    if not DEVICE_CHOICE.fullmatch(device):
+        raise ConfigError(f"--device {device!r}: use auto, cpu, cuda or cuda:N (N a device number, e.g. cuda:0)")
+    require_integration(report_to)
     return BenchSession(
         matrix=matrix,
         device_choice=device,
@@ -296,7 +312,51 @@ def open_session(
         seeds=parse_seeds(seeds),
         quiet=quiet,
         cpu_threads=_parse_threads(cpu_threads),
+        notices=_thread_notices(cpu_threads),
     )
+
+
+def _check_unique_cases(matrix: Matrix, from_command_line: dict[str, list[str]]) -> None:
+    """Each model and data set once, and one case per id: pytest would run a repeated one twice, as
+    ``..._0`` and ``..._1``, which later compare as two cases missing from the other run.
+
+    Raises:
+        ConfigError: a name given twice (naming the option), or two names that make the same case id.
+    """
+    for option, values in from_command_line.items():
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:
+            raise ConfigError(f"{option} {repeated}: given twice; name each {option[2:]} once")
+    for field, values in (("models", matrix.models), ("datasets", matrix.datasets)):
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:
+            raise ConfigError(f"matrix file: {field} lists {repeated!r} twice; name each once")
+    ids, cases = matrix.ids(), matrix.cases()
+    first: dict[str, Case] = {}
+    for case_id, case in zip(ids, cases):
+        if case_id in first:
+            other = first[case_id]
+            both = ", ".join(f"{what} {a!r} and {b!r}" for what, a, b in (
+                ("model", other.model, case.model), ("data set", other.dataset, case.dataset)) if a != b)
+            raise ConfigError(f"case id {case_id!r} stands for two cases ({both}): their names end alike; rename one "
+                              "file or directory so each case has its own id")
+        first[case_id] = case
+
+
+def _available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's share), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _thread_notices(text: str) -> list[str]:
+    """A warning for ``--cpu-threads`` past the cores: the threads then take turns, and every step slows."""
+    threads, cores = _parse_threads(text), _available_cores()
+    if threads is None or threads <= cores:
+        return []
+    notice = (f"--cpu-threads {threads}: this process may use {cores} core(s); {threads} threads share them and "
+              f"slow every step (use --cpu-threads {cores} or less, or auto)")
+    log.warning(notice)
+    return [notice]
 
 
 def _parse_threads(text: str) -> int | None:

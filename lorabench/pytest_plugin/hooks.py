@@ -30,6 +30,9 @@ SESSION_KEY = pytest.StashKey[BenchSession]()
 # it in every run of an environment where lorabench is installed, most of which use none of it)
 _ACTIVE = pytest.StashKey[bool]()
 _QUIETED = pytest.StashKey[bool]()
+# set once the selected cases' inputs passed their checks: a refused run prints no plan line (which would
+# resolve the refused device again)
+_CHECKED = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,7 +41,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                        "with bench cases (lorabench's own test suite)")
     g = parser.getgroup("lorabench", "lorabench fine-tuning benchmark")
     g.addoption("--model", action="append", default=[], metavar="SPEC",
-                help="zoo name (tiny-llama, tiny-qwen, tiny-gpt2, tiny-neox), checkpoint directory, or cached hub id; repeatable")
+                help="zoo name (tiny-llama, tiny-qwen, tiny-gpt2, tiny-neox), the embedded real model smollm2-135m "
+                     "(docs/real-model.md), checkpoint directory, or cached hub id; repeatable")
     g.addoption("--dataset", action="append", default=[], metavar="SPEC",
                 help="digit-reverse, a .jsonl/.json/.csv/.txt file, or a cached hub data set; repeatable")
     g.addoption("--matrix", default=None, metavar="FILE", help="YAML matrix file (models, datasets, defaults, configs)")
@@ -199,6 +203,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         session.check_outputs(**_outputs(config), cases=len(items), ids=None if whole_matrix else ids)
     except LorabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
+    config.stash[_CHECKED] = True
 
 
 def _outputs(config: pytest.Config) -> dict:
@@ -222,7 +227,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     bench = session.config.stash.get(SESSION_KEY, None)
     items = [i for i in session.items if "bench_case" in getattr(i, "fixturenames", ())]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if bench is None or not items or reporter is None or hasattr(session.config, "workerinput"):
+    if (bench is None or not items or reporter is None or hasattr(session.config, "workerinput")
+            or not session.config.stash.get(_CHECKED, False)):
         return
     reporter.write_line(bench.plan_line([i.callspec.params["bench_case"] for i in items],
                                         [i.callspec.id for i in items], _storage_path(session.config)))
