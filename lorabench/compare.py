@@ -23,6 +23,13 @@ own spread cannot tell from the minimum effect does not gate. Raw wall-clock fig
 shown, but informational: they do not gate. Any other metric of a case run at several seeds
 (``--seeds``) is judged against the seeds' spread: beyond the tolerance *and* significant in a
 t-test over the per-seed values.
+
+The ratio cancels whatever slows the step and the control alike (a torch, autograd or BLAS change):
+when ``control_ms`` itself moved past its tolerance, the comparison warns that the yardstick moved,
+by how much, beside the raw step CPU time's change, and names differing library versions.
+``gate_step_cpu_time`` (``compare --gate-step-cpu-time``) gates on the raw ``step_cpu_ms`` too, with the
+same per-step bound, for runners known to be quiet. A stored value that is not a finite number
+(:data:`lorabench.result.INVALID_STORED`) is a regression in B wherever it stands.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ from typing import Any, NamedTuple
 from lorabench.errors import ThresholdError
 from lorabench.history import StoredRun
 from lorabench.metrics import METRICS, Metric
-from lorabench.result import STATUS_OK, CaseResult
+from lorabench.result import INVALID_STORED, STATUS_OK, CaseResult
 
 DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 15.0, "quality": 5.0, "size": 0.0}
 DEFAULT_ALPHA = 0.05
-# Judged on the per-step samples as well as on the median: the step/control ratio of each step.
-PER_STEP_METRICS = ("step_control_ratio",)
+# Judged on the per-step samples as well as on the median: the step/control ratio of each step (and the
+# step's raw CPU time, where it gates: Tolerances.gate_step_cpu_time).
+PER_STEP_METRICS = ("step_control_ratio", "step_cpu_ms")
+RAW_CPU_METRIC = "step_cpu_ms"
 MIN_ROUNDS_FOR_TEST = 3
 # Facts about the machine or the run that change what a figure means.
 MACHINE_KEYS = ("cpu", "cpu_isa", "cpu_count", "gpu_name", "gpu_count", "cuda_version", "python", "isolate",
@@ -56,6 +65,12 @@ class Tolerances:
 
     pct: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE_PCT))
     alpha: float = DEFAULT_ALPHA
+    # gate on the raw step CPU time as well as on the step/control ratio: a quiet runner's choice
+    gate_step_cpu_time: bool = False
+
+    def gates(self, metric: Metric) -> bool:
+        """Whether a move of ``metric`` can be a regression."""
+        return metric.better is not None and (metric.gated or self.gate_step_cpu_time and metric.name == RAW_CPU_METRIC)
 
     def for_metric(self, metric: Metric) -> float:
         for key in (metric.name, metric.group, "default"):
@@ -134,7 +149,49 @@ def compare_runs(a: StoredRun, b: StoredRun, tolerances: Tolerances | None = Non
     rows: list[Row] = []
     for case_id in sorted(set(a.results) | set(b.results)):
         rows += compare_cases(case_id, a.results.get(case_id), b.results.get(case_id), tolerances)
-    return Comparison(a.label, b.label, rows, machine_warnings(a.machine, b.machine) + dtype_warnings(a, b))
+    warnings = machine_warnings(a.machine, b.machine) + dtype_warnings(a, b) + yardstick_warnings(a, b, tolerances)
+    warnings += [f"run {label}: {line}" for label, run in (("A", a), ("B", b)) for line in run.read_warnings]
+    return Comparison(a.label, b.label, rows, warnings)
+
+
+def yardstick_warnings(a: StoredRun, b: StoredRun, tolerances: Tolerances) -> list[str]:
+    """A line when the control workload (the speed gate's yardstick) moved past its tolerance between the runs.
+
+    The step/control ratio cancels what slows the step and the control alike, so such a slowdown passes
+    the ratio's gate: the line says by how much the control moved and how the raw step CPU time moved
+    beside it, and names the library versions that differ.
+    """
+    tol = tolerances.for_metric(METRICS["control_ms"])
+    moved = []  # (case, control change, step CPU time change or None)
+    for case_id in sorted(set(a.results) & set(b.results)):
+        ra, rb = a.results[case_id], b.results[case_id]
+        change = _change(ra, rb, "control_ms")
+        if change is not None and abs(change) > tol:
+            moved.append((case_id, change, _change(ra, rb, RAW_CPU_METRIC)))
+    if not moved:
+        return []
+    case_id, control, cpu = max(moved, key=lambda m: abs(m[1]))
+    ra, rb = a.results[case_id], b.results[case_id]
+    line = (f"the yardstick moved: control_ms {control:+.1%} in {case_id} ({ra.metrics['control_ms']:.3g} -> "
+            f"{rb.metrics['control_ms']:.3g} ms)" + (f" and in {len(moved) - 1} more case(s)" if len(moved) > 1 else "")
+            + f", past its ±{tol:.0%} tolerance; step_control_ratio cancels what slowed the step and the control "
+            "alike (a torch, autograd or BLAS change), so such a slowdown passes the speed gate; raw step CPU time "
+            + (f"(step_cpu_ms) {cpu:+.1%} there" if cpu is not None else "not stored in both runs"))
+    versions = sorted(k for k in set(a.machine) | set(b.machine)
+                      if k.endswith("_version") and a.machine.get(k) != b.machine.get(k))
+    if versions:
+        line += "; the runs differ in " + ", ".join(
+            f"{k} {a.machine.get(k)!r} -> {b.machine.get(k)!r}" for k in versions)
+    if not tolerances.gate_step_cpu_time:
+        line += "; on a quiet runner, --gate-step-cpu-time gates on the raw step CPU time too"
+    return [line]
+
+
+def _change(a: CaseResult, b: CaseResult, metric: str) -> float | None:
+    """(B - A) / A of a metric both records hold, else ``None``."""
+    if metric not in a.metrics or metric not in b.metrics:
+        return None
+    return _relative(a.metrics[metric], b.metrics[metric])
 
 
 def dtype_warnings(a: StoredRun, b: StoredRun) -> list[str]:
@@ -174,6 +231,8 @@ def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tole
 def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, tolerances: Tolerances) -> Row:
     va, vb = a.metrics.get(metric.name), b.metrics.get(metric.name)
     tol = tolerances.for_metric(metric)
+    if vb is None and b.absent.get(metric.name, "").startswith(INVALID_STORED):
+        return Row(case_id, metric.name, va, None, None, None, REGRESSED, f"B's {b.absent[metric.name]}")
     if va is None and vb is None:
         return Row(case_id, metric.name, None, None, None, None, UNCHANGED, "not measured in either run")
     if vb is None:
@@ -186,14 +245,16 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
     moved = change is None and va != vb or change is not None and abs(change) > tol
     if not moved:
         return row
-    if metric.better is None or not metric.gated:
+    if not tolerances.gates(metric):
         row.status = CHANGED
         if not metric.gated:
             row.note = "informational, not gated (wall clock: moves with the machine's load)"
         return row
     worse = (vb > va) if metric.better == "lower" else (vb < va)
     if metric.name in PER_STEP_METRICS:
-        shift = step_ratio_shift(a, b, tolerances.alpha)
+        samples, what = ((measured_step_ratios, "step/control ratios") if metric.name == "step_control_ratio"
+                         else (measured_step_cpu_ms, "raw step CPU times"))
+        shift = step_shift(a, b, tolerances.alpha, samples)
         if shift is None:
             row.note = (f"fewer than {MIN_ROUNDS_FOR_TEST} paired steps in a run, or too few to bound the shift "
                         f"at alpha {tolerances.alpha:g}: not gated")
@@ -201,7 +262,10 @@ def _compare_metric(case_id: str, metric: Metric, a: CaseResult, b: CaseResult, 
             return row
         bound = shift.lower if worse else shift.upper
         row.note = (f"per-step shift {shift.estimate:+.1%}, {1 - tolerances.alpha:.0%} bound {bound:+.1%} "
-                    "(Hodges-Lehmann over step/control ratios)")
+                    f"(Hodges-Lehmann over {what})")
+        cpu = _change(a, b, RAW_CPU_METRIC) if metric.name == "step_control_ratio" else None
+        if cpu is not None:
+            row.note += f"; raw step CPU time {cpu:+.1%}"
         if not (bound > tol if worse else bound < -tol):
             row.note += f": the steps' spread leaves it within the ±{tol:.0%} tolerance"
             return row
@@ -281,8 +345,19 @@ class Shift(NamedTuple):
     upper: float
 
 
+def measured_step_cpu_ms(result: CaseResult) -> list[float]:
+    """The case process's CPU time of every measured (post-warm-up) step, of every seed that ran."""
+    return [ms for steps in _measured(result, "step_cpu_ms_curve") for ms in steps]
+
+
 def step_ratio_shift(a: CaseResult, b: CaseResult, alpha: float) -> Shift | None:
-    """The shift of B's step/control ratios over A's with its confidence bounds, or ``None`` with too few steps.
+    """The shift of B's step/control ratios over A's (:func:`step_shift`)."""
+    return step_shift(a, b, alpha, measured_step_ratios)
+
+
+def step_shift(a: CaseResult, b: CaseResult, alpha: float, samples) -> Shift | None:
+    """The shift of B's per-step ``samples`` (a function of a record: its step/control ratios, its raw step
+    CPU times) over A's with its confidence bounds, or ``None`` with too few steps.
 
     The bounds invert the one-sided Mann-Whitney U test (Hollander and Wolfe, Nonparametric Statistical
     Methods, 4.3): of the n*m sorted pairwise log differences, the C-th from either end, C being U's
@@ -291,7 +366,7 @@ def step_ratio_shift(a: CaseResult, b: CaseResult, alpha: float) -> Shift | None
     """
     from scipy.stats import norm
 
-    sa, sb = measured_step_ratios(a), measured_step_ratios(b)
+    sa, sb = samples(a), samples(b)
     n, m = len(sa), len(sb)
     if min(n, m) < MIN_ROUNDS_FOR_TEST:
         return None
