@@ -33,6 +33,7 @@ from lorabench.quality import eval_loss
 from lorabench.recording import record_memory, record_model, record_speed, record_train_loss
 from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
 from lorabench.tensor_meter import TensorMeter
+from lorabench.integrations import publish
 from lorabench.training import DivergenceError, DivergenceRule, StepRunner, make_trainer, simple_timer
 
 log = logging.getLogger("lorabench.progress")
@@ -232,6 +233,7 @@ class CaseRun:
             self._phase(None, "")
             self._record_load("end")
             self._judge_budget()
+            publish(self.report_to, self.log_dir, result, step=config.steps)
         self.close()
         return self.result
 

@@ -18,6 +18,7 @@ from lorabench.config import BenchConfig
 
 TRAINER_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 MAX_GRAD_NORM = 1.0
+TRAINER_DIR_PREFIX = "lorabench-trainer-"
 
 
 class DivergenceError(RuntimeError):
@@ -88,8 +89,12 @@ def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, 
 
     if log_dir is not None and report_to != "none":
         os.environ["TENSORBOARD_LOGGING_DIR"] = log_dir  # read when the TensorBoard callback is built
+        os.environ["WANDB_DIR"] = log_dir  # W&B's offline run goes beside it, one per case
+    # The Trainer wants an output directory though nothing is saved there (save_strategy "no"): one that
+    # StepRunner.end removes, and the object's finalizer where a trainer is dropped without ending.
+    output_dir = tempfile.TemporaryDirectory(prefix=TRAINER_DIR_PREFIX)
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="lorabench-trainer-"),
+        output_dir=output_dir.name,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr,
@@ -100,6 +105,7 @@ def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, 
         optim=TRAINER_OPTIMIZERS[config.optimizer],
         logging_steps=1,
         report_to=report_to,
+        run_name=config.id,
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=device.type == "cpu",
@@ -121,6 +127,7 @@ def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, 
     # Progress goes through the lorabench.progress logger; the Trainer's printer would break pytest's output.
     trainer.remove_callback(PrinterCallback)
     trainer.create_optimizer_and_scheduler(num_training_steps=config.steps)
+    trainer.lorabench_output_dir = output_dir
     return trainer
 
 
@@ -208,6 +215,7 @@ class StepRunner:
         rec.samples.append(samples)
         rec.shapes.append(shape)
         trainer.state.global_step = step_number
+        trainer.state.epoch = sum(rec.samples) / max(1, len(trainer.train_dataset))  # Trainer.log reports it
         trainer.log({"loss": value, "learning_rate": trainer.lr_scheduler.get_last_lr()[0]})
         if not math.isfinite(value):
             raise DivergenceError(step_number, value)
@@ -229,6 +237,7 @@ class StepRunner:
         training is over (integrations flush and close here)."""
         self.control()
         self.trainer.callback_handler.on_train_end(self.trainer.args, self.trainer.state, self.trainer.control)
+        self.trainer.lorabench_output_dir.cleanup()
 
 
 def simple_timer(step, rounds: int, warmup_rounds: int, control=None) -> None:
