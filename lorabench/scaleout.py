@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorabench.errors import ConfigError
+from lorabench.paths import not_empty
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -46,7 +47,7 @@ def parse_shard(text: str) -> Shard:
     Raises:
         ConfigError: not ``I/N`` with ``1 <= I <= N``.
     """
-    match = _SHARD.match(text or "")
+    match = _SHARD.match(not_empty(text, "--shard"))
     if not match:
         raise ConfigError(f"--shard {text!r}: write I/N, e.g. --shard 1/4 for the first of four slices")
     index, count = int(match.group(1)), int(match.group(2))

@@ -7,6 +7,7 @@ unit-tested without pytest.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -35,7 +36,16 @@ _QUIETED = pytest.StashKey[bool]()
 _CHECKED = pytest.StashKey[bool]()
 
 
+# A value that starts with '-' and a digit (--shard -1/2, --memory-budget -5GiB) is a value: argparse before
+# Python 3.13 reads only plain negative numbers so, and takes the rest for an unknown option ("expected one
+# argument"), so the option's own check never names what is wrong. No pytest option looks like -1.
+_DASH_DIGIT_VALUE = re.compile(r"-\.?\d")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
+    optparser = getattr(parser, "optparser", None)  # pytest 9 keeps one; pytest 8 builds one per parse
+    if optparser is not None:
+        optparser._negative_number_matcher = _DASH_DIGIT_VALUE
     parser.addini("lorabench_quiet_all", type="bool", default=False,
                   help="below -v, quiet the libraries and the log in every run of this project, not only in runs "
                        "with bench cases (lorabench's own test suite)")

@@ -74,7 +74,7 @@ def pytest_cmdline_main(config: pytest.Config):
 
 def pytest_configure(config: pytest.Config) -> None:
     state = _state(config)
-    if config.getoption("shard"):
+    if config.getoption("shard") is not None:  # --shard '' is refused, not read as no shard
         try:
             state.shard = scaleout.parse_shard(config.getoption("shard"))
         except LorabenchError as exc:
