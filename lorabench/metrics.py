@@ -27,6 +27,10 @@ def _m(name: str, unit: str, better: str | None, group: str, help: str, *, gated
     return Metric(name, unit, better, group, help, gated)
 
 
+# Figures only a CUDA device gives (its allocator, NVML): a case on the CPU never records them.
+CUDA_ONLY = frozenset({"peak_alloc_mib", "peak_reserved_mib", "alloc_before_mib", "avg_alloc_mib",
+                       "device_used_max_mib"})
+
 _FINETUNE: tuple[Metric, ...] = (
     # memory: process (any device)
     _m("rss_before_mib", "MiB", None, "memory", "process RSS at case start"),
