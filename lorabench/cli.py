@@ -4,6 +4,7 @@
     python -m lorabench report [RUN] [--out reports/] [--skip-broken]
     python -m lorabench merge RUN RUN... [--out FILE]
     python -m lorabench fit --model M --memory 24GiB [--batch-size B] [--seq-len T] [--set K=V] [--json F]
+    python -m lorabench list [--matrix FILE] [--model M] [--dataset D] [--set K=V]
 
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
 prefix; by default the two latest runs (compare) or the latest (report). A stored run that
@@ -42,7 +43,8 @@ def _path(value: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__.split("\n\n")[0])
+    # the docstring's reST literals (``x``) read as plain words on the terminal
+    parser = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument("--storage", type=storage_path, default=Path(".benchmarks"), metavar="DIR",
@@ -92,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="where the chart goes (default reports)")
     fit.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own configuration code")
     fit.set_defaults(command=_fit)
+    lst = sub.add_parser("list", help="print the configurations (built-in or --matrix) with their fields and markers")
+    lst.add_argument("--matrix", type=_path, metavar="FILE", help="configurations from a matrix file (default: the built-in ones)")
+    lst.add_argument("--model", action="append", default=[], metavar="SPEC", help="as the bench takes it; repeatable")
+    lst.add_argument("--dataset", action="append", default=[], metavar="SPEC", help="as the bench takes it; repeatable")
+    lst.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a configuration field in every case, as in the bench")
+    lst.set_defaults(command=_list)
     return parser
 
 
@@ -193,6 +202,18 @@ def _report(args) -> int:
         print(f"skipped run {line}")
     for path in write_report(run, args.out):
         print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _list(args) -> int:
+    from lorabench.config import parse_override
+    from lorabench.listing import list_lines
+    from lorabench.matrix import build_matrix
+
+    overrides = dict(parse_override(text) for text in args.overrides)
+    matrix = build_matrix(matrix_file=args.matrix, models=args.model, datasets=args.dataset, overrides=overrides)
+    for line in list_lines(matrix):
+        print(line)
     return EXIT_OK
 
 
