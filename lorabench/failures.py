@@ -12,7 +12,7 @@ The full record and any traceback stay in the Allure attachments, and show with 
 from __future__ import annotations
 
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_OK, CaseResult
-from lorabench.thresholds import FAIL, NOT_EVALUATED, PASS
+from lorabench.thresholds import FAIL, NOT_EVALUABLE, NOT_EVALUATED, PASS
 
 
 def case_label(result: CaseResult) -> str:
@@ -59,6 +59,8 @@ def gate_lines(gate: dict, result: CaseResult) -> list[str]:
     verb = {FAIL: "violates", PASS: "meets"}.get(gate["status"], "cannot check")
     head = f"{verb} '{gate['rule']}'  {where}"
     metric = gate.get("metric") or gate["rule"].split()[0]
+    if gate["status"] == NOT_EVALUABLE:
+        return [head, f"  not evaluable: {undecided_reason(gate)}"]
     if gate["status"] == NOT_EVALUATED or gate.get("value") is None:
         # the outcome's message says which value was missing and why
         reason = gate["message"].split(" [", 1)[0]
@@ -70,6 +72,12 @@ def gate_lines(gate: dict, result: CaseResult) -> list[str]:
     if reference:
         text += f", {reference}"
     return [head, f"  {text}: bound {bound}"]
+
+
+def undecided_reason(gate: dict) -> str:
+    """Why a not-evaluable gate's data cannot decide it, and what would: its message between the verdict and
+    the rule's place (``accuracy_n = 20 (...); the rule is decided only where accuracy_n >= 100; ...``)."""
+    return gate["message"].split(f"{NOT_EVALUABLE}: ", 1)[-1].split(" [", 1)[0]
 
 
 def failure_block(result: CaseResult, *, verbose: bool = False) -> str | None:
@@ -98,7 +106,7 @@ def failure_block(result: CaseResult, *, verbose: bool = False) -> str | None:
 
 def gate_rows(results: list[CaseResult]) -> list[list[str]]:
     """Every gate outcome of a run, failures first, header first: for the reports and Allure."""
-    order = {FAIL: 0, NOT_EVALUATED: 1, PASS: 2}
+    order = {FAIL: 0, NOT_EVALUABLE: 1, NOT_EVALUATED: 1, PASS: 2}
     rows = []
     for r in results:
         for g in r.gates:
