@@ -145,9 +145,48 @@ def _from_file(path: Path, seed: int) -> TaskData:
         raise DatasetError(
             f"--dataset {path}: unsupported file type {path.suffix!r}; use {', '.join(FILE_BUILDERS)}"
         )
-    # datasets expands patterns in data_files: escaped, the name is read as written ('f*.jsonl', 'd[1].jsonl')
-    ds = _load(builder, glob.escape(str(path.resolve())), f"--dataset {path}")
+    where = f"--dataset {path}"
+    why = _not_text(path)
+    if why:
+        raise DatasetError(f"{where}: {why}; a data file is UTF-8 text ({', '.join(FILE_BUILDERS)})")
+    try:
+        # datasets expands patterns in data_files: escaped, the name is read as written ('f*.jsonl', 'd[1].jsonl')
+        ds = _load(builder, glob.escape(str(path.resolve())), where)
+    except DatasetError:
+        why = _no_rows(path, builder)
+        if why:
+            raise DatasetError(f"{where}: {why}") from None
+        raise
     return _split(ds, f"{path}", seed)
+
+
+# how much of a data file is read to tell text from a binary file
+_TEXT_PROBE_BYTES = 64 * 1024
+
+
+def _not_text(path: Path) -> str | None:
+    """Why the file's first bytes are not UTF-8 text (a NUL byte, or bytes that do not decode), else ``None``."""
+    with path.open("rb") as fh:
+        head = fh.read(_TEXT_PROBE_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"not a text file (byte {nul} is NUL)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not a character cut at the probe's end
+            return f"not a text file (byte {exc.start} is not UTF-8)"
+    return None
+
+
+def _no_rows(path: Path, builder: str) -> str | None:
+    """Why a file that the library could not read holds no rows: blank lines only, or a CSV header only."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if not lines:
+        return "holds only blank lines: no rows to train on"
+    if builder == "csv" and len(lines) == 1:
+        return f"holds a header row ({lines[0][:80]}) and no data rows"
+    return None
 
 
 def _from_glob(pattern: str, seed: int) -> TaskData:
@@ -243,6 +282,25 @@ def _as_columns(schema: tuple[str, ...]) -> tuple[str, str] | str:
     return schema if len(schema) == 2 else schema[0]
 
 
+def _as_text(ds: datasets.Dataset, columns: tuple[str, ...], where: str, given: dict[str, str]) -> datasets.Dataset:
+    """The columns as strings: numbers and booleans are read as the text they print as (``7`` -> ``"7"``).
+
+    Raises:
+        DatasetError: a column holds lists or objects, naming the field as the file calls it.
+    """
+    import datasets
+
+    features = ds.features.copy()
+    for column in columns:
+        feature = ds.features[column]
+        if not isinstance(feature, datasets.Value):
+            raise DatasetError(f"--dataset {where}: field {given[column]!r} holds {type(feature).__name__.lower()} "
+                               "values (lists or objects); it must hold text (strings, or numbers read as text)")
+        if feature.dtype not in ("string", "large_string"):
+            features[column] = datasets.Value("string")
+    return ds if features == ds.features else ds.cast(features)
+
+
 def _split(ds: datasets.Dataset, where: str, seed: int) -> TaskData:
     """Normalise columns, drop empty rows, and split off an eval set that shares no example with train."""
     columns = _columns(ds, where)
@@ -250,11 +308,12 @@ def _split(ds: datasets.Dataset, where: str, seed: int) -> TaskData:
     if isinstance(columns, tuple):
         prompt, completion = columns
         ds = ds.select_columns([prompt, completion]).rename_columns({prompt: "prompt", completion: "completion"})
+        ds = _as_text(ds, ("prompt", "completion"), where, {"prompt": prompt, "completion": completion})
         ds = ds.filter(lambda r: bool(str(r["prompt"] or "").strip()) and bool(str(r["completion"] or "").strip()))
         ds = ds.map(lambda r: {"prompt": str(r["prompt"]), "completion": str(r["completion"])})
         key = ("prompt", "completion")
     else:
-        ds = ds.select_columns([TEXT_COLUMN]).filter(lambda r: bool(str(r[TEXT_COLUMN] or "").strip()))
+        ds = _as_text(ds.select_columns([TEXT_COLUMN]), (TEXT_COLUMN,), where, {TEXT_COLUMN: TEXT_COLUMN}).filter(lambda r: bool(str(r[TEXT_COLUMN] or "").strip()))
         key = (TEXT_COLUMN,)
     if len(ds) < 2:
         raise DatasetError(f"--dataset {where}: needs at least 2 non-empty rows (one to train on, one to evaluate), has {len(ds)}")
