@@ -66,6 +66,19 @@ def with_builds(estimate: tuple[float, str] | None, builds_s: float, names: list
     return estimate[0] + builds_s, f"{estimate[1]}, plus the build of {', '.join(names)}, not cached yet"
 
 
+def for_run(estimate: tuple[float, str] | None, *, seeds: int = 1, workers: int = 1) -> tuple[float, str] | None:
+    """``estimate`` (each case once, one after another) for ``seeds`` runs of every case (``--seeds``) spread
+    over ``workers`` pytest-xdist workers (``-n``), at best: a worker's cases may not take equal time."""
+    if estimate is None:
+        return None
+    seconds, source = estimate
+    if seeds > 1:
+        seconds, source = seconds * seeds, f"{source}, x {seeds} seeds"
+    if workers > 1:
+        seconds, source = seconds / workers, f"{source}, over {workers} workers if they share the work evenly"
+    return seconds, source
+
+
 def plan_line(*, case_ids: list[str], models: list[str], datasets: list[str], device: str, dtypes: list[str],
               isolate: str, estimate: tuple[float, str] | None) -> str:
     """One line: how many cases on what, and the time it should take."""

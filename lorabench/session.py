@@ -174,8 +174,9 @@ class BenchSession:
             preflight.check_name_lengths(self.matrix.ids() if ids is None else ids, runs, f"--report-to {self.report_to}")
             preflight.check_output_dir(runs, f"--report-to {self.report_to}: its log directory", cases)
 
-    def plan_line(self, cases: list, case_ids: list[str], storage: Path | None) -> str:
-        """The first line of a run (lorabench.progress): cases, device, dtypes and the expected time."""
+    def plan_line(self, cases: list, case_ids: list[str], storage: Path | None, workers: int = 1) -> str:
+        """The first line of a run (lorabench.progress): cases, device, dtypes and the expected time, with
+        ``--seeds`` and the ``workers`` of ``-n``."""
         from lorabench.config import resolve
         from lorabench.control import ControlWorkload
         from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
@@ -183,6 +184,7 @@ class BenchSession:
             estimate_from_control,
             estimate_from_history,
             estimate_zoo_builds,
+            for_run,
             plan_line,
             with_builds,
         )
@@ -200,6 +202,7 @@ class BenchSession:
         if estimate is None and all(c.model in ZOO for c in cases):
             estimate = (estimate_from_control([r.steps for r in resolved], control_s),
                         "a rough model of the tiny models, scaled by a control workload timed now")
+        estimate = for_run(estimate, seeds=self.seeds.n, workers=workers)  # a model is built once, whatever the seeds
         if to_build:
             builds_s = estimate_zoo_builds([ZOO[name].pretrain.steps for name in to_build], control_s)
             estimate = with_builds(estimate, builds_s, to_build)

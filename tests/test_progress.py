@@ -52,3 +52,45 @@ def test_plan_line_says_cases_device_dtype_and_time():
                     "expected about 2.5 min (from stored run 0003_x)")
     assert "no estimate" in plan_line(case_ids=["a"], models=["m"], datasets=["d"], device="cpu", dtypes=["bf16"],
                                       isolate="none", estimate=None)
+
+
+def test_the_estimate_counts_every_seed_and_spreads_over_the_workers():
+    from lorabench.progress import for_run
+
+    assert for_run((120.0, "stored run 0003_x"), seeds=3) == (360.0, "stored run 0003_x, x 3 seeds")
+    seconds, source = for_run((120.0, "stored run 0003_x"), seeds=3, workers=2)
+    assert seconds == 180.0 and source.endswith("x 3 seeds, over 2 workers if they share the work evenly")
+    assert for_run((120.0, "s"), seeds=1, workers=1) == (120.0, "s")
+    assert for_run(None, seeds=3, workers=2) is None
+
+
+def _controller(tmp_path, workers: int, **options):
+    from types import SimpleNamespace
+
+    from lorabench.pytest_plugin.hooks import SESSION_KEY
+    from lorabench.session import open_session
+
+    bench = open_session(root=tmp_path, **options)
+    return SimpleNamespace(option=SimpleNamespace(numprocesses=workers), stash={SESSION_KEY: bench})
+
+
+def test_under_n_the_controller_prints_the_plan_with_workers_and_seeds(tmp_path, monkeypatch):
+    from lorabench.pytest_plugin import scaleout as plugin
+
+    monkeypatch.setattr(plugin.scaleout, "cpu_cores", lambda: 2)
+    config = _controller(tmp_path, 2, seeds="3")
+    ids = ["bench/test_finetune.py::test_finetune[lora]", "bench/test_finetune.py::test_finetune[qlora_nf4]",
+           "bench/test_inference.py::test_generation[infer_base]"]
+    (line,) = plugin._controller_plan(config, ids)  # 2 workers on 2 cores: no warning
+    assert line.startswith("lorabench: 2 case(s) [lora, qlora_nf4] on tiny-llama x digit-reverse")
+    assert "x 3 seeds, over 2 workers if they share the work evenly" in line
+
+
+def test_more_workers_than_cores_is_warned(tmp_path, monkeypatch):
+    from lorabench.pytest_plugin import scaleout as plugin
+
+    monkeypatch.setattr(plugin.scaleout, "cpu_cores", lambda: 2)
+    lines = plugin._controller_plan(_controller(tmp_path, 4), [])
+    assert lines == ["lorabench: warning: -n 4 starts more pytest-xdist workers than the 2 core(s) this run may "
+                     "use; cases compete for cores, so each runs slower and its wall-clock figures are not "
+                     "comparable with a run of -n 2 or fewer"]

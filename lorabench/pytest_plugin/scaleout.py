@@ -284,3 +284,29 @@ def pytest_xdist_node_collection_finished(node, ids) -> None:
             f"{len(linked)} group(s) of configurations linked by relative gates run each on one worker, in order "
             f"({', '.join(linked) or 'none'}); each worker gets one GPU where there are GPUs, and cores/workers "
             "torch threads")
+    if reporter is not None:
+        for line in _controller_plan(config, list(ids)):
+            reporter.write_line(line)
+
+
+def _controller_plan(config: pytest.Config, ids: list[str]) -> list[str]:
+    """The controller's lines before scheduling: more workers than cores (each case then competes for a
+    core and its timings read slower), and the run's plan with its expected time over the workers."""
+    from lorabench.pytest_plugin.hooks import _storage_path
+
+    workers, cores = int(config.option.numprocesses), scaleout.cpu_cores()
+    lines = []
+    if workers > cores:
+        lines.append(f"lorabench: warning: -n {workers} starts more pytest-xdist workers than the {cores} core(s) "
+                     f"this run may use; cases compete for cores, so each runs slower and its wall-clock figures "
+                     f"are not comparable with a run of -n {cores} or fewer")
+    bench = _bench(config)
+    if bench is None:
+        return lines
+    by_id = dict(zip(bench.matrix.ids(), bench.matrix.cases()))
+    params = [nodeid[nodeid.index("[") + 1:-1] for nodeid in ids if nodeid.endswith("]") and "[" in nodeid]
+    chosen = [(p, by_id[p]) for p in params if p in by_id]
+    if chosen:
+        lines.append(bench.plan_line([case for _, case in chosen], [p for p, _ in chosen], _storage_path(config),
+                                     workers=workers))
+    return lines
