@@ -237,12 +237,41 @@ def check_writable(directory: Path, option: str) -> None:
     from lorabench.storage import describe_os_error
 
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".lorabench-probe-"):
-            pass
+        _probe_write(directory)
     except OSError as exc:
         raise StorageError(f"{option} {directory}: cannot write there ({describe_os_error(exc)}); the run's results "
                            "would be lost after training. Pick a writable directory") from None
+
+
+def _probe_write(directory: Path) -> None:
+    """Create ``directory`` if needed, then create and remove a file in it (raises ``OSError``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".lorabench-probe-"):
+        pass
+
+
+def check_zoo_cache(to_build: list[str]) -> None:
+    """The zoo models a run builds on first use can be kept in the model cache (``$LORABENCH_CACHE``).
+
+    Args:
+        to_build: the run's zoo models that are not built yet.
+
+    Raises:
+        StorageError: the cache directory cannot be made or written, naming the variable.
+    """
+    from lorabench.storage import describe_os_error
+    from lorabench.zoo import cache_root
+
+    if not to_build:
+        return
+    root = cache_root()
+    try:
+        _probe_write(root)
+    except OSError as exc:
+        named = f"LORABENCH_CACHE={root}" if "LORABENCH_CACHE" in os.environ else f"the model cache {root}"
+        raise StorageError(f"{named}: cannot write there ({describe_os_error(exc)}); {', '.join(to_build)} is built "
+                           "there on first use. Set LORABENCH_CACHE to a writable directory (default "
+                           "~/.cache/lorabench)") from None
 
 
 def output_bytes(cases: int) -> int:

@@ -121,12 +121,13 @@ class BenchSession:
         from lorabench import preflight
         from lorabench.config import resolve
         from lorabench.models import check_dtype_supported
-        from lorabench.zoo import ZOO
+        from lorabench.zoo import ZOO, is_cached
 
         cases = self.matrix.cases() if cases is None else cases
         for config in {c.config.id: c.config for c in cases}.values():
             check_dtype_supported(config.dtype, self.device)
             backends.check_runnable(config.quant, self.device)
+        preflight.check_zoo_cache([m for m in dict.fromkeys(c.model for c in cases) if m in ZOO and not is_cached(m)])
         tasks = {spec: self.task(spec) for spec in dict.fromkeys(c.dataset for c in cases)}
         facts = {}
         for spec in dict.fromkeys(c.model for c in cases):
