@@ -155,12 +155,20 @@ def make_atomic(storage, failures: list[SaveFailure] | None = None) -> None:
         storage.failures = failures if failures is not None else []
 
 
+def json_output_path(benchmark_session) -> Path | None:
+    """The ``--benchmark-json`` file as a path (pytest-benchmark parses the option into an open file object)."""
+    target = benchmark_session.json
+    if not target:
+        return None
+    return Path(getattr(target, "name", target))
+
+
 def protect_json_output(benchmark_session, failures: list[SaveFailure]) -> None:
     """Make ``--benchmark-json FILE`` atomic too, with the same fallback when FILE cannot be written."""
 
     def save_json(output_json):
         data = safe_dumps(output_json, ensure_ascii=True, indent=4).encode()
-        path = Path(benchmark_session.json)
+        path = json_output_path(benchmark_session)
         try:
             write_atomic(path, data)
         except OSError as exc:

@@ -24,6 +24,7 @@ from lorabench.session import (
     open_session,
 )
 from lorabench.failures import failure_block
+from lorabench.storage import json_output_path
 from lorabench.summary import render_summary
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
@@ -228,7 +229,7 @@ def _outputs(config: pytest.Config) -> dict:
     directory = None
     if saving:
         directory = storage.path / storage.default_machine_id if storage.default_machine_id else storage.path
-    json_path = Path(benchmark_session.json) if benchmark_session.json else None
+    json_path = json_output_path(benchmark_session)
     return {"storage": directory, "json_path": json_path}
 
 
