@@ -1,10 +1,13 @@
 """Plots of a run's results with matplotlib (no display needed), each as PNG and SVG.
 
-memory vs training time, quality vs training time, quality vs LoRA rank, and the Pareto
-frontier of memory vs quality. Each plot has one panel per model and data set, titled with
-both, so cases of different tasks are never drawn on one axis. Axis labels name the counter a
-figure comes from; a case run at several seeds (``--seeds``) shows its mean with a bar of one
-standard deviation.
+memory vs training time, quality vs training time, quality vs LoRA rank, the Pareto frontier
+of memory vs quality, and every configuration's training loss overlaid. Each plot has one panel
+per model and data set, titled with both, so cases of different tasks are never drawn on one
+axis. Memory is the device's primary figure: the CUDA allocator's peak on a GPU, the peak of
+live tensor bytes on the CPU (the process RSS, mostly library overhead, cannot rank
+configurations). Axes are labelled in words with the counter and unit; a case run at several
+seeds (``--seeds``) shows its mean with a bar of one standard deviation. The frontier is drawn
+solid only where the 95% intervals of its points' losses separate, else dashed and said so.
 """
 
 from __future__ import annotations
@@ -16,10 +19,19 @@ from lorabench import backends
 from lorabench.case_kinds import DEFAULT_KIND, kind_name
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
+from lorabench.seeds import separated
 from lorabench.textsafe import plot_label
 
 FORMATS = ("png", "svg")
 PANEL_SIZE = (6.4, 4.2)  # inches per model x data set panel
+# Axis labels in words for the figures the plots draw (any other metric: its name and unit).
+AXIS_LABELS = {
+    "train_s": "training time (s, wall clock of all steps)",
+    "eval_loss": "held-out loss after training (nats)",
+    "tensor_peak_mib": "peak memory (MiB of live tensors in a step)",
+    "peak_alloc_mib": "peak GPU memory (MiB, CUDA allocator)",
+    "peak_rss_delta_mib": "process memory added (MiB, peak RSS)",
+}
 
 
 def _pyplot():
@@ -33,8 +45,8 @@ def _pyplot():
 
 
 def _label(metric: str) -> str:
-    """The metric's name (the counter it comes from, lorabench/metrics.py) and its unit."""
-    return f"{metric} ({METRICS[metric].unit})"
+    """The axis label: in words where the plots know the figure, else its name (lorabench/metrics.py) and unit."""
+    return AXIS_LABELS.get(metric) or f"{metric} ({METRICS[metric].unit})"
 
 
 def _save(fig, base: Path) -> list[Path]:
@@ -129,8 +141,11 @@ def pareto_front(points: list[tuple]) -> list[tuple]:
 
 
 def memory_metric(results: list[CaseResult]) -> str:
-    """Peak memory from the CUDA allocator where cases ran on a GPU, else the process RSS the case added."""
-    return "peak_alloc_mib" if any(r.device.startswith("cuda") for r in results) else "peak_rss_delta_mib"
+    """The device's primary memory figure: the CUDA allocator's peak where cases ran on a GPU, else the peak of
+    live tensor bytes; the process RSS added only for records that lack tensor bytes (older stored runs)."""
+    if any(r.device.startswith("cuda") for r in results):
+        return "peak_alloc_mib"
+    return "tensor_peak_mib" if any("tensor_peak_mib" in r.metrics for r in results) else "peak_rss_delta_mib"
 
 
 def write_plots(results: list[CaseResult], out: Path) -> list[Path]:
@@ -142,6 +157,7 @@ def write_plots(results: list[CaseResult], out: Path) -> list[Path]:
                         out / "quality_vs_time")
     written += _rank_plot(results, out / "quality_vs_rank")
     written += _pareto_plot(results, memory, out / "pareto_memory_quality")
+    written += _loss_curves_plot(results, out / "loss_curves")
     return written
 
 
@@ -195,9 +211,17 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
     return _save(fig, base)
 
 
+def front_is_decided(front: list[tuple], points: list[tuple], metric: str = "eval_loss") -> bool:
+    """Whether the frontier is a finding: every point of the panel has a 95% interval of ``metric`` (it ran at
+    several seeds) and each neighbouring pair along the frontier separates (:func:`lorabench.seeds.separated`)."""
+    return (all(p[3].spread.get(metric) for p in points)
+            and all(separated(a[3], b[3], metric) for a, b in zip(front, front[1:])))
+
+
 def _pareto_plot(results: list[CaseResult], memory: str, base: Path) -> list[Path]:
     found = panels(results)
-    fig, axes = _figure(len(found), "Memory vs quality: the Pareto frontier (red)")
+    fig, axes = _figure(len(found), "Memory vs quality: the Pareto frontier (red; dashed where the losses' "
+                                    "intervals do not separate)")
     for ax, (model, dataset, members) in zip(axes, found):
         _panel_axes(ax, model, dataset, memory, "eval_loss")
         points = _points(members, memory, "eval_loss")
@@ -206,10 +230,42 @@ def _pareto_plot(results: list[CaseResult], memory: str, base: Path) -> list[Pat
         _draw_points(ax, points, memory, "eval_loss",
                      colour=lambda r: "tab:red" if id(r) in on_front else "tab:gray")
         if front:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto frontier")
-            ax.legend(fontsize=8)
+            decided = front_is_decided(front, points)
+            label = ("Pareto frontier: its losses' 95% intervals separate" if decided else
+                     "Pareto frontier of the mean losses: not shown to differ\n(one seed, or overlapping 95% "
+                     "intervals; run --seeds 3)")
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red",
+                    linestyle="-" if decided else "--", label=label)
+            ax.legend(fontsize=7)
         if not points:
             _empty(ax, f"no case measured both {memory} and eval_loss")
+    if not found:
+        _empty(axes[0], "no fine-tuning case ran")
+    return _save(fig, base)
+
+
+def _loss_curves_plot(results: list[CaseResult], base: Path) -> list[Path]:
+    """Every configuration's training loss per step, overlaid in one panel per model and data set; a case run
+    at several seeds draws each seed's curve in its colour."""
+    plt = _pyplot()
+    found = panels(results)
+    fig, axes = _figure(len(found), "Training loss per step, every configuration")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (model, dataset, members) in zip(axes, found):
+        _panel_axes(ax, model, dataset, "eval_loss", "eval_loss")
+        ax.set(xlabel="optimizer step", ylabel="training loss (nats)")
+        ax.margins(x=0.02)  # no case names beside the lines to make room for
+        drawn = 0
+        for i, r in enumerate(members):
+            curves = [s["loss_curve"] for s in r.seeds if s.get("loss_curve")] or [r.loss_curve]
+            for j, curve in enumerate(c for c in curves if c):
+                ax.plot(range(1, len(curve) + 1), curve, color=colours[i % len(colours)], linewidth=1.2,
+                        alpha=0.9 if len(curves) == 1 else 0.6, label=plot_label(r.config_id) if j == 0 else None)
+                drawn += 1
+        if drawn:
+            ax.legend(fontsize=7, ncol=2)
+        else:
+            _empty(ax, "no case recorded a loss curve")
     if not found:
         _empty(axes[0], "no fine-tuning case ran")
     return _save(fig, base)

@@ -21,7 +21,7 @@ from lorabench.config import BenchConfig
 from lorabench.failures import gate_rows, status_text
 from lorabench.history import StoredRun
 from lorabench.metrics import METRICS
-from lorabench.plots import memory_metric
+from lorabench.plots import AXIS_LABELS, memory_metric
 from lorabench.case_kinds import DEFAULT_KIND, kind_name
 from lorabench.result import STATUS_OK, CaseResult, plain_reason
 from lorabench.seeds import n_seeds
@@ -140,7 +140,7 @@ def model_by_dataset(results: list[CaseResult]) -> list[list[str]] | None:
     if len({r.model for r in results}) < 2 and len({r.dataset for r in results}) < 2:
         return None
     memory = memory_metric(results)
-    columns = CROSS_COLUMNS + ((memory, f"peak memory (MiB, {'CUDA allocator' if memory == 'peak_alloc_mib' else 'process RSS added'})"),)
+    columns = CROSS_COLUMNS + ((memory, AXIS_LABELS[memory]),)
     table = [["model", "data set", "config", "status"] + [title for _, title in columns]]
     for r in sorted(results, key=lambda r: (r.model, r.dataset)):
         table.append([r.model, r.dataset, r.config_id, status_text(r)] + [cell(r, m) if m in r.metrics else "-" for m, _ in columns])
@@ -200,6 +200,7 @@ def write_report(run: StoredRun, out: Path) -> list[Path]:
         "gates_passed": [gates[0]] + [row for row in gates[1:] if row[0] == "pass"],
         "hyper_parameters": hyper_parameters(results),
         "plots": [p.relative_to(out).as_posix() for p in written if p.suffix == ".svg"],
+        "inline_plots": [inline_svg(p) for p in written if p.suffix == ".svg"],
         "units": UNITS,
     }
     for template, name in (("summary.md.j2", "summary.md"), ("summary.html.j2", "summary.html")):
@@ -207,6 +208,13 @@ def write_report(run: StoredRun, out: Path) -> list[Path]:
         path.write_text(_render(template, context))
         written.append(path)
     return written
+
+
+def inline_svg(path: Path) -> str:
+    """A plot's SVG markup for the HTML page, so summary.html needs no other file (matplotlib writes its text
+    XML-escaped, so a case name cannot become markup); the XML prologue a page does not take is dropped."""
+    text = path.read_text()
+    return text[text.index("<svg"):]
 
 
 def _render(template: str, context: dict) -> str:

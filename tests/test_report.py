@@ -14,7 +14,7 @@ from lorabench.allure_results import CATEGORIES, gates_csv, metrics_csv, write_l
 from lorabench.cli import main
 from lorabench.history import StoredRun, read_run
 from lorabench.matrix import short_name
-from lorabench.plots import base_label, panels, pareto_front
+from lorabench.plots import base_label, front_is_decided, memory_metric, panels, pareto_front, write_plots
 from lorabench.report import build_groups, hyper_parameters, model_by_dataset, write_report
 from lorabench.result import STATUS_DOES_NOT_FIT, CaseResult
 
@@ -44,7 +44,7 @@ def test_report_files_tables_and_worded_deltas(tmp_path):
                  result("qlora_nf4_r64", rank=64, quant="nf4", weights_mib=6.6, eval_loss=0.45))
     written = write_report(run, tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in written}
-    for plot in ("memory_vs_time", "quality_vs_time", "quality_vs_rank", "pareto_memory_quality"):
+    for plot in ("memory_vs_time", "quality_vs_time", "quality_vs_rank", "pareto_memory_quality", "loss_curves"):
         assert {f"plots/{plot}.png", f"plots/{plot}.svg"} <= names
     for p in written:
         assert p.stat().st_size > 0
@@ -54,7 +54,9 @@ def test_report_files_tables_and_worded_deltas(tmp_path):
     assert "50.0% more weight memory" not in md
     assert "eval loss from one seed each, so no case is shown to have the lowest" in md
     html = (tmp_path / "summary.html").read_text()
-    assert html.count("<img ") == 4 and 'id="results-1"' in html
+    # self-contained: the five plots inline, no file beside the page to fetch
+    assert html.count("<svg") == 5 and "<img " not in html and 'src="plots/' not in html
+    assert 'id="results-1"' in html
 
 
 def test_html_escapes_what_comes_from_the_run(tmp_path):
@@ -87,7 +89,7 @@ def test_model_by_dataset_table_has_quality_speed_and_memory_for_every_case():
                      result("lora", dataset="data.jsonl", eval_loss=0.4)]
     table = model_by_dataset(several)
     assert table[0] == ["model", "data set", "config", "status", "eval loss (nats)", "perplexity", "accuracy (%)",
-                        "tokens/s", "peak memory (MiB, process RSS added)"]
+                        "tokens/s", "process memory added (MiB, peak RSS)"]
     assert table[1] == ["tiny-llama", "data.jsonl", "lora", "ok", "0.4", "1.65", "-", "2,000", "100.0"]
     assert table[3] == ["tiny-qwen", "digit-reverse", "full", "ok", "0.7", "1.65", "41.50", "2,000", "100.0"]
 
@@ -142,7 +144,7 @@ def test_plots_have_a_panel_per_model_and_data_set_labelled_with_both(tmp_path):
     assert {(m, short_name(d)) for m, d, _ in panels(results)} == {(m, d) for m in ("tiny-llama", "tiny-qwen")
                                                                     for d in ("digit-reverse", "add-qa")}
     written = write_report(run, tmp_path)
-    for name in ("memory_vs_time", "quality_vs_time", "quality_vs_rank", "pareto_memory_quality"):
+    for name in ("memory_vs_time", "quality_vs_time", "quality_vs_rank", "pareto_memory_quality", "loss_curves"):
         svg = (tmp_path / "plots" / f"{name}.svg").read_text()
         for model in ("tiny-llama", "tiny-qwen"):
             for dataset in ("digit-reverse", "add-qa"):
@@ -154,7 +156,7 @@ def test_plots_have_a_panel_per_model_and_data_set_labelled_with_both(tmp_path):
     assert "2^" not in rank and "none tiny" not in rank and "NF4 base (double quant.), alpha 16 (sweep)" in rank
     md = (tmp_path / "summary.md").read_text()
     assert md.count("## tiny-") == 4 and "## Model × data set" in md and "## Gates" in md
-    assert len([p for p in written if p.suffix == ".png"]) == 4
+    assert len([p for p in written if p.suffix == ".png"]) == 5
 
 
 @pytest.mark.parametrize("config, label", [({"quant": "none", "dtype": "bf16"}, "bf16 base"),
@@ -162,6 +164,57 @@ def test_plots_have_a_panel_per_model_and_data_set_labelled_with_both(tmp_path):
                                            ({"quant": "int8"}, "int8 base")])
 def test_rank_series_are_named_by_their_base(config, label):
     assert base_label(config) == label
+
+
+def test_memory_is_the_devices_primary_figure():
+    assert memory_metric([result("lora", tensor_peak_mib=40.0)]) == "tensor_peak_mib"
+    assert memory_metric([result("lora")]) == "peak_rss_delta_mib"  # a stored run from before tensor bytes
+    gpu = result("lora", tensor_peak_mib=40.0, peak_alloc_mib=60.0)
+    gpu.device = "cuda:0"
+    assert memory_metric([gpu]) == "peak_alloc_mib"
+
+
+def test_plot_axes_are_labelled_in_words_with_the_tensor_peak_on_the_cpu(tmp_path):
+    run = stored(result("full", tensor_peak_mib=90.0), result("lora", tensor_peak_mib=30.0, eval_loss=0.55))
+    write_plots(list(run.results.values()), tmp_path)
+    memory = (tmp_path / "memory_vs_time.svg").read_text()
+    assert "training time (s, wall clock of all steps)" in memory
+    assert "peak memory (MiB of live tensors in a step)" in memory
+    assert "train_s (s)" not in memory and "peak_rss_delta_mib" not in memory
+    assert "held-out loss after training (nats)" in (tmp_path / "pareto_memory_quality.svg").read_text()
+
+
+def test_loss_curves_of_every_configuration_are_overlaid_in_one_panel(tmp_path):
+    a, b = result("full"), result("lora")
+    b.loss_curve = [3.0, 2.5, 2.2, 2.0]
+    write_plots([a, b], tmp_path)
+    svg = (tmp_path / "loss_curves.svg").read_text()
+    assert svg.count("tiny-llama on digit-reverse") == 1  # one panel
+    assert ">full</text>" in svg and ">lora</text>" in svg  # both in its legend
+    assert "training loss (nats)" in svg and "optimizer step" in svg
+
+
+def _seeded(config_id, loss, low, high, memory):
+    r = result(config_id, eval_loss=loss, tensor_peak_mib=memory)
+    r.seeds = [{"seed": s, "metrics": {"eval_loss": loss}} for s in (1, 2, 3)]
+    r.spread = {"eval_loss": {"sd": (high - low) / 4, "ci_low": low, "ci_high": high}}
+    return r
+
+
+def test_the_pareto_frontier_is_a_finding_only_where_the_loss_intervals_separate(tmp_path):
+    apart = [_seeded("lora", 0.60, 0.58, 0.62, 30.0), _seeded("full", 0.40, 0.38, 0.42, 90.0)]
+    points = [(r.metrics["tensor_peak_mib"], r.metrics["eval_loss"], r.config_id, r) for r in apart]
+    assert front_is_decided(pareto_front(points), points)
+    overlapping = [_seeded("lora", 0.45, 0.35, 0.55, 30.0), _seeded("full", 0.40, 0.30, 0.50, 90.0)]
+    points = [(r.metrics["tensor_peak_mib"], r.metrics["eval_loss"], r.config_id, r) for r in overlapping]
+    assert not front_is_decided(pareto_front(points), points)
+    single = [result("lora", eval_loss=0.6, tensor_peak_mib=30.0), result("full", eval_loss=0.4, tensor_peak_mib=90.0)]
+    points = [(r.metrics["tensor_peak_mib"], r.metrics["eval_loss"], r.config_id, r) for r in single]
+    assert not front_is_decided(pareto_front(points), points)  # one seed: no interval, nothing decided
+    write_plots(single, tmp_path)
+    assert "not shown to differ" in (tmp_path / "pareto_memory_quality.svg").read_text()
+    write_plots(apart, tmp_path)
+    assert "its losses' 95% intervals separate" in (tmp_path / "pareto_memory_quality.svg").read_text()
 
 
 def test_pareto_front_keeps_only_undominated_points():
