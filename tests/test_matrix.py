@@ -87,7 +87,7 @@ def _readme_selection_examples() -> list[str]:
     import shlex
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split("**Selecting cases.**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    block = readme.split("### Selecting cases", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     return [shlex.split(line.split("#")[0])[3] for line in block.splitlines() if line.startswith("pytest bench/ -k")]
 
 
