@@ -5,7 +5,13 @@ numbers move: a memory reduction prints as ``-78.4%`` and reads "78.4% less". Wh
 that is better or worse comes from the metric's direction in :mod:`lorabench.metrics`, and
 it is said only where the data show a difference (:func:`difference_evidence`): a case run
 at several seeds shows ``mean ± sd``, and findings name a case lowest or highest only when
-its 95% interval is apart from every other's (:func:`ranking`).
+its 95% interval is apart from every other's (:func:`ranking`). Speed is judged on the figure
+that gates it, the step's time over its control: two cases differ only where the Hodges-Lehmann
+bound of their per-step shift (:func:`lorabench.compare.step_ratio_shift`, the statistic
+``compare`` uses across runs) is past the speed tolerance; raw wall-clock step times are shown
+beside it, and the summary says when workers or load make them incomparable.
+
+Tables and findings are laid out to the terminal's width by :mod:`lorabench.tables`.
 """
 
 from __future__ import annotations
@@ -13,16 +19,20 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from lorabench import tables
 from lorabench.case_kinds import DEFAULT_KIND, Column, kind_name, kind_of
-from lorabench.failures import status_text
+from lorabench.compare import Tolerances, step_ratio_shift
+from lorabench.failures import status_text, undecided_reason
 from lorabench.matrix import BASELINE_ID
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.seeds import n_seeds, separated
+from lorabench.thresholds import EMBEDDED_SELECTOR, NOT_EVALUABLE, is_embedded_default
 
 # Figures the seed cannot move (tensor shapes and bytes): a difference in them needs no repeated seeds.
 SEED_INDEPENDENT_GROUPS = ("memory", "size")
-ALPHA = 0.05  # for telling two cases' per-step times apart within one run
+# Telling two cases' steps apart within one run: compare's defaults (significance, minimum speed effect)
+SPEED_TOLERANCES = Tolerances()
 # Figures computed from the measured steps, so two cases' steps can tell them apart.
 STEP_METRICS = ("step_ms", "step_control_ratio", "samples_per_s", "tokens_per_s", "train_s")
 
@@ -73,27 +83,51 @@ def difference_evidence(metric: str, a: CaseResult, b: CaseResult) -> str:
     """``""`` when ``a`` and ``b`` are shown to differ in ``metric``; otherwise why not, in words.
 
     With repeated seeds on both sides, their 95% intervals must not overlap. With one seed, figures
-    the seed cannot move (memory, sizes) count as they are; per-step timings are told apart by a
-    Mann-Whitney test over the two cases' measured steps; anything else has no spread to judge by.
+    the seed cannot move (memory, sizes) count as they are; per-step timings differ only where the shift
+    of ``a``'s step/control ratios over ``b``'s is past the speed tolerance with 95% confidence
+    (:func:`speed_evidence`); anything else has no spread to judge by.
     """
     apart = separated(a, b, metric)
     if apart is not None:
         return "" if apart else f"not distinguishable at {min(n_seeds(a), n_seeds(b))} seeds, 95% intervals overlap"
     if METRICS[metric].group in SEED_INDEPENDENT_GROUPS:
         return ""
-    if metric in STEP_METRICS:
-        from scipy.stats import mannwhitneyu
-
-        from lorabench.compare import measured_step_ms, measured_step_ratios
-
-        # step/control ratios where both cases have them: the load can change between two cases of a run
-        sa, sb, what = measured_step_ratios(a), measured_step_ratios(b), "step/control ratios"
-        if min(len(sa), len(sb)) < 3:
-            sa, sb, what = measured_step_ms(a), measured_step_ms(b), "step times"
-        if min(len(sa), len(sb)) >= 3:
-            p = float(mannwhitneyu(sa, sb, alternative="two-sided").pvalue)
-            return "" if p < ALPHA else f"{what} not distinguishable, Mann-Whitney p={p:.2g}"
+    if metric in STEP_METRICS and (a.step_ms_curve or b.step_ms_curve):
+        return speed_evidence(a, b)
     return "one run each, spread unknown: --seeds N measures it"
+
+
+def speed_evidence(a: CaseResult, b: CaseResult) -> str:
+    """``""`` when ``a``'s steps are shown slower or faster than ``b``'s, otherwise why not.
+
+    The figure that gates speed, each step's time over its control, is compared step by step: the
+    one-sided 95% Hodges-Lehmann bound of the shift, in the direction it moved, must be past the
+    speed tolerance (the minimum effect ``compare`` gates across runs), as in :mod:`lorabench.compare`.
+    """
+    shift = step_ratio_shift(b, a, SPEED_TOLERANCES.alpha)
+    if shift is None:
+        return "too few measured steps with a control to tell the cases apart"
+    tolerance = SPEED_TOLERANCES.for_metric(METRICS["step_control_ratio"])
+    slower = shift.estimate > 0
+    bound = shift.lower if slower else shift.upper
+    if (bound > tolerance) if slower else (bound < -tolerance):
+        return ""
+    return (f"per-step shift {shift.estimate:+.1%}, {1 - SPEED_TOLERANCES.alpha:.0%} bound {bound:+.1%}: "
+            f"not shown past the ±{tolerance:.0%} minimum effect")
+
+
+def speed_phrase(r: CaseResult, base: CaseResult) -> str | None:
+    """The step-time finding: step/control (the gated figure) with its verdict, raw wall-clock step time beside it."""
+    m, b = r.metrics, base.metrics
+    if "step_control_ratio" in m and "step_control_ratio" in b:
+        text = describe("step_control_ratio", "step time over its control", m["step_control_ratio"],
+                        b["step_control_ratio"], difference_evidence("step_control_ratio", r, base))
+        if "step_ms" in m and "step_ms" in b:
+            text += f" [raw step time {fmt(m['step_ms'])} vs {fmt(b['step_ms'])} ms, wall clock, not judged]"
+        return text
+    if "step_ms" in m and "step_ms" in b:
+        return describe("step_ms", "step time", m["step_ms"], b["step_ms"], difference_evidence("step_ms", r, base))
+    return None
 
 
 def fmt(x: float) -> str:
@@ -128,13 +162,20 @@ def columns_for(result: CaseResult) -> tuple[Column, ...]:
 
 
 def cell(result: CaseResult, metric: str) -> str:
-    """A value: a mean over seeds with its standard deviation; accuracy with its Wilson interval."""
+    """A value: a mean over seeds with its standard deviation; accuracy with its 95% interval (over seeds: the
+    mean's Student-t interval; one seed: Wilson), as its column's title says."""
     m = result.metrics
+    if metric == "accuracy_pct" and metric in result.spread:
+        spread = result.spread[metric]
+        return f"{m[metric]:.1f} [{spread['ci_low']:.1f}-{spread['ci_high']:.1f}]"
     if metric in result.spread:
         return f"{fmt(m[metric])} ± {fmt(result.spread[metric]['sd'])}"
     if metric == "accuracy_pct" and "accuracy_ci_low_pct" in m and "accuracy_ci_high_pct" in m:
         return f"{m[metric]:.1f} [{m['accuracy_ci_low_pct']:.1f}-{m['accuracy_ci_high_pct']:.1f}]"
     return fmt(m[metric])
+
+
+DELTA_SEPARATOR = " ("  # between a cell's value and its delta against the baseline
 
 
 def table_cells(results: list[CaseResult]) -> list[list[str]]:
@@ -150,19 +191,30 @@ def table_cells(results: list[CaseResult]) -> list[list[str]]:
                 continue
             text = cell(r, metric)
             if base is not None and r is not base and metric in base.metrics:
-                text += f" ({format_delta(r.metrics[metric], base.metrics[metric])})"
+                text += f"{DELTA_SEPARATOR}{format_delta(r.metrics[metric], base.metrics[metric])})"
             row.append(text)
         rows.append(row)
     return rows
 
 
-def render_table(results: list[CaseResult]) -> list[str]:
-    """One group's table as aligned text lines."""
-    rows = table_cells(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
+def render_table(results: list[CaseResult], width: int | None = None) -> list[str]:
+    """One group's table in at most ``width`` columns (the terminal's when None), by :mod:`lorabench.tables`.
+
+    Where one line per case does not fit, columns no case has a figure for are left out and each delta goes
+    under its value, so that rich folds as little as it can.
+    """
+    width = tables.terminal_width() if width is None else width
+    header, *rows = table_cells(results)
+    if _natural_width([header, *rows]) > width:
+        keep = [i for i in range(len(header)) if i < 2 or any(row[i] != "-" for row in rows)]
+        header = [header[i] for i in keep]
+        rows = [[row[i].replace(DELTA_SEPARATOR, "\n(", 1) for i in keep] for row in rows]
+    return tables.render_table(header, rows, width=width)
+
+
+def _natural_width(table: list[list[str]]) -> int:
+    """Columns a table takes with every cell on one line (one space between columns, as lorabench.tables pads)."""
+    return sum(max(len(row[i]) for row in table) + 2 for i in range(len(table[0])))
 
 
 def findings(results: list[CaseResult]) -> list[str]:
@@ -181,8 +233,7 @@ def findings(results: list[CaseResult]) -> list[str]:
     out = []
     peaks = [(metric, noun) for metric, _, noun in columns_for(base)
              if METRICS[metric].group == "memory" and metric != "weights_mib"]
-    compared = (*peaks, ("weights_mib", "weight memory"), ("step_ms", "step time"),
-                ("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))
+    compared = (*peaks, ("weights_mib", "weight memory"))
     for r in results:
         if r is base or r.status != STATUS_OK:
             continue
@@ -191,6 +242,10 @@ def findings(results: list[CaseResult]) -> list[str]:
             for metric, noun in compared
             if metric in r.metrics and metric in base.metrics
         ]
+        phrases += [p for p in [speed_phrase(r, base)] if p]
+        phrases += [describe(metric, noun, r.metrics[metric], base.metrics[metric], difference_evidence(metric, r, base))
+                    for metric, noun in (("decode_tokens_per_s", "decode rate"), ("latency_ms", "latency"))
+                    if metric in r.metrics and metric in base.metrics]
         if phrases:
             out.append(f"{r.config_id} vs {base.config_id}: " + "; ".join(phrases))
     ok = [r for r in results if r.status == STATUS_OK]
@@ -331,9 +386,51 @@ def phase_lines(results: list[CaseResult]) -> list[str]:
     return lines
 
 
+def undecided_gate_lines(results: list[CaseResult]) -> list[str]:
+    """One line per rule the data could not decide, with the cases it was not evaluable in and why."""
+    cases: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    for r in results:
+        for g in r.gates:
+            if g["status"] == NOT_EVALUABLE:
+                # the reason without the case's own value where cases share it (the same data set, the same steps)
+                cases[(g["rule"], g["where"], undecided_reason(g))].append(r.config_id)
+    return [f"'{rule}' [{where}] in {', '.join(ids)}: {reason}" for (rule, where, reason), ids in cases.items()]
+
+
+def raw_time_notes(results: list[CaseResult], workers: int | None = None) -> list[str]:
+    """Why raw wall-clock times of this group cannot be compared between its cases, where they cannot."""
+    notes = []
+    cores = max((r.environment.get("cpu_count") or 0 for r in results), default=0)
+    if workers and workers > 1:
+        notes.append(f"{workers} pytest-xdist workers (-n {workers}) trained cases at the same time"
+                     + (f" on {cores} cores" if cores else ""))
+    loads = [r.environment[k] for r in results for k in ("load_avg_1m_start", "load_avg_1m_end")
+             if isinstance(r.environment.get(k), (int, float))]
+    if loads and cores and max(loads) > cores:
+        notes.append(f"the 1-minute load average reached {max(loads):.1f} on {cores} cores")
+    if not notes:
+        return []
+    return [f"raw step ms and tokens/s are wall clock and not comparable between these cases: {'; '.join(notes)}. "
+            "Compare step/control, which the control timed in the same process cancels the shared load from."]
+
+
+def profile_lines(results: list[CaseResult]) -> list[str]:
+    """For a run on one's own model or data: which gate profiles applied, and how to write one's own."""
+    if not results or is_embedded_default(results[0].model, results[0].dataset):
+        return []
+    applied = list(dict.fromkeys(g["profile"] for r in results for g in r.gates if g.get("profile")))
+    if not applied:
+        return []
+    return [f"gate profiles applied: {', '.join(applied)}; the '{EMBEDDED_SELECTOR}' profile's task-specific "
+            "bounds hold for a tiny zoo model on digit-reverse only. To gate your own model with your own bounds, "
+            f"add a profile 'model={results[0].model}' to a copy of thresholds.yaml and run with --thresholds FILE "
+            "(docs/gate-profiles.md)."]
+
+
 # the lists under a group's table: (title, what lists the items), in the order they print
 _SECTIONS = (
     ("findings:", findings),
+    ("gates not evaluable (too little data to decide them; neither passed nor failed):", undecided_gate_lines),
     ("memory at the tensor peak, MiB (live tensor bytes; lorabench/tensor_tracker.py):", tensor_lines),
     ("adapters (saved, reloaded, merged; lorabench/adapters.py):", adapter_lines),
     ("multi-process cases (per-device figures are the largest rank's; wall clock):", rank_lines),
@@ -341,7 +438,16 @@ _SECTIONS = (
 )
 
 
-def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None) -> list[str]:
+def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None = None, *,
+                   width: int | None = None, workers: int | None = None) -> list[str]:
+    """The terminal summary: per model and data set a table and the lists under it, at most ``width``
+    columns a line (the terminal's when None).
+
+    Args:
+        workers: pytest-xdist workers the run had (``-n``), which make raw wall times incomparable.
+    """
+    width = tables.terminal_width() if width is None else width
+    wrap = lambda text, indent="": tables.wrap(text, width=width, indent=indent)  # noqa: E731
     lines: list[str] = []
     for (model, dataset, device), group in group_results(results).items():
         base = pick_baseline(group)
@@ -350,18 +456,23 @@ def render_summary(results: list[CaseResult], gate_counts: dict[str, int] | None
         dtype_text = f", trained in {'/'.join(dtypes)}" if dtypes else ""
         seeds = max(n_seeds(r) for r in group)
         spread = f"; {seeds} seeds: mean ± standard deviation" if seeds > 1 else ""
-        lines.append(f"{model} on {dataset} ({device}{dtype_text}), {base_text}; "
-                     f"deltas are (value - baseline) / baseline{spread}")
-        lines += render_table(group)
+        lines += wrap(f"{model} on {dataset} ({device}{dtype_text}), {base_text}; "
+                      f"deltas are (value - baseline) / baseline{spread}")
+        lines += render_table(group, width)
+        for note in raw_time_notes(group, workers):
+            lines += wrap(note, "  ")
         not_ok = [r for r in group if r.status != STATUS_OK]
         for r in not_ok:
-            lines.append(f"  {r.config_id}: {r.status}: {r.error or ''}".rstrip())
+            lines += wrap(f"{r.config_id}: {r.status}: {r.error or ''}".rstrip(), "  ")
         for title, section in _SECTIONS:
             items = section(group)
             if items:
-                lines.append(title)
-                lines += [f"  - {item}" for item in items]
+                lines += wrap(title)
+                for item in items:
+                    lines += tables.wrap(item, width=width, indent="  - ", subsequent="    ")
+        for line in profile_lines(group):
+            lines += wrap(line)
         lines.append("")
     if gate_counts:
-        lines.append("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))
+        lines += wrap("gates: " + ", ".join(f"{n} {status}" for status, n in gate_counts.items()))
     return lines
