@@ -24,7 +24,7 @@ from lorabench.footprint import MIB
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")  # a sign too, so -5GiB is named as negative
 SAMPLE_INTERVAL_S = 0.005
 _SIGNAL = signal.SIGUSR1
 

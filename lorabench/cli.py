@@ -3,7 +3,7 @@
     python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--skip-broken] [--csv F] [--json F] [--markdown F]
     python -m lorabench report [RUN] [--out reports/] [--skip-broken]
     python -m lorabench merge RUN RUN... [--out FILE]
-    python -m lorabench fit --model M --memory 24GiB [--batch-size B] [--seq-len T] [--set K=V] [--json F]
+    python -m lorabench fit --model M [--memory 24GiB] [--batch-size B] [--seq-len T] [--set K=V] [--json F]
     python -m lorabench list [--matrix FILE] [--model M] [--dataset D] [--set K=V]
 
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
@@ -17,13 +17,16 @@ Exit codes: 0 fine, 1 a regression (or a compared run with a case that did not f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
 from lorabench.errors import HistoryError, LorabenchError
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+NEGATIVE_SIZE = re.compile(r"^-\d+(\.\d+)?\s*[A-Za-z]*$")  # a negative number, or size, is a value, not an option
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("run_b", nargs="?", help="the later run (default: the latest)")
     cmp.add_argument("--fail", action="store_true",
                      help="exit 1 when any metric regressed, or a compared run has a case that diverged or errored")
-    cmp.add_argument("--thresholds", type=_path, default=Path("thresholds.yaml"), metavar="FILE",
-                     help="tolerances from its 'compare:' section (default thresholds.yaml; built-in defaults if absent)")
+    cmp.add_argument("--thresholds", type=_path, default=None, metavar="FILE",
+                     help="tolerances from its 'compare:' section (default thresholds.yaml where it exists, else the "
+                          "built-in ones; a FILE given must exist)")
+    cmp.add_argument("--gate-step-cpu-time", action="store_true",
+                     help="gate speed on the raw step CPU time (step_cpu_ms) as well as on the step/control ratio: "
+                          "for a quiet runner, where a slowdown that the control shares (a torch upgrade) must fail")
     cmp.add_argument("--all", action="store_true", help="show unchanged rows on the terminal too")
     cmp.add_argument("--csv", type=_path, metavar="FILE", help="write every row as CSV")
     cmp.add_argument("--json", type=_path, metavar="FILE", help="write every row and warning as JSON")
@@ -80,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="predict each configuration's peak memory (no weights, no GPU) against budgets")
     fit.add_argument("--model", action="append", required=True, metavar="SPEC",
                      help="preset:NAME, a zoo name, a checkpoint directory or a cached hub id; repeatable")
-    fit.add_argument("--memory", action="append", required=True, metavar="SIZE", help="a budget, e.g. 24GiB; repeatable")
+    fit.add_argument("--memory", action="append", default=[], metavar="SIZE",
+                     help="a budget, e.g. 24GiB, checked against the predicted device total on CUDA (tensor bytes "
+                          "on the CPU); repeatable; without it the table shows the predicted peaks only")
+    fit._negative_number_matcher = NEGATIVE_SIZE  # '--memory -5GiB' reaches the size check, not 'expected one argument'
     fit.add_argument("--batch-size", type=int, metavar="B", help="rows per micro-batch (default: the model's)")
     fit.add_argument("--seq-len", type=int, metavar="T", help="tokens per row (default: the model's)")
     fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -126,6 +136,10 @@ def _compare(args) -> int:
     from lorabench.errors import HistoryError
     from lorabench.history import latest_runs, run_problem, select_run
 
+    for option, path in (("--csv", args.csv), ("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None:
+            check_output_file(path, option)
+    tolerances = _tolerances(args.thresholds)  # a bad file is refused before any run is read
     skipped: list[str] = []
     latest = lambda n: latest_runs(n, args.storage, skip_broken=args.skip_broken, skipped=skipped)  # noqa: E731
     if args.run_a and args.run_b:
@@ -141,7 +155,7 @@ def _compare(args) -> int:
     if args.skip_broken and problems:
         run, problem = problems[0]
         raise HistoryError(f"run {run.label} was named, and {problem}; name another run")
-    tolerances = _tolerances(args.thresholds)
+    tolerances = dataclasses.replace(tolerances, gate_step_cpu_time=args.gate_step_cpu_time)
     comparison = compare_runs(run_a, run_b, tolerances)
     for line in compare_output.terminal(comparison, show_all=args.all):
         print(line)
@@ -155,16 +169,18 @@ def _compare(args) -> int:
     return EXIT_REGRESSION if args.fail and (comparison.regressions or problems) else EXIT_OK
 
 
-def _tolerances(path: Path):
-    """The ``compare:`` section of the thresholds file (its gates are the bench's business)."""
+def _tolerances(path: Path | None):
+    """The ``compare:`` section of the thresholds file (its gates are the bench's business): of ``path``,
+    which must exist, or of ./thresholds.yaml where it exists; else the built-in tolerances."""
     from lorabench import yamlio
     from lorabench.compare import Tolerances, parse_tolerances
     from lorabench.errors import ThresholdError
     from lorabench.paths import read_text
 
-    path = Path(os.path.expanduser(str(path)))
-    if not os.path.lexists(path):
-        return Tolerances()
+    if path is None:
+        path = Path("thresholds.yaml")
+        if not os.path.lexists(path):
+            return Tolerances()
     try:
         data = yamlio.load(read_text(path, "--thresholds", ThresholdError))
     except yamlio.YamlProblem as exc:
@@ -178,9 +194,12 @@ def _merge(args) -> int:
     from lorabench.merge import default_output, merge_runs
     from lorabench.storage import write_run
 
+    if args.out is not None:
+        check_output_file(args.out, "merge --out")
     paths = [select_run(spec, args.storage).path for spec in args.runs]
     merged = merge_runs([(str(p), read_json(p)) for p in paths])
     out = args.out or default_output(args.storage, merged.data)
+    check_output_file(out, "merge --out")
     try:
         write_run(out, merged.data)
     except FileExistsError as exc:
@@ -195,12 +214,15 @@ def _report(args) -> int:
     from lorabench.history import latest_runs, select_run
     from lorabench.report import write_report
 
+    check_output_dir(args.out, "report --out")
     skipped: list[str] = []
     run = select_run(args.run, args.storage) if args.run else latest_runs(
         1, args.storage, skip_broken=args.skip_broken, skipped=skipped)[0]
     for line in skipped:
         print(f"skipped run {line}")
-    for path in write_report(run, args.out):
+    for line in run.read_warnings:
+        print(f"warning: {line}")
+    for path in write_report(run, args.out, progress=_progress):
         print(f"wrote {path}")
     return EXIT_OK
 
@@ -217,18 +239,50 @@ def _list(args) -> int:
     return EXIT_OK
 
 
+def _progress(line: str) -> None:
+    """A long command's progress, on stderr: stdout keeps its results."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def check_output_dir(directory: Path, option: str) -> None:
+    """A folder a command will write into, made now if needed: refused before any work when it cannot be.
+
+    Raises:
+        StorageError: naming the option, the folder and why (a component that is a file, read-only, ...).
+    """
+    from lorabench.errors import StorageError
+    from lorabench.storage import describe_os_error
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{option} {directory}: cannot be made a folder ({describe_os_error(exc)})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StorageError(f"{option} {directory}: cannot write there (read-only or not permitted)")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """A file a command will write: its folder made now if needed, and not a folder itself.
+
+    Raises:
+        StorageError: naming the option, the file and why.
+    """
+    from lorabench.errors import StorageError
+
+    if path.is_dir():
+        raise StorageError(f"{option} {path}: a folder, not a file; name the file to write")
+    check_output_dir(path.absolute().parent, f"{option} {path}: its folder")
+
+
 def _fit(args) -> int:
     from lorabench.config import parse_override
-    from lorabench.errors import ConfigError
-    from lorabench.fit import Budget, plot, render, run_fit, write_json
+    from lorabench.fit import Budget, check_outputs, check_shape, plot, render, run_fit, write_json
     from lorabench.matrix import build_matrix
     from lorabench.quiet import quiet_libraries
 
     quiet_libraries()  # the libraries' deprecation notices and optional-kernel messages say nothing about the answer
-    for name in ("batch_size", "seq_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    check_shape(args.batch_size, args.seq_len)
+    check_outputs(args.json, args.out)  # before the predictions, not after them
     budgets = [Budget.parse(text) for text in args.memory]
     overrides = dict(parse_override(text) for text in args.overrides)
     matrix = build_matrix(matrix_file=args.matrix, overrides=overrides)

@@ -29,10 +29,14 @@ from typing import Any
 
 from lorabench.budget import parse_size
 from lorabench.config import BenchConfig, TrainDefaults
-from lorabench.estimate import Prediction
+from lorabench.errors import ConfigError
+from lorabench.estimate import FIGURE_COUNTERS, Prediction
 from lorabench.footprint import MIB
+from lorabench.tables import render_table, wrap
 
-SCALED = ("activations", "temporaries", "allocator_rounding")  # grow with the batch and the length; the rest is fixed
+SCALED = ("activations", "temporaries")  # tensor parts that grow with the batch and the length; the rest is fixed
+ALLOCATOR_SCALED = ("allocator_rounding", "allocator_cached")  # the caching allocator's overhead: grows with them too
+RUNTIME_FIXED = ("cublas_workspace", "cuda_context")
 OPTIMIZER_PHASE = "optimizer"  # its temporaries are the optimizer's scratch: fixed, not scaled
 SHOWN = ("params", "grads", "optimizer", "activations", "temporaries")  # the rest is summed as "runtime"/"other"
 GIB = 1024.0
@@ -63,7 +67,9 @@ class FitCase:
 
     def to_json(self) -> dict[str, Any]:
         """The issue's record (config, gradient_checkpointing, batch_size, seq_len, predicted_peak_mib,
-        components_mib, fits) plus the model, the target and the largest sizes per budget."""
+        components_mib, fits) plus the model, the target, the largest sizes per budget and every predicted
+        figure with the counter it compares with (``predicted_peak_mib`` is the one budgets are checked against,
+        named by ``budget_figure``; ``components_mib`` sums to it)."""
         p = self.prediction
         return {
             "config": self.config.id,
@@ -77,6 +83,10 @@ class FitCase:
             "target": p.target,
             "max_batch_size": dict(self.max_batch_size),
             "max_seq_len": dict(self.max_seq_len),
+            "budget_figure": p.budget_figure,
+            "predicted": {f.name: {"mib": f.mib, "compare_with": f.counter, "meaning": f.meaning}
+                          for f in p.figures()},
+            "assumed": {t.name: t.source for t in p.runtime},
         }
 
 
@@ -90,37 +100,40 @@ def default_shape(spec: str) -> TrainDefaults:
 
 def fit_case(model: str, hf_config, config: BenchConfig, budgets: list[Budget], *, batch_size: int, seq_len: int,
              target: str) -> FitCase:
-    """Predict one case and judge it against every budget."""
-    from lorabench.estimate import predict
+    """Predict one case and judge it against every budget (the device total on CUDA, tensor bytes on the CPU)."""
+    from lorabench.estimate import Predictor
 
-    prediction = predict(hf_config, config, batch_size=batch_size, seq_len=seq_len, target=target,
-                         extrapolate_layers=True)
+    predictor = Predictor(hf_config, config, target=target, extrapolate_layers=True)
+    peaks: dict[tuple[int, int], float] = {}
+
+    def peak_at(batch: int, length: int) -> float:
+        if (batch, length) not in peaks:
+            peaks[batch, length] = predictor.predict(batch, length).peak_mib
+        return peaks[batch, length]
+
+    prediction = predictor.predict(batch_size, seq_len)
+    peaks[batch_size, seq_len] = prediction.peak_mib
     case = FitCase(model, config, prediction)
+    if not budgets:
+        return case
     lines = _phase_lines(prediction)
     if prediction.attention == "eager" and seq_len >= 2:
-        half = _phase_lines(predict(hf_config, config, batch_size=batch_size, seq_len=seq_len // 2, target=target,
-                                    extrapolate_layers=True))
+        half = _phase_lines(predictor.predict(batch_size, seq_len // 2))
         lengths = {p: (fixed, *_quadratic(seq_len, scaled, seq_len // 2, half[p][1]))
                    for p, (fixed, scaled) in lines.items() if p in half}
     else:
         lengths = {p: (fixed, scaled / seq_len, 0.0) for p, (fixed, scaled) in lines.items()}
     limit = getattr(hf_config, "max_position_embeddings", None)
-    moves = prediction.phases.get("backward", {}).get("grads", 0) > 0
-    peaks: dict[tuple[int, int], float] = {(batch_size, seq_len): prediction.peak_mib}
-
-    def peak_at(batch: int, length: int) -> float:
-        if (batch, length) not in peaks:
-            peaks[batch, length] = predict(hf_config, config, batch_size=batch, seq_len=length, target=target,
-                                           extrapolate_layers=True).peak_mib
-        return peaks[batch, length]
-
+    # the peak's place moves within the step with the size, or the allocator's segments do not grow in
+    # proportion: the lines are a first guess, predictions around it settle the largest size
+    settle = prediction.phases.get("backward", {}).get("grads", 0) > 0 or prediction.allocator is not None
     for budget in budgets:
         case.fits[budget.label] = prediction.peak_mib <= budget.mib
         batch = min(_largest_size(budget.mib - fixed, scaled / batch_size, 0.0) for fixed, scaled in lines.values())
         length = min(_largest_size(budget.mib - fixed, a, c) for fixed, a, c in lengths.values())
         if limit:
             length = min(length, limit)
-        if moves:
+        if settle:
             batch = _settle(lambda b: peak_at(b, seq_len) <= budget.mib, batch)
             length = _settle(lambda t: peak_at(batch_size, t) <= budget.mib, length, limit)
         # nothing of the step grows with it (not seen in a real step): no largest size to give
@@ -173,15 +186,18 @@ def _bisect(fits, low: int, high: int) -> int:
 
 
 def _phase_lines(prediction: Prediction) -> dict[str, tuple[float, float]]:
-    """(fixed, scaled) MiB of each phase's highest point: what the batch size and length do not move, and
-    what grows with them. The runtime terms join every phase (allocator rounding as scaled)."""
-    runtime = {t.name: t.mib for t in prediction.runtime}
+    """(fixed, scaled) MiB of each phase's highest point in the budget's figure: what the batch size and
+    length do not move, and what grows with them. On CUDA the workspaces and the context join every phase
+    as fixed, and the allocator's rounding and cached blocks as scaled."""
+    parts = prediction.components_mib
+    overhead = {k: parts[k] for k in RUNTIME_FIXED if k in parts}
+    allocator = sum(parts.get(k, 0.0) for k in ALLOCATOR_SCALED)
     lines = {}
-    for phase, parts in prediction.phases.items():
-        mib = {**{k: v / MIB for k, v in parts.items()}, **runtime}
+    for phase, tensor in prediction.phases.items():
+        mib = {k: v / MIB for k, v in tensor.items()}
         scaled_keys = [k for k in SCALED if not (phase == OPTIMIZER_PHASE and k == "temporaries")]
-        scaled = sum(mib.get(k, 0.0) for k in scaled_keys)
-        lines[phase] = (sum(mib.values()) - scaled, scaled)
+        scaled = sum(mib.get(k, 0.0) for k in scaled_keys) + allocator
+        lines[phase] = (sum(mib.values()) + sum(overhead.values()) + allocator - scaled, scaled)
     return lines
 
 
@@ -202,25 +218,72 @@ def _largest_size(room: float, a: float, c: float) -> int | float:
     return math.floor((-a + math.sqrt(a * a + 4 * c * room)) / (2 * c))
 
 
-def run_fit(models: list[str], budgets: list[Budget], *, batch_size: int | None, seq_len: int | None,
-            configs: list[BenchConfig], target: str, trust_remote_code: bool = False) -> list[FitCase]:
-    """Every model x configuration.
+def check_shape(batch_size: int | None, seq_len: int | None) -> None:
+    """Refuse a batch size or length below 1.
 
     Raises:
-        ModelError: a model spec names nothing known.
-        ConfigError: a bad target.
+        ConfigError: naming the option and its value.
+    """
+    for option, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} {value}: must be at least 1")
+
+
+def check_outputs(json_path: Path | None, out_dir: Path) -> None:
+    """Refuse output paths that cannot be written, before any prediction runs.
+
+    Raises:
+        ConfigError: ``--json`` is a directory, ``--out`` is a file, or a folder above either is a file.
+    """
+    if json_path is not None and json_path.is_dir():
+        raise ConfigError(f"--json {json_path}: is a directory; give a file path (e.g. {json_path / 'fit.json'})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file; give a folder for the chart")
+    for option, path in (("--json", json_path), ("--out", out_dir)):
+        for parent in (path.parents if path is not None else ()):
+            if parent.exists() and not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, so nothing can be written under it")
+
+
+def check_case_shape(spec: str, hf_config, batch_size: int, seq_len: int) -> None:
+    """Refuse a length past the model's positions (refused, not warned: a model trained to them is not
+    defined beyond, and its tensors at such lengths can pass what torch can size).
+
+    Raises:
+        ConfigError: naming the length, the model's limit and where it comes from.
+    """
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len}: past {spec}'s max_position_embeddings of {limit} (its config); "
+                          f"give at most {limit}, or a config.json with rope scaling and a larger "
+                          "max_position_embeddings")
+    widest = max(getattr(hf_config, name, 0) or 0 for name in ("vocab_size", "intermediate_size", "hidden_size"))
+    if batch_size * seq_len * widest * 8 >= 2**63:  # a float64-sized logits or MLP tensor: past int64 bytes
+        raise ConfigError(f"--batch-size {batch_size} x --seq-len {seq_len}: a {widest}-wide tensor of that many "
+                          "rows is past what torch can size (2**63 bytes); give smaller sizes")
+
+
+def run_fit(models: list[str], budgets: list[Budget], *, batch_size: int | None, seq_len: int | None,
+            configs: list[BenchConfig], target: str, trust_remote_code: bool = False) -> list[FitCase]:
+    """Every model x configuration; every model and shape is checked before the first prediction.
+
+    Raises:
+        ModelError: a model spec names nothing known, or its config.json has a bad shape field.
+        ConfigError: a bad target, or a length past a model's positions.
     """
     from lorabench.estimate import hf_config
 
-    cases = []
+    planned = []
     for spec in models:
         hf = hf_config(spec, trust_remote_code=trust_remote_code)
         shape = default_shape(spec)
         for config in configs:
             b = batch_size or config.batch_size or shape.batch_size
             t = seq_len or config.seq_len or shape.seq_len
-            cases.append(fit_case(spec, hf, config, budgets, batch_size=b, seq_len=t, target=target))
-    return cases
+            check_case_shape(spec, hf, b, t)
+            planned.append((spec, hf, config, b, t))
+    return [fit_case(spec, hf, config, budgets, batch_size=b, seq_len=t, target=target)
+            for spec, hf, config, b, t in planned]
 
 
 def _size(n: int | None) -> str:
@@ -231,37 +294,53 @@ def _gib(mib: float) -> str:
     return f"{mib / GIB:.2f}"
 
 
-def render(cases: list[FitCase], budgets: list[Budget]) -> list[str]:
-    """The table, one block per model and shape."""
+def _unit(cases: list[FitCase]) -> tuple[str, Any]:
+    """GiB for models that take a GiB or more, else MiB: a tiny model's parts would all read 0.00 GiB."""
+    if max(c.prediction.peak_mib for c in cases) >= GIB:
+        return "GiB", _gib
+    return "MiB", lambda mib: f"{mib:.1f}"
+
+
+def render(cases: list[FitCase], budgets: list[Budget], *, width: int | None = None) -> list[str]:
+    """The tables, one block per model and shape, folded to ``width`` columns (the terminal's when None):
+    the predicted figures with the fits columns, then the tensor peak's parts."""
     lines: list[str] = []
     groups: dict[tuple, list[FitCase]] = {}
     for case in cases:
         p = case.prediction
         groups.setdefault((case.model, p.batch_size, p.seq_len, p.target), []).append(case)
     for (model, b, t, target), group in groups.items():
-        layers = group[0].prediction.layers_run
-        how = "extrapolated from " + " and ".join(map(str, layers)) + " layers" if len(layers) == 2 else "all layers"
-        lines.append(f"{model}: batch {b} x {t} tokens, {target} kernels, {group[0].prediction.attention} attention "
-                     f"({how}); GiB; max batch at {t} tokens / max length at batch {b}")
-        head = ["config", "ckpt", "peak", *SHOWN, "other"] + [f"fits {x.label}" for x in budgets]
-        rows = [head]
+        first = group[0].prediction
+        how = ("extrapolated from " + " and ".join(map(str, first.layers_run)) + " layers"
+               if len(first.layers_run) == 2 else "all layers")
+        unit, show = _unit(group)
+        lines += wrap(f"{model}: batch {b} x {t} tokens, {target} kernels, {first.attention} attention ({how}); "
+                      f"{unit}" + (f"; fits: max batch at {t} tokens / max length at batch {b}" if budgets else ""),
+                      width=width)
+        names = [f.name for f in first.figures()]
+        head = ["config", "ckpt", *names] + [f"fits {x.label}" for x in budgets]
+        rows = []
         for case in group:
-            parts = case.prediction.components_mib
-            other = sum(v for k, v in parts.items() if k not in SHOWN)
             cells = [case.config.id, "yes" if case.config.gradient_checkpointing else "no",
-                     _gib(case.prediction.peak_mib), *(_gib(parts[k]) for k in SHOWN), _gib(other)]
+                     *(show(f.mib) for f in case.prediction.figures())]
             for x in budgets:
                 verdict = "yes" if case.fits[x.label] else "no"
                 cells.append(f"{verdict} ({_size(case.max_batch_size[x.label])} / {_size(case.max_seq_len[x.label])})")
             rows.append(cells)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        for i, row in enumerate(rows):
-            lines.append("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        if target == "cuda":
-            lines.append("other = buffers + allocator rounding (computed) + cuBLAS workspace and CUDA context "
-                         "(assumed, not measured here; lorabench/estimate/runtime.py)")
+        lines += render_table(head, rows, width=width, right_align=range(2, len(head)))
+        parts = [k for k in (*SHOWN, "buffers") if any(c.prediction.tensor.components.get(k) for c in group)]
+        lines += wrap(f"the tensor peak's parts, {unit}:", width=width)
+        lines += render_table(["config", *parts],
+                              [[c.config.id, *(show(c.prediction.components_mib[k]) for k in parts)] for c in group],
+                              width=width, right_align=range(1, len(parts) + 1))
+        for figure in first.figures():
+            counter = FIGURE_COUNTERS[figure.name]
+            lines += wrap(f"{figure.name}: compare with {counter[0]} ({counter[1]})"
+                          + ("; budgets are checked against it" if figure.name == first.budget_figure else ""),
+                          width=width, indent="  ", subsequent="    ")
+        for term in first.runtime:
+            lines += wrap(f"{term.name} {term.mib:.0f} MiB: {term.source}", width=width, indent="  ",
+                          subsequent="    ")
         lines.append("")
     return lines
 
@@ -279,7 +358,7 @@ def plot(cases: list[FitCase], budgets: list[Budget], out: Path) -> list[Path]:
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     names = sorted({k for c in cases for k in c.prediction.components_mib})
-    order = [k for k in (*SHOWN, "buffers", "allocator_rounding", "cublas_workspace", "cuda_context") if k in names]
+    order = [k for k in (*SHOWN, "buffers", *ALLOCATOR_SCALED, *RUNTIME_FIXED) if k in names]
     labels = [c.config.id if len({x.model for x in cases}) == 1 else f"{short_name(c.model)} {c.config.id}"
               for c in cases]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(cases) + 2))
@@ -292,7 +371,8 @@ def plot(cases: list[FitCase], budgets: list[Budget], out: Path) -> list[Path]:
         ax.axvline(budget.mib / GIB, color="black", linestyle="--", linewidth=1)
         ax.text(budget.mib / GIB, len(cases) - 0.4, f" {budget.label}", fontsize=8, va="bottom")
     first = cases[0].prediction
-    ax.set(xlabel="predicted peak, GiB (lorabench.estimate: tensor bytes by category, plus runtime terms)",
+    figure = "device total (reserved + CUDA context)" if first.budget_figure == "device" else "tensor bytes"
+    ax.set(xlabel=f"predicted {figure}, GiB (lorabench.estimate), by part",
            title=f"{', '.join(sorted({c.model for c in cases}))}: batch {first.batch_size} x {first.seq_len}, "
                  f"{first.target}")
     ax.invert_yaxis()

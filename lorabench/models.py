@@ -20,6 +20,7 @@ from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ConfigError, ModelError
 from lorabench.paths import expand, require
 from lorabench.precision import resolve_dtype, torch_dtype
+from lorabench import real_model
 from lorabench.zoo import ZOO, checkpoint_dir
 
 # Defaults for a real checkpoint, where the configuration leaves them open.
@@ -38,10 +39,11 @@ class ModelSource:
     trust_remote_code: bool = False
 
 
-def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
+def resolve_model(spec: str, *, trust_remote_code: bool = False, weights: bool = True) -> ModelSource:
     """Turn a ``--model`` value into a loadable source the way Hugging Face resolves a name, checking it is a causal LM.
 
-    In order: a zoo name (``tiny-llama``); an existing directory, which is a checkpoint; a hub id
+    In order: a zoo name (``tiny-llama``); an embedded real model (``smollm2-135m``,
+    :mod:`lorabench.real_model`); an existing directory, which is a checkpoint; a hub id
     (``org/name``, dots and dashes allowed, ``org/name@revision`` for a branch, tag or commit),
     which is looked up in the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) and
     loaded from its snapshot folder. Runs are offline, so nothing is downloaded.
@@ -49,6 +51,7 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
     Args:
         spec: what the user passed to ``--model``.
         trust_remote_code: allow the checkpoint's own modelling code (off unless the user asks).
+        weights: check that the checkpoint has weight files (a memory prediction reads the config alone).
 
     Raises:
         ModelError: the directory is missing or not a checkpoint, the hub id is malformed or not
@@ -56,17 +59,21 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False) -> ModelSource:
     """
     if spec in ZOO:
         return ModelSource(spec, str(checkpoint_dir(spec)), True, ZOO[spec].defaults)
+    if spec in real_model.REAL_MODELS:  # converted once from its GGUF, then an ordinary checkpoint
+        return ModelSource(spec, str(real_model.checkpoint_dir(spec)), True, real_model.REAL_MODELS[spec].defaults)
     path = expand(spec, "--model", ModelError)
     if os.path.lexists(path) or _looks_like_path(spec):
         require(path, "directory", "--model", ModelError)
         if not (path / "config.json").is_file():
             raise ModelError(f"--model {spec}: directory has no config.json, so it is not a Hugging Face checkpoint")
         _check_causal_lm(spec, str(path), trust_remote_code)
-        check_weights(path, spec)
+        if weights:
+            check_weights(path, spec)
         return ModelSource(spec, str(path), False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
     snapshot = hub_snapshot(spec)
     _check_causal_lm(spec, snapshot, trust_remote_code)
-    check_weights(Path(snapshot), spec)
+    if weights:
+        check_weights(Path(snapshot), spec)
     return ModelSource(spec, snapshot, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
 
 
@@ -90,7 +97,7 @@ def split_hub_id(spec: str) -> tuple[str, str | None]:
         validate_repo_id(repo)
     except HFValidationError as exc:
         raise ModelError(
-            f"--model {spec!r}: not an embedded model ({', '.join(ZOO)}), not an existing directory, and not a hub "
+            f"--model {spec!r}: not an embedded model ({', '.join([*ZOO, *real_model.REAL_MODELS])}), not an existing directory, and not a hub "
             f"id of the form ORG/NAME or ORG/NAME@REVISION ({exc})"
         ) from None
     if spec.endswith("@"):
@@ -114,7 +121,7 @@ def hub_snapshot(spec: str) -> str:
     except LocalEntryNotFoundError:
         at = f" at revision {revision!r}" if revision else ""
         fetch = f"{repo}" + (f" --revision {revision}" if revision else "")
-        zoo = "" if "/" in repo else f"not an embedded model ({', '.join(ZOO)}) and "
+        zoo = "" if "/" in repo else f"not an embedded model ({', '.join([*ZOO, *real_model.REAL_MODELS])}) and "
         cache = str(constants.HF_HUB_CACHE)
         if cache.startswith(str(Path.home())):
             cache = "~" + cache[len(str(Path.home())):]

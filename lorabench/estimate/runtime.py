@@ -1,23 +1,28 @@
 """What a CUDA process holds beyond its tensors: named terms, each with where its figure comes from.
 
-Tensor bytes (predicted exactly by :mod:`lorabench.estimate`) are what
-``torch.cuda.max_memory_allocated`` counts, less the caching allocator's rounding. A card
-also holds the CUDA context (driver, kernels; outside the allocator) and the cuBLAS
-workspaces (inside it). The context and workspace figures below are public figures, not
-measurements of this machine: lorabench's own runs here have no GPU. The allocator's
-rounding is computed from the storages alive at the predicted peak. Not included: cached
-but unused blocks (``peak_reserved_mib - peak_alloc_mib``), which depend on the order of
-allocations and on ``PYTORCH_CUDA_ALLOC_CONF``.
+Tensor bytes (predicted exactly by :mod:`lorabench.estimate`) are not what a card shows:
+
+- inside the caching allocator (so in ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved``):
+  the cuBLAS workspaces, one per cuBLAS handle and stream, and a handle per thread that runs matmuls (the
+  main thread's forward and the autograd engine's device thread's backward), plus the allocator's own
+  rounding and cached free blocks (:mod:`lorabench.estimate.allocator` replays them);
+- outside it (so only in the device total NVML or ``nvidia-smi`` shows): the CUDA context (driver state,
+  the kernel images of torch and of every library that loads its own, cuBLAS handles' own state).
+
+The workspace and context figures below come from PyTorch's source and public reports, not from a
+measurement here: lorabench's own runs here have no GPU. Every case on CUDA records each prediction's
+error against its own counter, which is how these assumptions get checked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lorabench.footprint import MIB
 
-CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: every tensor takes a multiple of it
+MATMUL_THREADS = 2  # the main thread (forward, optimizer) and the autograd engine's CUDA device thread (backward)
+CUBLAS_WORKSPACE_BYTES = 4096 * 8 * 1024  # the Hopper (sm90) default; :4096:2:16:8 = 8.125 MiB on other GPUs
+CUBLASLT_WORKSPACE_BYTES = 1024 * 1024  # CUBLASLT_WORKSPACE_SIZE's default, 1024 KiB
 
 
 @dataclass(frozen=True)
@@ -37,22 +42,19 @@ class RuntimeTerm:
 
 CUDA_CONTEXT = RuntimeTerm(
     "cuda_context", 512.0,
-    "assumed, not measured here (no GPU): the first CUDA call's context, ~0.3-0.8 GiB by GPU, driver and CUDA "
-    "version (723 MiB in https://discuss.pytorch.org/t/what-is-the-reason-for-pytorchs-gpu-memory-floor/73021)")
+    "assumed, not measured here (no GPU): the CUDA context outside the caching allocator (driver, kernel images "
+    "of torch and the libraries it loads, cuBLAS handles' state), ~0.3-0.8 GiB by GPU, driver and CUDA version "
+    "(723 MiB in https://discuss.pytorch.org/t/what-is-the-reason-for-pytorchs-gpu-memory-floor/73021); "
+    "in the device total only")
 CUBLAS_WORKSPACE = RuntimeTerm(
-    "cublas_workspace", 8.125 + 32.0,
-    "assumed, not measured here (no GPU): cuBLAS handle workspace 8.125 MiB (CUBLAS_WORKSPACE_CONFIG default "
-    ":4096:2:16:8, aten/src/ATen/cuda/CublasHandlePool.cpp) plus the cuBLASLt workspace, 32 MiB on Hopper "
-    "(pytorch/pytorch#120925; 1-4 MiB on earlier GPUs)")
+    "cublas_workspace", MATMUL_THREADS * (CUBLAS_WORKSPACE_BYTES + CUBLASLT_WORKSPACE_BYTES) / MIB,
+    f"assumed, not measured here (no GPU): per cuBLAS handle and stream, a cuBLAS workspace of "
+    f"{CUBLAS_WORKSPACE_BYTES / MIB:g} MiB (the sm90 default in aten/src/ATen/cuda/CublasHandlePool.cpp; 8.125 MiB "
+    f"before Hopper) and a cuBLASLt workspace of {CUBLASLT_WORKSPACE_BYTES / MIB:g} MiB (CUBLASLT_WORKSPACE_SIZE's "
+    f"default), both through the caching allocator; {MATMUL_THREADS} handles: the main thread's and the autograd "
+    f"engine's device thread's")
 
 
-def allocator_rounding(storage_bytes: Iterable[int], block: int = CUDA_BLOCK_BYTES) -> int:
-    """Bytes the caching allocator adds by rounding each storage up to a whole number of blocks."""
-    return sum(-size % block for size in storage_bytes)
-
-
-def cuda_terms(storage_bytes: Iterable[int]) -> list[RuntimeTerm]:
-    """The runtime terms of a CUDA prediction, given the sizes of the storages alive at its peak."""
-    rounding = RuntimeTerm("allocator_rounding", allocator_rounding(storage_bytes) / MIB,
-                           f"computed: each live storage rounded up to {CUDA_BLOCK_BYTES} bytes (CUDACachingAllocator)")
-    return [rounding, CUBLAS_WORKSPACE, CUDA_CONTEXT]
+def workspace_blocks() -> tuple[int, ...]:
+    """The persistent blocks the cuBLAS workspaces take from the caching allocator, in bytes."""
+    return (CUBLAS_WORKSPACE_BYTES, CUBLASLT_WORKSPACE_BYTES) * MATMUL_THREADS

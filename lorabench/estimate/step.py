@@ -17,11 +17,13 @@ meta tensors do not have. The mask tensor is still allocated, as the collator do
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lorabench.config import BenchConfig
 from lorabench.estimate.device import emulate, use_foreach
-from lorabench.tensor_tracker import TensorPeak, TensorTracker
+from lorabench.estimate.allocator import AllocationLog
+from lorabench.tensor_tracker import TensorPeak
 from lorabench.training import MAX_GRAD_NORM, make_trainer
-
 
 
 def _trainer(model, config: BenchConfig, target: str):
@@ -71,8 +73,23 @@ def _create_optimizer_state(trainer, model) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
-                   target: str) -> dict[str, TensorPeak]:
+@dataclass
+class TrackedStep:
+    """One tracked training step.
+
+    Attributes:
+        phases: the highest live tensor bytes of each phase (forward, backward, optimizer), with their parts.
+        events: every allocation and free in order (:class:`lorabench.estimate.allocator.AllocationLog`).
+        state_events: how many of ``events`` are the model state alive before the step.
+    """
+
+    phases: dict[str, TensorPeak]
+    events: list[tuple[int, int | None]]
+    state_events: int
+
+
+def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int, target: str,
+                   trainer=None) -> TrackedStep:
     """Track one training step of a meta model whose optimizer state exists.
 
     Args:
@@ -81,16 +98,24 @@ def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
         batch_size: rows per micro-batch.
         seq_len: tokens per row.
         target: ``cpu`` or ``cuda``: whose kernels the meta run stands for.
+        trainer: from :func:`prepared_trainer` for this model, to predict another shape without a new build.
 
     Returns:
-        The highest live tensor bytes of each phase of the step, and their parts (the peak is the highest).
+        The step's phase peaks and its allocations in order.
     """
-    trainer = _trainer(model, config, target)
-    _create_optimizer_state(trainer, model)
-    tracker = TensorTracker(model, trainer.optimizer)
+    trainer = trainer or prepared_trainer(model, config, target)
+    tracker = AllocationLog(model, trainer.optimizer)
+    state_events = len(tracker.events)
     try:
         with emulate(target), tracker:
             _step(trainer, model, config, batch_size, seq_len)
-        return tracker.phase_peaks()
+        return TrackedStep(tracker.phase_peaks(), tracker.events, state_events)
     finally:
         tracker.close()
+
+
+def prepared_trainer(model, config: BenchConfig, target: str):
+    """The Trainer of a meta model whose optimizer state exists: what every tracked step starts from."""
+    trainer = _trainer(model, config, target)
+    _create_optimizer_state(trainer, model)
+    return trainer
