@@ -62,6 +62,18 @@ _FINETUNE: tuple[Metric, ...] = (
     # memory: the memory model's prediction for the case (lorabench.estimate), from the config alone
     _m("predicted_peak_mib", "MiB", None, "memory", "tensor peak predicted on the meta device, no weights"),
     _m("prediction_error_pct", "%", None, "memory", "(predicted_peak_mib - tensor_peak_mib) / tensor_peak_mib"),
+    _m("predicted_alloc_mib", "MiB", None, "memory",
+       "CUDA: allocator peak allocated predicted from the meta run's allocations replayed through the caching "
+       "allocator's rules, cuBLAS workspaces included (compare with peak_alloc_mib)"),
+    _m("alloc_prediction_error_pct", "%", None, "memory", "(predicted_alloc_mib - peak_alloc_mib) / peak_alloc_mib"),
+    _m("predicted_reserved_mib", "MiB", None, "memory",
+       "CUDA: allocator peak reserved (its segments) predicted by the same replay (compare with peak_reserved_mib)"),
+    _m("reserved_prediction_error_pct", "%", None, "memory",
+       "(predicted_reserved_mib - peak_reserved_mib) / peak_reserved_mib"),
+    _m("predicted_device_mib", "MiB", None, "memory",
+       "CUDA: device total predicted: reserved plus the CUDA context (assumed) (compare with device_used_max_mib)"),
+    _m("device_prediction_error_pct", "%", None, "memory",
+       "(predicted_device_mib - device_used_max_mib) / device_used_max_mib"),
     # size
     _m("params_total", "count", None, "size", "parameters in the model (a packed 4-bit weight counts its elements)"),
     _m("params_trainable", "count", "lower", "size", "parameters that train"),
