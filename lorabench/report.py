@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +170,14 @@ def hyper_parameters(results: list[CaseResult]) -> list[list[str]]:
     return [["config", "models"] + list(HYPER_PARAMETERS)] + list(rows.values())
 
 
+def by_field(table: list[list[str]]) -> list[list[str]]:
+    """:func:`hyper_parameters` turned a quarter: a row per field, a column per configuration (and its models),
+    so the page is as wide as the configurations are many, not the fields."""
+    header, rows = table[0], table[1:]
+    columns = [f"{row[0]} ({row[1]})" for row in rows]
+    return [["field", *columns]] + [[field, *(row[i] for row in rows)] for i, field in enumerate(header) if i > 1]
+
+
 def overview(results: list[CaseResult]) -> list[str]:
     """Lines: how many cases ended how, and the gate outcomes."""
     statuses = Counter(status_text(r) for r in results)
@@ -177,17 +187,23 @@ def overview(results: list[CaseResult]) -> list[str]:
     return lines
 
 
-def write_report(run: StoredRun, out: Path) -> list[Path]:
+def write_report(run: StoredRun, out: Path, progress: Callable[[str], None] = lambda line: None) -> list[Path]:
     """Write the Markdown and HTML summaries and the plots of ``run`` under ``out``.
+
+    Args:
+        progress: told each stage as it starts, with the seconds spent so far (a large run takes minutes).
 
     Returns:
         The files written.
     """
     from lorabench import plots
 
+    started = time.perf_counter()
     results = list(run.results.values())
+    progress(f"report of {run.label}: {len(results)} case(s); plots ...")
     out.mkdir(parents=True, exist_ok=True)
     written = plots.write_plots(results, out / "plots")
+    progress(f"report: plots written after {time.perf_counter() - started:.0f} s; tables and findings ...")
     gates = gate_rows(results)
     context = {
         "run": run,
@@ -199,14 +215,17 @@ def write_report(run: StoredRun, out: Path) -> list[Path]:
         "gates_open": [gates[0]] + [row for row in gates[1:] if row[0] != "pass"],
         "gates_passed": [gates[0]] + [row for row in gates[1:] if row[0] == "pass"],
         "hyper_parameters": hyper_parameters(results),
+        "hyper_parameters_by_field": by_field(hyper_parameters(results)),
         "plots": [p.relative_to(out).as_posix() for p in written if p.suffix == ".svg"],
         "inline_plots": [inline_svg(p) for p in written if p.suffix == ".svg"],
         "units": UNITS,
     }
     for template, name in (("summary.md.j2", "summary.md"), ("summary.html.j2", "summary.html")):
+        progress(f"report: {name} after {time.perf_counter() - started:.0f} s ...")
         path = out / name
         path.write_text(_render(template, context))
         written.append(path)
+    progress(f"report: done in {time.perf_counter() - started:.0f} s")
     return written
 
 

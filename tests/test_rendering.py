@@ -71,22 +71,31 @@ def wait_for(driver, script: str, timeout: float = 30.0):
     return ui.WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
 
 
-def test_summary_html_tables_and_plots_render(tmp_path, browser, serve):
+# Every inline plot's rendered width, once the page has laid them out.
+PLOT_WIDTHS = "return [...document.querySelectorAll('.plots svg')].map(s => s.getBoundingClientRect().width)"
+# Tables wider than the 1400 px window (their own box, or a wrapper that has to scroll).
+TOO_WIDE = """return [...document.querySelectorAll('.wide')].filter(w => w.scrollWidth > w.clientWidth
+    || w.getBoundingClientRect().right > window.innerWidth).map(w => w.firstElementChild.id)"""
+
+
+def test_summary_html_tables_and_plots_render(tmp_path, browser):
     write_report(read_run(STORED_RUN), tmp_path)
-    browser.get(serve(tmp_path) + "summary.html")
+    (tmp_path / "plots").rename(tmp_path / "moved")  # self-contained: the page needs no file beside it
+    browser.get((tmp_path / "summary.html").as_uri())
     rows = browser.execute_script("return document.querySelectorAll('#results-1 tbody tr').length")
     assert rows == 3
-    loaded = wait_for(browser, """
-        const imgs = [...document.images];
-        return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 100) ? imgs.length : false;""")
-    assert loaded == 4
+    widths = browser.execute_script(PLOT_WIDTHS)
+    assert len(widths) == 5 and all(w > 300 for w in widths)
+    assert browser.execute_script("return document.images.length") == 0
+    assert browser.execute_script(TOO_WIDE) == []
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     screenshot(browser, "report-summary.png")
 
 
-def test_two_models_on_two_data_sets_render_labelled_by_both(tmp_path, browser, serve):
+def test_two_models_on_two_data_sets_render_labelled_by_both(tmp_path, browser):
     run = read_run(STORED_2X2)
     write_report(run, tmp_path)
-    browser.get(serve(tmp_path) + "summary.html")
+    browser.get((tmp_path / "summary.html").as_uri())
     cross = browser.execute_script("return document.querySelectorAll('#model-by-dataset tbody tr').length")
     assert cross == len(run.results)
     titles = browser.execute_script("return [...document.querySelectorAll('h2')].map(h => h.innerText)")
@@ -95,15 +104,17 @@ def test_two_models_on_two_data_sets_render_labelled_by_both(tmp_path, browser, 
             assert any(t.startswith(f"{model} on ") and dataset in t for t in titles), (model, dataset, titles)
     assert browser.execute_script("return document.querySelectorAll('#configurations tbody tr').length") >= 5
     assert browser.execute_script("return document.getElementById('gates') !== null")
-    loaded = wait_for(browser, """
-        const imgs = [...document.images];
-        return imgs.length === 4 && imgs.every(i => i.complete && i.naturalWidth > 1000) ? imgs.length : false;""")
-    assert loaded == 4  # each plot is a 2 x 2 grid of panels, so wider than one panel
+    widths = browser.execute_script(PLOT_WIDTHS)
+    assert len(widths) == 5 and all(w > 1000 for w in widths)  # each plot is a 2 x 2 grid of panels
+    assert browser.execute_script(TOO_WIDE) == []  # the gates and the four results tables fit too
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     screenshot(browser, "report-2x2.png")
     folder = os.environ.get("LORABENCH_SCREENSHOTS")
     if folder:
-        browser.find_element("css selector", "img[src$='pareto_memory_quality.svg']").screenshot(
-            str(Path(folder) / "report-2x2-pareto.png"))
+        figures = browser.find_elements("css selector", ".plots figure")
+        for figure, name in zip(figures[-2:], ("report-2x2-pareto.png", "report-2x2-loss-curves.png")):
+            browser.execute_script("arguments[0].scrollIntoView()", figure)
+            figure.screenshot(str(Path(folder) / name))
 
 
 @pytest.mark.skipif(not (ROOT / "node_modules" / ".bin" / "allure").exists() and shutil.which("npm") is None,
