@@ -1,6 +1,6 @@
 """``python -m lorabench``: compare stored runs and render reports.
 
-    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--skip-broken] [--csv F] [--json F] [--markdown F]
+    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--all] [--skip-broken] [--csv F] [--json F] [--markdown F]
     python -m lorabench report [RUN] [--out reports/] [--skip-broken]
     python -m lorabench merge RUN RUN... [--out FILE]
     python -m lorabench fit --model M [--memory 24GiB] [--batch-size B] [--seq-len T] [--set K=V] [--json F]
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -68,10 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--gate-step-cpu-time", action="store_true",
                      help="gate speed on the raw step CPU time (step_cpu_ms) as well as on the step/control ratio: "
                           "for a quiet runner, where a slowdown that the control shares (a torch upgrade) must fail")
-    cmp.add_argument("--all", action="store_true", help="show unchanged rows on the terminal too")
+    cmp.add_argument("--all", action="store_true",
+                     help="show every row, informational and unchanged ones too (default: the gated rows that "
+                          "moved, and the verdict)")
     cmp.add_argument("--csv", type=_path, metavar="FILE", help="write every row as CSV")
     cmp.add_argument("--json", type=_path, metavar="FILE", help="write every row and warning as JSON")
-    cmp.add_argument("--markdown", type=_path, metavar="FILE", help="write the table as Markdown")
+    cmp.add_argument("--markdown", type=_path, metavar="FILE",
+                     help="write a summary for a pull-request comment: the verdict, the gated changes, the "
+                          "rest collapsed (with --all: every row)")
     cmp.set_defaults(command=_compare)
 
     rep = sub.add_parser("report", parents=[storage], help="write summary.md, summary.html and plots for a run")
@@ -159,8 +164,9 @@ def _compare(args) -> int:
     comparison = compare_runs(run_a, run_b, tolerances)
     for line in compare_output.terminal(comparison, show_all=args.all):
         print(line)
+    write_markdown = functools.partial(compare_output.write_markdown, show_all=args.all)
     for path, write in ((args.csv, compare_output.write_csv), (args.json, compare_output.write_json),
-                        (args.markdown, compare_output.write_markdown)):
+                        (args.markdown, write_markdown)):
         if path is not None:
             write(comparison, path)
     for run, problem in problems:

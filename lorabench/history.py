@@ -230,30 +230,29 @@ def latest_runs(count: int, storage: Path = DEFAULT_STORAGE, *, skip_broken: boo
             cannot be read.
     """
     chosen: list[StoredRun] = []
+    skipped = [] if skipped is None else skipped
     for path in reversed(run_files(storage)):
         if len(chosen) == count:
             break
         try:
             run = read_run(path)
         except InterruptedRunError as exc:  # never a point of comparison: passed over, with or without skip_broken
-            if skipped is not None:
-                skipped.append(str(exc))
+            skipped.append(str(exc))
             continue
         except HistoryError as exc:
             if not skip_broken:
                 raise HistoryError(f"{exc}; pass --skip-broken to leave it out and use the runs before it") from None
-            if skipped is not None:
-                skipped.append(f"{path}: {str(exc).removeprefix(f'{path}: ')}")
+            skipped.append(f"{path}: {str(exc).removeprefix(f'{path}: ')}")
             continue
         problem = run_problem(run) if skip_broken else None
         if problem:
-            if skipped is not None:
-                skipped.append(f"{run.label}: {problem}")
+            skipped.append(f"{run.label}: {problem}")
             continue
         chosen.append(run)
     if len(chosen) < count:
         kind = "usable" if skip_broken else "readable"
         raise HistoryError(
             f"{storage}: {len(chosen)} {kind} run(s) stored, {count} needed; run the bench with --benchmark-autosave"
+            + "".join(f"\n  passed over: {line}" for line in skipped)
         )
     return chosen[::-1]

@@ -223,6 +223,8 @@ class IsolatedCaseRun:
             elif kind == "aborted":
                 raise CaseAborted(CaseResult.from_extra_info(message[1]))
             elif kind == "failed":
+                if message[1].startswith("KeyboardInterrupt"):  # Ctrl-C reached the case process: stop as inline
+                    raise KeyboardInterrupt(f"{self.case_id}: the case process was interrupted")
                 raise ChildFailed(f"{self.case_id}: {message[1]}", message[2])
             else:
                 raise ChildFailed(f"{self.case_id}: unexpected message {kind!r} from the case process")

@@ -10,6 +10,8 @@ partial file is never read as a result, and a write that fails (a full disk) rem
 A run is never lost to a failed write. When the storage (or the ``--benchmark-json``
 file) cannot be written at the end of a run, the same JSON goes to a fallback directory,
 and the failure, with where the run went, is kept for the terminal summary and the exit status.
+A run stopped by Ctrl-C (marked by the plugin) goes to the fallback directory in the same way: it
+never enters the history, and its finished cases are not lost.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 from pytest_benchmark.storage.file import FileStorage
 from pytest_benchmark.utils import safe_dumps
+
+from lorabench.history import INTERRUPTED_KEY
 
 FALLBACK_DIR_NAME = "lorabench-unsaved"
 
@@ -126,6 +130,13 @@ class AtomicFileStorage(FileStorage):
     def save(self, output_json, save):
         data = safe_dumps(output_json, ensure_ascii=True, indent=4).encode()
         name = f"{save}.json"
+        if output_json.get(INTERRUPTED_KEY):  # never into the history; kept where the finished cases can be found
+            failure = save_elsewhere(data, name, f"--benchmark-storage {self.path}",
+                                     f"the run was interrupted ({output_json[INTERRUPTED_KEY]}); an interrupted "
+                                     "run is kept out of the history")
+            getattr(self, "failures", []).append(failure)
+            self.logger.error("\n".join(failure.lines()))
+            return
         try:
             name = f"{self._next_num}_{save}.json"
             output_file = self.get(name)

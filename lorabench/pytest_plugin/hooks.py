@@ -32,6 +32,7 @@ SESSION_KEY = pytest.StashKey[BenchSession]()
 # it in every run of an environment where lorabench is installed, most of which use none of it)
 _ACTIVE = pytest.StashKey[bool]()
 _QUIETED = pytest.StashKey[bool]()
+_PYTEST_SESSION = pytest.StashKey[pytest.Session]()  # for the save hook, which is given the config only
 # set once the selected cases' inputs passed their checks: a refused run prints no plan line (which would
 # resolve the refused device again)
 _CHECKED = pytest.StashKey[bool]()
@@ -113,6 +114,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     benchmark_session = getattr(session.config, "_benchmarksession", None)
     bench = session.config.stash.get(SESSION_KEY, None)
+    session.config.stash[_PYTEST_SESSION] = session
     if benchmark_session is not None and bench is not None:
         make_atomic(benchmark_session.storage, bench.save_failures)
         if benchmark_session.json:
@@ -160,6 +162,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return  # an xdist worker: the controller writes them once
     if allure_results.enabled(session.config) and _active(session.config):
         allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
+        if bench is not None:
+            allure_results.attach_run(bench.results, machine())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -266,6 +270,19 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     if hasattr(os, "getloadavg"):
         machine_info["load_avg_1m_start"] = session.load_at_start if session is not None else None
         machine_info["load_avg_1m_end"] = os.getloadavg()[0]
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    """Mark the JSON of a run that Ctrl-C (SIGINT) or ``pytest.exit`` stopped: pytest-benchmark still saves
+    the rounds the interrupted case had timed, with no record. The storage writes a marked run outside
+    the history (lorabench.storage), and every reader passes over one (lorabench.history)."""
+    from lorabench.history import INTERRUPTED_KEY
+
+    session = config.stash.get(_PYTEST_SESSION, None)
+    if session is not None and session.exitstatus == pytest.ExitCode.INTERRUPTED:
+        bench = config.stash.get(SESSION_KEY, None)
+        done = len(bench.results) if bench is not None else 0
+        output_json[INTERRUPTED_KEY] = f"stopped by Ctrl-C, SIGINT or pytest.exit after {done} recorded case(s)"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
