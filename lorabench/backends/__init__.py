@@ -2,7 +2,7 @@
 
 Every module in this package that defines ``BACKEND`` (a :class:`~lorabench.backends.base.QuantBackend`)
 is registered when the package is imported, in module-name order; adding a backend is adding
-a module (README "Adding a backend"). The rest of lorabench asks the functions here: the
+a module (docs/extending.md, "Adding a backend"). The rest of lorabench asks the functions here: the
 configuration validates ``quant`` against :func:`quant_values`, the loader takes
 :func:`quantization_config`, byte accounting :func:`parameter_tensors`, the quantization-error
 cases :func:`round_trip`, pytest its markers from :func:`markers`.

@@ -20,7 +20,7 @@ BLOCKSIZE = 64  # bitsandbytes' default 4-bit block on CPU and CUDA
 
 class _DropInt8CastNotice(logging.Filter):
     """bitsandbytes logs "inputs will be cast ... to float16" for every int8 matmul of every token:
-    thousands of lines per generate call, whose writing would be timed with it (said once, in the README)."""
+    thousands of lines per generate call, whose writing would be timed with it (said once, in docs/inference.md)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")

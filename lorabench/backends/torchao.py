@@ -5,7 +5,7 @@ weight, and per row a float32 scale (whatever the model's dtype) and an int8 zer
 (symmetric, so zero, but stored). peft wraps these layers in its ``TorchaoLoraLinear``, whose
 merge dequantizes, adds the LoRA delta and quantizes again with the same configuration.
 
-Why this library for the second backend (README "Quantization backends", measured in
+Why this library for the second backend (docs/backends.md, measured in
 docs/benchmarks.md): torchao int8 loads on a CPU, trains a LoRA as well as an unquantized
 base does, and peft merges into it with its own layer. optimum-quanto trains too, but peft has
 no layer for it and its merge moves logits by 4.3; HQQ does not load in transformers 5 on a CPU;
