@@ -16,6 +16,7 @@ from lorabench import yamlio
 from lorabench.case_kinds import CUDA_PEAK, DEFAULT_KIND, PROCESS_PEAK, TENSOR_PEAK, CaseKind, register
 from lorabench.config import BenchConfig, apply_overrides
 from lorabench.errors import ConfigError
+from lorabench.real_model import REAL_MODELS
 
 BASELINE_ID = "full"
 SWEEP_RANKS = (8, 16, 32, 64)
@@ -176,9 +177,16 @@ def build_matrix(
     configs = [apply_overrides(c, overrides or {}) for c in configs]
     return Matrix(
         models=tuple(models or file_models or [DEFAULT_MODEL]),
-        datasets=tuple(datasets or file_datasets or [DEFAULT_DATASET]),
+        datasets=tuple(datasets or file_datasets or [default_dataset(models or file_models or [DEFAULT_MODEL])]),
         configs=tuple(configs),
     )
+
+
+def default_dataset(models: list[str]) -> str:
+    """The data set a run takes when none is given: an embedded real model's own where the run holds
+    only that model (its forgetting reference is prose, :mod:`lorabench.real_text`), else digit-reverse."""
+    own = {REAL_MODELS[m].dataset if m in REAL_MODELS else DEFAULT_DATASET for m in models}
+    return own.pop() if len(own) == 1 else DEFAULT_DATASET
 
 
 def _read_matrix_file(path: Path) -> tuple[list[str], list[str], list[BenchConfig]]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorabench.chat import prompt_token_ids
 from lorabench.config import BenchConfig
 from lorabench.errors import ConfigError, StorageError
 
@@ -134,7 +135,7 @@ def token_lengths(task, tokenizer) -> TokenLengths:
 
     def lengths(ds) -> tuple[list[int], list[int]]:
         if "prompt" in ds.column_names:
-            prompt = [len(ids) for ids in tokenizer(list(ds["prompt"]))["input_ids"]]
+            prompt = [len(ids) for ids in prompt_token_ids(tokenizer, list(ds["prompt"]))]
             answer = [len(ids) + 1 for ids in tokenizer(list(ds["completion"]), add_special_tokens=False)["input_ids"]]
             return prompt, [p + a for p, a in zip(prompt, answer)]
         text = [len(ids) + 1 for ids in tokenizer(list(ds["text"]))["input_ids"]]
