@@ -18,7 +18,7 @@ import sys
 
 import pydoc_data.topics
 
-PROSE_ROWS = 48  # x seq_len tokens per reference pass: ~3k tokens at the real model's length 64
+PROSE_ROWS = 32  # x seq_len tokens per reference pass: 2048 tokens at the real model's length 64
 MIN_CHARS = 300
 MIN_LETTER_SHARE = 0.9
 SOURCE = f"pydoc_data.topics of Python {sys.version_info.major}.{sys.version_info.minor} (the Python reference's help topics)"
