@@ -133,6 +133,8 @@ class Comparison:
     run_b: str
     rows: list[Row]
     warnings: list[str]
+    # case id -> the configuration fields that differ between the runs (config_changes)
+    changed_configs: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def regressions(self) -> list[Row]:
@@ -140,7 +142,7 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_a": self.run_a, "run_b": self.run_b, "warnings": self.warnings,
-                "rows": [asdict(r) for r in self.rows]}
+                "changed_configs": self.changed_configs, "rows": [asdict(r) for r in self.rows]}
 
 
 def compare_runs(a: StoredRun, b: StoredRun, tolerances: Tolerances | None = None) -> Comparison:
@@ -149,9 +151,11 @@ def compare_runs(a: StoredRun, b: StoredRun, tolerances: Tolerances | None = Non
     rows: list[Row] = []
     for case_id in sorted(set(a.results) | set(b.results)):
         rows += compare_cases(case_id, a.results.get(case_id), b.results.get(case_id), tolerances)
-    warnings = machine_warnings(a.machine, b.machine) + dtype_warnings(a, b) + yardstick_warnings(a, b, tolerances)
+    changed = {case_id: changes for case_id in sorted(set(a.results) & set(b.results))
+               if (changes := config_changes(a.results[case_id], b.results[case_id]))}
+    warnings = machine_warnings(a.machine, b.machine) + config_warnings(changed) + yardstick_warnings(a, b, tolerances)
     warnings += [f"run {label}: {line}" for label, run in (("A", a), ("B", b)) for line in run.read_warnings]
-    return Comparison(a.label, b.label, rows, warnings)
+    return Comparison(a.label, b.label, rows, warnings, changed)
 
 
 def yardstick_warnings(a: StoredRun, b: StoredRun, tolerances: Tolerances) -> list[str]:
@@ -194,16 +198,22 @@ def _change(a: CaseResult, b: CaseResult, metric: str) -> float | None:
     return _relative(a.metrics[metric], b.metrics[metric])
 
 
-def dtype_warnings(a: StoredRun, b: StoredRun) -> list[str]:
-    """A line for each case that trained in a different dtype in the two runs (``dtype: auto`` resolves
-    per device, so the same case id can run in bf16 on one machine and in fp32 on another)."""
-    out = []
-    for case_id in sorted(set(a.results) & set(b.results)):
-        da, db = a.results[case_id].config.get("dtype"), b.results[case_id].config.get("dtype")
-        if da != db:
-            out.append(f"{case_id} trained in {da} (A) but in {db} (B): speed, memory and quality figures "
-                       "are not comparable")
-    return out
+CONFIG_CHANGE = "configuration changed"  # how a warning and the case's rows name a case run with other fields
+
+
+def config_changes(a: CaseResult, b: CaseResult) -> list[str]:
+    """``rank 16 -> 32`` for each configuration field that differs between a case's two records (``dtype: auto``
+    resolves per device, so even an unchanged matrix can train in bf16 on one machine and fp32 on another)."""
+    keys = [k for k in dict.fromkeys([*a.config, *b.config]) if k != "id"]
+    return [f"{k} {a.config.get(k)!r} -> {b.config.get(k)!r}".replace("'", "") for k in keys
+            if a.config.get(k) != b.config.get(k)]
+
+
+def config_warnings(changed: dict[str, list[str]]) -> list[str]:
+    """A line for each case whose configuration differs between the runs (``changed``: case id -> its
+    :func:`config_changes`), naming the fields: its moves compare two configurations, not two versions of the code."""
+    return [f"{case_id}: {CONFIG_CHANGE} between the runs ({', '.join(changes)}): its speed, memory and quality "
+            "moves compare two configurations, not two versions of the code" for case_id, changes in changed.items()]
 
 
 def compare_cases(case_id: str, a: CaseResult | None, b: CaseResult | None, tolerances: Tolerances) -> list[Row]:
