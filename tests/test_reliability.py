@@ -191,6 +191,48 @@ def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_
     assert not list(storage.rglob("*.partial"))
 
 
+@pytest.mark.integration
+def test_ctrl_c_to_the_process_group_mid_case_stores_no_run_and_compare_fail_passes(no_gates, earlier_history,
+                                                                                   tmp_path):
+    """Ctrl-C at a terminal reaches the whole process group: the pytest process and the case's own process."""
+    from lorabench.history import InterruptedRunError, read_run
+
+    storage, scratch = tmp_path / "history", tmp_path / "tmp"
+    shutil.copytree(earlier_history, storage)
+    scratch.mkdir()
+    (earlier,) = stored_runs(storage)
+    shutil.copy(earlier, earlier.with_name("0002_again.json"))  # two earlier runs, for compare's default pair
+    before = {p: p.read_bytes() for p in stored_runs(storage)}
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
+         "--rootdir", str(ROOT), "-k", "config[lora] or qlora_nf4_r8", "--steps", "20", f"--thresholds={no_gates}",
+         "--benchmark-autosave", f"--benchmark-storage={storage}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "TMPDIR": str(scratch), "COLUMNS": "1000"},  # the unsaved folder under the temporary one
+    )
+    seen, deadline = [], time.monotonic() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 8/20" in line or time.monotonic() > deadline:  # past warm-up: timed rounds are being recorded
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+
+    assert "step 8/20" in out, out[-3000:]
+    assert {p: p.read_bytes() for p in stored_runs(storage)} == before, out[-3000:]  # nothing stored, nothing changed
+    assert "RESULTS NOT SAVED to --benchmark-storage" in out and "the run was interrupted" in out, out[-3000:]
+    kept = Path(re.search(r"the run's results were written to (\S+) instead", out).group(1))
+    assert kept.parent == scratch / "lorabench-unsaved"
+    with pytest.raises(InterruptedRunError):
+        read_run(kept)
+    compare = subprocess.run([sys.executable, "-m", "lorabench", "compare", "--storage", str(storage), "--fail"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert "no regression" in compare.stdout
+    assert not list(tmp_path.rglob("*.partial"))
+
+
 def test_a_save_that_dies_half_way_leaves_no_result_file(tmp_path, monkeypatch):
     import logging
 
