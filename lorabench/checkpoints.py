@@ -1,4 +1,5 @@
-"""A checkpoint directory checked before anything loads: whole weight files and a causal-LM architecture.
+"""A checkpoint directory checked before anything loads: whole weight files, a causal-LM architecture,
+and weights that are the ones that architecture needs.
 
 Only ``config.json``, the weight index, the safetensors headers and the zip directories of
 ``.bin`` files are read, never the weights themselves, so the check takes milliseconds
@@ -8,6 +9,7 @@ whatever the model's size.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -127,3 +129,86 @@ def _is_encoder_family(model_type: str) -> bool:
     )
 
     return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+# legacy parameter names transformers still loads under their current names (old LayerNorm checkpoints)
+_LEGACY_SUFFIXES = ((".gamma", ".weight"), (".beta", ".bias"))
+SHOWN_NAMES = 3  # names a refusal lists, of each kind
+
+
+def stored_tensors(directory: Path) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every tensor in the checkpoint's safetensors files (the index's shards, or
+    ``model.safetensors``), read from their headers alone.
+
+    Returns:
+        ``None`` where the weights are not safetensors (a ``.bin`` cannot be listed without unpickling it).
+    """
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        with safe_open(str(directory / name), framework="pt") as fh:
+            for key in fh.keys():
+                shapes[key] = tuple(fh.get_slice(key).get_shape())
+    for legacy, current in _LEGACY_SUFFIXES:
+        shapes.update({k[: -len(legacy)] + current: v for k, v in list(shapes.items()) if k.endswith(legacy)})
+    return shapes
+
+
+def check_covers_architecture(model, stored: dict[str, tuple[int, ...]], spec: str, renamed: bool = False) -> None:
+    """The checkpoint's tensors are the architecture's: each parameter and persistent buffer of ``model``
+    (built on the meta device from config.json) is stored under its name, with its shape. Tied weights
+    (an output layer sharing the embedding) need one of their names; a name may lack or carry the
+    base model's prefix (``model.``), as transformers loads either; the class's own list of keys that
+    may be missing is honoured.
+
+    Args:
+        renamed: transformers converts this model type's checkpoint names when it loads them (MoE experts
+            stored one by one, fused in the model): then only a checkpoint that holds none of the
+            architecture's tensors is refused.
+
+    Raises:
+        ModelError: naming the first missing tensors and the first tensors the checkpoint holds instead,
+            or the first tensor whose shape differs.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    may_miss = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    names_of: dict[int, list[str]] = {}
+    shape_of: dict[int, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+        shape_of[id(tensor)] = tuple(tensor.shape)
+
+    def stored_name(name: str) -> str | None:
+        bare = name[len(prefix) + 1:] if prefix and name.startswith(f"{prefix}.") else name
+        return next((k for k in (name, bare, f"{prefix}.{name}") if k in stored), None)
+
+    missing, found, used = [], 0, set()
+    for key, names in names_of.items():
+        hits = [(n, s) for n in names if (s := stored_name(n))]
+        if not hits:
+            if not any(p.search(n) for p in may_miss for n in names):
+                missing.append(names[0])
+            continue
+        at = hits[0][1]
+        found += 1
+        used.update(s for _, s in hits)
+        if stored[at] != shape_of[key] and not renamed:
+            raise ModelError(f"--model {spec}: tensor {at} has shape {list(stored[at])} in the checkpoint, but the "
+                             f"{type(model).__name__} its config.json describes needs {list(shape_of[key])}; the "
+                             "weights are not this model's (another size or a different config.json)")
+    if not missing or (renamed and found):
+        return
+    others = sorted(set(stored) - used)
+    holds = (f"; it holds {len(others)} other tensor(s), first {', '.join(others[:SHOWN_NAMES])}" if others else "")
+    raise ModelError(f"--model {spec}: the checkpoint lacks {len(missing)} of the {len(names_of)} tensors of the "
+                     f"{type(model).__name__} its config.json describes, first {', '.join(missing[:SHOWN_NAMES])}"
+                     f"{holds}; training would start from random weights there. Use the weights saved with this "
+                     "config.json")

@@ -67,7 +67,9 @@ def model_facts(spec: str, source=None, *, trust_remote_code: bool = False) -> M
         return _zoo_facts(spec)
     tokenizer = load_tokenizer(source)
     config = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=trust_remote_code)
-    return ModelFacts(spec, config, tokenizer, _module_types(config, trust_remote_code))
+    model = _meta_model(config, trust_remote_code)
+    _check_weights_are_the_models(model, config, Path(source.path), spec)
+    return ModelFacts(spec, config, tokenizer, _module_types(model))
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,17 +78,42 @@ def _zoo_facts(name: str) -> ModelFacts:
 
     tokenizer = build_tokenizer()
     config = model_config(ZOO[name], tokenizer)
-    return ModelFacts(name, config, tokenizer, _module_types(config, False))
+    return ModelFacts(name, config, tokenizer, _module_types(_meta_model(config, False)))
 
 
-def _module_types(config, trust_remote_code: bool) -> dict[str, str]:
-    """Module name -> class name of the model a config describes, built on the meta device (no memory)."""
+def _meta_model(config, trust_remote_code: bool):
+    """The model a config describes, built on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _module_types(model) -> dict[str, str]:
+    """Module name -> class name."""
     return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def _check_weights_are_the_models(model, config, directory: Path, spec: str) -> None:
+    """The checkpoint's safetensors hold the tensors of the architecture its config.json describes.
+
+    Pre-quantized checkpoints (a ``quantization_config``) store packed tensors under other names and
+    shapes, and ``.bin`` weights cannot be listed without unpickling them: neither is checked here.
+
+    Raises:
+        ModelError: as :func:`lorabench.checkpoints.check_covers_architecture`.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from lorabench.checkpoints import check_covers_architecture, stored_tensors
+
+    if getattr(config, "quantization_config", None):
+        return
+    stored = stored_tensors(directory)
+    if stored is not None:
+        check_covers_architecture(model, stored, spec,
+                                  renamed=get_checkpoint_conversion_mapping(config.model_type) is not None)
 
 
 def check_target_modules(config: BenchConfig, facts: ModelFacts) -> None:
