@@ -212,3 +212,32 @@ def check_covers_architecture(model, stored: dict[str, tuple[int, ...]], spec: s
                      f"{type(model).__name__} its config.json describes, first {', '.join(missing[:SHOWN_NAMES])}"
                      f"{holds}; training would start from random weights there. Use the weights saved with this "
                      "config.json")
+
+
+def remote_code_problem(directory: Path, trust_remote_code: bool) -> str | None:
+    """Why transformers cannot read a config.json that names its own code (``auto_map``) for a model type
+    it does not know, in the checkpoint's terms; ``None`` where that is not the reason.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+    if not isinstance(auto_map, dict) or raw.get("model_type") in CONFIG_MAPPING_NAMES:
+        return None
+    if "AutoConfig" not in auto_map:
+        return (f"model type {raw.get('model_type')!r} is not one transformers knows, and the auto_map of config.json "
+                f"({', '.join(auto_map)}) names no AutoConfig class, so the checkpoint's own code cannot read it either, "
+                "with or without --trust-remote-code; add \"AutoConfig\" to auto_map")
+    if not trust_remote_code:
+        return ("the checkpoint ships its own modelling code (auto_map in config.json), which runs only with "
+                "--trust-remote-code; read that code, then pass --trust-remote-code to allow it")
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    files = sorted({r.split(".")[0] + ".py" for r in refs if "--" not in r})  # 'org/repo--module.Class': another repo
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        return (f"the auto_map of config.json names code in {', '.join(missing)}, which is not in the checkpoint "
+                "directory; copy the checkpoint's .py files with it")
+    return None

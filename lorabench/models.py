@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabench import backends
-from lorabench.checkpoints import check_causal_lm, check_weights
+from lorabench.checkpoints import check_causal_lm, check_weights, remote_code_problem
 from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ConfigError, ModelError
 from lorabench.paths import expand, require
@@ -139,10 +139,9 @@ def _check_causal_lm(spec: str, path: str, trust_remote_code: bool) -> None:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError or KeyError by case
         text = str(exc)
-        if "trust_remote_code" in text and not trust_remote_code:
-            raise ModelError(f"--model {spec}: the checkpoint ships its own modelling code (auto_map in config.json), "
-                             "which runs only with --trust-remote-code; read that code, then pass --trust-remote-code "
-                             "to allow it") from None
+        why = remote_code_problem(Path(path), trust_remote_code)
+        if why:
+            raise ModelError(f"--model {spec}: {why}") from None
         first = text.splitlines()[0] if text else "no reason given"
         raise ModelError(f"--model {spec!r}: cannot read its config.json ({path}): {type(exc).__name__}: {first}") from None
     check_causal_lm(config, spec)
