@@ -24,6 +24,9 @@ from lorabench.textsafe import plot_label
 
 FORMATS = ("png", "svg")
 PANEL_SIZE = (6.4, 4.2)  # inches per model x data set panel
+# Past this many cases in a panel, points and curves go unnamed and drawn as one artist each: names would
+# cover the plot, and laying out thousands of labels and legend entries takes minutes (a 10,000-case run).
+NAMED_CASES_MAX = 40
 # Axis labels in words for the figures the plots draw (any other metric: its name and unit).
 AXIS_LABELS = {
     "train_s": "training time (s, wall clock of all steps)",
@@ -94,10 +97,25 @@ def _points(members: list[CaseResult], x: str, y: str) -> list[tuple[float, floa
 
 
 def _draw_points(ax, points, x: str, y: str, colour=None) -> None:
-    """Each case at its (mean) values, a bar of one standard deviation where it ran several seeds, named."""
+    """Each case at its (mean) values, a bar of one standard deviation where it ran several seeds, named
+    (up to :data:`NAMED_CASES_MAX` cases; past that, unnamed, one artist per colour)."""
+    if len(points) > NAMED_CASES_MAX:
+        by_colour: dict = defaultdict(list)
+        for point in points:
+            by_colour[colour(point[3]) if colour else None].append(point)
+        for c, group in by_colour.items():
+            ax.errorbar([p[0] for p in group], [p[1] for p in group], xerr=[_sd(p[3], x) or 0.0 for p in group],
+                        yerr=[_sd(p[3], y) or 0.0 for p in group], fmt="o", markersize=3, color=c, capsize=0)
+        _unnamed_note(ax, len(points))
+        return
     for px, py, name, r in points:
         ax.errorbar(px, py, xerr=_sd(r, x), yerr=_sd(r, y), fmt="o", color=colour(r) if colour else None, capsize=3)
         ax.annotate(plot_label(name), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+
+
+def _unnamed_note(ax, cases: int) -> None:
+    ax.text(0.01, 0.01, f"{cases} cases: not named (more than {NAMED_CASES_MAX}); summary.md lists them",
+            transform=ax.transAxes, fontsize=7, color="dimgray")
 
 
 def _panel_axes(ax, model: str, dataset: str, x: str, y: str) -> None:
@@ -192,7 +210,15 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
             if r.config.get("method") != "full" and rank and "eval_loss" in r.metrics:
                 series[plot_label(_series_name(r))].append((int(rank), r.metrics["eval_loss"], _sd(r, "eval_loss"), r.config_id))
         ranks = sorted({p[0] for pts in series.values() for p in pts})
-        for name, pts in sorted(series.items()):
+        if len(series) > NAMED_CASES_MAX:  # one artist, no names, no legend
+            pts = [p for points in series.values() for p in points]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o",
+                        markersize=3, capsize=0)
+            _unnamed_note(ax, len(pts))
+            series_named = {}
+        else:
+            series_named = series
+        for name, pts in sorted(series_named.items()):
             pts.sort(key=lambda p: p[0])
             yerr = [p[2] or 0.0 for p in pts]
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr if any(yerr) else None, marker="o",
@@ -203,7 +229,8 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
             ax.set_xscale("log", base=2)
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks(ranks, [str(r) for r in ranks])  # the ranks used, written as numbers
-            ax.legend(fontsize=7)
+            if series_named:
+                ax.legend(fontsize=7)
         else:
             _empty(ax, "no LoRA case with an eval loss")
     if not found:
@@ -213,9 +240,15 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
 
 def front_is_decided(front: list[tuple], points: list[tuple], metric: str = "eval_loss") -> bool:
     """Whether the frontier is a finding: every point of the panel has a 95% interval of ``metric`` (it ran at
-    several seeds) and each neighbouring pair along the frontier separates (:func:`lorabench.seeds.separated`)."""
-    return (all(p[3].spread.get(metric) for p in points)
-            and all(separated(a[3], b[3], metric) for a, b in zip(front, front[1:])))
+    several seeds), each neighbouring pair along the frontier separates (:func:`lorabench.seeds.separated`),
+    and each point off it is beaten by a frontier point of no more memory whose interval lies apart from its own."""
+    if not all(p[3].spread.get(metric) for p in points):
+        return False
+    if not all(separated(a[3], b[3], metric) for a, b in zip(front, front[1:])):
+        return False
+    on_front = {id(q[3]) for q in front}
+    return all(any(q[0] <= p[0] and q[1] < p[1] and separated(q[3], p[3], metric) for q in front)
+               for p in points if id(p[3]) not in on_front)
 
 
 def _pareto_plot(results: list[CaseResult], memory: str, base: Path) -> list[Path]:
@@ -256,15 +289,25 @@ def _loss_curves_plot(results: list[CaseResult], base: Path) -> list[Path]:
         ax.set(xlabel="optimizer step", ylabel="training loss (nats)")
         ax.margins(x=0.02)  # no case names beside the lines to make room for
         drawn = 0
+        if len(members) > NAMED_CASES_MAX:  # one artist, no names, no legend
+            from matplotlib.collections import LineCollection
+
+            curves = [c for r in members for c in ([s["loss_curve"] for s in r.seeds if s.get("loss_curve")]
+                                                   or [r.loss_curve]) if c]
+            ax.add_collection(LineCollection([list(enumerate(c, 1)) for c in curves], linewidths=0.6, alpha=0.4))
+            ax.autoscale_view()
+            _unnamed_note(ax, len(members))
+            drawn = len(curves)
+            members = []  # drawn
         for i, r in enumerate(members):
             curves = [s["loss_curve"] for s in r.seeds if s.get("loss_curve")] or [r.loss_curve]
             for j, curve in enumerate(c for c in curves if c):
                 ax.plot(range(1, len(curve) + 1), curve, color=colours[i % len(colours)], linewidth=1.2,
                         alpha=0.9 if len(curves) == 1 else 0.6, label=plot_label(r.config_id) if j == 0 else None)
                 drawn += 1
-        if drawn:
+        if drawn and members:
             ax.legend(fontsize=7, ncol=2)
-        else:
+        elif not drawn:
             _empty(ax, "no case recorded a loss curve")
     if not found:
         _empty(axes[0], "no fine-tuning case ran")

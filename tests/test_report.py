@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.allure_results import CATEGORIES, gates_csv, metrics_csv, write_launch_files
+from lorabench.allure_results import CATEGORIES, gates_csv, metrics_csv, not_measured_csv, write_launch_files
+from lorabench.summary import columns_for
 from lorabench.cli import main
 from lorabench.history import StoredRun, read_run
 from lorabench.matrix import short_name
@@ -208,6 +209,15 @@ def test_the_pareto_frontier_is_a_finding_only_where_the_loss_intervals_separate
     overlapping = [_seeded("lora", 0.45, 0.35, 0.55, 30.0), _seeded("full", 0.40, 0.30, 0.50, 90.0)]
     points = [(r.metrics["tensor_peak_mib"], r.metrics["eval_loss"], r.config_id, r) for r in overlapping]
     assert not front_is_decided(pareto_front(points), points)
+    # one configuration beats the rest on the means, but its interval overlaps another's: not a finding
+    beaten = [_seeded("qlora_nf4", 0.62, 0.56, 0.68, 15.0), _seeded("lora", 0.64, 0.61, 0.66, 18.0),
+              _seeded("full", 0.90, 0.85, 0.95, 27.0)]
+    points = [(r.metrics["tensor_peak_mib"], r.metrics["eval_loss"], r.config_id, r) for r in beaten]
+    assert [p[2] for p in pareto_front(points)] == ["qlora_nf4"]
+    assert not front_is_decided(pareto_front(points), points)
+    beaten[1] = _seeded("lora", 0.75, 0.70, 0.80, 18.0)  # now apart from qlora_nf4's interval, as full is
+    points = [(r.metrics["tensor_peak_mib"], r.metrics["eval_loss"], r.config_id, r) for r in beaten]
+    assert front_is_decided(pareto_front(points), points)
     single = [result("lora", eval_loss=0.6, tensor_peak_mib=30.0), result("full", eval_loss=0.4, tensor_peak_mib=90.0)]
     points = [(r.metrics["tensor_peak_mib"], r.metrics["eval_loss"], r.config_id, r) for r in single]
     assert not front_is_decided(pareto_front(points), points)  # one seed: no interval, nothing decided
@@ -250,14 +260,19 @@ def test_storage_is_a_folder_or_pytest_benchmarks_file_url(tmp_path, capsys, mon
 
 
 def test_allure_metrics_table_and_launch_files(tmp_path):
-    r = result("qlora_nf4")
+    r = result("qlora_nf4", tensor_peak_mib=40.0, my_plugin_metric=1.0)
     r.absent["mfu_pct"] = "no GPU"
     rows = list(csv.reader(io.StringIO(metrics_csv(r))))
-    assert rows[0] == ["metric", "value", "unit", "better", "counter or reason"]
-    assert ["mfu_pct", "", "%", "higher", "not measured: no GPU"] in rows
+    assert rows[0] == ["metric", "value", "unit", "better", "counter"]
+    # the summary's columns first, in its order; then the registry's; no row without a value
+    summary = [m for m, _, _ in columns_for(r) if m in r.metrics]
+    assert [row[0] for row in rows[1:len(summary) + 1]] == summary and summary[0] == "tensor_peak_mib"
+    assert all(row[1] for row in rows[1:]) and len(rows) == len(r.metrics) + 1
+    assert rows[-1][0] == "my_plugin_metric"  # a metric the registry does not know comes last
     r.absent["peak_alloc_mib"] = "not measured: the case ran on cpu, not CUDA"
-    rows = list(csv.reader(io.StringIO(metrics_csv(r))))
-    assert ["peak_alloc_mib", "", "MiB", "lower", "not measured: the case ran on cpu, not CUDA"] in rows
+    absent = list(csv.reader(io.StringIO(not_measured_csv(r))))
+    assert absent == [["metric", "unit", "why not measured"], ["mfu_pct", "%", "no GPU"],
+                      ["peak_alloc_mib", "MiB", "the case ran on cpu, not CUDA"]]
     write_launch_files(tmp_path, {"gpu_name": None, "torch_version": "2.13.0", "cpu": "a=b:c"})
     props = (tmp_path / "environment.properties").read_text()
     assert "torch_version=2.13.0" in props and "gpu_name" not in props and r"cpu=a\=b\:c" in props
