@@ -24,7 +24,7 @@ from lorabench.errors import ConfigError, StorageError
 from lorabench.integrations import require as require_integration
 from lorabench.integrations import run_name
 from lorabench.case_kinds import kind_of, known_case_ids
-from lorabench.matrix import Case, Matrix, build_matrix
+from lorabench.matrix import Case, Matrix, build_matrix, short_name
 from lorabench.paths import expand, not_empty
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.seeds import SeedPlan, parse_seeds
@@ -37,6 +37,8 @@ AUTO_THREADS = "auto"
 # what --device accepts, checked when the options are read; whether CUDA is there is asked once, when the
 # selected cases' inputs are checked (BenchSession.device)
 DEVICE_CHOICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# a -k word that selects by field: config[ID], model[NAME], dataset[NAME]
+SELECTION_WORD = re.compile(r"\b(config|model|dataset)\[([^\]]*)\]")
 log = logging.getLogger("lorabench.preflight")
 
 
@@ -147,6 +149,22 @@ class BenchSession:
         for notice in dict.fromkeys(notices):
             log.warning(notice)
             self.notices.append(notice)
+
+    def check_selection(self, keyword: str) -> None:
+        """A ``-k`` expression that selected no case: each ``config[ID]``, ``model[NAME]`` and
+        ``dataset[NAME]`` word in it names a case of this run (:func:`lorabench.matrix.selection_keywords`).
+
+        Raises:
+            ConfigError: the first word naming no case, with the names this run knows.
+        """
+        known = {"config": sorted(known_case_ids() | {c.id for c in self.matrix.configs}),
+                 "model": sorted({w for m in self.matrix.models for w in (m, short_name(m))}),
+                 "dataset": sorted({w for d in self.matrix.datasets for w in (d, short_name(d))})}
+        for field_name, value in SELECTION_WORD.findall(keyword or ""):
+            if value not in known[field_name]:
+                noun = {"config": "configuration", "dataset": "data set"}.get(field_name, field_name)
+                raise ConfigError(f"-k {keyword!r} selects no case: {field_name}[{value}] names no {noun} of "
+                                  f"this run; known: {', '.join(known[field_name])}")
 
     def check_outputs(self, *, storage: Path | None = None, json_path: Path | None = None, cases: int = 1,
                       ids: list[str] | None = None) -> None:

@@ -36,6 +36,8 @@ _PYTEST_SESSION = pytest.StashKey[pytest.Session]()  # for the save hook, which 
 # set once the selected cases' inputs passed their checks: a refused run prints no plan line (which would
 # resolve the refused device again)
 _CHECKED = pytest.StashKey[bool]()
+# whether -k or -m deselected a bench case: a selection that then leaves none may name an unknown case
+_DESELECTED_BENCH = pytest.StashKey[bool]()
 
 
 # A value that starts with '-' and a digit (--shard -1/2, --memory-budget -5GiB) is a value: argparse before
@@ -196,6 +198,11 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.extra_keyword_matches.update(selection_keywords(params["config"].id))
 
 
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items and any("bench_session" in getattr(item, "fixturenames", ()) for item in items):
+        items[0].config.stash[_DESELECTED_BENCH] = True
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the selected cases are checked
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Read the gates and check every user input once, before any case trains, if a bench case was collected.
@@ -204,6 +211,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     classification, quantization error): each of them is gated, whichever file ran alone.
     """
     if not any("bench_session" in getattr(item, "fixturenames", ()) for item in items):
+        if config.stash.get(_DESELECTED_BENCH, False) and SESSION_KEY in config.stash:
+            try:
+                config.stash[SESSION_KEY].check_selection(config.getoption("keyword"))
+            except LorabenchError as exc:
+                raise pytest.UsageError(str(exc)) from None
         return
     _activate(config)
     session = config.stash[SESSION_KEY]
