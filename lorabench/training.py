@@ -81,7 +81,8 @@ def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, 
 
     Args:
         report_to: the Trainer integrations that receive every step's loss (``none``, ``tensorboard``, ``wandb``).
-        log_dir: where the integrations write (TensorBoard event files); a temporary directory if ``None``.
+        log_dir: where the integrations write (TensorBoard event files, W&B's offline run); if ``None``, the
+            Trainer's temporary output directory, removed when training ends.
     """
     import os
 
@@ -90,6 +91,7 @@ def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, 
     if log_dir is not None and report_to != "none":
         os.environ["TENSORBOARD_LOGGING_DIR"] = log_dir  # read when the TensorBoard callback is built
         os.environ["WANDB_DIR"] = log_dir  # W&B's offline run goes beside it, one per case
+        os.makedirs(log_dir, exist_ok=True)  # W&B writes into WANDB_DIR but does not create it
     # The Trainer wants an output directory though nothing is saved there (save_strategy "no"): one that
     # StepRunner.end removes, and the object's finalizer where a trainer is dropped without ending.
     output_dir = tempfile.TemporaryDirectory(prefix=TRAINER_DIR_PREFIX)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import subprocess
@@ -32,7 +34,8 @@ def test_each_case_attaches_metrics_loss_curve_configuration_and_gates(allure_re
         assert ("gates" in attachments) == (name == "test_finetune[lora]")  # the only case with a gate
         assert attachments["loss curve"]["type"] == "image/png"
         metrics = (allure_results / attachments["metrics"]["source"]).read_text()
-        assert metrics.startswith("metric,value,unit,better,counter or reason") and "\neval_loss," in metrics
+        assert metrics.startswith("metric,value,unit,better,counter\ntensor_peak_mib,") and "\neval_loss," in metrics
+        assert all(row.split(",")[1] for row in metrics.splitlines()[1:])  # every row has a value
         png = (allure_results / attachments["loss curve"]["source"]).read_bytes()
         assert png.startswith(b"\x89PNG")
 
@@ -57,3 +60,33 @@ def test_the_documented_command_builds_the_html_report_with_history(allure_resul
         assert (work / "reports" / "allure-report" / "index.html").is_file()
         history = (work / "reports" / "allure-history.jsonl").read_text().splitlines()
         assert len(history) == round_  # each generated report adds one entry to the history
+
+
+def _metrics(allure_results: Path, result: dict) -> dict[str, float]:
+    attachment = next(a for a in result["attachments"] if a["name"] == "metrics")
+    rows = list(csv.reader(io.StringIO((allure_results / attachment["source"]).read_text())))
+    return {row[0]: float(row[1]) for row in rows[1:]}
+
+
+def test_the_run_attaches_its_comparison_and_gates_as_global_attachments(allure_results):
+    attachments = {a["name"]: a for p in allure_results.glob("*-globals.json")
+                   for a in json.loads(p.read_text()).get("attachments", [])}
+    comparison = attachments["comparison: every configuration, gates and plots (summary.html)"]
+    assert comparison["type"] == "text/html"
+    html = (allure_results / comparison["source"]).read_text()
+    assert 'id="results-1"' in html and "qlora_nf4_r8" in html and html.count("<svg") == 5  # plots inline
+    gates = (allure_results / attachments["gates: every case"]["source"]).read_text().splitlines()
+    assert gates[0] == "status,case,model,data set,rule,value,bound,where"
+    assert gates[1].startswith("fail,lora,")  # the failed gate leads
+
+
+def test_a_case_is_timed_from_its_fixture_so_its_duration_covers_its_training(allure_results):
+    for name, result in load(allure_results).items():
+        train_s = _metrics(allure_results, result)["train_s"]
+        assert (result["stop"] - result["start"]) / 1000 >= train_s, name
+
+
+def test_teardown_steps_are_named_not_lambdas(allure_results):
+    containers = [json.loads(p.read_text()) for p in allure_results.glob("*-container.json")]
+    afters = [a["name"] for c in containers for a in c.get("afters", [])]
+    assert afters and not [n for n in afters if "<lambda>" in n]
