@@ -166,8 +166,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         allure_results.write_launch_files(Path(session.config.option.allure_report_dir), machine())
         if bench is not None:
             allure_results.attach_run(bench.results, machine())
-        if bench is not None:
-            allure_results.attach_run(bench.results, machine())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
