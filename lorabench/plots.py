@@ -210,8 +210,8 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
             if r.config.get("method") != "full" and rank and "eval_loss" in r.metrics:
                 series[plot_label(_series_name(r))].append((int(rank), r.metrics["eval_loss"], _sd(r, "eval_loss"), r.config_id))
         ranks = sorted({p[0] for pts in series.values() for p in pts})
-        if len(series) > NAMED_CASES_MAX:  # one artist, no names, no legend
-            pts = [p for points in series.values() for p in points]
+        pts = [p for points in series.values() for p in points]
+        if len(pts) > NAMED_CASES_MAX:  # one artist, no names, no legend
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o",
                         markersize=3, capsize=0)
             _unnamed_note(ax, len(pts))

@@ -331,3 +331,32 @@ def test_a_report_tells_its_progress(tmp_path, capsys):
     code, out = run_cli("report", "--storage", str(tmp_path), "--out", str(tmp_path / "reports"), capsys=capsys)
     assert code == 0
     assert "report of 0001_run1 (ce81e563f1): 3 case(s); plots ..." in out and "report: done in" in out
+
+
+def many_cases(n: int) -> dict:
+    """The stored run's three cases repeated as ``n`` distinct cases of one model and data set."""
+    data = stored()
+    benches = []
+    for i in range(n):
+        bench = copy.deepcopy(data["benchmarks"][i % 3])
+        extra = bench["extra_info"]
+        extra["case_id"] = extra["config_id"] = f"{extra['config_id']}_{i}"
+        bench["name"] = f"test_finetune[{extra['case_id']}]"
+        benches.append(bench)
+    data["benchmarks"] = benches
+    return data
+
+
+def test_a_panel_past_the_named_limit_draws_its_cases_unnamed(tmp_path, capsys):
+    from lorabench.plots import NAMED_CASES_MAX
+
+    n = 2 * NAMED_CASES_MAX  # a third are full fine-tuning, which the rank plot leaves out
+    write(tmp_path, 1, many_cases(n))
+    code, out = run_cli("report", "--storage", str(tmp_path), "--out", str(tmp_path / "reports"), capsys=capsys)
+    assert code == 0, out
+    for plot, shown in (("memory_vs_time", n), ("quality_vs_rank", n * 2 // 3), ("pareto_memory_quality", n),
+                        ("loss_curves", n)):
+        svg = (tmp_path / "reports" / "plots" / f"{plot}.svg").read_text()
+        assert f"{shown} cases: not named (more than {NAMED_CASES_MAX})" in svg, plot
+        assert "lora_1<" not in svg, plot  # no case's name drawn
+    assert "lora_1" in (tmp_path / "reports" / "summary.md").read_text()
