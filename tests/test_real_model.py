@@ -118,33 +118,64 @@ def test_the_checkpoint_built_from_the_gguf_has_smollm2s_architecture(source):
     assert source.defaults == SPEC.defaults and source.embedded
 
 
+# Every backend, both adapter targets, full fine-tuning, and gradient checkpointing on and off.
+ONE_STEP_CONFIGS = [
+    (BenchConfig("qlora_nf4", quant="nf4", double_quant=True), "Linear4bit"),
+    (BenchConfig("qlora_fp4_attention", quant="fp4", target_modules="attention", gradient_checkpointing=False),
+     "Linear4bit"),
+    (BenchConfig("lora_int8", quant="int8"), "Linear8bitLt"),
+    (BenchConfig("lora_torchao_int8_attention", quant="torchao_int8", target_modules="attention"), None),
+    (BenchConfig("lora_no_checkpointing", gradient_checkpointing=False), None),
+    (BenchConfig("full", method="full"), None),
+]
+
+
 @pytest.mark.integration
 @needs_weights
-def test_one_training_step_on_the_real_model_and_its_nf4_load(source):
+def test_the_tokenizer_and_the_tied_embeddings_survive_the_conversion(source):
+    import torch
+
+    from lorabench.models import load_model
+
+    config = resolve(BenchConfig("lora"), source.defaults, torch.device("cpu"))
+    loaded = load_model(source, config, torch.device("cpu"))
+    assert loaded.tokenizer.chat_template and loaded.tokenizer.eos_token == "<|im_end|>"
+    model = loaded.model
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6  # 134.5 M, the head counted once
+
+
+@pytest.mark.integration
+@needs_weights
+@pytest.mark.parametrize("config, quantized_layer", ONE_STEP_CONFIGS, ids=[c.id for c, _ in ONE_STEP_CONFIGS])
+def test_one_training_step_on_the_real_model(source, config, quantized_layer):
     import torch
 
     from lorabench.data import collator
     from lorabench.models import apply_adapter, load_model
 
-    config = resolve(BenchConfig("qlora_nf4", quant="nf4", double_quant=True), source.defaults, torch.device("cpu"))
+    config = resolve(config, source.defaults, torch.device("cpu"))
     loaded = load_model(source, config, torch.device("cpu"))
     tokenizer, model = loaded.tokenizer, loaded.model
-    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied
-    linear4 = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
-    assert len(linear4) == 30 * 7  # q, k, v, o, gate, up, down of every layer; the tied head stays whole
+    if quantized_layer:  # q, k, v, o, gate, up, down of every layer; the tied head stays whole
+        assert sum(type(m).__name__ == quantized_layer for m in model.modules()) == 30 * 7
     model = apply_adapter(model, config)
     task = load_task_data(SPEC.dataset)
-    rows = tokenize(task.train.select(range(2)), tokenizer, 16)  # a tiny batch: the step's mechanics, not its speed
+    rows = tokenize(task.train.select(range(2)), tokenizer, 48)  # two whole rows: the step's mechanics, not its speed
     batch = collator(tokenizer)([rows[0], rows[1]])
-    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
     loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     assert math.isfinite(loss.item()) and 0 < loss.item() < 20
-    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora[n])]
-    assert moved and all("lora_" in n for n in moved)
+    moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])}
+    assert moved
+    if config.method == "lora":
+        assert all("lora_" in n for n in trainable)
+        if config.target_modules == "attention":
+            assert not any("mlp" in n for n in trainable)
 
 
 @pytest.mark.integration
