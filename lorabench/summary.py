@@ -205,16 +205,40 @@ def render_table(results: list[CaseResult], width: int | None = None) -> list[st
     """
     width = tables.terminal_width() if width is None else width
     header, *rows = table_cells(results)
+    left_out: list[str] = []
     if _natural_width([header, *rows]) > width:
         keep = [i for i in range(len(header)) if i < 2 or any(row[i] != "-" for row in rows)]
         header = [header[i] for i in keep]
         rows = [[row[i].replace(DELTA_SEPARATOR, "\n(", 1) for i in keep] for row in rows]
-    return tables.render_table(header, rows, width=width)
+        metrics = ["", ""] + [metric for metric, _, _ in columns_for(results[0])]
+        metrics = [metrics[i] for i in keep]
+        for name in DROPPED_FIRST:
+            if _natural_width([header, *rows]) <= width:
+                break
+            if name in metrics:
+                i = metrics.index(name)
+                left_out.append(header[i])
+                del metrics[i], header[i]
+                rows = [row[:i] + row[i + 1:] for row in rows]
+    lines = tables.render_table(header, rows, width=width)
+    if left_out:
+        lines += tables.wrap(f"(left out at {width} columns: {', '.join(left_out)}; reports/ and a wider terminal "
+                             "show them)", width=width)
+    return lines
+
+
+# The columns a narrow terminal loses first: figures another column implies or that never gate.
+DROPPED_FIRST = ("perplexity", "train_loss_final", "tokens_per_s", "peak_rss_delta_mib", "forgetting_nats",
+                 "step_ms", "weights_mib")
 
 
 def _natural_width(table: list[list[str]]) -> int:
-    """Columns a table takes with every cell on one line (one space between columns, as lorabench.tables pads)."""
-    return sum(max(len(row[i]) for row in table) + 2 for i in range(len(table[0])))
+    """Columns a table takes with no cell folded: each column's widest cell line or header word, and the
+    two spaces lorabench.tables puts between columns."""
+    def widest(i: int) -> int:
+        header_word = max(len(word) for word in table[0][i].split()) if table[0][i].strip() else 0
+        return max([header_word] + [len(part) for row in table[1:] for part in row[i].split("\n")])
+    return sum(widest(i) + 2 for i in range(len(table[0])))
 
 
 def findings(results: list[CaseResult]) -> list[str]:

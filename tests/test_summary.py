@@ -168,6 +168,25 @@ def test_a_speed_difference_is_judged_on_step_control_and_only_where_the_steps_s
     assert "more step time over its control (" in found[1] and "worse)" in found[1]
 
 
+def test_two_unchanged_runs_never_call_a_speed_difference_better_in_one_and_worse_in_the_other():
+    """Two unchanged `pytest bench/ -m qlora --steps 20` runs (tests/data/qlora-pair-*.json, recorded on a
+    2-core machine shared with other work): each case against the baseline reads the same way in both, or is
+    not shown to differ in one of them."""
+    runs = [read_run(DATA / f"qlora-pair-{i}.json") for i in (1, 2)]
+    verdicts = []
+    for run in runs:
+        results = list(run.results.values())
+        lines = [f for f in findings(results) if " vs " in f]
+        verdict = {}
+        for line in lines:
+            case, speed = line.split(" vs ", 1)[0], line.split("step time over its control", 1)[1]
+            verdict[case] = "better" if "better)" in speed.split("[")[0] else "worse" if "worse)" in speed.split("[")[0] else "-"
+        verdicts.append(verdict)
+    assert verdicts[0].keys() == verdicts[1].keys() and len(verdicts[0]) >= 4
+    for case in verdicts[0]:
+        assert {verdicts[0][case], verdicts[1][case]} != {"better", "worse"}, (case, verdicts)
+
+
 def test_raw_times_are_called_incomparable_under_workers_or_load():
     base, other = result("full", step_ms=50.0), result("lora", step_ms=40.0)
     for r in (base, other):
