@@ -1,11 +1,16 @@
 """Every bad input a user can give gets a clear answer, before any training where it can.
 
-Each entry of ``CATALOG`` goes through the same code a bench run does: start-up
-(:func:`lorabench.session.open_session`, then ``load_gates``, ``check_inputs`` and
-``check_outputs``), a case run where training is the point (divergence), or the command
-line (``python -m lorabench compare`` / ``report``). Some inputs are not errors at all but
-were once mishandled (a file literally named ``f*.jsonl``); their row says how they are read.
-The table in docs/bad-inputs.md is generated from this catalog, and a test keeps it current:
+Each entry of ``CATALOG`` goes through the same code a bench run does. Start-up inputs run a real
+``pytest bench/test_finetune.py --collect-only`` with the installed plugin (its ``pytest11`` entry
+point), in this process (``pytest.main``), so every hook that reads or checks an input runs, the
+end-of-collection plan line included; a few rows, one per hook that can refuse, also run as a
+``pytest`` subprocess without ``--collect-only`` to show both paths answer alike
+(:func:`test_a_real_pytest_run_answers_as_the_in_process_one`). A case run through the plugin
+answers the rows where the case itself decides (``--case-timeout``); divergence rows train the first
+LoRA case in this process; the command line rows run ``python -m lorabench compare`` / ``report``.
+Some inputs are not errors at all but were once mishandled (a file literally named ``f*.jsonl``);
+their row says how they are read. The table in docs/bad-inputs.md is generated from this catalog,
+and a test keeps it current:
 
     python tests/test_bad_inputs.py > docs/bad-inputs.md
 """
@@ -31,11 +36,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorabench.errors import LorabenchError  # noqa: E402
+from lorabench.pytest_plugin.hooks import SESSION_KEY  # noqa: E402
 from lorabench.session import open_session  # noqa: E402
 
 GATES_HEAD = "version: 1\nprofiles:\n  default:\n"
 STARTUP, ACCEPTED, TRAINING, COMMAND = "refused at start-up", "read as given", "stopped in training", "command"
+RUN = "recorded by the run"  # a case run through the plugin, which records the status shown
+BENCH_FILE = ROOT / "bench" / "test_finetune.py"
+# the plugin's option for each open_session argument a row gives
+PYTEST_OPTIONS = {"matrix_file": "--matrix", "models": "--model", "datasets": "--dataset", "overrides": "--set",
+                  "steps": "--steps", "device": "--device", "thresholds": "--thresholds", "report_to": "--report-to",
+                  "isolate": "--isolate", "memory_budget": "--memory-budget", "case_timeout_s": "--case-timeout",
+                  "seeds": "--seeds", "cpu_threads": "--cpu-threads"}
+# an in-process run leaves out what only costs time there: the cache, and the forced garbage collections of
+# the unraisable- and thread-exception plugins (0.4 s each with torch loaded); output goes to a buffer (-s)
+IN_PROCESS = ("-s", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "-p", "no:threadexception")
 # 306 bytes of nested aliases that stand for 10^9 strings
 ALIAS_BOMB = ("a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
               "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
@@ -49,22 +64,29 @@ class BadInput:
     """One input: the files it writes, what it passes, the words its answer must hold.
 
     Args:
-        stage: STARTUP (must be refused), ACCEPTED (must be read as given), TRAINING (the first
-            LoRA case runs), or COMMAND (``argv`` runs through ``python -m lorabench``).
+        options: open_session's arguments, given to pytest as the plugin's options (PYTEST_OPTIONS).
+        files: path -> text or bytes, or a function that writes the path.
+        stage: STARTUP (must be refused), ACCEPTED (must be read as given), RUN (the selected case runs
+            through the plugin), TRAINING (the first LoRA case runs in this process), or COMMAND
+            (``argv`` runs through ``python -m lorabench``).
         outputs: directories the run would write (``check_outputs``), ``{d}`` standing for the work directory.
         prepare: a context manager set up around the trigger (a read-only directory, a fake full disk, ...).
         describe: for ACCEPTED inputs, what the session read, in words.
+        pytest_args: more of pytest's arguments, as typed (``-k``, ``--shard -1/2``).
+        env: environment variables set for the run.
     """
 
     name: str
     options: dict = field(default_factory=dict)
-    files: dict[str, str | bytes] = field(default_factory=dict)
+    files: dict[str, str | bytes | Callable[[Path], None]] = field(default_factory=dict)
     expect: tuple[str, ...] = ()
     stage: str = STARTUP
     outputs: dict = field(default_factory=dict)
     prepare: Callable[[Path], contextlib.AbstractContextManager] | None = None
     describe: Callable | None = None
     argv: tuple[str, ...] = ()
+    pytest_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,7 @@ class Outcome:
     stage: str
     message: str
     seconds: float
+    exit: int | None = None  # the command's exit status, where a command ran
 
 
 # ----- files the catalog writes ----------------------------------------------------------------
@@ -86,6 +109,31 @@ def _safetensors() -> bytes:
     from safetensors.torch import save
 
     return save({"model.embed_tokens.weight": torch.zeros(16, 8)})
+
+
+def _tensors(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({name: torch.zeros(shape) for name, shape in shapes.items()})
+
+
+def save_tokenizer(directory: Path) -> None:
+    """The zoo's character tokenizer, saved as a checkpoint's tokenizer files."""
+    from lorabench.zoo import build_tokenizer
+
+    build_tokenizer().save_pretrained(directory)
+
+
+def _number_rows(n: int) -> str:
+    """Rows whose prompt and completion are JSON numbers: ``{"prompt": 100, "completion": 200}``."""
+    return "".join(json.dumps({"prompt": k, "completion": 2 * k}) + "\n" for k in range(100, 100 + n))
+
+
+def _matrix_of(count: int) -> str:
+    """A matrix file of ``count`` LoRA configurations, every field written out (no aliases)."""
+    return "configs:\n" + "".join(f"  - id: c{i}\n    method: lora\n    rank: {8 * (1 + i % 4)}\n    alpha: 16\n"
+                                   f"    lr: 0.0002\n    target_modules: [q_proj, v_proj]\n" for i in range(count))
 
 
 def _rows(n: int, prompt: str = "q") -> str:
@@ -189,6 +237,21 @@ def rows_read(session, workdir: Path) -> str:
     task = session.task(session.matrix.datasets[0])
     texts = sorted(r["prompt"] for r in task.train) + sorted(r["prompt"] for r in task.eval)
     return f"read {len(texts)} rows ({', '.join(sorted(texts))}) from {task.name}"
+
+
+def rows_as_text(session, workdir: Path) -> str:
+    task = session.task(session.matrix.datasets[0])
+    row = min((r for split in (task.train, task.eval) for r in split), key=lambda r: r["prompt"])
+    return (f"read {len(task.train) + len(task.eval)} rows as text, e.g. prompt {row['prompt']!r} -> completion "
+            f"{row['completion']!r}")
+
+
+def configurations_read(session, workdir: Path) -> str:
+    return f"read {len(session.matrix.configs):,} configurations, {len(session.matrix.cases()):,} cases collected"
+
+
+def notices_given(session, workdir: Path) -> str:
+    return "accepted with a warning at start-up: " + "; ".join(session.notices)
 
 
 def model_checked(session, workdir: Path) -> str:
@@ -315,16 +378,18 @@ CATALOG = [
     BadInput("--benchmark-storage a read-only directory", {}, {}, ("--benchmark-storage <dir>/ro", "read-only or not permitted"),
              outputs={"storage": "{d}/ro"}, prepare=read_only_dir),
     BadInput("--benchmark-storage a path that is a file", {}, {"history": "x"},
-             ("--benchmark-storage <dir>/history/Linux-CPython-3.11-64bit", "a component of the path is a file"),
-             outputs={"storage": "{d}/history/Linux-CPython-3.11-64bit"}),
+             ("--benchmark-storage <dir>/history/", "a component of the path is a file"),
+             outputs={"storage": "{d}/history"}),
     BadInput("--benchmark-storage on a full disk", {}, {},
              ("--benchmark-storage <dir>/history", "10.0 MiB free", "the run's outputs need up to"),
              outputs={"storage": "{d}/history"}, prepare=full_disk),
+    # pytest-benchmark opens --benchmark-json as it reads the option (argparse.FileType), before any plugin
+    # check: these answers are its own
     BadInput("--benchmark-json in a directory that is a file", {}, {"out": "x"},
-             ("--benchmark-json <dir>/out/run.json: its directory <dir>/out", "a file stands where the directory should be"),
+             ("argument --benchmark-json: can't open '<dir>/out/run.json'", "Not a directory"),
              outputs={"json_path": "{d}/out/run.json"}),
     BadInput("--benchmark-json a directory", {}, {"out/x": "x"},
-             ("--benchmark-json <dir>/out: a directory, not a file",), outputs={"json_path": "{d}/out"}),
+             ("argument --benchmark-json: can't open '<dir>/out'", "Is a directory"), outputs={"json_path": "{d}/out"}),
     BadInput("--seeds 0", {"seeds": "0"}, {}, ("--seeds '0'", "a count from 1 to 100")),
     BadInput("--seeds with a repeated seed", {"seeds": "7,7"}, {}, ("--seeds '7,7'", "seed 7 appears twice")),
     # models
@@ -409,6 +474,91 @@ CATALOG = [
              ("read 20 rows", "one0", "star0"), stage=ACCEPTED, describe=rows_read),
     BadInput("--dataset ~/data.jsonl (~ expanded)", {"datasets": ["~/data.jsonl"]}, {"data.jsonl": _rows(20)},
              ("read 20 rows", "from <dir>/data.jsonl"), stage=ACCEPTED, describe=rows_read, prepare=home_is_workdir),
+    # inputs once answered with a traceback, a library's words or nothing, now through the plugin's hooks
+    BadInput("--device CPU (upper case)", {"device": "CPU"}, {}, ("--device 'CPU'", "auto, cpu, cuda or cuda:N")),
+    BadInput("--device cuda:abc", {"device": "cuda:abc"}, {}, ("--device 'cuda:abc'", "cuda:N (N a device number")),
+    BadInput("--device cuda:0 where there is none", {"device": "cuda:0"}, {}, ("--device cuda:0", "no CUDA device")),
+    BadInput("--case-timeout 1 (the time runs out as the case process starts)", {"case_timeout_s": 1.0}, {},
+             ("status timeout", "stopped after the --case-timeout of 1 s"), stage=RUN, pytest_args=("-k", "config[lora]")),
+    BadInput("--dataset whose prompts and completions are JSON numbers", {"datasets": ["{d}/numbers.jsonl"]},
+             {"numbers.jsonl": _number_rows(40)}, ("read 40 rows as text", "prompt '100' -> completion '200'"),
+             stage=ACCEPTED, describe=rows_as_text),
+    BadInput("--dataset whose prompts are lists", {"datasets": ["{d}/lists.jsonl"]},
+             {"lists.jsonl": "".join(json.dumps({"prompt": [k], "completion": "a"}) + "\n" for k in range(20))},
+             ("lists.jsonl: field 'prompt' holds", "it must hold text")),
+    BadInput("--dataset a file of blank lines", {"datasets": ["{d}/blank-lines.jsonl"]}, {"blank-lines.jsonl": "\n\n  \n\n"},
+             ("blank-lines.jsonl: holds only blank lines: no rows to train on",)),
+    BadInput("--dataset a CSV header with no rows", {"datasets": ["{d}/header.csv"]}, {"header.csv": "prompt,completion\n"},
+             ("header.csv: holds a header row (prompt,completion) and no data rows",)),
+    BadInput("--dataset a binary file named .jsonl", {"datasets": ["{d}/binary.jsonl"]}, {"binary.jsonl": bytes(range(256)) * 4},
+             ("binary.jsonl: not a text file (byte 0 is NUL)", "UTF-8 text")),
+    BadInput("LORABENCH_CACHE a file", {}, {"cache": "x"},
+             ("LORABENCH_CACHE=<dir>/cache: cannot write there", "a file stands where the directory should be",
+              "tiny-llama is built there"), env={"LORABENCH_CACHE": "{d}/cache"}),
+    BadInput("LORABENCH_CACHE an empty read-only directory", {}, {},
+             ("LORABENCH_CACHE=<dir>/ro: cannot write there", "read-only or not permitted"),
+             env={"LORABENCH_CACHE": "{d}/ro"}, prepare=read_only_dir),
+    BadInput("--model a checkpoint whose model.safetensors holds other tensors", {"models": ["{d}/other"]},
+             {"other/config.json": _causal_config(), "other": save_tokenizer,
+              "other/model.safetensors": _tensors({"encoder.weight": (8, 8), "decoder.bias": (8,)})},
+             ("the checkpoint lacks 12 of the 12 tensors of the LlamaForCausalLM", "first model.embed_tokens.weight",
+              "it holds 2 other tensor(s), first decoder.bias, encoder.weight")),
+    BadInput("--model a sharded checkpoint whose shards hold the embedding and the head only", {"models": ["{d}/sharded"]},
+             {"sharded/config.json": _causal_config(), "sharded": save_tokenizer,
+              "sharded/model.safetensors.index.json": json.dumps({"weight_map": {
+                  "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                  "lm_head.weight": "model-00002-of-00002.safetensors"}}),
+              "sharded/model-00001-of-00002.safetensors": _tensors({"model.embed_tokens.weight": (16, 8)}),
+              "sharded/model-00002-of-00002.safetensors": _tensors({"lm_head.weight": (16, 8)})},
+             ("the checkpoint lacks 10 of the 12 tensors", "first model.layers.0.")),
+    BadInput("--model a checkpoint whose embedding has another shape", {"models": ["{d}/resized"]},
+             {"resized/config.json": _causal_config(), "resized": save_tokenizer,
+              "resized/model.safetensors": _tensors({"model.embed_tokens.weight": (17, 8)})},
+             ("tensor model.embed_tokens.weight has shape [17, 8] in the checkpoint", "needs [16, 8]")),
+    BadInput("--model auto_map for an unknown model type, without AutoConfig", {"models": ["{d}/custom"]},
+             {"custom/config.json": json.dumps({"model_type": "my_arch",
+                                                "auto_map": {"AutoModelForCausalLM": "modeling_my.MyForCausalLM"}}),
+              "custom/model.safetensors": _safetensors()},
+             ("model type 'my_arch' is not one transformers knows", "auto_map", "names no AutoConfig",
+              "--trust-remote-code")),
+    BadInput("--model auto_map with --trust-remote-code, its code files absent", {"models": ["{d}/custom"],
+                                                                                 "trust_remote_code": True},
+             {"custom/config.json": json.dumps({"model_type": "my_arch", "auto_map": {
+                 "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyForCausalLM"}}),
+              "custom/model.safetensors": _safetensors()},
+             ("auto_map of config.json names code in configuration_my.py, modeling_my.py", "not in the checkpoint")),
+    BadInput("-k 'config[qlora_nf5]' (no such configuration)", {}, {},
+             ("-k 'config[qlora_nf5]' selects no case", "names no configuration", "known: full", "qlora_nf4"),
+             pytest_args=("-k", "config[qlora_nf5]")),
+    BadInput("-k 'model[tiny-lama]' (a misspelt model)", {}, {},
+             ("names no model of this run; known: tiny-llama",), pytest_args=("-k", "model[tiny-lama]")),
+    BadInput("--shard '' (empty)", {}, {}, ("--shard ''", "empty"), pytest_args=("--shard=",)),
+    BadInput("--shard -1/2 (a value that starts with '-')", {}, {}, ("--shard '-1/2'", "write I/N"),
+             pytest_args=("--shard", "-1/2")),
+    BadInput("--memory-budget -5GiB (a value that starts with '-')", {}, {}, ("--memory-budget '-5GiB'",),
+             pytest_args=("--memory-budget", "-5GiB")),
+    BadInput("--seeds with an empty item (1,,2)", {"seeds": "1,,2"}, {}, ("--seeds '1,,2'", "item 2 is empty")),
+    BadInput("--cpu-threads 999 (more than the cores)", {"cpu_threads": "999"}, {},
+             ("--cpu-threads 999: this process may use", "999 threads share them"), stage=ACCEPTED,
+             describe=notices_given),
+    BadInput("thresholds: version: true (a bool, not 1)", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": "version: true\nprofiles: {}\n"}, ("gates.yaml:1", "version must be 1")),
+    BadInput("thresholds: a cpu rule on a CUDA-only figure", {"thresholds": "{d}/gates.yaml"},
+             {"gates.yaml": "version: 1\nprofiles:\n  cpu:\n    '*':\n      - peak_alloc_mib <= 100\n"},
+             ("gates.yaml:5", "in profile 'cpu' reads peak_alloc_mib, which only a CUDA device records")),
+    BadInput("--model tiny-llama twice", {"models": ["tiny-llama", "tiny-llama"]}, {},
+             ("--model tiny-llama: given twice",)),
+    BadInput("--dataset digit-reverse twice", {"datasets": ["digit-reverse", "digit-reverse"]}, {},
+             ("--dataset digit-reverse: given twice",)),
+    BadInput("--model two checkpoints whose names end alike (a/ckpt, b/ckpt)", {"models": ["{d}/a/ckpt", "{d}/b/ckpt"]},
+             {}, ("case id 'ckpt-full' stands for two cases", "rename one")),
+    BadInput("--steps 9 --set steps=6", {"steps": 9, "overrides": ["steps=6"]}, {},
+             ("--steps 9 and --set steps=6 conflict",)),
+    BadInput("matrix: 3,000 configurations (about 300 KB, no aliases)", {"matrix_file": "{d}/m.yaml"},
+             {"m.yaml": _matrix_of(3000)}, ("read 3,000 configurations, 3,000 cases collected",), stage=ACCEPTED,
+             describe=configurations_read),
+    BadInput("matrix: a 1 MB YAML tag (not echoed whole)", {"matrix_file": "{d}/m.yaml"},
+             {"m.yaml": "configs: !" + "x" * 1_000_000 + " []\n"}, ("(1,000,001 characters)", "is not allowed")),
     # training: a loss that does not become NaN still stops the case
     # (a 40-row data set, fp32 and a window of 4 steps keep these to seconds; the default window is 10)
     BadInput("--set lr=1e9 (the loss more than doubles, never NaN)",
@@ -437,6 +587,63 @@ CATALOG = [
              dict([_stored_run(1, ("lora", "ok", None), model=SAFE_NAME)]),
              ("exit 0", "wrote 10 files", "m-\\$x^^2\\$ &lt;b&gt;\\|\\`q\\`\\|"),
              stage=COMMAND, argv=("report", "--storage", "{d}/history", "--out", "{d}/reports")),
+    # ----- stored runs and commands
+    BadInput("compare --fail, the latest stored run holds eval_loss NaN", {},
+             dict([_stored_run(1, ("lora", "ok", None)),
+                   (_stored_run(2)[0], _stored_run(2, ("lora", "ok", None))[1].replace('"eval_loss": 0.5', '"eval_loss": NaN'))]),
+             ("exit 1", "case lora: metric eval_loss is nan (not finite): read as not measured",
+              "lora: eval_loss 0.5 -> - B's stored value is not a finite number: nan"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail"), env={"COLUMNS": "1000"}),
+    BadInput("compare --fail, the latest stored run holds eval_loss Infinity", {},
+             dict([_stored_run(1, ("lora", "ok", None)),
+                   (_stored_run(2)[0], _stored_run(2, ("lora", "ok", None))[1].replace('"eval_loss": 0.5', '"eval_loss": Infinity'))]),
+             ("exit 1", "metric eval_loss is inf (not finite)", "B's stored value is not a finite number: inf"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail"), env={"COLUMNS": "1000"}),
+    BadInput("compare --fail, the latest stored run holds eval_loss as a string", {},
+             dict([_stored_run(1, ("lora", "ok", None)),
+                   (_stored_run(2)[0], _stored_run(2, ("lora", "ok", None))[1].replace('"eval_loss": 0.5', '"eval_loss": "0.5"'))]),
+             ("exit 1", "metric eval_loss is '0.5' (not a number)", "B's stored value is not a finite number: '0.5'"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail"), env={"COLUMNS": "1000"}),
+    BadInput("compare, a stored record with a key this version does not know", {},
+             dict([_stored_run(1, ("lora", "ok", None)),
+                   (_stored_run(2)[0], _stored_run(2, ("lora", "ok", None))[1].replace('"schema": 1,', '"schema": 1, "gpu_temperature": 71,'))]),
+             ("exit 0", "case lora: unknown record key 'gpu_temperature' ignored (not a field of a schema 1 record)"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail"), env={"COLUMNS": "1000"}),
+    BadInput("compare, a stored record whose metrics are not a mapping", {},
+             dict([_stored_run(1, ("lora", "ok", None)),
+                   (_stored_run(2)[0], _stored_run(2, ("lora", "ok", None))[1].replace('"metrics": {', '"metrics": "fast", "m": {'))]),
+             ("exit 2", "0002_run2.json: benchmark 'test_finetune[lora]': record key 'metrics': must be a mapping, not str",
+              "pass --skip-broken"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail"), env={"COLUMNS": "1000"}),
+    BadInput("compare --fail, the latest stored run was interrupted (Ctrl-C, marked)", {},
+             dict([_stored_run(1, ("lora", "ok", None)), _stored_run(2, ("lora", "ok", None)),
+                   (_stored_run(3)[0], _stored_run(3, ("lora", "ok", None))[1].replace(
+                       '{"machine_info"', '{"lorabench_interrupted": "stopped by Ctrl-C, SIGINT or pytest.exit after 1 '
+                       'recorded case(s)", "machine_info"', 1))]),
+             ("exit 0", "0003_run3.json: an interrupted run (stopped by Ctrl-C", "A = 0001_run1 (c1), B = 0002_run2 (c2)"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail"), env={"COLUMNS": "1000"}),
+    BadInput("compare --fail, the latest stored run was interrupted before runs were marked", {},
+             dict([_stored_run(1, ("lora", "ok", None)), _stored_run(2, ("lora", "ok", None)),
+                   (_stored_run(3)[0], json.dumps({"benchmarks": [{"name": "test_finetune[lora]", "stats": {"rounds": 2},
+                                                                   "extra_info": {}}]}))]),
+             ("exit 0", "'test_finetune[lora]' has 2 timed round(s) and no lorabench record: the run stopped mid-case",
+              "A = 0001_run1 (c1), B = 0002_run2 (c2)"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail"), env={"COLUMNS": "1000"}),
+    BadInput("report, the latest stored run was interrupted", {},
+             dict([_stored_run(1, ("lora", "ok", None)),
+                   (_stored_run(2)[0], json.dumps({"benchmarks": [{"name": "test_finetune[lora]", "stats": {"rounds": 2},
+                                                                   "extra_info": {}}]}))]),
+             ("exit 0", "skipped run <dir>/history/Linux-CPython-3.11-64bit/0002_run2.json: an interrupted run"),
+             stage=COMMAND, argv=("report", "--storage", "{d}/history", "--out", "{d}/reports"), env={"COLUMNS": "1000"}),
+    BadInput("compare --thresholds nope.yaml (no such file)", {}, HISTORY,
+             ("exit 2", "--thresholds <dir>/nope.yaml: not found"),
+             stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--thresholds", "{d}/nope.yaml")),
+    BadInput("report --out under a path component that is a file", {}, {**HISTORY, "a-file": "not a folder"},
+             ("exit 2", "report --out <dir>/a-file/reports: cannot be made a folder (a component of the path is a file"),
+             stage=COMMAND, argv=("report", "--storage", "{d}/history", "--out", "{d}/a-file/reports")),
+    BadInput("merge --out under a path component that is a file", {}, {**HISTORY, "a-file": "not a folder"},
+             ("exit 2", "merge --out <dir>/a-file/merged.json: its folder <dir>/a-file: cannot be made a folder"),
+             stage=COMMAND, argv=("merge", "1", "2", "--storage", "{d}/history", "--out", "{d}/a-file/merged.json")),
 ]
 
 
@@ -458,32 +665,110 @@ def trigger(bad: BadInput, workdir: Path) -> Outcome:
     for rel, content in bad.files.items():
         path = workdir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
-    with (bad.prepare(workdir) if bad.prepare else contextlib.nullcontext()):
+        if callable(content):
+            content(path)
+        else:
+            (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with (bad.prepare(workdir) if bad.prepare else contextlib.nullcontext()), _environment(bad, workdir):
         started = time.perf_counter()
-        message = _run_command(bad, workdir) if bad.stage == COMMAND else _session(bad, workdir)
+        if bad.stage == COMMAND:
+            code, message = _run_command(bad, workdir)
+        elif bad.stage == TRAINING:
+            code, message = None, _train_first_lora_case(_session(bad, workdir))
+        else:
+            code, message = _through_plugin(bad, workdir)
         seconds = time.perf_counter() - started
     message = message.replace(str(workdir), "<dir>").replace(str(ROOT), "<root>")
     for words in bad.expect:
         assert words in message, f"{bad.name}: {words!r} not in {message!r}"
-    return Outcome(bad.stage, message, seconds)
+    return Outcome(bad.stage, message, seconds, code)
 
 
-def _session(bad: BadInput, workdir: Path) -> str:
-    options = {k: _fill(v, workdir) for k, v in bad.options.items()}
-    outputs = {k: Path(_fill(v, workdir)) for k, v in bad.outputs.items()}
+@contextlib.contextmanager
+def _environment(bad: BadInput, workdir: Path) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in bad.env}
+    os.environ.update({name: _fill(value, workdir) for name, value in bad.env.items()})
     try:
-        session = open_session(root=ROOT, **options)
-        session.load_gates()
-        session.check_inputs()
-        session.check_outputs(**outputs, cases=len(session.matrix.cases()))
-    except LorabenchError as exc:
-        assert bad.stage == STARTUP, f"{bad.name}: refused ({exc})"
-        return str(exc)
-    assert bad.stage != STARTUP, f"{bad.name}: accepted"
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def pytest_argv(bad: BadInput, workdir: Path) -> list[str]:
+    """The row as pytest's arguments: each option as ``--option=value`` (so an empty value or one that
+    starts with '-' reaches the plugin as given), then ``pytest_args`` as typed."""
+    args = []
+    for key, value in bad.options.items():
+        if key == "trust_remote_code":
+            args += ["--trust-remote-code"] if value else []
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            item = _fill(item, workdir)
+            args.append(f"{PYTEST_OPTIONS[key]}={item:g}" if isinstance(item, float) else f"{PYTEST_OPTIONS[key]}={item}")
+    for key, value in bad.outputs.items():
+        path = _fill(value, workdir)
+        args += [f"--benchmark-storage={path}", "--benchmark-autosave"] if key == "storage" else [f"--benchmark-json={path}"]
+    return args + list(_fill(bad.pytest_args, workdir))
+
+
+class _SessionGrab:
+    """A plugin for an in-process run: keeps lorabench's session, for the rows that describe what it read."""
+
+    session = None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.session = session.config.stash.get(SESSION_KEY, None)
+
+
+def run_in_process(args: list[str]):
+    """``pytest bench/test_finetune.py ARGS`` in this process, with the installed plugin.
+
+    Returns:
+        The exit status, everything pytest wrote, and lorabench's session (``None`` if none was opened).
+    """
+    grab, output = _SessionGrab(), io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        code = pytest.main([str(BENCH_FILE), *IN_PROCESS, *args], plugins=[grab])
+    return int(code), output.getvalue(), grab.session
+
+
+def usage_error(output: str) -> str | None:
+    """The message pytest prints for a usage error (``ERROR: ...`` up to the next blank line); for one
+    of argparse's (an option of another plugin), its ``error:`` line without the usage text."""
+    match = re.search(r"^ERROR: (.*?)\n\s*(?:\n|\Z)", output, re.M | re.S)
+    if not match:
+        return None
+    argparse_error = re.search(r"^\S+: error: (.*)$", match.group(1), re.M)
+    return " ".join((argparse_error or match).group(1).split())
+
+
+def _through_plugin(bad: BadInput, workdir: Path) -> tuple[int, str]:
+    args = pytest_argv(bad, workdir)
+    code, output, session = run_in_process(args + (["-q"] if bad.stage == RUN else ["--collect-only", "-q"]))
+    assert "INTERNALERROR" not in output and "Traceback" not in output, f"{bad.name}: exit {code}\n{output[-3000:]}"
+    error = usage_error(output)
+    if bad.stage == STARTUP:
+        assert code == pytest.ExitCode.USAGE_ERROR and error, f"{bad.name}: exit {code}, not refused\n{output[-3000:]}"
+        return code, error
+    assert error is None, f"{bad.name}: refused ({error})"
     if bad.stage == ACCEPTED:
-        return bad.describe(session, workdir)
-    return _train_first_lora_case(session)
+        assert code == pytest.ExitCode.OK, f"{bad.name}: exit {code}\n{output[-3000:]}"
+        return code, bad.describe(session, workdir)
+    result = session.results[0]
+    return code, f"status {result.status}: {result.error}"
+
+
+def _session(bad: BadInput, workdir: Path):
+    """The session of a row that trains in this process (TRAINING), opened as the plugin opens it."""
+    options = {k: _fill(v, workdir) for k, v in bad.options.items()}
+    session = open_session(root=ROOT, **options)
+    session.load_gates()
+    session.check_inputs()
+    return session
 
 
 def _train_first_lora_case(session) -> str:
@@ -499,19 +784,20 @@ def _train_first_lora_case(session) -> str:
     return f"status {result.status}: {result.error}"
 
 
-def _run_command(bad: BadInput, workdir: Path) -> str:
+def _run_command(bad: BadInput, workdir: Path) -> tuple[int, str]:
     from lorabench.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(_fill(bad.argv, workdir)))
     lines = [line for line in (out.getvalue() + err.getvalue()).splitlines()
-             if re.search(r"error|skipped|did not finish|A = |wrote", line)]
-    if bad.argv[0] == "report":
+             if re.search(r"error|skipped|did not finish|A = |wrote|WARNING|regression|  \S+: ", line)]
+    if bad.argv[0] == "report" and code == 0:
         md = (workdir / "reports" / "summary.md").read_text()
         title = next(line for line in md.splitlines() if line.startswith("## "))
-        lines = [f"wrote {len(lines)} files", f"summary.md heading: {title[:60]}..."]
-    return f"exit {code}; " + "; ".join(lines)
+        lines = [line for line in lines if line.startswith("skipped")] + [
+            f"wrote {sum(line.startswith('wrote') for line in lines)} files", f"summary.md heading: {title[:60]}..."]
+    return code, f"exit {code}; " + "; ".join(lines)
 
 
 _OUTCOMES: dict[str, Outcome] = {}
@@ -530,6 +816,38 @@ def test_each_input_gets_a_clear_answer(bad):
     result = outcome(bad)
     if bad.stage in (STARTUP, ACCEPTED):
         assert result.seconds < 60, f"{bad.name}: {result.seconds:.1f} s at start-up"
+    if result.exit is not None:  # the standard: a usage error (4), or the command's own status, never 3
+        assert result.exit in (0, 1, 2, 4), f"{bad.name}: exit {result.exit}"
+
+
+# one row per hook that can refuse an input, run again as a real pytest command (no --collect-only)
+SUBPROCESS_ROWS = {
+    "--seeds with an empty item (1,,2)": "pytest_configure: lorabench's options",
+    "--shard -1/2 (a value that starts with '-')": "pytest_configure: --shard (scale-out)",
+    "--device cuda where there is none": "pytest_collection_modifyitems: the selected cases' inputs",
+    "-k 'config[qlora_nf5]' (no such configuration)": "pytest_collection_modifyitems: a selection of no case",
+}
+
+
+def test_a_real_pytest_run_answers_as_the_in_process_one():
+    """The in-process path (pytest.main) and ``python -m pytest`` give the same exit status and message,
+    for one row per refusing hook; the subprocesses run side by side."""
+    rows = [b for b in CATALOG if b.name in SUBPROCESS_ROWS]
+    assert len(rows) == len(SUBPROCESS_ROWS)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for i, bad in enumerate(rows):
+            assert not bad.files and not bad.prepare and not bad.env, f"{bad.name}: a subprocess row needs no set-up"
+            command = [sys.executable, "-m", "pytest", str(BENCH_FILE), "-p", "no:cacheprovider",
+                       *pytest_argv(bad, Path(tmp) / str(i))]
+            runs.append((bad, subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True)))
+        for bad, process in runs:
+            output, _ = process.communicate(timeout=600)
+            expected = outcome(bad)
+            assert "INTERNALERROR" not in output, f"{bad.name}:\n{output[-3000:]}"
+            assert (process.returncode, usage_error(output)) == (expected.exit, expected.message), (
+                f"{bad.name} ({SUBPROCESS_ROWS[bad.name]}): a real run answers differently\n{output[-3000:]}")
 
 
 def test_the_catalog_is_large_and_documented():
@@ -546,21 +864,27 @@ def render_table() -> str:
         "# Bad inputs and what they get",
         "",
         "Generated from `tests/test_bad_inputs.py` (`python tests/test_bad_inputs.py > docs/bad-inputs.md`),",
-        "where each row is also a test, run through the same code as the bench or the command line.",
+        "where each row is also a test. Start-up rows run `pytest bench/test_finetune.py --collect-only OPTIONS`",
+        "through the installed plugin (in the test's process, `pytest.main`), so every hook that reads an input",
+        "runs; rows " + ", ".join(str(i) for i, b in enumerate(CATALOG, 1) if b.name in SUBPROCESS_ROWS)
+        + " (one per hook that can refuse) also run as a `python -m pytest` subprocess, which must give the same",
+        "exit status and message.",
         f"*{STARTUP}*: the run stops before any case trains, pytest exits with status 4 (usage error).",
-        f"*{ACCEPTED}*: an input once mishandled, now read literally. *{TRAINING}*: the case runs (here in",
-        "the test's process) and is recorded with the status shown. *command*: `python -m lorabench ...`,",
-        "with its exit status. `<dir>` stands for the directory holding the files, `<root>` for the repository;",
-        "seconds are wall time from start-up to the answer, on the machine that generated the table (the",
-        "first row that builds a model also pays for importing transformers).",
+        f"*{ACCEPTED}*: an input once mishandled, now read literally. *{RUN}*: the selected case runs",
+        f"through the plugin and is recorded with the status shown. *{TRAINING}*: the first LoRA case trains",
+        "in the test's process. *command*: `python -m lorabench ...`, with its exit status. `<dir>` stands for",
+        "the directory holding the files, `<root>` for the repository; seconds are wall time from start-up to",
+        "the answer, on the machine that generated the table (a 2-core AMD EPYC shared with other work, so",
+        "they read slow; the first rows that build a model also pay for importing torch and transformers).",
         "",
-        "| # | input | outcome | message | seconds |",
-        "|---|---|---|---|---|",
+        "| # | input | outcome | exit | message | seconds |",
+        "|---|---|---|---|---|---|",
     ]
     for i, bad in enumerate(CATALOG, 1):
         result = outcome(bad)
         one_line = " ".join(result.message.split()).replace("|", "\\|")
-        lines.append(f"| {i} | {bad.name} | {result.stage} | {one_line} | {result.seconds:.2f} |")
+        code = "-" if result.exit is None else result.exit
+        lines.append(f"| {i} | {bad.name} | {result.stage} | {code} | {one_line} | {result.seconds:.2f} |")
     return "\n".join(lines) + "\n"
 
 
