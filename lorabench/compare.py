@@ -176,8 +176,8 @@ def yardstick_warnings(a: StoredRun, b: StoredRun, tolerances: Tolerances) -> li
         return []
     case_id, control, cpu = max(moved, key=lambda m: abs(m[1]))
     ra, rb = a.results[case_id], b.results[case_id]
-    line = (f"the yardstick moved: control_ms {control:+.1%} in {case_id} ({ra.metrics['control_ms']:.3g} -> "
-            f"{rb.metrics['control_ms']:.3g} ms)" + (f" and in {len(moved) - 1} more case(s)" if len(moved) > 1 else "")
+    line = (f"the yardstick moved: control_ms {control:+.1%} in {case_id} ({ra.metrics['control_ms']:.4g} -> "
+            f"{rb.metrics['control_ms']:.4g} ms)" + (f" and in {len(moved) - 1} more case(s)" if len(moved) > 1 else "")
             + f", past its ±{tol:.0%} tolerance; step_control_ratio cancels what slowed the step and the control "
             "alike (a torch, autograd or BLAS change), so such a slowdown passes the speed gate; raw step CPU time "
             + (f"(step_cpu_ms) {cpu:+.1%} there" if cpu is not None else "not stored in both runs"))
