@@ -47,6 +47,8 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
 TRAINING_COLUMNS = (
     ("weights_mib", "weights MiB", "weight memory"),
     ("step_ms", "step ms", "step time"),
+    # the figure that gates speed, beside the raw wall clock it is computed from (lorabench.control)
+    ("step_control_ratio", "step/control", "step time over its control"),
     ("tokens_per_s", "tokens/s", "throughput"),
     ("train_loss_final", "train loss", "final train loss"),
     ("eval_loss", "eval loss", "eval loss"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lorabench.result import CaseResult
 from lorabench.summary import adapter_lines, render_summary
+from lorabench.tables import FILE_WIDTH
 
 
 def _result(config_id: str, *, inference: bool = False, **metrics) -> CaseResult:
@@ -22,7 +23,7 @@ def test_inference_variants_get_their_own_table_and_columns():
         _result("infer_merged", inference=True, weights_mib=6.23, ttft_ms=100.0, decode_tokens_per_s=25.0,
                 latency_ms=640.0, drift_cosine_mean=0.4, adapter_drift_cosine_mean=1.0),
     ]
-    text = "\n".join(render_summary(results))
+    text = "\n".join(render_summary(results, width=FILE_WIDTH))  # one line per case, as in a file
     assert "tiny-llama on digit-reverse (cpu)," in text and "(cpu inference), baseline infer_base" in text
     inference_table = text.split("(cpu inference)")[1]
     assert "TTFT ms" in inference_table and "decode tok/s" in inference_table and "cos to adapter" in inference_table
