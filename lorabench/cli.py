@@ -1,6 +1,6 @@
 """``python -m lorabench``: compare stored runs and render reports.
 
-    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--all] [--skip-broken] [--csv F] [--json F] [--markdown F]
+    python -m lorabench compare [RUN_A] [RUN_B] [--fail] [--all] [--skip-broken] [--gate-step-cpu-time] [--csv F] ...
     python -m lorabench report [RUN] [--out reports/] [--skip-broken]
     python -m lorabench merge RUN RUN... [--out FILE]
     python -m lorabench fit --model M [--memory 24GiB] [--batch-size B] [--seq-len T] [--set K=V] [--json F]
@@ -9,7 +9,8 @@
 A RUN is a stored file, a run number (``3`` or ``0003``), a save name or a commit id
 prefix; by default the two latest runs (compare) or the latest (report). A stored run that
 cannot be read stops the choice, and one with a diverged, errored or timed-out case fails
-``--fail``; ``--skip-broken`` passes over both and prints each one with the reason.
+``--fail``; ``--skip-broken`` passes over both and prints each one with the reason. An
+interrupted run is always passed over, with the reason printed (lorabench.history).
 Exit codes: 0 fine, 1 a regression (or a compared run with a case that did not finish) with
 ``--fail``, 2 bad input (a message says which).
 """

@@ -19,7 +19,7 @@ import pytest
 from lorabench.cli import main
 from lorabench.compare import REGRESSED, UNCHANGED, Tolerances, compare_runs
 from lorabench.errors import HistoryError
-from lorabench.history import INTERRUPTED_KEY, InterruptedRunError, latest_runs, read_run, select_run
+from lorabench.history import INTERRUPTED_KEY, InterruptedRunError, read_run, select_run
 from lorabench.result import INVALID_STORED, read_record
 
 STORED = Path(__file__).parent / "data" / "stored-run.json"
