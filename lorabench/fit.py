@@ -134,55 +134,61 @@ def fit_case(model: str, hf_config, config: BenchConfig, budgets: list[Budget], 
         if limit:
             length = min(length, limit)
         if settle:
-            batch = _settle(lambda b: peak_at(b, seq_len) <= budget.mib, batch)
-            length = _settle(lambda t: peak_at(batch_size, t) <= budget.mib, length, limit)
+            batch = _settle(lambda b: peak_at(b, seq_len), budget.mib, batch)
+            length = _settle(lambda t: peak_at(batch_size, t), budget.mib, length, limit)
         # nothing of the step grows with it (not seen in a real step): no largest size to give
         case.max_batch_size[budget.label] = None if math.isinf(batch) else batch
         case.max_seq_len[budget.label] = None if math.isinf(length) else length
     return case
 
 
-def _settle(fits, guess: int | float, limit: int | None = None) -> int | float:
-    """The largest size ``n >= 1`` with ``fits(n)``, searched from ``guess`` (0 when even 1 does not fit);
-    ``fits`` must hold up to some size and not beyond it."""
+def _settle(peak, budget: float, guess: int | float, limit: int | None = None) -> int | float:
+    """The largest size ``n >= 1`` with ``peak(n) <= budget`` (0 when even 1 does not fit), searched from
+    ``guess``; ``peak`` must grow with ``n``.
+
+    Each probe after the first is a secant step through the probes nearest the budget on either side
+    (the peak is nearly a line in the size), and a halving of the bracket where a secant step did not
+    halve it: a few predictions from any guess, not a walk from it.
+    """
     if math.isinf(guess) or guess < 1:
         return guess
     cap = limit or math.inf
-    n = min(guess, cap)
-    step = 1
-    if fits(n):  # widen upwards until a size does not fit, then halve the gap
-        low, high = n, None
-        while high is None and low < cap:
-            probe = min(low + step, cap)
-            if fits(probe):
-                low, step = probe, 2 * step
-            else:
-                high = probe
-        if high is None:
-            return low
-    else:  # widen downwards until a size fits
-        high = n
-        low = None
-        while low is None:
-            probe = max(high - step, 0)
-            if probe == 0:
-                return 0 if not fits(1) else _bisect(fits, 1, high)
-            if fits(probe):
-                low = probe
-            else:
-                high, step = probe, 2 * step
-    return _bisect(fits, low, high)
-
-
-def _bisect(fits, low: int, high: int) -> int:
-    """The largest size in [low, high) that fits, given that ``low`` fits and ``high`` does not."""
-    while high - low > 1:
-        middle = (low + high) // 2
-        if fits(middle):
-            low = middle
+    seen: dict[int, float] = {}
+    low, high = 0, None  # the largest size known to fit (0: none yet), the smallest known not to
+    n, width = int(min(guess, cap)), math.inf
+    while True:
+        seen[n] = peak(n)
+        if seen[n] <= budget:
+            low = max(low, n)
         else:
-            high = middle
-    return low
+            high = n if high is None else min(high, n)
+        if (high is not None and high - low <= 1) or (high is None and low >= cap):
+            return low
+        n, width = _next_probe(seen, budget, low, high, cap, width)
+
+
+def _next_probe(seen: dict[int, float], budget: float, low: int, high: int | None, cap: float,
+                width: float) -> tuple[int, float]:
+    """The next size to predict, and the bracket's width now (for the halving rule)."""
+    def secant(a: int, b: int) -> float | None:
+        slope = (seen[b] - seen[a]) / (b - a)
+        return a + (budget - seen[a]) / slope if slope > 0 else None
+
+    if high is None:  # everything so far fits: extend the line through the two largest probes
+        below = sorted(seen)[-2:]
+        x = secant(*below) if len(below) == 2 else None
+        n = max(low + 1, math.floor(x) if x is not None else 2 * low)
+        return int(min(n, cap)), width
+    if low == 0:  # nothing fits yet: extend the line through the two smallest probes
+        above = sorted(seen)[:2]
+        x = secant(*above) if len(above) == 2 else None
+        n = math.floor(x) if x is not None else high // 2
+        return max(1, min(n, high - 1)), width
+    now = high - low
+    x = secant(low, high)
+    if x is None or now > width / 2:  # the last step did not halve the bracket
+        return (low + high) // 2, now
+    return max(low + 1, min(math.floor(x), high - 1)), now
 
 
 def _phase_lines(prediction: Prediction) -> dict[str, tuple[float, float]]:

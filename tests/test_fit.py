@@ -66,19 +66,22 @@ def test_bad_input_is_named_and_exits_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@given(largest=st.integers(-3, 3000), guess=st.integers(0, 4000), limit=st.none() | st.integers(1, 5000))
-def test_settling_from_any_guess_finds_the_largest_size_that_fits(largest, guess, limit):
+@given(largest=st.integers(-3, 3000), guess=st.integers(0, 4000), limit=st.none() | st.integers(1, 5000),
+       slope=st.floats(0.1, 10.0), curve=st.floats(0.0, 0.01))
+def test_settling_from_any_guess_finds_the_largest_size_that_fits(largest, guess, limit, slope, curve):
     from lorabench.fit import _settle
 
     calls = []
 
-    def fits(n: int) -> bool:
+    def peak(n: int) -> float:  # grows with n, nearly a line (a peak's activations, eager attention's square)
         calls.append(n)
-        return n <= largest
+        return slope * n + curve * n * n
 
-    found = _settle(fits, guess, limit)
+    budget = peak(largest) if largest >= 1 else 0.5 * peak(1)
+    calls.clear()
+    found = _settle(peak, budget, guess, limit)
     if guess < 1:
         assert found == guess  # nothing to settle: the lines said nothing fits
     else:
         assert found == max(0, min(largest, limit or largest))
-        assert len(calls) <= 4 * (abs(guess - found) + 2).bit_length() + 2  # a few predictions, not a scan
+        assert len(calls) <= 2 * (abs(guess - found) + 2).bit_length() + 4  # a few predictions, not a scan

@@ -126,6 +126,34 @@ def _int8_matmul(target: str, original):
     return matmul
 
 
+def _paged_state_buffer(target: str, original):
+    """Paged optimizers (``paged_adamw_8bit``) put each state buffer of 100,000 elements or more in CUDA
+    managed memory (``F.get_paged``: ``cudaMallocManaged``, outside torch's caching allocator), which a
+    meta run cannot allocate: it gets a meta tensor marked ``is_paged`` instead, so the allocator's
+    figures leave it out and the device total keeps it (resident while the card has room)."""
+    import torch
+
+    def get_state_buffer(self, p, dtype=torch.float32):
+        if p.device.type != "meta":
+            return original(self, p, dtype=dtype)
+        buffer = torch.zeros_like(p, dtype=dtype)
+        if target == "cuda" and self.is_paged and p.numel() >= 1e5:  # bitsandbytes' own threshold
+            buffer.is_paged = True
+        return buffer
+
+    return get_state_buffer
+
+
+def _no_meta_prefetch(original):
+    """Prefetching a paged buffer moves its pages (no bytes are added): nothing to do for a meta one."""
+
+    def prefetch_state(self, p):
+        if p.device.type != "meta":
+            original(self, p)
+
+    return prefetch_state
+
+
 class BitsAndBytes(QuantBackend):
     name = "bitsandbytes"
     module = "bitsandbytes"
@@ -205,8 +233,11 @@ class BitsAndBytes(QuantBackend):
 
     def meta_patches(self, target: str) -> list[tuple[Any, str, Any]]:
         import bitsandbytes
+        from bitsandbytes.optim.optimizer import Optimizer8bit
 
-        return [(bitsandbytes, "matmul", _int8_matmul(target, bitsandbytes.matmul))]
+        return [(bitsandbytes, "matmul", _int8_matmul(target, bitsandbytes.matmul)),
+                (Optimizer8bit, "get_state_buffer", _paged_state_buffer(target, Optimizer8bit.get_state_buffer)),
+                (Optimizer8bit, "prefetch_state", _no_meta_prefetch(Optimizer8bit.prefetch_state))]
 
     def round_trip(self, weight, quant: str):
         """The functions ``Linear4bit`` (bf16 in, blocks of 64) and ``Linear8bitLt`` (fp16 in, one absmax per row) use."""

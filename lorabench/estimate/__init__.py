@@ -103,10 +103,12 @@ class Prediction:
 
     @property
     def device_mib(self) -> float | None:
-        """What the device shows in use for this process: reserved plus the CUDA context (CUDA only)."""
+        """What the device shows in use for this process: reserved, managed memory (paged optimizer state,
+        resident while the card has room) and the CUDA context (CUDA only)."""
         if self.allocator is None:
             return None
-        return self.reserved_mib + sum(t.mib for t in self.runtime if t.name == CUDA_CONTEXT.name)
+        context = sum(t.mib for t in self.runtime if t.name == CUDA_CONTEXT.name)
+        return self.reserved_mib + self.allocator.managed / MIB + context
 
     @property
     def peak_mib(self) -> float:
@@ -125,7 +127,7 @@ class Prediction:
             "tensor": "exact live tensor bytes at the peak (meta-device build, one tracked step)",
             "allocated": f"tensor bytes through the caching allocator, cuBLAS workspaces included ({ALLOCATOR_SOURCE})",
             "reserved": f"the caching allocator's segments ({ALLOCATOR_SOURCE})",
-            "device": f"reserved + CUDA context ({CUDA_CONTEXT.source})",
+            "device": f"reserved + managed memory (paged optimizer state) + CUDA context ({CUDA_CONTEXT.source})",
         }
         return [Figure(name, value, FIGURE_COUNTERS[name][0], meanings[name])
                 for name, value in values.items() if value is not None]
@@ -137,7 +139,8 @@ class Prediction:
         parts = {c: self.tensor.components[c] / MIB for c in CATEGORIES}
         if self.allocator is not None:
             workspace = sum(workspace_blocks()) / MIB
-            parts["allocator_rounding"] = self.allocated_mib - self.tensor_mib - workspace
+            # tensor bytes in managed memory (paged optimizer state) are not the allocator's
+            parts["allocator_rounding"] = self.allocated_mib - (self.tensor_mib - self.allocator.managed / MIB) - workspace
             parts["allocator_cached"] = self.reserved_mib - self.allocated_mib
         parts.update({t.name: t.mib for t in self.runtime})
         return parts
@@ -239,7 +242,10 @@ class Predictor:
         # (the bitsandbytes backend drops LLM.int8's "inputs will be cast" notice, once per layer and call)
         step = track_training(model, config, batch_size=batch_size, seq_len=seq_len, target=self.target,
                               trainer=trainer)
-        peaks = replay(step.events, workspace_blocks(), step.state_events) if self.target == "cuda" else None
+        peaks = None
+        if self.target == "cuda":
+            replayed = replay(step.events, workspace_blocks(), step.state_events)
+            peaks = AllocatorPeaks(replayed.allocated, replayed.reserved, step.managed_bytes)
         return step.phases, peaks
 
     def predict(self, batch_size: int, seq_len: int) -> Prediction:
@@ -307,6 +313,7 @@ def _extrapolated(runs: list[tuple[dict[str, TensorPeak], AllocatorPeaks | None]
         allocated = line(alloc_one.allocated, alloc_two.allocated)
         # the segments grow in steps of 2 or 20 MiB, so the line through two depths can pass under the
         # allocated peak; a reserved figure never does
-        allocator = AllocatorPeaks(allocated, max(allocated, line(alloc_one.reserved, alloc_two.reserved)))
+        allocator = AllocatorPeaks(allocated, max(allocated, line(alloc_one.reserved, alloc_two.reserved)),
+                                   line(alloc_one.managed, alloc_two.managed))
     return Prediction(peak, target, batch_size, seq_len, layers_run=(2 * period, 3 * period),
                       phases={phase: v[1] for phase, v in at_depth.items()}, allocator=allocator)

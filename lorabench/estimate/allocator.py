@@ -70,10 +70,12 @@ class _Block:
 
 @dataclass(frozen=True)
 class AllocatorPeaks:
-    """What a replay ends with, in bytes: the peaks ``max_memory_allocated`` / ``max_memory_reserved`` report."""
+    """What a replay ends with, in bytes: the peaks ``max_memory_allocated`` / ``max_memory_reserved`` report,
+    and the managed memory beside the allocator (paged optimizer state)."""
 
     allocated: int
     reserved: int
+    managed: int = 0
 
 
 class CachingAllocator:
@@ -161,9 +163,18 @@ class AllocationLog(TensorTracker):
 
     def __init__(self, *args, **kwargs) -> None:
         self.events: list[tuple[int, int | None]] = []
+        self.managed_bytes = 0  # storages in CUDA managed memory (``is_paged``): not the allocator's
+        self._managed: set[int] = set()
         super().__init__(*args, **kwargs)
 
     def _register(self, t, phase: str, role: str | None) -> None:
+        if getattr(t, "is_paged", False):
+            key = id(t.untyped_storage())
+            if key not in self._managed:
+                self._managed.add(key)
+                self.managed_bytes += t.untyped_storage().nbytes()
+            super()._register(t, phase, role)
+            return
         before = len(self._live)
         super()._register(t, phase, role)
         added = len(self._live) - before
@@ -172,7 +183,7 @@ class AllocationLog(TensorTracker):
             self.events.extend((key, self._live[key].nbytes) for key in reversed(newest))
 
     def _free(self, key: int) -> None:
-        if key in self._live:
+        if key in self._live and key not in self._managed:
             self.events.append((key, None))
         super()._free(key)
 

@@ -81,11 +81,13 @@ class TrackedStep:
         phases: the highest live tensor bytes of each phase (forward, backward, optimizer), with their parts.
         events: every allocation and free in order (:class:`lorabench.estimate.allocator.AllocationLog`).
         state_events: how many of ``events`` are the model state alive before the step.
+        managed_bytes: tensor bytes in CUDA managed memory (paged optimizer state), outside the allocator.
     """
 
     phases: dict[str, TensorPeak]
     events: list[tuple[int, int | None]]
     state_events: int
+    managed_bytes: int = 0
 
 
 def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int, target: str,
@@ -109,7 +111,7 @@ def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
     try:
         with emulate(target), tracker:
             _step(trainer, model, config, batch_size, seq_len)
-        return TrackedStep(tracker.phase_peaks(), tracker.events, state_events)
+        return TrackedStep(tracker.phase_peaks(), tracker.events, state_events, tracker.managed_bytes)
     finally:
         tracker.close()
 
@@ -117,5 +119,6 @@ def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
 def prepared_trainer(model, config: BenchConfig, target: str):
     """The Trainer of a meta model whose optimizer state exists: what every tracked step starts from."""
     trainer = _trainer(model, config, target)
-    _create_optimizer_state(trainer, model)
+    with emulate(target):  # the optimizer's state takes the target's layout too (bitsandbytes' paged buffers)
+        _create_optimizer_state(trainer, model)
     return trainer
