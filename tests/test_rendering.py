@@ -79,7 +79,9 @@ TOO_WIDE = """return [...document.querySelectorAll('.wide')].filter(w => w.scrol
 
 
 def test_summary_html_tables_and_plots_render(tmp_path, browser):
-    write_report(read_run(STORED_RUN), tmp_path)
+    run = read_run(STORED_RUN)
+    run.name = "0b84d3c4a19e93fd62a1578499607272f8c84a20_20261204_192711_uncommited-changes"  # as autosave names it
+    write_report(run, tmp_path)
     (tmp_path / "plots").rename(tmp_path / "moved")  # self-contained: the page needs no file beside it
     browser.get((tmp_path / "summary.html").as_uri())
     rows = browser.execute_script("return document.querySelectorAll('#results-1 tbody tr').length")
@@ -127,3 +129,14 @@ def test_allure_report_renders_the_cases(browser, serve, allure_results, allure_
     text = wait_for(browser, "const t = document.body.innerText; return t.includes('test_finetune') ? t : false;", 60)
     assert "test_finetune" in text
     screenshot(browser, "report-allure.png")
+    # the run's comparison across configurations, a global attachment holding the summary page
+    browser.find_element("xpath", "//span[contains(text(), 'Global Attachments')]").click()
+    wait_for(browser, "return document.body.innerText.includes('comparison: every configuration')")
+    browser.find_element("xpath", "//*[contains(text(), 'comparison: every configuration')]").click()
+    frame = wait_for(browser, "const f = document.querySelector('iframe'); "
+                              "return f && f.getBoundingClientRect().height > 1000 ? f : false;")
+    browser.switch_to.frame(frame)
+    assert browser.execute_script("return document.querySelectorAll('#results-1 tbody tr').length") == 2
+    assert browser.execute_script("return document.querySelectorAll('.plots svg').length") == 5
+    browser.switch_to.default_content()
+    screenshot(browser, "allure-comparison.png")
