@@ -158,6 +158,14 @@ def read_record(data: dict[str, Any]) -> tuple[CaseResult, list[str]]:
             findings.append(f"metric {name} is {value!r} ({kind}): read as not measured")
             result.metrics.pop(name)
             result.absent[name] = f"{INVALID_STORED}: {value!r}"
+    for i, seed in enumerate(result.seeds):  # each seed's figures feed the seeds' t-tests and intervals
+        if not isinstance(seed, dict) or not isinstance(seed.get("metrics", {}), dict):
+            raise ValueError(f"record key 'seeds': entry {i} must be a mapping with a 'metrics' mapping")
+        bad = {k: v for k, v in seed.get("metrics", {}).items() if not (_is_number(v) and math.isfinite(v))}
+        if bad:
+            result.seeds[i] = {**seed, "metrics": {k: v for k, v in seed["metrics"].items() if k not in bad}}
+            findings += [f"seed {seed.get('seed', i)}: metric {k} is {v!r}: left out of the seeds' statistics"
+                         for k, v in bad.items()]
     for curve in TIMING_CURVES:
         steps = getattr(result, curve)
         bad = [i for i, v in enumerate(steps) if not math.isfinite(v)]
@@ -170,4 +178,5 @@ def read_record(data: dict[str, Any]) -> tuple[CaseResult, list[str]]:
 
 def _build(values: dict[str, Any]) -> CaseResult:
     """A record from checked values; the metrics dict is copied, so reading around a value never edits the input."""
-    return CaseResult(**{**values, "metrics": dict(values.get("metrics", {})), "absent": dict(values.get("absent", {}))})
+    return CaseResult(**{**values, "metrics": dict(values.get("metrics", {})), "absent": dict(values.get("absent", {})),
+                         "seeds": list(values.get("seeds", []))})

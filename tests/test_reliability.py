@@ -164,7 +164,7 @@ def earlier_history(no_gates, tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_history, tmp_path):
     storage = tmp_path / "history"
     shutil.copytree(earlier_history, storage)

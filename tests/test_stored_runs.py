@@ -216,6 +216,18 @@ def test_a_record_field_of_the_wrong_type_is_named_with_the_file_and_benchmark(k
     assert code == 2 and "1 usable run(s) stored, 2 needed" in out and f"passed over: {path}: " in out
 
 
+def test_a_seeds_non_finite_figure_is_left_out_of_the_seeds_statistics():
+    from lorabench.seeds import seed_values
+
+    extra = record(stored(), "lora")
+    extra["seeds"] = [{"seed": 1, "status": "ok", "metrics": {"eval_loss": 0.7}},
+                      {"seed": 2, "status": "ok", "metrics": {"eval_loss": float("nan")}}]
+    result, findings = read_record(extra)
+    assert seed_values(result, "eval_loss") == [0.7]
+    assert findings == ["seed 2: metric eval_loss is nan: left out of the seeds' statistics"]
+    assert extra["seeds"][1]["metrics"]["eval_loss"] != extra["seeds"][1]["metrics"]["eval_loss"]  # input untouched
+
+
 def test_a_missing_record_key_is_named():
     extra = record(stored(), "lora")
     del extra["model"]
