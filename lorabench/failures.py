@@ -7,9 +7,16 @@ The same block is the pytest failure message of the case and a section of the te
         qlora_nf4.eval_loss = 0.0912, lora.eval_loss = 0.0448: bound <= 0.0896
 
 The full record and any traceback stay in the Allure attachments, and show with ``-v``.
+
+The block is printed once: under pytest's FAILURES (:func:`failure_report` keeps pytest's one-line short
+summary to the block's first line, on CI and with ``-vv`` too), while lorabench's own summary lists each
+failed case in one line (:func:`failure_index`), or prints the blocks where pytest shows no tracebacks
+(``--tb=no``).
 """
 
 from __future__ import annotations
+
+from _pytest._code.code import ReprEntryNative, ReprExceptionInfo, ReprFileLocation, ReprTraceback
 
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_OK, CaseResult
 from lorabench.thresholds import FAIL, NOT_EVALUABLE, NOT_EVALUATED, PASS
@@ -102,6 +109,25 @@ def failure_block(result: CaseResult, *, verbose: bool = False) -> str | None:
         lines += (["  traceback:"] + ["    " + line for line in trace.rstrip().splitlines()] if verbose
                   else ["  (run with -v for the traceback)"])
     return "\n".join(lines)
+
+
+def failure_report(message: str, path: str, lineno: int) -> ReprExceptionInfo:
+    """A pytest failure representation that prints ``message`` whole under FAILURES and only its first line
+    in the short test summary (pytest prints a plain-text failure whole there on CI and with ``-vv``).
+    pytest's own representation classes, so that it crosses pytest-xdist's report serialization as it is."""
+    lines = message.splitlines() or [""]
+    return ReprExceptionInfo(ReprTraceback([ReprEntryNative([line + "\n" for line in lines])], None, "native"),
+                             ReprFileLocation(path, lineno, lines[0]))
+
+
+def failure_index(result: CaseResult) -> str | None:
+    """One line for a failed case in lorabench's summary: what failed, its block being under FAILURES."""
+    failed = failed_gates(result)
+    if result.status == STATUS_OK and not failed:
+        return None
+    what = (", ".join(f"'{g['rule']}'" for g in failed) if result.status == STATUS_OK
+            else "does not fit" if result.status == STATUS_DOES_NOT_FIT else result.status)
+    return f"{result.case_id}: {what} (its block is under FAILURES above)"
 
 
 def gate_rows(results: list[CaseResult]) -> list[list[str]]:

@@ -23,7 +23,8 @@ from lorabench.session import (
     BenchSession,
     open_session,
 )
-from lorabench.failures import failure_block
+from lorabench.allure_results import CASE_ERROR, GATE_FAILED
+from lorabench.failures import failure_block, failure_index, failure_report
 from lorabench.storage import json_output_path
 from lorabench.summary import render_summary
 
@@ -297,6 +298,18 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
         output_json[INTERRUPTED_KEY] = f"stopped by Ctrl-C, SIGINT or pytest.exit after {done} recorded case(s)"
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A case's failure block (lorabench.failures) whole under FAILURES, one line in the short summary."""
+    report = yield
+    failed = call.excinfo is not None and call.excinfo.errisinstance(pytest.fail.Exception)
+    text = str(call.excinfo.value.msg) if failed else ""
+    if report.failed and text.startswith((GATE_FAILED, CASE_ERROR)):
+        path, lineno, _ = item.location
+        report.longrepr = failure_report(text, path, (lineno or 0) + 1)
+    return report
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
@@ -309,9 +322,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     counts = Counter(g["status"] for r in session.results for g in r.gates)
     terminalreporter.write_sep("=", "lorabench summary")
-    for line in render_summary(session.results, dict(counts)):
+    workers = getattr(config.option, "numprocesses", None)  # pytest-xdist's -n, where it is installed
+    for line in render_summary(session.results, dict(counts), width=terminalreporter._tw.fullwidth,
+                               workers=workers if isinstance(workers, int) else None):
         terminalreporter.write_line(line)
-    blocks = [b for r in session.results if (b := failure_block(r, verbose=config.get_verbosity() > 0))]
+    # each block is under pytest's FAILURES already, unless --tb=no leaves that section out
+    show = ((lambda r: failure_block(r, verbose=config.get_verbosity() > 0)) if config.option.tbstyle == "no"
+            else failure_index)
+    blocks = [b for r in session.results if (b := show(r))]
     if blocks:
         terminalreporter.write_sep("-", f"lorabench: {len(blocks)} case(s) failed")
         for block in blocks:
