@@ -6,9 +6,13 @@ something, as it does at full size), and saved as an ordinary Hugging Face
 checkpoint directory with its tokenizer. The benchmark then loads it through the
 same ``from_pretrained`` path as a hub model, quantization included.
 
-Checkpoints are cached on disk under ``$LORABENCH_CACHE`` (default
-``~/.cache/lorabench``), keyed by everything that shapes them, and written
-atomically so an interrupted build never leaves a half checkpoint behind.
+The default model's checkpoint ships in the package (``lorabench/zoo_checkpoints/``,
+written by ``scripts/build-zoo``, its files' SHA-256 in ``manifest.json``), so a first run
+does not pre-train it; it is used while its recipe is the current one. Every other zoo model
+is built on first use and cached on disk under ``$LORABENCH_CACHE`` (default
+``~/.cache/lorabench``), keyed by everything that shapes it, and written atomically so an
+interrupted build never leaves a half checkpoint behind. A damaged checkpoint (a truncated
+weight or tokenizer file) is refused at load, naming the folder and how to restore it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorabench.checkpoints import safetensors_problem
 from lorabench.config import TrainDefaults
+from lorabench.errors import ModelError
 
 log = logging.getLogger("lorabench.zoo")
 
@@ -73,6 +79,12 @@ class ZooModel:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def recipe_key(self) -> str:
+        """What shapes the checkpoint apart from the libraries that build it: a shipped checkpoint
+        is used while this matches the one it was built for."""
+        blob = json.dumps({"recipe": ZOO_RECIPE_VERSION, "spec": asdict(self), "vocab": VOCAB_CHARS}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
 
 _HIDDEN, _LAYERS, _HEADS, _FFN = 256, 4, 4, 704
 ZOO: dict[str, ZooModel] = {
@@ -95,8 +107,34 @@ ZOO: dict[str, ZooModel] = {
 }
 
 
+SHIPPED_DIR = Path(__file__).with_name("zoo_checkpoints")  # package data, written by scripts/build-zoo
+SHIPPED_MANIFEST = SHIPPED_DIR / "manifest.json"
+# The JSON files of a zoo checkpoint that a load reads, each checked whole before it is used
+# (the first two must be there; the others are, as transformers of this version writes them).
+_REQUIRED_JSON = ("config.json", "tokenizer.json")
+_OPTIONAL_JSON = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LORABENCH_CACHE", Path.home() / ".cache" / "lorabench"))
+
+
+def shipped_manifest() -> dict[str, Any]:
+    """The shipped checkpoints: name -> recipe_key, the SHA-256 of each file, and what built them."""
+    return json.loads(SHIPPED_MANIFEST.read_text()) if SHIPPED_MANIFEST.is_file() else {}
+
+
+def shipped_dir(name: str) -> Path | None:
+    """The checkpoint of ``name`` shipped in the package, if one is shipped for its current recipe."""
+    entry = shipped_manifest().get(name)
+    if entry is None or entry["recipe_key"] != ZOO[name].recipe_key():
+        return None  # a recipe changed since scripts/build-zoo ran: build it as any other zoo model
+    return SHIPPED_DIR / name
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """The SHA-256 of every file of a checkpoint directory, by name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def build_tokenizer():
@@ -123,21 +161,29 @@ def _target(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
-    """Whether zoo model ``name`` is built already (:func:`checkpoint_dir` returns at once)."""
-    return (_target(name) / "config.json").is_file()
+    """Whether zoo model ``name`` is shipped or built already (:func:`checkpoint_dir` returns at once)."""
+    return shipped_dir(name) is not None or (_target(name) / "config.json").is_file()
 
 
 def checkpoint_dir(name: str) -> Path:
-    """The checkpoint directory of zoo model ``name``, built and pre-trained on first use.
+    """The checkpoint directory of zoo model ``name``: the shipped one, else the cached one, built and
+    pre-trained on first use.
 
     Raises:
         KeyError: ``name`` is not in the zoo.
+        ModelError: the shipped or cached checkpoint is damaged (a file truncated or missing).
     """
     from filelock import FileLock
 
     spec = ZOO[name]
+    shipped = shipped_dir(name)
+    if shipped is not None:
+        _check_whole(name, shipped, "the installed package is damaged: reinstall lorabench, or rewrite the "
+                                    "checkpoint with scripts/build-zoo")
+        return shipped
     target = _target(name)
     if (target / "config.json").is_file():
+        _check_whole(name, target, f"delete {target} and the next run rebuilds it")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # One build at a time per model: concurrent sessions wait for it instead of repeating it.
@@ -147,12 +193,41 @@ def checkpoint_dir(name: str) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             started = time.perf_counter()
-            _build(spec, staging)
+            build(spec, staging)
             log.info("built %s in %.1f s (cached at %s)", name, time.perf_counter() - started, target)
             staging.rename(target)  # atomic: readers see no checkpoint or a whole one
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_whole(name: str, directory: Path, remedy: str) -> None:
+    """Refuse a checkpoint with a truncated or missing file (an interrupted copy, a full disk) before
+    from_pretrained reads it and fails in its own words."""
+    why = _damage(directory)
+    if why:
+        raise ModelError(f"zoo model {name}: the checkpoint {directory} is damaged ({why}); {remedy}")
+
+
+def _damage(directory: Path) -> str | None:
+    """The first file of a checkpoint directory that is missing or not whole; ``None`` when all are."""
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        return "model.safetensors is missing"
+    problem = safetensors_problem(weights)
+    if problem:
+        return f"model.safetensors: {problem}"
+    for file in (*_REQUIRED_JSON, *_OPTIONAL_JSON):
+        path = directory / file
+        if not path.is_file():
+            if file in _REQUIRED_JSON:
+                return f"{file} is missing"
+            continue
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{file} is not whole JSON (truncated?): {exc}"
+    return None
 
 
 def model_config(spec: ZooModel, tokenizer=None):
@@ -170,7 +245,8 @@ def model_config(spec: ZooModel, tokenizer=None):
     )
 
 
-def _build(spec: ZooModel, out: Path) -> None:
+def build(spec: ZooModel, out: Path) -> None:
+    """Build, pre-train and save zoo model ``spec`` into the empty directory ``out``."""
     import torch
     import transformers
 

@@ -38,6 +38,21 @@ def tiny_llama():
     return resolve_model("tiny-llama")
 
 
+@pytest.fixture
+def quick_zoo(tmp_path, monkeypatch):
+    """The zoo with a two-step pre-training recipe and an empty cache: every model (tiny-llama too, since
+    its shipped checkpoint is of the full recipe) builds through the zoo's own path in seconds. For tests
+    of mechanics (building, caching, loading, quantizing); the weights have learned nothing."""
+    from dataclasses import replace
+
+    from lorabench import zoo
+
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    for name, spec in list(zoo.ZOO.items()):
+        monkeypatch.setitem(zoo.ZOO, name, replace(spec, pretrain=replace(spec.pretrain, steps=2)))
+    return zoo
+
+
 @pytest.fixture(scope="session")
 def cpu():
     import torch

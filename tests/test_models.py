@@ -94,8 +94,10 @@ def test_a_case_runs_on_a_dotted_hub_id_from_a_local_cache(hf_home, hub_id, tmp_
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
-def test_every_zoo_family_loads_quantized_and_finds_attention_layers(name, cpu):
+def test_every_zoo_family_loads_quantized_and_finds_attention_layers(name, cpu, quick_zoo):
+    """Each family built through the zoo's path (two pre-training steps: this checks mechanics, not skill)."""
     source = resolve_model(name)
+    assert source.embedded and source.path.startswith(str(quick_zoo.cache_root()))
     model = load_model(source, BenchConfig("q", quant="nf4", double_quant=True), cpu).model
     names = attention_module_names(model)
     assert names and all("lm_head" not in n for n in names)
