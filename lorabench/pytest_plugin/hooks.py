@@ -285,6 +285,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         machine_info["load_avg_1m_end"] = os.getloadavg()[0]
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-benchmark's hook: absent under -p no:benchmark
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
     """Mark the JSON of a run that Ctrl-C (SIGINT) or ``pytest.exit`` stopped: pytest-benchmark still saves
     the rounds the interrupted case had timed, with no record. The storage writes a marked run outside
