@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -271,3 +276,56 @@ def test_the_shipped_gates_fail_nothing_on_a_small_data_set_they_cannot_decide()
     undecided = statuses[NOT_EVALUABLE]
     assert len(undecided) == len(on_add_qa) and all("accuracy_n = 40" in o.message for o in undecided)
     assert len(statuses[PASS]) > 5 * len(on_add_qa)
+
+
+def test_a_local_checkpoint_with_200_rows_passes_what_applies_and_says_what_cannot_be_decided(tmp_path, tiny_llama):
+    """A user's own model and data: a zoo model saved as a checkpoint directory, a 200-row jsonl (20 rows held
+    out), LoRA and QLoRA NF4 at the checkpoint defaults (batch 4, learning rate 2e-4) for 20 steps. The sanity
+    rules pass; the accuracy gain cannot be shown on 20 answers and says so; the embedded default's
+    task-specific bounds do not apply; the summary names the profiles and how to write one's own."""
+    checkpoint = tmp_path / "my-model"
+    shutil.copytree(tiny_llama.path, checkpoint)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join((ROOT / "tests" / "data" / "add-qa.jsonl").read_text().splitlines(keepends=True)[:200]))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
+         "--rootdir", str(ROOT), "--model", str(checkpoint), "--dataset", str(data), "--steps", "20",
+         "-k", "config[lora] or config[qlora_nf4]", "--isolate", "none", f"--benchmark-json={out}"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "COLUMNS": "100"},
+    )
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    gates = [g for bench in json.loads(out.read_text())["benchmarks"] for g in bench["extra_info"]["gates"]]
+    statuses = {g["status"] for g in gates}
+    assert FAIL not in statuses and PASS in statuses
+    assert {g["profile"] for g in gates} == {"default", "cpu"}
+    # rules relative to full fine-tuning, which this run left out, say so
+    assert all(g["ref_config"] == "full" for g in gates if g["status"] == NOT_EVALUATED)
+    undecided = [g for g in gates if g["status"] == NOT_EVALUABLE]
+    assert len(undecided) == 2 and all(g["metric"] == "accuracy_ci_low_pct" for g in undecided)
+    assert all("accuracy_n = 20" in g["message"] and "a data set of 1000 rows or more" in g["message"]
+               for g in undecided)
+    summary = proc.stdout.split("lorabench summary", 1)[1]
+    assert "gates not evaluable" in summary and "in lora, qlora_nf4: accuracy_n = 20" in " ".join(summary.split())
+    assert "gate profiles applied: default, cpu" in summary and "docs/gate-profiles.md" in " ".join(summary.split())
+    assert max(map(len, summary.splitlines())) <= 100
+
+
+def test_a_failed_gate_block_is_printed_once(tmp_path):
+    """Under FAILURES; the short summary keeps to its first line even on CI (pytest prints a plain failure
+    message whole there), and lorabench's summary lists the case in one line."""
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("version: 1\nprofiles:\n  default:\n    '*':\n      - step_ms <= 0.001\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
+         "--rootdir", str(ROOT), "-k", "config[qlora_nf4_r8]", "--steps", "5", f"--thresholds={gates}",
+         "--isolate", "none", "--benchmark-disable"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "CI": "1"},
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count(f"violates 'step_ms <= 0.001'  [{gates}:5, profile default]") == 1, out[-5000:]
+    assert out.count("qlora_nf4_r8.step_ms = ") == 1
+    short = out.split("short test summary info", 1)[1]
+    assert "FAILED bench/test_finetune.py::test_finetune[qlora_nf4_r8] - gate(s) failed: qlora_nf4_r8" in short
+    assert "qlora_nf4_r8: 'step_ms <= 0.001' (its block is under FAILURES above)" in out
