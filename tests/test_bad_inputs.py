@@ -492,10 +492,11 @@ CATALOG = [
              ("header.csv: holds a header row (prompt,completion) and no data rows",)),
     BadInput("--dataset a binary file named .jsonl", {"datasets": ["{d}/binary.jsonl"]}, {"binary.jsonl": bytes(range(256)) * 4},
              ("binary.jsonl: not a text file (byte 0 is NUL)", "UTF-8 text")),
-    BadInput("LORABENCH_CACHE a file", {}, {"cache": "x"},
+    # tiny-llama ships with the package; tiny-gpt2 is built into the cache on first use
+    BadInput("LORABENCH_CACHE a file (--model tiny-gpt2)", {"models": ["tiny-gpt2"]}, {"cache": "x"},
              ("LORABENCH_CACHE=<dir>/cache: cannot write there", "a file stands where the directory should be",
-              "tiny-llama is built there"), env={"LORABENCH_CACHE": "{d}/cache"}),
-    BadInput("LORABENCH_CACHE an empty read-only directory", {}, {},
+              "tiny-gpt2 is built there"), env={"LORABENCH_CACHE": "{d}/cache"}),
+    BadInput("LORABENCH_CACHE an empty read-only directory (--model tiny-gpt2)", {"models": ["tiny-gpt2"]}, {},
              ("LORABENCH_CACHE=<dir>/ro: cannot write there", "read-only or not permitted"),
              env={"LORABENCH_CACHE": "{d}/ro"}, prepare=read_only_dir),
     BadInput("--model a checkpoint whose model.safetensors holds other tensors", {"models": ["{d}/other"]},
@@ -757,9 +758,29 @@ def pytest_argv(bad: BadInput, workdir: Path) -> list[str]:
 
 
 class _SessionGrab:
-    """A plugin for an in-process run: keeps lorabench's session, for the rows that describe what it read."""
+    """A plugin for an in-process run: keeps lorabench's session, for the rows that describe what it read, and
+    the usage error pytest prints as ``ERROR: ...``. The error is taken from the exception, not the printed
+    text: under an outer pytest with live logging, a log record makes it reset ``sys.stderr`` to its own
+    capture, so a redirect can miss the line."""
 
     session = None
+    error: str | None = None
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_cmdline_parse(self):  # argparse's errors (another plugin's option)
+        try:
+            return (yield)
+        except pytest.UsageError as exc:
+            self.error = "\n".join(map(str, exc.args))
+            raise
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_cmdline_main(self):  # the plugin's refusals, from configure to the end of collection
+        try:
+            return (yield)
+        except pytest.UsageError as exc:
+            self.error = "\n".join(map(str, exc.args))
+            raise
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self.session = session.config.stash.get(SESSION_KEY, None)
@@ -769,12 +790,16 @@ def run_in_process(args: list[str]):
     """``pytest bench/test_finetune.py ARGS`` in this process, with the installed plugin.
 
     Returns:
-        The exit status, everything pytest wrote, and lorabench's session (``None`` if none was opened).
+        The exit status, what pytest wrote (with its usage error, if any, as it prints it), and lorabench's
+        session (``None`` if none was opened).
     """
     grab, output = _SessionGrab(), io.StringIO()
     with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
         code = pytest.main([str(BENCH_FILE), *IN_PROCESS, *args], plugins=[grab])
-    return int(code), output.getvalue(), grab.session
+    text = output.getvalue()
+    if grab.error is not None and usage_error(text) is None:
+        text += f"ERROR: {grab.error}\n\n"
+    return int(code), text, grab.session
 
 
 def usage_error(output: str) -> str | None:
@@ -790,7 +815,8 @@ def usage_error(output: str) -> str | None:
 def _through_plugin(bad: BadInput, workdir: Path) -> tuple[int, str]:
     args = pytest_argv(bad, workdir)
     code, output, session = run_in_process(args + (["-q"] if bad.stage == RUN else ["--collect-only", "-q"]))
-    assert "INTERNALERROR" not in output and "Traceback" not in output, f"{bad.name}: exit {code}\n{output[-3000:]}"
+    assert code != pytest.ExitCode.INTERNAL_ERROR and "INTERNALERROR" not in output and "Traceback" not in output, (
+        f"{bad.name}: exit {code}\n{output[-3000:]}")
     error = usage_error(output)
     if bad.stage == STARTUP:
         assert code == pytest.ExitCode.USAGE_ERROR and error, f"{bad.name}: exit {code}, not refused\n{output[-3000:]}"
