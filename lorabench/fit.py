@@ -134,17 +134,20 @@ def fit_case(model: str, hf_config, config: BenchConfig, budgets: list[Budget], 
         if limit:
             length = min(length, limit)
         if settle:
-            batch = _settle(lambda b: peak_at(b, seq_len), budget.mib, batch)
-            length = _settle(lambda t: peak_at(batch_size, t), budget.mib, length, limit)
+            batch = _settle(lambda b: peak_at(b, seq_len), budget.mib, batch,
+                            known={b: p for (b, t), p in peaks.items() if t == seq_len})
+            length = _settle(lambda t: peak_at(batch_size, t), budget.mib, length, limit,
+                             known={t: p for (b, t), p in peaks.items() if b == batch_size})
         # nothing of the step grows with it (not seen in a real step): no largest size to give
         case.max_batch_size[budget.label] = None if math.isinf(batch) else batch
         case.max_seq_len[budget.label] = None if math.isinf(length) else length
     return case
 
 
-def _settle(peak, budget: float, guess: int | float, limit: int | None = None) -> int | float:
+def _settle(peak, budget: float, guess: int | float, limit: int | None = None,
+            known: dict[int, float] | None = None) -> int | float:
     """The largest size ``n >= 1`` with ``peak(n) <= budget`` (0 when even 1 does not fit), searched from
-    ``guess``; ``peak`` must grow with ``n``.
+    ``guess``; ``peak`` must grow with ``n``; ``known`` holds sizes already predicted (the asked one).
 
     Each probe after the first is a secant step through the probes nearest the budget on either side
     (the peak is nearly a line in the size), and a halving of the bracket where a secant step did not
@@ -155,16 +158,29 @@ def _settle(peak, budget: float, guess: int | float, limit: int | None = None) -
     cap = limit or math.inf
     seen: dict[int, float] = {}
     low, high = 0, None  # the largest size known to fit (0: none yet), the smallest known not to
-    n, width = int(min(guess, cap)), math.inf
-    while True:
-        seen[n] = peak(n)
-        if seen[n] <= budget:
-            low = max(low, n)
+
+    def record(size: int, value: float) -> None:
+        nonlocal low, high
+        seen[size] = value
+        if value <= budget:
+            low = max(low, size)
         else:
-            high = n if high is None else min(high, n)
-        if (high is not None and high - low <= 1) or (high is None and low >= cap):
-            return low
+            high = size if high is None else min(high, size)
+
+    def settled() -> bool:
+        return (high is not None and high - low <= 1) or (high is None and low >= cap)
+
+    for size, value in (known or {}).items():
+        if size <= cap:
+            record(size, value)
+    n, width = int(min(guess, cap)), math.inf
+    while not settled():
+        if n not in seen:
+            record(n, peak(n))
+            if settled():
+                break
         n, width = _next_probe(seen, budget, low, high, cap, width)
+    return low
 
 
 def _next_probe(seen: dict[int, float], budget: float, low: int, high: int | None, cap: float,

@@ -37,7 +37,58 @@ def test_fit_writes_the_table_the_json_record_and_the_chart(tmp_path, capsys):
         assert case["fits"]["1GiB"] is (case["predicted_peak_mib"] <= 1024)
         assert case["fits"]["40MiB"] is (case["predicted_peak_mib"] <= 40)
         assert {"params", "grads", "optimizer", "activations", "temporaries", "cuda_context"} <= set(case["components_mib"])
+        predicted = case["predicted"]
+        assert {name: f["compare_with"] for name, f in predicted.items()} == {
+            "tensor": "tensor_peak_mib", "allocated": "peak_alloc_mib", "reserved": "peak_reserved_mib",
+            "device": "device_used_max_mib"}
+        assert case["budget_figure"] == "device"
+        assert case["predicted_peak_mib"] == predicted["device"]["mib"]
+        context = case["components_mib"]["cuda_context"]
+        assert predicted["device"]["mib"] == pytest.approx(predicted["reserved"]["mib"] + context)
+        assert predicted["tensor"]["mib"] < predicted["allocated"]["mib"] <= predicted["reserved"]["mib"]
+        assert "cuda_context" in case["assumed"] and "cublas_workspace" in case["assumed"]
     assert sorted(p.name for p in out.iterdir()) == ["fit-tiny-llama.png", "fit-tiny-llama.svg"]
+
+
+def test_fit_without_a_budget_shows_the_predicted_figures_and_which_counter_each_compares_with(tmp_path, capsys):
+    assert main(["fit", "--model", "tiny-llama", "--batch-size", "2", "--seq-len", "8", "--matrix",
+                 str(_one_config(tmp_path)), "--out", str(tmp_path)]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # the notes fold to the terminal's width
+    assert "fits" not in text
+    for name, counter in (("tensor", "tensor_peak_mib"), ("allocated", "peak_alloc_mib"),
+                          ("reserved", "peak_reserved_mib"), ("device", "device_used_max_mib")):
+        assert f"{name}: compare with {counter}" in text
+    assert "budgets are checked against it" in text
+
+
+def _one_config(tmp_path):
+    path = tmp_path / "matrix.yaml"
+    path.write_text("configs:\n  - {id: qlora, method: lora, quant: nf4, double_quant: true}\n")
+    return path
+
+
+def test_a_directory_with_only_config_json_is_a_model_for_fit(tmp_path, capsys):
+    from lorabench.presets import raw
+
+    model = tmp_path / "llama7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({k: v for k, v in raw("llama-2-7b").items()
+                                                   if not k.startswith("_")}))
+    assert main(["fit", "--model", str(model), "--memory", "24GiB", "--batch-size", "1", "--seq-len", "64",
+                 "--matrix", str(_one_config(tmp_path)), "--json", str(tmp_path / "fit.json"),
+                 "--out", str(tmp_path / "charts")]) == 0
+    (case,) = json.loads((tmp_path / "fit.json").read_text())["cases"]
+    assert case["fits"] == {"24GiB": True}
+    assert 3.5 * 1024 < case["predicted"]["tensor"]["mib"] < 5 * 1024  # a 7B model in 4 bits, not a tiny one
+
+
+def test_at_100_columns_no_line_of_fit_is_wider(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["fit", "--model", "tiny-llama", "--memory", "600MiB", "--memory", "1GiB", "--batch-size", "8",
+                 "--seq-len", "16", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("fits 600MiB" in line for line in lines)
+    assert max(len(line) for line in lines if not line.startswith("wrote ")) <= 100
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
