@@ -56,6 +56,8 @@ def parse_seeds(text: str | None) -> SeedPlan:
                               "or a comma-separated list of seeds (e.g. --seeds 1234,7,99)")
         return SeedPlan(count=int(raw))
     parts = [p.strip() for p in raw.split(",")]
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()  # a trailing comma ends the list: '5,' is the one seed 5, not a count
     if "" in parts:
         raise ConfigError(f"--seeds {text!r}: item {parts.index('') + 1} is empty; list seeds separated by single "
                           "commas (e.g. --seeds 1234,7,99)")
