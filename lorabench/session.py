@@ -221,7 +221,8 @@ class BenchSession:
         if estimate is None and all(c.model in ZOO for c in cases):
             estimate = (estimate_from_control([r.steps for r in resolved], control_s),
                         "a rough model of the tiny models, scaled by a control workload timed now")
-        estimate = for_run(estimate, seeds=self.seeds.n, workers=workers)  # a model is built once, whatever the seeds
+        # a model is built once, whatever the seeds; a worker with no case does not shorten the run
+        estimate = for_run(estimate, seeds=self.seeds.n, workers=max(1, min(workers, len(cases))))
         if to_build:
             builds_s = estimate_zoo_builds([ZOO[name].pretrain.steps for name in to_build], control_s)
             estimate = with_builds(estimate, builds_s, to_build)

@@ -84,6 +84,9 @@ def test_under_n_the_controller_prints_the_plan_with_workers_and_seeds(tmp_path,
     (line,) = plugin._controller_plan(config, ids)  # 2 workers on 2 cores: no warning
     assert line.startswith("lorabench: 2 case(s) [lora, qlora_nf4] on tiny-llama x digit-reverse")
     assert "x 3 seeds, over 2 workers if they share the work evenly" in line
+    config = _controller(tmp_path, 2)
+    (line,) = plugin._controller_plan(config, ids[:1])
+    assert "over" not in line.split("expected", 1)[1]  # one case: the second worker has nothing to share
 
 
 def test_more_workers_than_cores_is_warned(tmp_path, monkeypatch):

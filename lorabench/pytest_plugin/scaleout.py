@@ -92,10 +92,24 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     bs = getattr(session.config, "_benchmarksession", None)
     if bs is None or not _is_worker(session.config):
         return
-    if bs.xdist_warning:  # set only where the user did not disable benchmarks
-        bs.disabled = bs.xdist_warning = False
+    if _disabled_by_xdist(session.config, bs):
+        bs.disabled = False
     bs.save = bs.autosave = bs.json = None
     bs.compare = bs.compare_fail = None
+
+
+def _disabled_by_xdist(config: pytest.Config, bs) -> bool:
+    """Whether pytest-benchmark turned itself off for xdist, not at the user's --benchmark-disable or -skip.
+
+    pytest-benchmark 5.1 flags that case with ``xdist_warning``; 5.2 keeps no flag, so it is read from the
+    options it decides by.
+    """
+    if hasattr(bs, "xdist_warning"):
+        flagged = bool(bs.xdist_warning)
+        bs.xdist_warning = False
+        return flagged
+    asked_off = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
+    return bs.disabled and not bs.skip and not asked_off
 
 
 # ----- collection: groups and shards ----------------------------------------------
