@@ -106,3 +106,21 @@ def test_each_run_logs_into_its_own_directory(tmp_path, monkeypatch):
     # a pytest-xdist worker logs beside its controller's other cases
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
     assert open_session(root=tmp_path, report_to="tensorboard").log_run == second.log_run
+
+
+def test_wandb_gets_the_hyper_parameters_in_its_config_and_the_figures_in_its_summary(tiny_llama, cpu, monkeypatch):
+    """W&B itself is an optional extra; a stand-in module records what lorabench hands the live run."""
+    import sys
+    from types import SimpleNamespace
+
+    sent = {"config": {}, "summary": {}, "finished": 0}
+    run = SimpleNamespace(config=SimpleNamespace(update=lambda d, allow_val_change: sent["config"].update(d)),
+                          summary=SimpleNamespace(update=sent["summary"].update))
+    stand_in = SimpleNamespace(run=run, finish=lambda: sent.update(finished=sent["finished"] + 1))
+    monkeypatch.setitem(sys.modules, "wandb", stand_in)
+    result = _case_run(tiny_llama, cpu, steps=4, warmup_steps=1).result
+    result.metrics.update({"eval_loss": 0.5, "tensor_peak_mib": 18.2})
+    integrations.publish("wandb", "unused", result, step=4)
+    assert sent["config"] == integrations.hyper_parameters(result) and sent["config"]["model"] == "tiny-llama"
+    assert sent["summary"] == {"lorabench/eval_loss": 0.5, "lorabench/tensor_peak_mib": 18.2}
+    assert sent["finished"] == 1  # the next case in this process starts its own run
