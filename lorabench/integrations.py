@@ -76,10 +76,8 @@ def publish_tensorboard(log_dir: str, result: CaseResult, step: int) -> None:
     from torch.utils.tensorboard.summary import hparams
 
     metrics = final_metrics(result)
-    hparam_dict = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                   for k, v in hyper_parameters(result).items()}
     # torch's add_hparams writes into a new sub-directory; written here, the session is the case's own directory
-    experiment, start, end = hparams(hparam_dict, metrics)
+    experiment, start, end = hparams(hyper_parameters(result), metrics)
     with SummaryWriter(log_dir=log_dir) as writer:
         for summary in (experiment, start, end):
             writer.file_writer.add_summary(summary)
