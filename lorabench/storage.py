@@ -171,7 +171,7 @@ def json_output_path(benchmark_session) -> Path | None:
     target = benchmark_session.json
     if not target:
         return None
-    return Path(getattr(target, "name", target))
+    return Path(target if isinstance(target, (str, os.PathLike)) else target.name)
 
 
 def protect_json_output(benchmark_session, failures: list[SaveFailure]) -> None:
