@@ -562,8 +562,9 @@ CATALOG = [
              {"m.yaml": "configs: !" + "x" * 1_000_000 + " []\n"}, ("(1,000,001 characters)", "is not allowed")),
     # training: a loss that does not become NaN still stops the case
     # (a 40-row data set, fp32 and a window of 4 steps keep these to seconds; the default window is 10)
-    BadInput("--set lr=1e9 (the loss more than doubles, never NaN)",
-             {"overrides": ["lr=1e9", "steps=8", "divergence_window=4", "dtype=fp32", "batch_size=4"],
+    # (tiny-llama's shipped checkpoint takes lr=1e9 to a loss that stays up, lr=1e3 to one that doubles at once)
+    BadInput("--set lr=1e3 (the loss more than doubles, never NaN)",
+             {"overrides": ["lr=1e3", "steps=8", "divergence_window=4", "dtype=fp32", "batch_size=4"],
               "datasets": ["{d}/reverse.jsonl"]}, {"reverse.jsonl": _reverse_rows(40)},
              ("status diverged", "is above 2 x the first step's", "(divergence_factor=2) at step 2"), stage=TRAINING),
     BadInput("--set lr=1e9 --set divergence_factor=3 (the loss stays up, never NaN)",
@@ -586,7 +587,7 @@ CATALOG = [
              stage=COMMAND, argv=("compare", "--storage", "{d}/history", "--fail")),
     BadInput("report, a model path with $...$, <, |, backticks and 300 non-ASCII characters", {},
              dict([_stored_run(1, ("lora", "ok", None), model=SAFE_NAME)]),
-             ("exit 0", "wrote 10 files", "m-\\$x^^2\\$ &lt;b&gt;\\|\\`q\\`\\|"),
+             ("exit 0", "wrote 12 files", "m-\\$x^^2\\$ &lt;b&gt;\\|\\`q\\`\\|"),
              stage=COMMAND, argv=("report", "--storage", "{d}/history", "--out", "{d}/reports")),
     # ----- stored runs and commands
     BadInput("compare --fail, the latest stored run holds eval_loss NaN", {},
