@@ -34,8 +34,7 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
 DEFAULT_CASE_TIMEOUT_S = 1800.0
 AUTO_THREADS = "auto"
-# what --device accepts, checked when the options are read; whether CUDA is there is asked once, when the
-# selected cases' inputs are checked (BenchSession.device)
+# what --device accepts, checked when the options are read (a CUDA device asked for is looked up then too)
 DEVICE_CHOICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # a -k word that selects by field: config[ID], model[NAME], dataset[NAME]
 SELECTION_WORD = re.compile(r"\b(config|model|dataset)\[([^\]]*)\]")
@@ -322,7 +321,7 @@ def open_session(
     if not DEVICE_CHOICE.fullmatch(device):
         raise ConfigError(f"--device {device!r}: use auto, cpu, cuda or cuda:N (N a device number, e.g. cuda:0)")
     require_integration(report_to)
-    return BenchSession(
+    session = BenchSession(
         matrix=matrix,
         device_choice=device,
         report_to=report_to,
@@ -337,6 +336,11 @@ def open_session(
         cpu_threads=_parse_threads(cpu_threads),
         notices=_thread_notices(cpu_threads),
     )
+    if device.startswith("cuda"):
+        # asked for by name: resolved (torch imported) and refused here, once, before any hook or xdist
+        # worker reads it; auto and cpu cannot fail and wait until a case needs the device
+        session.device  # noqa: B018
+    return session
 
 
 def _check_unique_cases(matrix: Matrix, from_command_line: dict[str, list[str]]) -> None:

@@ -36,7 +36,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorabench.pytest_plugin.hooks import SESSION_KEY  # noqa: E402
 from lorabench.session import open_session  # noqa: E402
 
 GATES_HEAD = "version: 1\nprofiles:\n  default:\n"
@@ -784,6 +783,9 @@ class _SessionGrab:
             raise
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        # imported once pytest has registered the plugin (before, it could not rewrite the plugin's asserts)
+        from lorabench.pytest_plugin.hooks import SESSION_KEY
+
         self.session = session.config.stash.get(SESSION_KEY, None)
 
 
@@ -892,7 +894,8 @@ def test_each_input_gets_a_clear_answer(bad):
 SUBPROCESS_ROWS = {
     "--seeds with an empty item (1,,2)": "pytest_configure: lorabench's options",
     "--shard -1/2 (a value that starts with '-')": "pytest_configure: --shard (scale-out)",
-    "--device cuda where there is none": "pytest_collection_modifyitems: the selected cases' inputs",
+    "--device cuda where there is none": "pytest_configure: the device looked up",
+    "--set seq_len=1": "pytest_collection_modifyitems: the selected cases' inputs",
     "-k 'config[qlora_nf5]' (no such configuration)": "pytest_collection_modifyitems: a selection of no case",
 }
 
