@@ -8,7 +8,7 @@ import pytest
 from lorabench.config import resolve
 from lorabench.isolation import IsolatedCaseRun
 from lorabench.matrix import DEFAULT_CONFIGS, Case
-from lorabench.overhead import BareLoop, compare, round_trip_s, step_pair
+from lorabench.proofs.overhead import BareLoop, compare, round_trip_s, step_pair
 from lorabench.runner import CaseRun
 
 MAX_OVERHEAD_PCT = 5.0

@@ -1,6 +1,6 @@
 """The CI gate, end to end on real runs, under load: unchanged code passes, injected regressions fail.
 
-Four autosaved runs of one QLoRA case into a fresh storage (lorabench.gate_proof): A on the
+Four autosaved runs of one QLoRA case into a fresh storage (lorabench.proofs.gate_under_load): A on the
 machine as it is; B, the same code, while a CPU hog runs on every core; C under the same hog
 with every training step made 30% slower; D with a configuration change that makes the adapter
 8x larger (rank 16 -> 128). ``python -m lorabench compare --fail`` must pass A -> B (a busier
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench import gate_proof
+from lorabench.proofs import gate_under_load as gate_proof
 
 pytestmark = pytest.mark.integration  # four bench runs, two under a CPU hog: minutes
 

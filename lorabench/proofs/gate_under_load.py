@@ -7,7 +7,7 @@ One repetition stores three real bench runs of one case and compares them with
 - B: unchanged code while a bounded CPU hog (busy processes, one per core) competes for the cores:
   the comparison A -> B must pass (exit 0);
 - C: the same hog, and every training step given 30% more work (CPU time) of the same kind (the
-  ``LORABENCH_SLOWDOWN`` hook of ``lorabench/_slowdown/sitecustomize.py``): A -> C must fail
+  ``LORABENCH_SLOWDOWN`` hook of ``lorabench/proofs/slowdown/sitecustomize.py``): A -> C must fail
   (exit 1), naming ``step_control_ratio``.
 
 ``scripts/gate-under-load`` runs it N times and writes the false-alarm and detection rates;
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-SLOWDOWN_DIR = Path(__file__).resolve().parent / "_slowdown"
+SLOWDOWN_DIR = Path(__file__).resolve().parent / "slowdown"
 DEFAULT_CASE = "qlora_nf4 and not sweep"
 DEFAULT_STEPS = 20
 HOG_LIMIT_S = 900  # a hog never outlives this, whatever happens to its parent

@@ -1,6 +1,6 @@
 """A training step that does 30% (or ``LORABENCH_SLOWDOWN``) more work, for proving the regression gate.
 
-Put first on ``PYTHONPATH`` by :mod:`lorabench.gate_proof` only; every Python process of that run
+Put first on ``PYTHONPATH`` by :mod:`lorabench.proofs.gate_under_load` only; every Python process of that run
 (pytest, the forkserver, each case process) then follows every ``Trainer.training_step`` with more
 of the same kind of work (multi-threaded matrix products) until the process has spent that
 fraction more CPU time on the step. The extra is measured in CPU time, not wall time, because
