@@ -91,6 +91,14 @@ def interval(values: list[float]) -> tuple[float, float, float, float]:
     return mean, sd, mean - half, mean + half
 
 
+def _within_range(name: str, low: float, high: float) -> tuple[float, float]:
+    """A share of a whole (accuracy, exact match, agreement in %) cannot leave 0-100, whatever a
+    Student-t interval over two or three seeds reaches; other figures keep their interval."""
+    if name.endswith("_pct") and any(word in name for word in ("accuracy", "exact_match", "agree")):
+        return max(low, 0.0), min(high, 100.0)
+    return low, high
+
+
 def combine(runs: list[CaseResult]) -> CaseResult:
     """One record from a case's runs at several seeds (a single run is returned as it is).
 
@@ -123,6 +131,7 @@ def combine(runs: list[CaseResult]) -> CaseResult:
             combined.set(name, values[0], source=first.sources.get(name, ""))
             continue
         mean, sd, low, high = interval(values)
+        low, high = _within_range(name, low, high)
         source = first.sources.get(name)
         combined.set(name, mean, source=f"mean over {len(values)} seeds" + (f" of: {source}" if source else ""))
         combined.spread[name] = {"n": len(values), "sd": sd, "ci_low": low, "ci_high": high}
