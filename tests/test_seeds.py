@@ -63,9 +63,9 @@ def test_combine_keeps_each_seed_and_records_mean_spread_and_interval():
 
 
 def test_an_accuracy_interval_over_two_seeds_stays_within_0_and_100_percent():
-    combined = combine([run("q", 1, accuracy_pct=20.0, eval_loss=0.5), run("q", 2, accuracy_pct=7.0, eval_loss=0.9)])
+    combined = combine([run("q", 1, accuracy_pct=90.0, eval_loss=0.5), run("q", 2, accuracy_pct=70.0, eval_loss=0.9)])
     accuracy, loss = combined.spread["accuracy_pct"], combined.spread["eval_loss"]
-    # t(0.975, 1) = 12.71: the raw interval of the mean, 13.5 +- 82.6, runs past both ends of 0-100%
+    # t(0.975, 1) = 12.71: the raw interval of the mean, 80 +- 127, runs past both ends of 0-100%
     assert (accuracy["ci_low"], accuracy["ci_high"]) == (0.0, 100.0)
     assert loss["ci_low"] < 0.0  # a loss keeps its interval as computed
 
