@@ -103,14 +103,20 @@ def _draw_points(ax, points, x: str, y: str, colour=None) -> None:
         by_colour: dict = defaultdict(list)
         for point in points:
             by_colour[colour(point[3]) if colour else None].append(point)
-        for c, group in by_colour.items():
-            ax.errorbar([p[0] for p in group], [p[1] for p in group], xerr=[_sd(p[3], x) or 0.0 for p in group],
-                        yerr=[_sd(p[3], y) or 0.0 for p in group], fmt="o", markersize=3, color=c, capsize=0)
+        for c, group in sorted(by_colour.items(), key=lambda item: -len(item[1])):  # the fewest (a frontier) on top
+            ax.errorbar([p[0] for p in group], [p[1] for p in group], xerr=_bars([_sd(p[3], x) for p in group]),
+                        yerr=_bars([_sd(p[3], y) for p in group]), fmt="o", markersize=3, color=c, capsize=0)
         _unnamed_note(ax, len(points))
         return
     for px, py, name, r in points:
         ax.errorbar(px, py, xerr=_sd(r, x), yerr=_sd(r, y), fmt="o", color=colour(r) if colour else None, capsize=3)
         ax.annotate(plot_label(name), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+
+
+def _bars(sds: list[float | None]) -> list[float] | None:
+    """Error bars of unnamed points: ``None`` when no point has any (each bar, even of length 0, is a path
+    of its own in the SVG: tens of seconds for 10,000 points)."""
+    return [sd or 0.0 for sd in sds] if any(sds) else None
 
 
 def _unnamed_note(ax, cases: int) -> None:
@@ -212,7 +218,7 @@ def _rank_plot(results: list[CaseResult], base: Path) -> list[Path]:
         ranks = sorted({p[0] for pts in series.values() for p in pts})
         pts = [p for points in series.values() for p in points]
         if len(pts) > NAMED_CASES_MAX:  # one artist, no names, no legend
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o",
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=_bars([p[2] for p in pts]), fmt="o",
                         markersize=3, capsize=0)
             _unnamed_note(ax, len(pts))
             series_named = {}
