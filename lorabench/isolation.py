@@ -121,12 +121,21 @@ def _child_main(conn, payload: dict[str, Any]) -> None:
             else:
                 return
     except CaseAborted as exc:
-        conn.send(("aborted", exc.result.to_extra_info()))
+        _report(conn, ("aborted", exc.result.to_extra_info()))
     except BaseException as exc:  # report, then let the process end
-        conn.send(("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        _report(conn, ("failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
         logging.getLogger("lorabench").removeHandler(handler)
         conn.close()
+
+
+def _report(conn, message: tuple) -> None:
+    """Send the case's last word to the parent, unless it is gone: it stopped the case (a time limit
+    reached as the process started) and closed the pipe, so there is no one to tell."""
+    try:
+        conn.send(message)
+    except OSError:
+        pass
 
 
 class IsolatedCaseRun:
