@@ -1,8 +1,11 @@
 """``python -m lorabench fit``: which configuration fits which card, predicted without weights or a GPU.
 
-For every model and configuration, :func:`lorabench.estimate.predict` gives the peak and
-its parts at the asked batch size and length; each budget gets a yes or no, and the
-largest batch size (at the asked length) and length (at the asked batch size) under it.
+For every model and configuration, :class:`lorabench.estimate.Predictor` gives the predicted
+figures (tensor bytes; on CUDA also the allocator's peak allocated and reserved and the device
+total, each named with the counter it compares with) and the tensor peak's parts at the asked
+batch size and length. Without ``--memory`` that is the answer; each budget adds a yes or no
+against the device total (tensor bytes on the CPU), and the largest batch size (at the asked
+length) and length (at the asked batch size) under it.
 Those two come from the parts of each phase's highest point (forward, backward, optimizer
 step): parameters, gradients, optimizer state and the runtime terms stay fixed, activations
 and temporaries scale with the batch and, with sdpa or flash attention, with the length,
@@ -13,7 +16,8 @@ batch, the backward pass at a large one). Eager attention holds a length x lengt
 per head, so for it a second prediction at half the length fits the quadratic term.
 Where the backward pass peaks after some gradients exist, the place of its peak moves
 with the size (more activations move it towards the start of the pass), so the lines are
-only a first guess there, and predictions around it settle the largest size exactly.
+only a first guess there (and on CUDA the allocator's segments move in steps), and
+predictions around it settle the largest size exactly.
 
 Output: a table on the terminal, ``--json`` with one record per case, and a stacked bar
 chart of the parts against the budget lines (PNG and SVG) in ``--out``.

@@ -11,7 +11,8 @@ they would fall to a path that no real run takes:
   kernel the target's dispatcher would choose, directly, and the math path only where
   the target falls back to it too (attention dropout on the CPU, an unsupported dtype).
 - a quantization backend's device-dependent kernels (:meth:`lorabench.backends.QuantBackend.meta_patches`;
-  LLM.int8 training dequantizes and calls a plain matmul on CPUs and runs int8 kernels on CUDA).
+  LLM.int8 training dequantizes and calls a plain matmul on CPUs and runs ``MatMul8bitLt`` on CUDA;
+  bitsandbytes' paged optimizers put large state buffers in CUDA managed memory).
 - AdamW: torch runs the multi-tensor (``foreach``) implementation on CUDA and the
   per-parameter loop elsewhere; the optimizer is told which.
 
