@@ -96,10 +96,9 @@ class FitCase:
 
 def default_shape(spec: str) -> TrainDefaults:
     """The batch size and length a model trains with when the command leaves them open."""
-    from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
-    from lorabench.zoo import ZOO
+    from lorabench.models import train_defaults
 
-    return ZOO[spec].defaults if spec in ZOO else CHECKPOINT_TRAIN_DEFAULTS
+    return train_defaults(spec)
 
 
 def fit_case(model: str, hf_config, config: BenchConfig, budgets: list[Budget], *, batch_size: int, seq_len: int,

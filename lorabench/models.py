@@ -28,6 +28,16 @@ CHECKPOINT_TRAIN_DEFAULTS = TrainDefaults(steps=100, batch_size=4, seq_len=512, 
 _ATTENTION_PARENT = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")
 
 
+def train_defaults(spec: str) -> TrainDefaults:
+    """The hyper-parameters ``--model spec`` brings where a configuration leaves them open, without
+    building or resolving it: a zoo model's, the embedded real model's, or any checkpoint's."""
+    if spec in ZOO:
+        return ZOO[spec].defaults
+    if spec in real_model.REAL_MODELS:
+        return real_model.REAL_MODELS[spec].defaults
+    return CHECKPOINT_TRAIN_DEFAULTS
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from."""

@@ -197,7 +197,7 @@ class BenchSession:
         ``--seeds`` and the ``workers`` of ``-n``."""
         from lorabench.config import resolve
         from lorabench.control import ControlWorkload
-        from lorabench.models import CHECKPOINT_TRAIN_DEFAULTS
+        from lorabench.models import train_defaults
         from lorabench.progress import (
             estimate_from_control,
             estimate_from_history,
@@ -208,8 +208,7 @@ class BenchSession:
         )
         from lorabench.zoo import ZOO, is_cached
 
-        resolved = [resolve(c.config, ZOO[c.model].defaults if c.model in ZOO else CHECKPOINT_TRAIN_DEFAULTS,
-                            self.device) for c in cases]
+        resolved = [resolve(c.config, train_defaults(c.model), self.device) for c in cases]
         to_build = sorted({c.model for c in cases if c.model in ZOO and not is_cached(c.model)})
         estimate = estimate_from_history(storage, case_ids)
         control_s = None
