@@ -379,7 +379,10 @@ def test_a_report_of_names_with_mathtext_html_pipes_backticks_and_long_unicode(t
                     machine={"cpu": ODD}, results={r.case_id: r for r in results})
 
     written = write_report(run, tmp_path)
-    assert sum(p.suffix == ".png" for p in written) == 4 and all(p.stat().st_size for p in written)
+    pngs = sorted(p.stem for p in written if p.suffix == ".png")
+    # every plot these records allow (loss curves included: the odd names are their legend), none empty
+    assert pngs == ["loss_curves", "memory_vs_time", "pareto_memory_quality", "quality_vs_rank", "quality_vs_time"], pngs
+    assert all(p.stat().st_size for p in written)
     md = (tmp_path / "summary.md").read_text()
     assert "<b>" not in md and "&lt;b&gt;" in md  # no raw HTML reaches a Markdown renderer
     assert "\\$x^^2\\$" in md and "$x" not in md.replace("\\$", "")  # no math span
