@@ -34,15 +34,15 @@ SESSION_KEY = pytest.StashKey[BenchSession]()
 _ACTIVE = pytest.StashKey[bool]()
 _QUIETED = pytest.StashKey[bool]()
 _PYTEST_SESSION = pytest.StashKey[pytest.Session]()  # for the save hook, which is given the config only
-# set once the selected cases' inputs passed their checks: a refused run prints no plan line (which would
-# resolve the refused device again)
+# set once the selected cases' inputs passed their checks: a refused run prints no plan line (its estimate
+# reads the device and times a control workload for a run that will not start)
 _CHECKED = pytest.StashKey[bool]()
 # whether -k or -m deselected a bench case: a selection that then leaves none may name an unknown case
 _DESELECTED_BENCH = pytest.StashKey[bool]()
 
 
-# A value that starts with '-' and a digit (--shard -1/2, --memory-budget -5GiB) is a value: argparse before
-# Python 3.13 reads only plain negative numbers so, and takes the rest for an unknown option ("expected one
+# A value that starts with '-' and a digit (--shard -1/2, --memory-budget -5GiB) is a value: argparse reads
+# only plain negative numbers (-1, -0.5) so, and takes the rest for an unknown option ("expected one
 # argument"), so the option's own check never names what is wrong. No pytest option looks like -1.
 _DASH_DIGIT_VALUE = re.compile(r"-\.?\d")
 
