@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -107,24 +109,30 @@ def test_the_readme_lists_the_tested_selection_examples():
     assert _readme_selection_examples() == list(SELECTIONS)
 
 
+def _collect_in_this_process(args: list[str]) -> tuple[int, str]:
+    """``pytest ARGS`` run by ``pytest.main`` here, with its terminal output: pytest's own collection and
+    ``-k``, without the torch and transformers imports that a new interpreter repeats (most of the time
+    of a ``--co`` subprocess)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = pytest.main(args)
+    return int(code), out.getvalue()
+
+
 @pytest.mark.parametrize("expression", list(SELECTIONS))
 def test_readme_selection_examples_select_exactly_their_cases(expression, tmp_path):
     """Each README example, collected for real (``--co -q``) on a two-model, two-data-set matrix."""
     import shutil
-    import subprocess
-    import sys
 
     root = Path(__file__).resolve().parent.parent
     data = tmp_path / "qa.jsonl"
     shutil.copy(root / "tests" / "data" / "add-qa.jsonl", data)
     models, datasets = ["tiny-llama", "tiny-qwen"], ["digit-reverse", str(data)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(root / "bench"), "--co", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(root), "-k", expression, *[f"--model={m}" for m in models], *[f"--dataset={d}" for d in datasets]],
-        capture_output=True, text=True, timeout=300, cwd=root,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    selected = {line.split("::", 1)[1] for line in proc.stdout.splitlines() if line.startswith("bench/")}
+    code, out = _collect_in_this_process(
+        [str(root / "bench"), "--co", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), "-k", expression,
+         *[f"--model={m}" for m in models], *[f"--dataset={d}" for d in datasets]])
+    assert code == 0, out[-3000:]
+    selected = {line.split("::", 1)[1] for line in out.splitlines() if line.startswith("bench/")}
     matrix = build_matrix(models=models, datasets=datasets)
     expected = {f"test_finetune[{case_id}]" for case, case_id in zip(matrix.cases(), matrix.ids())
                 if SELECTIONS[expression](case.model, short_name(case.dataset), case.config.id)}
