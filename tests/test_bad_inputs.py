@@ -111,6 +111,16 @@ def _safetensors() -> bytes:
     return save({"model.embed_tokens.weight": torch.zeros(16, 8)})
 
 
+# every tensor of the model _causal_config() describes but the output layer (tied to the embedding)
+TINY_LLAMA_TENSORS = {
+    "model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,),
+    **{f"model.layers.0.self_attn.{p}_proj.weight": (8, 8) for p in "qkvo"},
+    "model.layers.0.mlp.gate_proj.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
+    "model.layers.0.mlp.down_proj.weight": (8, 16),
+    "model.layers.0.input_layernorm.weight": (8,), "model.layers.0.post_attention_layernorm.weight": (8,),
+}
+
+
 def _tensors(shapes: dict[str, tuple[int, ...]]) -> bytes:
     import torch
     from safetensors.torch import save
@@ -512,6 +522,14 @@ CATALOG = [
               "sharded/model-00001-of-00002.safetensors": _tensors({"model.embed_tokens.weight": (16, 8)}),
               "sharded/model-00002-of-00002.safetensors": _tensors({"lm_head.weight": (16, 8)})},
              ("the checkpoint lacks 10 of the 12 tensors", "first model.layers.0.")),
+    BadInput("--model a checkpoint with tied embeddings, the output layer not stored", {"models": ["{d}/tied"]},
+             {"tied/config.json": _causal_config(tie_word_embeddings=True), "tied": save_tokenizer,
+              "tied/model.safetensors": _tensors(TINY_LLAMA_TENSORS)},
+             ("checkpoint found at <dir>/tied",), stage=ACCEPTED, describe=model_checked),
+    BadInput("--model the same tensors, embeddings not tied (the output layer missing)", {"models": ["{d}/untied"]},
+             {"untied/config.json": _causal_config(tie_word_embeddings=False), "untied": save_tokenizer,
+              "untied/model.safetensors": _tensors(TINY_LLAMA_TENSORS)},
+             ("the checkpoint lacks 1 of the 12 tensors", "first lm_head.weight")),
     BadInput("--model a checkpoint whose embedding has another shape", {"models": ["{d}/resized"]},
              {"resized/config.json": _causal_config(), "resized": save_tokenizer,
               "resized/model.safetensors": _tensors({"model.embed_tokens.weight": (17, 8)})},
