@@ -912,9 +912,8 @@ def test_each_input_gets_a_clear_answer(bad):
 
 # one row per hook that can refuse an input, run again as a real pytest command (no --collect-only)
 SUBPROCESS_ROWS = {
-    "--seeds with an empty item (1,,2)": "pytest_configure: lorabench's options",
+    "--device cuda where there is none": "pytest_configure: lorabench's options, the device looked up",
     "--shard -1/2 (a value that starts with '-')": "pytest_configure: --shard (scale-out)",
-    "--device cuda where there is none": "pytest_configure: the device looked up",
     "--set seq_len=1": "pytest_collection_modifyitems: the selected cases' inputs",
     "-k 'config[qlora_nf5]' (no such configuration)": "pytest_collection_modifyitems: a selection of no case",
 }
