@@ -16,10 +16,46 @@ settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_
 settings.load_profile("ci")
 
 
+# Under pytest-xdist (`pytest -n 2`), tests that share an expensive fixture run on one worker (below);
+# these shared fixtures take milliseconds to a second, so their tests spread over the workers freely.
+CHEAP_SHARED_SETUPS = frozenset({"tiny_llama", "cpu", "hub_id", "hf_home", "no_gates"})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Tell each xdist worker the controller's ``--dist``: a worker parses the original command line, so the
+    ``loadgroup`` that lorabench's plugin makes of a bare ``-n N`` would not reach it, and it would not tag
+    the tests' groups that the controller's scheduler reads."""
+    node.workerinput["lorabench_tests_dist"] = node.config.option.dist
+
+
+def _shared_setup_group(item: pytest.Item) -> str | None:
+    """The xdist group of a test that uses an expensive shared set-up: a session fixture's name, else the
+    module of a module-scoped one (so one worker builds it once instead of each worker building it)."""
+    module_group = None
+    for name in item.fixturenames:
+        defs = item._fixtureinfo.name2fixturedefs.get(name)  # the fixtures pytest resolved for this test
+        if not defs or name in CHEAP_SHARED_SETUPS or not defs[-1].baseid.startswith("tests"):
+            continue
+        if defs[-1].scope == "session":
+            return name
+        if defs[-1].scope == "module":
+            module_group = module_group or defs[-1].baseid
+    return module_group
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A plain ``pytest`` leaves out the ``integration`` tests (whole bench sessions in subprocesses, minutes
-    each), so the default run stays within its 10-minute budget; any ``-m`` expression decides for itself,
-    and CI runs ``pytest -m integration`` after the default run."""
+    each), so the default run stays within its time budget; any ``-m`` expression decides for itself,
+    and CI runs ``pytest -m integration`` after the default run. Tests sharing an expensive set-up get
+    one ``xdist_group`` (:func:`_shared_setup_group`)."""
+    if getattr(config, "workerinput", {}).get("lorabench_tests_dist") == "loadgroup":
+        config.option.loadgroup = True  # what xdist's worker reads to put the group into each node id
+    for item in items:
+        group = _shared_setup_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
     if config.option.markexpr:
         return
     kept, integration = [], []
@@ -32,7 +68,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    """The embedded tiny Llama checkpoint (built and cached on first use)."""
+    """The embedded tiny Llama checkpoint (shipped in the package: nothing is built)."""
     from lorabench.models import resolve_model
 
     return resolve_model("tiny-llama")
