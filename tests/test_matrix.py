@@ -129,7 +129,9 @@ def test_readme_selection_examples_select_exactly_their_cases(expression, tmp_pa
     shutil.copy(root / "tests" / "data" / "add-qa.jsonl", data)
     models, datasets = ["tiny-llama", "tiny-qwen"], ["digit-reverse", str(data)]
     code, out = _collect_in_this_process(
-        [str(root / "bench"), "--co", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), "-k", expression,
+        # importlib: bench/test_classify.py must not clash with tests/test_classify.py already imported here
+        [str(root / "bench"), "--co", "-q", "-p", "no:cacheprovider", "--import-mode=importlib", "--rootdir", str(root),
+         "-k", expression,
          *[f"--model={m}" for m in models], *[f"--dataset={d}" for d in datasets]])
     assert code == 0, out[-3000:]
     selected = {line.split("::", 1)[1] for line in out.splitlines() if line.startswith("bench/")}
