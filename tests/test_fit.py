@@ -84,8 +84,12 @@ def test_a_directory_with_only_config_json_is_a_model_for_fit(tmp_path, capsys):
 
 def test_at_100_columns_no_line_of_fit_is_wider(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
+    # the longest configuration id and one case of each kind of base: the widest rows the table can have
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("configs:\n  - {id: full, method: full}\n  - {id: lora_torchao_int8, quant: torchao_int8}\n"
+                      "  - {id: qlora_nf4, quant: nf4, double_quant: true}\n")
     assert main(["fit", "--model", "tiny-llama", "--memory", "600MiB", "--memory", "1GiB", "--batch-size", "8",
-                 "--seq-len", "16", "--out", str(tmp_path)]) == 0
+                 "--seq-len", "16", "--matrix", str(matrix), "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any("fits 600MiB" in line for line in lines)
     assert max(len(line) for line in lines if not line.startswith("wrote ")) <= 100
