@@ -5,9 +5,12 @@ import sys
 
 # Offline unless the user says otherwise (HF_HUB_OFFLINE=0): the embedded default never needs
 # the network, and a hub id must come from the local cache. Set before any Hugging Face
-# library is imported, since they read these once at import.
+# library is imported, since they read these once at import. An empty value says nothing, so it
+# counts as unset (otherwise the hub reads it as "online": bitsandbytes' CPU backend then asks the
+# hub for a kernel, through the `kernels` package, at import).
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
+    if not os.environ.get(_var):
+        os.environ[_var] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
