@@ -94,7 +94,9 @@ def terminal(comparison: Comparison, show_all: bool = False, width: int | None =
         text, width=width, indent=indent, subsequent=subsequent)
     rows = (sorted(comparison.rows, key=lambda r: _ORDER.get(r.status, 5)) if show_all
             else gated_changes(comparison))
-    lines = wrap(f"lorabench compare: A = {comparison.run_a}, B = {comparison.run_b}; change = (B - A) / A")
+    # no-break spaces keep "A = <run>" on one line when the header folds (textwrap splits ASCII spaces only)
+    header = f"lorabench compare: A\xa0=\xa0{comparison.run_a}, B\xa0=\xa0{comparison.run_b}; change = (B - A) / A"
+    lines = [line.replace("\xa0", " ") for line in wrap(header)]
     for w in comparison.warnings:
         lines += wrap(f"WARNING: {w}", subsequent="  ")
     if rows:
