@@ -20,17 +20,12 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from lorabench.config import TrainDefaults
 from lorabench.errors import ModelError
-from lorabench.zoo import cache_root
+from lorabench.zoo import build_once, cache_root
 
 log = logging.getLogger("lorabench.zoo")
 
@@ -138,24 +133,8 @@ def checkpoint_dir(name: str) -> Path:
         ModelError: the package or the gguf reader is missing (with the install command).
     """
     source = gguf_path(name)
-    target = _target(name)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # One conversion at a time: concurrent sessions wait for it instead of repeating it.
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
-            started = time.perf_counter()
-            convert(source, staging)
-            log.info("converted %s from %s in %.1f s (cached at %s)", name, source.name,
-                     time.perf_counter() - started, target)
-            staging.rename(target)  # atomic: readers see no checkpoint or a whole one
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(_target(name), lambda staging: convert(source, staging),
+                      f"converted {name} from {source.name}", log)
 
 
 def convert(gguf_file: Path, out: Path) -> None:

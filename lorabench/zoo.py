@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from lorabench.checkpoints import safetensors_problem
@@ -173,8 +174,6 @@ def checkpoint_dir(name: str) -> Path:
         KeyError: ``name`` is not in the zoo.
         ModelError: the shipped or cached checkpoint is damaged (a file truncated or missing).
     """
-    from filelock import FileLock
-
     spec = ZOO[name]
     shipped = shipped_dir(name)
     if shipped is not None:
@@ -185,17 +184,30 @@ def checkpoint_dir(name: str) -> Path:
     if (target / "config.json").is_file():
         _check_whole(name, target, f"delete {target} and the next run rebuilds it")
         return target
+    return build_once(target, lambda staging: build(spec, staging), f"built {name}", log)
+
+
+def build_once(target: Path, make: Callable[[Path], None], done: str, logger: logging.Logger) -> Path:
+    """The checkpoint folder ``target``, written by ``make(staging)`` unless it is there already.
+
+    One build at a time per folder: concurrent sessions wait on a file lock instead of repeating the
+    work. ``make`` writes into a hidden staging folder beside ``target``, renamed into place when whole,
+    so readers see no checkpoint or a whole one. ``done`` starts the log line ("built tiny-llama").
+    """
+    from filelock import FileLock  # deferred as before: not needed when a shipped checkpoint serves
+
+    if (target / "config.json").is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # One build at a time per model: concurrent sessions wait for it instead of repeating it.
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             started = time.perf_counter()
-            build(spec, staging)
-            log.info("built %s in %.1f s (cached at %s)", name, time.perf_counter() - started, target)
-            staging.rename(target)  # atomic: readers see no checkpoint or a whole one
+            make(staging)
+            logger.info("%s in %.1f s (cached at %s)", done, time.perf_counter() - started, target)
+            staging.rename(target)  # atomic
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
