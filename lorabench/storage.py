@@ -167,11 +167,10 @@ def make_atomic(storage, failures: list[SaveFailure] | None = None) -> None:
 
 
 def json_output_path(benchmark_session) -> Path | None:
-    """The ``--benchmark-json`` file as a path (pytest-benchmark parses the option into an open file object)."""
+    """The ``--benchmark-json`` file as a path (pytest-benchmark >= 5.3 parses the option into a ``Path``
+    and opens nothing until it writes, so the plugin's start-up check answers for a bad one)."""
     target = benchmark_session.json
-    if not target:
-        return None
-    return Path(target if isinstance(target, (str, os.PathLike)) else target.name)
+    return Path(target) if target else None
 
 
 def protect_json_output(benchmark_session, failures: list[SaveFailure]) -> None:

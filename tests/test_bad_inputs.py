@@ -393,13 +393,11 @@ CATALOG = [
     BadInput("--benchmark-storage on a full disk", {}, {},
              ("--benchmark-storage <dir>/history", "10.0 MiB free", "the run's outputs need up to"),
              outputs={"storage": "{d}/history"}, prepare=full_disk),
-    # pytest-benchmark opens --benchmark-json as it reads the option (argparse.FileType), before any plugin
-    # check: these answers are its own
     BadInput("--benchmark-json in a directory that is a file", {}, {"out": "x"},
-             ("argument --benchmark-json: can't open '<dir>/out/run.json'", "Not a directory"),
+             ("--benchmark-json <dir>/out/run.json: its directory <dir>/out", "a file stands where the directory should be"),
              outputs={"json_path": "{d}/out/run.json"}),
     BadInput("--benchmark-json a directory", {}, {"out/x": "x"},
-             ("argument --benchmark-json: can't open '<dir>/out'", "Is a directory"), outputs={"json_path": "{d}/out"}),
+             ("--benchmark-json <dir>/out: a directory, not a file",), outputs={"json_path": "{d}/out"}),
     BadInput("--seeds 0", {"seeds": "0"}, {}, ("--seeds '0'", "a count from 1 to 100")),
     BadInput("--seeds with a repeated seed", {"seeds": "7,7"}, {}, ("--seeds '7,7'", "seed 7 appears twice")),
     # models
