@@ -964,7 +964,7 @@ def render_table() -> str:
         f"through the plugin and is recorded with the status shown. *{TRAINING}*: the first LoRA case trains",
         "in the test's process. *command*: `python -m lorabench ...`, with its exit status. `<dir>` stands for",
         "the directory holding the files, `<root>` for the repository; seconds are wall time from start-up to",
-        "the answer, on the machine that generated the table (a 2-core AMD EPYC shared with other work, so",
+        f"the answer, on the machine that generated the table ({_cpu_description()}, shared with other work, so",
         "they read slow; the first rows that build a model also pay for importing torch and transformers).",
         "",
         "| # | input | outcome | exit | message | seconds |",
@@ -976,6 +976,13 @@ def render_table() -> str:
         code = "-" if result.exit is None else result.exit
         lines.append(f"| {i} | {bad.name} | {result.stage} | {code} | {one_line} | {result.seconds:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_description() -> str:
+    """``N-core MODEL`` from /proc/cpuinfo (the machine's own words), or the core count alone."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
+    return f"{os.cpu_count()}-core {names[0].strip()}" if names else f"{os.cpu_count()}-core CPU"
 
 
 if __name__ == "__main__":
