@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,13 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Many tests start `python -m pytest bench ...` or `python -m lorabench ...` in a subprocess. Where the
+# environment sets PYTHONDONTWRITEBYTECODE, each of them compiled the package (and pytest re-rewrote its
+# asserts: the plugin's package is rewritten) from source again; with bytecode cached, the first one writes
+# __pycache__ (git-ignored) and the rest read it. What the tests run is unchanged.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
