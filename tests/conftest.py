@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -143,25 +144,45 @@ def hf_home(tmp_path_factory, tiny_llama, hub_id) -> Path:
     return home
 
 
-FAILING_GATE = "version: 1\nprofiles:\n  default:\n    lora:\n      - eval_loss <= 0.0001\n"
+# lora fails an impossible rule (line 5); every case passes one that always holds
+FAILING_GATE = ("version: 1\nprofiles:\n  default:\n    lora:\n      - eval_loss <= 0.0001\n"
+                "    '*':\n      - weights_mib > 0\n")
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One finished ``pytest bench/...`` subprocess: what it printed and the files it wrote."""
+
+    proc: subprocess.CompletedProcess
+    gates: Path
+    benchmark_json: Path
+    allure_results: Path
 
 
 @pytest.fixture(scope="session")
-def allure_results(tmp_path_factory) -> Path:
-    """Allure results of a real bench run (tests/test_allure.py, tests/test_rendering.py): two cases,
-    qlora_nf4_r8 passes and lora fails an impossible gate."""
-    tmp = tmp_path_factory.mktemp("allure")
+def two_case_run(tmp_path_factory) -> BenchRun:
+    """A real bench run as a user starts it, shared by the tests that only read what it printed and wrote
+    (tests/test_smoke.py, tests/test_thresholds.py, tests/test_allure.py, tests/test_rendering.py): two cases, 8 steps,
+    ``--benchmark-json`` and ``--alluredir``, ``CI=1`` as on CI; qlora_nf4_r8 passes its gate and lora
+    fails an impossible one."""
+    tmp = tmp_path_factory.mktemp("two-case-run")
     gates = tmp / "gates.yaml"
     gates.write_text(FAILING_GATE)
-    results = tmp / "allure-results"
+    benchmark_json, results = tmp / "bench.json", tmp / "allure-results"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or config[lora]", "--steps", "6", f"--thresholds={gates}",
-         f"--alluredir={results}", "--benchmark-disable"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+         "--rootdir", str(ROOT), "-k", "qlora_nf4_r8 or config[lora]", "--steps", "8", f"--thresholds={gates}",
+         f"--alluredir={results}", f"--benchmark-json={benchmark_json}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "CI": "1"},
     )
-    assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout[-3000:]
-    return results
+    assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return BenchRun(proc, gates, benchmark_json, results)
+
+
+@pytest.fixture(scope="session")
+def allure_results(two_case_run) -> Path:
+    """Allure results of a real bench run (:func:`two_case_run`)."""
+    return two_case_run.allure_results
 
 
 @pytest.fixture

@@ -31,7 +31,9 @@ def test_each_case_attaches_metrics_loss_curve_configuration_and_gates(allure_re
     for name, result in load(allure_results).items():
         attachments = {a["name"]: a for a in result["attachments"]}
         assert {"metrics", "configuration", "loss curve"} <= set(attachments)
-        assert ("gates" in attachments) == (name == "test_finetune[lora]")  # the only case with a gate
+        gates = (allure_results / attachments["gates"]["source"]).read_text()
+        assert gates.startswith("status,rule,") and "pass,weights_mib > 0," in gates
+        assert ("fail,eval_loss <= 0.0001," in gates) == (name == "test_finetune[lora]")  # the one failed gate
         assert attachments["loss curve"]["type"] == "image/png"
         metrics = (allure_results / attachments["metrics"]["source"]).read_text()
         assert metrics.startswith("metric,value,unit,better,counter\ntensor_peak_mib,") and "\neval_loss," in metrics

@@ -964,7 +964,7 @@ def render_table() -> str:
         f"through the plugin and is recorded with the status shown. *{TRAINING}*: the first LoRA case trains",
         "in the test's process. *command*: `python -m lorabench ...`, with its exit status. `<dir>` stands for",
         "the directory holding the files, `<root>` for the repository; seconds are wall time from start-up to",
-        f"the answer, on the machine that generated the table ({_cpu_description()}, shared with other work, so",
+        f"the answer, on the machine that generated the table (a {_cpu_description()} shared with other work, so",
         "they read slow; the first rows that build a model also pay for importing torch and transformers).",
         "",
         "| # | input | outcome | exit | message | seconds |",

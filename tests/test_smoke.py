@@ -17,19 +17,20 @@ def run_bench(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
-def test_one_case_end_to_end(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = run_bench("-k", "qlora_nf4_r8", "--steps", "8", f"--benchmark-json={out}", "--rootdir", str(ROOT))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_a_case_end_to_end(two_case_run):
+    proc = two_case_run.proc
     assert "lorabench summary" in proc.stdout
     assert "qlora_nf4_r8" in proc.stdout
     first = next(line for line in proc.stdout.splitlines() if line.startswith("lorabench: "))
-    assert first.startswith("lorabench: 1 case(s) [qlora_nf4_r8] on tiny-llama x digit-reverse, cpu in ")
+    assert first.startswith("lorabench: 2 case(s) [")
+    assert "qlora_nf4_r8" in first and "] on tiny-llama x digit-reverse, cpu in " in first
     assert "expected about " in first
     assert "seconds per phase (wall clock):" in proc.stdout and "qlora_nf4_r8: load " in proc.stdout
     assert "evaluating the base model" in proc.stdout and "training ETA" in proc.stdout
-    data = json.loads(out.read_text())
-    (bench,) = data["benchmarks"]
+    data = json.loads(two_case_run.benchmark_json.read_text())
+    benches = {b["extra_info"]["config_id"]: b for b in data["benchmarks"]}
+    assert set(benches) == {"qlora_nf4_r8", "lora"}  # a case that fails a gate is still recorded
+    bench = benches["qlora_nf4_r8"]
     assert bench["stats"]["rounds"] == 8 - 3  # measured steps: all but the warm-up
     assert bench["stats"]["median"] > 0  # wall clock: no bound, the machine may be busy
     info = bench["extra_info"]
@@ -38,27 +39,25 @@ def test_one_case_end_to_end(tmp_path):
     assert info["metrics"]["peak_rss_delta_mib"] > 0
     assert "not CUDA" in info["absent"]["peak_alloc_mib"]
     assert info["gates"] and all(g["status"] in ("pass", "not evaluated") for g in info["gates"])
+    assert any(g["status"] == "fail" for g in benches["lora"]["extra_info"]["gates"])
     machine = data["machine_info"]
     for key in ("torch_version", "transformers_version", "peft_version", "bitsandbytes_version", "gpu_name"):
         assert key in machine
 
 
-def test_a_violated_gate_fails_its_case_and_says_where(tmp_path):
-    gates = tmp_path / "gates.yaml"
-    gates.write_text("version: 1\nprofiles:\n  default:\n    '*':\n      - step_ms <= 0.001\n")
-    proc = run_bench("-k", "qlora_nf4_r8", "--steps", "5", f"--thresholds={gates}", "--benchmark-disable",
-                     "--rootdir", str(ROOT))
+def test_a_violated_gate_fails_its_case_and_says_where(two_case_run):
+    proc, gates = two_case_run.proc, two_case_run.gates
     assert proc.returncode == 1
     # one block per failed case: the case with its model, data set and configuration, the rule and where it is
     # written, the value and the bound; printed once, in the failure itself (the summary lists the case in a line)
-    header = ("qlora_nf4_r8 (model tiny-llama, data set digit-reverse, configuration qlora_nf4_r8): 1 gate failed")
+    header = "lora (model tiny-llama, data set digit-reverse, configuration lora): 1 gate failed"
     # pytest's one-line summary ("FAILED ... - gate(s) failed: ...") repeats its first line, as far as the
     # terminal is wide: it is not counted
     blocks = [line for line in proc.stdout.splitlines() if header in line and not line.startswith("FAILED ")]
     assert len(blocks) == 1, proc.stdout
-    assert "qlora_nf4_r8: 'step_ms <= 0.001' (its block is under FAILURES above)" in proc.stdout
-    assert f"violates 'step_ms <= 0.001'  [{gates}:5, profile default]" in proc.stdout
-    assert "qlora_nf4_r8.step_ms = " in proc.stdout and ": bound <= 0.001" in proc.stdout
+    assert "lora: 'eval_loss <= 0.0001' (its block is under FAILURES above)" in proc.stdout
+    assert f"violates 'eval_loss <= 0.0001'  [{gates}:5, profile default]" in proc.stdout
+    assert "lora.eval_loss = " in proc.stdout and ": bound <= 0.0001" in proc.stdout
     # no record repr, no harness traceback, no library progress bars or deprecation notices
     output = proc.stdout + proc.stderr
     for noise in ("CaseResult(", "Traceback", "pytest_plugin/case.py", "Loading weights", "FutureWarning",

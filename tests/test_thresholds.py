@@ -311,21 +311,12 @@ def test_a_local_checkpoint_with_200_rows_passes_what_applies_and_says_what_cann
     assert max(map(len, summary.splitlines())) <= 100
 
 
-def test_a_failed_gate_block_is_printed_once(tmp_path):
-    """Under FAILURES; the short summary keeps to its first line even on CI (pytest prints a plain failure
-    message whole there), and lorabench's summary lists the case in one line."""
-    gates = tmp_path / "gates.yaml"
-    gates.write_text("version: 1\nprofiles:\n  default:\n    '*':\n      - step_ms <= 0.001\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_finetune.py"), "-p", "no:cacheprovider",
-         "--rootdir", str(ROOT), "-k", "config[qlora_nf4_r8]", "--steps", "5", f"--thresholds={gates}",
-         "--isolate", "none", "--benchmark-disable"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "CI": "1"},
-    )
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
-    out = proc.stdout
-    assert out.count(f"violates 'step_ms <= 0.001'  [{gates}:5, profile default]") == 1, out[-5000:]
-    assert out.count("qlora_nf4_r8.step_ms = ") == 1
+def test_a_failed_gate_block_is_printed_once(two_case_run):
+    """Under FAILURES; the short summary keeps to its first line even on CI (the shared run has ``CI=1``:
+    pytest prints a plain failure message whole there), and lorabench's summary lists the case in one line."""
+    out, gates = two_case_run.proc.stdout, two_case_run.gates
+    assert out.count(f"violates 'eval_loss <= 0.0001'  [{gates}:5, profile default]") == 1, out[-5000:]
+    assert out.count("lora.eval_loss = ") == 1
     short = out.split("short test summary info", 1)[1]
-    assert "FAILED bench/test_finetune.py::test_finetune[qlora_nf4_r8] - gate(s) failed: qlora_nf4_r8" in short
-    assert "qlora_nf4_r8: 'step_ms <= 0.001' (its block is under FAILURES above)" in out
+    assert "FAILED bench/test_finetune.py::test_finetune[lora] - gate(s) failed: lora" in short
+    assert "lora: 'eval_loss <= 0.0001' (its block is under FAILURES above)" in out
