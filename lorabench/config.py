@@ -283,7 +283,7 @@ _RULES: tuple[tuple[Callable[[BenchConfig], bool], Callable[[BenchConfig], str]]
     (lambda c: c.method == "full" and c.quantized,
      lambda c: f"method='full' with quant={c.quant!r}: quantized weights cannot be trained directly; "
                "use method='lora'"),
-    (lambda c: c.double_quant and c.quant not in backends.double_quant_values(),
+    (lambda c: c.double_quant and not backends.takes_double_quant(c.quant),
      lambda c: f"double_quant=true needs a 4-bit quant ({' or '.join(backends.double_quant_values())}), "
                f"not {c.quant!r}"),
     (lambda c: isinstance(c.target_modules, str) and c.target_modules not in TARGET_MODULE_PRESETS,

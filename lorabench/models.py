@@ -30,7 +30,11 @@ _ATTENTION_PARENT = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)
 
 def train_defaults(spec: str) -> TrainDefaults:
     """The hyper-parameters ``--model spec`` brings where a configuration leaves them open, without
-    building or resolving it: a zoo model's, the embedded real model's, or any checkpoint's."""
+    building or resolving it: a zoo model's, the embedded real model's, or any checkpoint's.
+
+    The one place this is decided: :func:`resolve_model` puts it into the source every case resolves
+    with, and the session's checks and ``lorabench fit`` ask it for models not resolved yet.
+    """
     if spec in ZOO:
         return ZOO[spec].defaults
     if spec in real_model.REAL_MODELS:
@@ -68,9 +72,9 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False, weights: bool =
             in the local cache, or the model is not a causal LM.
     """
     if spec in ZOO:
-        return ModelSource(spec, str(checkpoint_dir(spec)), True, ZOO[spec].defaults)
+        return ModelSource(spec, str(checkpoint_dir(spec)), True, train_defaults(spec))
     if spec in real_model.REAL_MODELS:  # converted once from its GGUF, then an ordinary checkpoint
-        return ModelSource(spec, str(real_model.checkpoint_dir(spec)), True, real_model.REAL_MODELS[spec].defaults)
+        return ModelSource(spec, str(real_model.checkpoint_dir(spec)), True, train_defaults(spec))
     path = expand(spec, "--model", ModelError)
     if os.path.lexists(path) or _looks_like_path(spec):
         require(path, "directory", "--model", ModelError)
@@ -79,12 +83,12 @@ def resolve_model(spec: str, *, trust_remote_code: bool = False, weights: bool =
         _check_causal_lm(spec, str(path), trust_remote_code)
         if weights:
             check_weights(path, spec)
-        return ModelSource(spec, str(path), False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
+        return ModelSource(spec, str(path), False, train_defaults(spec), trust_remote_code)
     snapshot = hub_snapshot(spec)
     _check_causal_lm(spec, snapshot, trust_remote_code)
     if weights:
         check_weights(Path(snapshot), spec)
-    return ModelSource(spec, snapshot, False, CHECKPOINT_TRAIN_DEFAULTS, trust_remote_code)
+    return ModelSource(spec, snapshot, False, train_defaults(spec), trust_remote_code)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -206,8 +210,7 @@ def load_model(source: ModelSource, config: BenchConfig, device) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
         dtype=torch_dtype(config.dtype),
-        quantization_config=backends.quantization_config(config.quant, compute_dtype=torch_dtype(config.dtype),
-                                                         double_quant=config.double_quant),
+        quantization_config=quantization_config(config),
         device_map={"": (device.index or 0) if device.type == "cuda" else "cpu"},
         local_files_only=True,
         trust_remote_code=source.trust_remote_code,
@@ -218,6 +221,35 @@ def load_model(source: ModelSource, config: BenchConfig, device) -> LoadedModel:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, load_s)
+
+
+def quantization_config(config: BenchConfig, *, skip_modules=()) -> Any:
+    """The backend's load config of a base as ``config`` asks (``None`` for an unquantized base): every
+    kind loads its base through this, so a format, its compute dtype and its double quantization mean
+    the same everywhere.
+
+    Args:
+        config: a configuration whose ``dtype`` is resolved (the layers compute in it).
+        skip_modules: modules to leave unquantized (a new classification head).
+
+    Raises:
+        ConfigError: unknown ``quant``, or its library is not installed.
+    """
+    return backends.quantization_config(config.quant, compute_dtype=torch_dtype(config.dtype),
+                                        double_quant=config.double_quant, skip_modules=skip_modules)
+
+
+def lora_config(config: BenchConfig, target_modules, *, task_type: str = "CAUSAL_LM"):
+    """peft's ``LoraConfig`` of an adapter as ``config`` asks (rank, alpha, dropout), on ``target_modules``.
+
+    Args:
+        target_modules: the module names (or peft's ``"all-linear"``) the adapter wraps.
+        task_type: peft's task (``CAUSAL_LM``; ``SEQ_CLS`` keeps a classification head trainable).
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=target_modules, task_type=task_type)
 
 
 def check_dtype_supported(dtype: str, device) -> None:
@@ -269,7 +301,7 @@ def prepare_base(model, config: BenchConfig):
 
 def apply_adapter(model, config: BenchConfig):
     """Make the model trainable as the configuration asks: every weight, or a LoRA adapter."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if config.method == "full":
         model.requires_grad_(True)
@@ -283,13 +315,7 @@ def apply_adapter(model, config: BenchConfig):
         targets = list(config.target_modules)
     else:
         targets = config.target_modules
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(config, targets)
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:

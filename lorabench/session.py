@@ -121,7 +121,7 @@ class BenchSession:
         """
         from lorabench import preflight
         from lorabench.config import resolve
-        from lorabench.models import check_dtype_supported
+        from lorabench.models import check_dtype_supported, train_defaults
         from lorabench.zoo import ZOO, is_cached
 
         cases = self.matrix.cases() if cases is None else cases
@@ -138,13 +138,14 @@ class BenchSession:
         lengths = {}
         for case in cases:
             fact, task = facts[case.model], tasks[case.dataset]
-            defaults = ZOO[case.model].defaults if case.model in ZOO else self.model_source(case.model).defaults
             preflight.check_target_modules(case.config, fact)
             key = (case.model, case.dataset)
             if key not in lengths:
                 lengths[key] = preflight.token_lengths(task, fact.tokenizer)
-            notices += preflight.check_lengths(resolve(case.config, defaults, self.device), lengths[key], fact,
-                                             case.dataset)
+            # the session's own look over every case before any runs (each case is resolved again where it is
+            # launched, lorabench.launch.resolve_case): defaults as the model's source will carry them
+            notices += preflight.check_lengths(resolve(case.config, train_defaults(case.model), self.device),
+                                             lengths[key], fact, case.dataset)
         for notice in dict.fromkeys(notices):
             log.warning(notice)
             self.notices.append(notice)
@@ -208,6 +209,7 @@ class BenchSession:
         )
         from lorabench.zoo import ZOO, is_cached
 
+        # the plan's own resolution of every case (steps, dtypes); each case is resolved where it is launched
         resolved = [resolve(c.config, train_defaults(c.model), self.device) for c in cases]
         to_build = sorted({c.model for c in cases if c.model in ZOO and not is_cached(c.model)})
         estimate = estimate_from_history(storage, case_ids)

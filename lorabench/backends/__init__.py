@@ -107,6 +107,15 @@ def double_quant_values() -> tuple[str, ...]:
     return tuple(f.quant for f in formats() if f.double_quant)
 
 
+def takes_double_quant(quant: str) -> bool:
+    """Whether a base in ``quant`` can quantize its scales again (its :class:`Format` says; ``none``: no).
+
+    The one answer to "may this base be double-quantized": the configuration's validation and every
+    kind that chooses a base's load (an inference variant's quantized base) ask it.
+    """
+    return quant in double_quant_values()
+
+
 def markers() -> dict[str, str]:
     """Every pytest marker a backend's cases carry, with its description."""
     return {name: text for backend in _BACKENDS for name, text in backend.marker_help.items()}
@@ -215,5 +224,5 @@ __all__ = [
     "NONE", "Format", "QuantBackend", "allowed_text", "backend_for", "backends", "check_available", "check_quant",
     "check_runnable", "double_quant_values", "format_for", "formats", "linear_type_names", "logical_numel",
     "markers", "meta_patches", "owner", "parameter_tensors", "preload_modules", "quant_values", "quantization_config",
-    "quantize_meta", "register", "round_trip",
+    "quantize_meta", "register", "round_trip", "takes_double_quant",
 ]
