@@ -8,9 +8,10 @@ Marked ``slow``: together they take about a minute or more on a 2-core CPU.
 
 import pytest
 
+from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, encoder_linear_weights, encoder_source
+from lorabench.launch import InlineLauncher, resolve_case
 from lorabench.pytest_plugin import assert_case_passed, record_result, step_timer
-from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, encoder_linear_weights, run_case
-from lorabench.quant_error import MINILM_CASE_ID, layer_errors, quant_error_result
+from lorabench.quant_error import MINILM_CASE_ID, QuantErrorParams
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 
@@ -24,17 +25,18 @@ def _finish(result, benchmark, bench_session):
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.id for c in CONFIGS])
 def test_minilm_finetune(config, benchmark, bench_session):
     benchmark.group = f"finetune {MODEL_NAME} {DATASET_NAME}"
-    result = run_case(config, _cpu(), step_timer(benchmark))
-    _finish(result, benchmark, bench_session)
+    case = resolve_case("classify", case_id=config.id, model=MODEL_NAME, dataset=DATASET_NAME, device=_cpu(),
+                        config=config, source=encoder_source())
+    _finish(InlineLauncher().run(case, step_timer(benchmark)), benchmark, bench_session)
 
 
 @pytest.mark.quant_error
 def test_minilm_quant_error(benchmark, bench_session):
     """NF4, FP4 and int8 round trips of the pretrained encoder's linear layers: real trained weights."""
-    layers = []
     benchmark.group = "quantization error"
-    benchmark.pedantic(lambda: layers.extend(layer_errors(encoder_linear_weights())), rounds=1, iterations=1)
-    _finish(quant_error_result(MINILM_CASE_ID, MODEL_NAME, layers), benchmark, bench_session)
+    case = resolve_case("quant_error", case_id=MINILM_CASE_ID, model=MODEL_NAME, dataset="(weights only)",
+                        device=_cpu(), params=QuantErrorParams(encoder_linear_weights))
+    _finish(InlineLauncher().run(case, step_timer(benchmark)), benchmark, bench_session)
 
 
 def _cpu():

@@ -9,8 +9,9 @@ variant ids (infer_*).
 
 import pytest
 
+from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, VARIANTS, WARMUP_CALLS, InferenceParams
+from lorabench.launch import resolve_case
 from lorabench.pytest_plugin import assert_case_passed
-from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, VARIANTS, WARMUP_CALLS, InferenceRun
 
 
 def _param(variant):
@@ -22,7 +23,10 @@ def test_inference(variant, bench_session, inference_adapter, inference_prompts,
                    measure_inference):
     model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
     adapter_dir, trained = inference_adapter
-    run = InferenceRun(variant, source=model_source(model), adapter_dir=adapter_dir, tokenizer=tokenizer_for(model),
-                       prompt=inference_prompts[0], device=bench_session.device, model_name=model, dataset=dataset,
-                       new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS, repeats=MEASURED_CALLS)
-    assert_case_passed(measure_inference(run, trained))
+    params = InferenceParams(variant, adapter_dir=str(adapter_dir), prompt=inference_prompts[0],
+                             prompts=tuple(inference_prompts), new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS,
+                             repeats=MEASURED_CALLS)
+    case = resolve_case("inference", case_id=variant.id, model=model, dataset=dataset, device=bench_session.device,
+                        config=variant.base_config(), source=model_source(model), params=params,
+                        data=tokenizer_for(model))
+    assert_case_passed(measure_inference(case, trained))

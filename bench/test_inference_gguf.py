@@ -11,9 +11,10 @@ thresholds.yaml under gguf_q4_0 and gguf_q8_0.
 
 import pytest
 
-from lorabench.pytest_plugin import assert_case_passed
-from lorabench.gguf import GGUF_VARIANTS, GGUFRun
+from lorabench.gguf import GGUF_VARIANTS, GGUFParams
 from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
+from lorabench.launch import resolve_case
+from lorabench.pytest_plugin import assert_case_passed
 
 pytestmark = pytest.mark.gguf
 
@@ -25,9 +26,10 @@ def test_gguf(variant, bench_session, gguf_export, inference_prompts, adapter_ge
 
     model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
     f32_path, trained = gguf_export
-    run = GGUFRun(variant, f32_path=f32_path, threads=torch.get_num_threads(), source=None,
-                  tokenizer=tokenizer_for(model), prompt=inference_prompts[0], device=torch.device("cpu"),
-                  model_name=model, dataset=dataset, new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS,
-                  repeats=MEASURED_CALLS)
+    params = GGUFParams(variant, adapter_dir=None, prompt=inference_prompts[0], prompts=tuple(inference_prompts),
+                        new_tokens=NEW_TOKENS, warmup=WARMUP_CALLS, repeats=MEASURED_CALLS, f32_path=str(f32_path),
+                        threads=torch.get_num_threads())
+    case = resolve_case("gguf", case_id=variant.id, model=model, dataset=dataset, device=torch.device("cpu"),
+                        params=params, data=tokenizer_for(model))
     # adapter_generations: the unmerged adapter's answers exist before drift compares with them
-    assert_case_passed(measure_inference(run, trained))
+    assert_case_passed(measure_inference(case, trained))

@@ -3,29 +3,30 @@
 Target: the suite costs at most 5% of tokens/s, isolation's round trip included.
 """
 
+from dataclasses import replace
+
 import pytest
 
-from lorabench.config import resolve
-from lorabench.isolation import IsolatedCaseRun
-from lorabench.matrix import DEFAULT_CONFIGS, Case
+from lorabench.case_kinds import DEFAULT_KIND
+from lorabench.launch import InlineLauncher, ProcessLauncher, resolve_case
+from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.proofs.overhead import BareLoop, compare, round_trip_s, step_pair
-from lorabench.runner import CaseRun
 
 MAX_OVERHEAD_PCT = 5.0
 
 
 @pytest.mark.overhead
-def test_harness_overhead(benchmark, bench_session, model_source, task_tokens):
+def test_harness_overhead(benchmark, bench_session, model_source, case_data):
     model, dataset = bench_session.matrix.models[0], bench_session.matrix.datasets[0]
     source = model_source(model)
     lora = next((c for c in bench_session.matrix.configs if c.id == "lora"),
                 next(c for c in DEFAULT_CONFIGS if c.id == "lora"))
     device = bench_session.device
-    config = resolve(lora, source.defaults, device)
-    case = Case(model, dataset, lora)
-    tokens = task_tokens(model, dataset, config.seq_len)
+    case = resolve_case(DEFAULT_KIND, case_id="overhead", model=model, dataset=dataset, device=device, config=lora,
+                        source=source)
+    config, tokens = case.config, case_data(case)
 
-    run = CaseRun(case, case_id="overhead", source=source, tokens_for=lambda c: tokens, device=device)
+    run = InlineLauncher().start(case, case_data)
     run.prepare()
     bare = BareLoop(source, config, tokens.train, device)
     suite_s, bare_s = [], []
@@ -41,7 +42,7 @@ def test_harness_overhead(benchmark, bench_session, model_source, task_tokens):
     reading = compare(suite_s, bare_s, run.step_runner.record.tokens, bare.tokens, config.warmup_steps)
     run.close()
 
-    isolated = IsolatedCaseRun(case, case_id="overhead-isolated", source=source, device=device)
+    isolated = ProcessLauncher().start(replace(case, case_id="overhead-isolated"), case_data)
     isolated.prepare()
     trip_s = round_trip_s(isolated)
     isolated.close()

@@ -6,24 +6,20 @@ of the first ``--model`` as its checkpoint stores them. Per-layer errors go into
 ``details``; the means and maxima are metrics.
 """
 
+from functools import partial
+
 import pytest
 
-from lorabench.pytest_plugin import assert_case_passed, record_result
-from lorabench.quant_error import (
-    MODEL_CASE_ID,
-    NORMAL_CASE_ID,
-    layer_errors,
-    linear_weights,
-    normal_weights,
-    quant_error_result,
-)
+from lorabench.launch import InlineLauncher, resolve_case
+from lorabench.pytest_plugin import assert_case_passed, record_result, step_timer
+from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID, QuantErrorParams, causal_lm_weights, normal_weights
 
 
-def _record(case_id, model, named_weights, benchmark, bench_session):
-    layers = []
+def _record(case_id, model, weights, benchmark, bench_session):
     benchmark.group = "quantization error"
-    benchmark.pedantic(lambda: layers.extend(layer_errors(named_weights)), rounds=1, iterations=1)
-    result = quant_error_result(case_id, model, layers)
+    case = resolve_case("quant_error", case_id=case_id, model=model, dataset="(weights only)", device=_cpu(),
+                        params=QuantErrorParams(weights))
+    result = InlineLauncher().run(case, step_timer(benchmark))
     record_result(result, benchmark, bench_session)
     assert_case_passed(result)
 
@@ -31,17 +27,19 @@ def _record(case_id, model, named_weights, benchmark, bench_session):
 @pytest.mark.quant_error
 @pytest.mark.quantized
 def test_quant_error_normal(benchmark, bench_session):
-    _record(NORMAL_CASE_ID, "normal N(0,1) matrices", normal_weights(), benchmark, bench_session)
+    _record(NORMAL_CASE_ID, "normal N(0,1) matrices", normal_weights, benchmark, bench_session)
 
 
 @pytest.mark.quant_error
 @pytest.mark.quantized
 def test_quant_error_model(benchmark, bench_session, model_source):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     spec = bench_session.matrix.models[0]
     source = model_source(spec)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True,
-                                                 trust_remote_code=source.trust_remote_code)
-    _record(MODEL_CASE_ID, spec, linear_weights(model), benchmark, bench_session)
+    _record(MODEL_CASE_ID, spec, partial(causal_lm_weights, source.path, source.trust_remote_code), benchmark,
+            bench_session)
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")

@@ -1,11 +1,13 @@
 """Kinds of bench case, and what the session, the gates and the summary need to know of each.
 
 A record says its kind in ``config["kind"]`` (fine-tuning records of the matrix carry none:
-``finetune``). Each kind registers itself from its own module with :func:`register`: the
-case ids thresholds.yaml may name, the summary's columns, whether the ``"*"`` rules of
-thresholds.yaml (written for fine-tuning) apply to it, and any metric of its own that
-:mod:`lorabench.metrics` does not define. Nothing else names the kinds: the
-session, the gates and the summary ask this registry.
+``finetune``). Each kind registers itself from its own module with :func:`register`: its
+runner (the class that runs one of its cases through the case protocol,
+:mod:`lorabench.protocol`), the case ids thresholds.yaml may name, the summary's columns,
+whether the ``"*"`` rules of thresholds.yaml (written for fine-tuning) apply to it, and any
+metric of its own that :mod:`lorabench.metrics` does not define. Nothing else names the kinds:
+the launchers, the session, the gates and the summary ask this registry, so adding a kind is
+adding its module.
 
 lorabench's own kinds are imported on first use (:data:`BUILT_IN_MODULES`); a kind from
 elsewhere registers when its module is imported (from a conftest, say).
@@ -27,7 +29,8 @@ PROCESS_PEAK: Column = ("peak_rss_delta_mib", "process RSS+ MiB", "process memor
 CUDA_PEAK: Column = ("peak_alloc_mib", "peak alloc MiB", "peak GPU memory (allocator)")
 
 DEFAULT_KIND = "finetune"
-BUILT_IN_MODULES = ("lorabench.matrix", "lorabench.classify", "lorabench.inference", "lorabench.quant_error")
+BUILT_IN_MODULES = ("lorabench.matrix", "lorabench.classify", "lorabench.inference", "lorabench.gguf",
+                    "lorabench.quant_error")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class CaseKind:
         wildcard_rules: whether thresholds.yaml's ``"*"`` rules apply to its records.
         metrics: metrics of its own, added to :data:`lorabench.metrics.METRICS` (lorabench's kinds define
             theirs there).
+        runner: where the class that runs one of its cases lives, ``"module:Class"``
+            (:class:`lorabench.protocol.CaseRunner`); imported only when a case of the kind runs, so that
+            the registry stays importable without torch. ``""`` for a kind whose records come from
+            elsewhere (a stored record of a plugin's kind).
     """
 
     name: str
@@ -48,6 +55,7 @@ class CaseKind:
     columns: Callable[[str], tuple[Column, ...]]
     wildcard_rules: bool = True
     metrics: tuple[Metric, ...] = ()
+    runner: str = ""
 
 
 _KINDS: dict[str, CaseKind] = {}

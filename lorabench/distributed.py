@@ -1,20 +1,22 @@
 """Multi-process cases: ``world_size`` ranks launched by ``torchrun``, DistributedDataParallel or FSDP2.
 
 A case with ``world_size > 1`` runs as ``python -m torch.distributed.run --standalone
---nproc-per-node W -m lorabench.distributed PAYLOAD``. Every rank builds the same
-:class:`lorabench.runner.CaseRun` with a :class:`RankParallel`, which wraps the model for its
-strategy (DDP: a whole replica per rank, gradients all-reduced; FSDP2 ``fully_shard``: each
-rank holds 1/W of every parameter, gathered for compute) and feeds the rank its own share of
-the data (the Trainer's data loader shards by rank). The backend is NCCL on CUDA (one GPU per
-rank) and gloo on the CPU (the ranks share the launching process's threads).
+--nproc-per-node W -m lorabench.distributed PAYLOAD`` (:class:`TorchrunRanks`, started by
+:class:`lorabench.launch.TorchrunLauncher`; the payload is the resolved case, data included).
+Every rank builds the same runner (:class:`lorabench.runner.CaseRun`) with a :class:`RankParallel`,
+which wraps the model for its strategy (DDP: a whole replica per rank, gradients all-reduced;
+FSDP2 ``fully_shard``: each rank holds 1/W of every parameter, gathered for compute) and feeds
+the rank its own share of the data (the Trainer's data loader shards by rank). The backend is
+NCCL on CUDA (one GPU per rank) and gloo on the CPU (the ranks share the launching process's threads).
 
 Rank 0 connects back to the pytest process and obeys the same commands as an isolated case
-(``step``, ``control``, ``finish``), broadcasting each to the other ranks, so pytest-benchmark
-times every optimizer step of all ranks together (a barrier ends each step). At ``finish``
-every rank's result record is gathered and :func:`combine_ranks` makes the case's record:
-per-device memory is the largest rank's, throughput is the sum over ranks, and the per-rank
-figures go into ``details["ranks"]``. :func:`record_scaling` then sets the scaling efficiency
-against the single-device case of the same configuration.
+(``step``, ``control``, ``finish``: :func:`lorabench.protocol.serve` with a :class:`RankGroup`),
+broadcasting each to the other ranks, so pytest-benchmark times every optimizer step of all
+ranks together (a barrier ends each step). At ``finish`` every rank's result record is gathered
+and :func:`combine_ranks` makes the case's record: per-device memory is the largest rank's,
+throughput is the sum over ranks, and the per-rank figures go into ``details["ranks"]``.
+:func:`record_scaling` then sets the scaling efficiency against the single-device case of the
+same configuration.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from lorabench.isolation import ChildFailed, IsolatedCaseRun, send_logs
+from lorabench.isolation import ChildFailed, send_logs
+from lorabench.protocol import ResolvedCase, build_runner, serve
 from lorabench.quiet import QUIET_ENV
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, STATUS_OK, CaseResult
-from lorabench.runner import CaseAborted
 
 ENV_ADDRESS = "LORABENCH_PARENT_ADDRESS"
 ENV_AUTHKEY = "LORABENCH_PARENT_AUTHKEY"
@@ -97,21 +100,46 @@ class RankParallel:
         return DistributedDataParallel(model, device_ids=ids)
 
 
+class RankGroup:
+    """The ranks of a multi-process case as the worker command loop (:func:`lorabench.protocol.serve`) sees them:
+    each command broadcast from rank 0, a barrier ending each step, every rank's record gathered on rank 0."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.label = f"rank {rank}"
+
+    def broadcast(self, command):
+        import torch.distributed as dist
+
+        box = [command]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def gather(self, record):
+        import torch.distributed as dist
+
+        gathered = [None] * dist.get_world_size()
+        dist.gather_object(record, gathered if self.rank == 0 else None, dst=0)
+        return gathered
+
+
 def _rank_main(payload_path: str) -> int:
-    """One rank of a multi-process case (``python -m lorabench.distributed PAYLOAD`` under torchrun)."""
+    """One rank of a multi-process case (``python -m lorabench.distributed PAYLOAD`` under torchrun): set up
+    the process group, then serve the protocol's commands (:func:`lorabench.protocol.serve`) as one of the group."""
     import lorabench.quiet  # noqa: F401  (before the HF stack)
     import torch
     import torch.distributed as dist
 
-    from lorabench.data import load_task_data
-    from lorabench.models import load_tokenizer
-    from lorabench.runner import CaseRun, tokenize_task
-
     payload = pickle.loads(Path(payload_path).read_bytes())
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-    on_cuda = payload["device"].startswith("cuda")
-    if on_cuda:
+    case: ResolvedCase = payload["case"]
+    if case.device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -126,49 +154,18 @@ def _rank_main(payload_path: str) -> int:
         host, port = os.environ[ENV_ADDRESS].rsplit(":", 1)
         conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[ENV_AUTHKEY]))
         send_logs(conn)
+    # this rank's device and part; the integrations log from rank 0 alone; the threads are set above
+    case = replace(case, device=device).with_options(
+        report_to=case.options.report_to if rank == 0 else "none", cpu_threads=None,
+        parallel=RankParallel(case.config.strategy, device))
     try:
-        task = load_task_data(payload["case"].dataset)
-        tokenizer = load_tokenizer(payload["source"])
-        run = CaseRun(payload["case"], case_id=payload["case_id"], source=payload["source"],
-                      tokens_for=lambda config: tokenize_task(task, tokenizer, config.seq_len), device=device,
-                      report_to=payload["report_to"] if rank == 0 else "none", log_dir=payload["log_dir"],
-                      memory_budget=payload["memory_budget"], base_eval=payload["base_eval"],
-                      parallel=RankParallel(payload["case"].config.strategy, device))
-        run.prepare()
-        _send(conn, ("ready", run.base_eval))
-        while True:
-            command = [conn.recv() if conn is not None else None]
-            dist.broadcast_object_list(command, src=0)
-            if command[0] == "step":
-                loss = run.step()
-                dist.barrier()  # the step ends when every rank's step has
-                _send(conn, ("stepped", loss))
-            elif command[0] == "control":
-                run.control()
-                dist.barrier()
-                _send(conn, ("controlled", None))
-            elif command[0] == "ping":
-                _send(conn, ("pong", None))
-            elif command[0] == "finish":
-                gathered = [None] * dist.get_world_size()
-                dist.gather_object(run.finish().to_extra_info(), gathered if rank == 0 else None, dst=0)
-                _send(conn, ("result", gathered))
-                break
-            else:
-                break
-    except CaseAborted as exc:  # out of memory or divergence on this rank: report it, then end every rank
-        _send(conn, ("aborted", exc.result.to_extra_info()))
-        return 1
-    except BaseException as exc:
-        import traceback
-
-        _send(conn, ("failed", f"rank {rank}: {type(exc).__name__}: {exc}", traceback.format_exc()))
-        raise
+        code = serve(conn, lambda: build_runner(case), group=RankGroup(rank))
     finally:
         if conn is not None:
             conn.close()
-    dist.destroy_process_group()
-    return 0
+    if code == 0:
+        dist.destroy_process_group()
+    return code
 
 
 def rank_threads(parent_threads: int, local_world: int) -> int:
@@ -176,69 +173,69 @@ def rank_threads(parent_threads: int, local_world: int) -> int:
     return max(1, parent_threads // max(1, local_world))
 
 
-def _send(conn, message) -> None:
-    if conn is not None:
-        conn.send(message)
-
-
 # ----- the pytest side ------------------------------------------------------------
-class DistributedCaseRun(IsolatedCaseRun):
-    """The parent's handle on a multi-process case; same phases as ``CaseRun`` and ``IsolatedCaseRun``."""
+class TorchrunRanks:
+    """A multi-process case's ranks, as :class:`lorabench.launch.TorchrunLauncher` starts them: the mechanics
+    alone (launch torchrun, wait for rank 0 to connect, end, how it died); the commands rank 0 obeys and
+    broadcasts are the protocol's (:class:`lorabench.launch.WorkerRun`).
 
-    def prepare(self) -> None:
+    Args:
+        case: the resolved case, data included; every rank unpickles it from one payload file.
+        quiet: the ranks filter libraries' notices (below ``-v``).
+    """
+
+    def __init__(self, case: ResolvedCase, *, quiet: bool = False) -> None:
+        self.case = case
+        self._quiet = quiet
+        self._launcher: subprocess.Popen | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+        self._output: Path | None = None
+
+    def start(self):
+        """Launch torchrun; returns the connection rank 0 made back to this process."""
+        import torch
         from multiprocessing.connection import Listener
 
-        config = self.config
+        config = self.case.config
         authkey = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         self._workdir = tempfile.TemporaryDirectory(prefix="lorabench-ranks-")
         payload = Path(self._workdir.name) / "payload.pkl"
-        import torch
-
-        threads = self._payload["cpu_threads"] or torch.get_num_threads()  # the ranks share them
-        payload.write_bytes(pickle.dumps({**self._payload, "threads": threads}))
+        threads = self.case.options.cpu_threads or torch.get_num_threads()  # the ranks share them
+        payload.write_bytes(pickle.dumps({"case": self.case, "threads": threads}))
         self._output = Path(self._workdir.name) / "ranks.log"
         env = dict(os.environ, **{ENV_ADDRESS: "%s:%d" % listener.address, ENV_AUTHKEY: authkey.hex(),
                                   "OMP_NUM_THREADS": str(rank_threads(threads, config.world_size)),
                                   QUIET_ENV: "1" if self._quiet else "0"})
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                    f"--nproc-per-node={config.world_size}", "-m", "lorabench.distributed", str(payload)]
-        log.info("%s: launching %d ranks (%s): %s", self.case_id, config.world_size, config.strategy,
+        log.info("%s: launching %d ranks (%s): %s", self.case.case_id, config.world_size, config.strategy,
                  " ".join(command[1:5]))
         with self._output.open("w") as out:
-            # its own session: close() ends torchrun and every rank together
+            # its own session: stop() ends torchrun and every rank together
             self._launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True)
-        self._conn = _accept(listener, self._launcher, CONNECT_TIMEOUT_S, self._output)
-        self.base_eval = self._await("ready")
+        return _accept(listener, self._launcher, CONNECT_TIMEOUT_S, self._output)
 
-    def finish(self) -> CaseResult:
-        self._conn.send("finish")
-        ranks = [CaseResult.from_extra_info(data) for data in self._await("result")]
-        self._finished = True
-        return combine_ranks(ranks, self.config.strategy)
+    def result(self, records) -> CaseResult:
+        """The case's record from every rank's (:func:`combine_ranks`)."""
+        return combine_ranks([CaseResult.from_extra_info(data) for data in records], self.case.config.strategy)
 
-    def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.send("exit")
-            except OSError:
-                pass
-            self._conn.close()
-            self._conn = None
-        launcher = getattr(self, "_launcher", None)
+    def stop(self, finished: bool) -> None:
+        """Wait for torchrun to end (after ``finish``), or end it and every rank; remove the payload."""
+        launcher = self._launcher
         if launcher is not None:
             try:
-                launcher.wait(timeout=30 if self._finished else 1)
+                launcher.wait(timeout=30 if finished else 1)
             except subprocess.TimeoutExpired:
                 os.killpg(launcher.pid, signal.SIGKILL)
                 launcher.wait()
             self._launcher = None
-        if getattr(self, "_workdir", None) is not None:
+        if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
 
-    def _death_result(self) -> CaseResult:
+    def death_result(self) -> CaseResult:
         """The record of a case whose ranks ended without reporting: the launcher's exit and its last lines."""
         launcher = self._launcher
         try:
@@ -251,8 +248,7 @@ class DistributedCaseRun(IsolatedCaseRun):
         status = STATUS_DOES_NOT_FIT if killed else STATUS_ERROR
         reason = ("a rank was killed (SIGKILL), most likely by the kernel's out-of-memory killer" if killed
                   else f"torchrun exited with code {code}")
-        return CaseResult.unmeasured(self.case, self.config, case_id=self.case_id, device=self._device,
-                                     status=status, error=f"{reason}; last lines:\n{tail}")
+        return self.case.unmeasured(status=status, error=f"{reason}; last lines:\n{tail}")
 
 
 def _accept(listener, launcher: subprocess.Popen, timeout_s: float, output: Path):

@@ -24,8 +24,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorabench.case_kinds import CaseKind, register
 from lorabench.errors import LorabenchError
-from lorabench.inference import DRIFT_NEW_TOKENS, GenerationTiming, InferenceRun, timing_from_stamps
+from lorabench.inference import (
+    DRIFT_NEW_TOKENS,
+    GenerationTiming,
+    InferenceParams,
+    InferenceRun,
+    columns,
+    timing_from_stamps,
+)
+from lorabench.protocol import ResolvedCase
 
 INSTALL_HINT = 'pip install "lorabench[gguf]"  (llama-cpp-python compiles llama.cpp: about 7.5 minutes on 2 cores)'
 REQUIRED_MODULES = ("llama_cpp", "gguf")
@@ -63,6 +72,24 @@ class GGUFVariant:
 
 # Q8_0 first: the Q4_0 gates compare with it
 GGUF_VARIANTS: tuple[GGUFVariant, ...] = (GGUFVariant("gguf_q8_0", "Q8_0"), GGUFVariant("gguf_q4_0", "Q4_0"))
+
+# The runner of the GGUF variants. Their records are inference records (``config["kind"]`` says
+# ``inference``: one summary table, the inference kind's ids and rules), so this registers the runner alone.
+KIND = register(CaseKind("gguf", case_ids=tuple, columns=columns, wildcard_rules=False,
+                         runner="lorabench.gguf:GGUFRun"))
+
+
+@dataclass(frozen=True)
+class GGUFParams(InferenceParams):
+    """A GGUF case beside its model: :class:`lorabench.inference.InferenceParams` and the exported file.
+
+    Args:
+        f32_path: the merged model exported as F32 GGUF (:func:`export_gguf`); the case quantizes it.
+        threads: llama.cpp's threads.
+    """
+
+    f32_path: str = ""
+    threads: int = 1
 
 
 def _permute_for_rope(weight, n_head: int):
@@ -212,16 +239,28 @@ class GGUFRun(InferenceRun):
     Loading quantizes the exported F32 file and opens it with llama-cpp-python; each timed
     call starts from an empty context (no prompt cache), generates greedily, and stamps each
     token as the generator yields it.
+
+    Args:
+        case: the resolved case: ``params`` a :class:`GGUFParams`, ``data`` the model's Hugging Face
+            tokenizer; no configuration (the file's quantization type is the variant's).
     """
 
     load_source = "wall clock: llama.cpp quantization of the exported F32 file, then loading the result"
 
-    def __init__(self, variant: GGUFVariant, *, f32_path: str | Path, threads: int, **kwargs) -> None:
-        super().__init__(variant, adapter_dir=None, **kwargs)
-        self.f32_path, self.threads = Path(f32_path), threads
-        self.result.config.update({"runtime": "llama.cpp (llama-cpp-python)", "threads": threads, "dtype": variant.quant})
+    @classmethod
+    def data(cls, case: ResolvedCase):
+        raise GGUFError(f"{case.case_id}: a GGUF case needs the model's tokenizer as its data (tokenizer_for)")
+
+    def __init__(self, case: ResolvedCase) -> None:
+        super().__init__(case)
+        params = case.params
+        self.f32_path, self.threads = Path(params.f32_path), params.threads
+        self.result.config.update({"runtime": "llama.cpp (llama-cpp-python)", "threads": params.threads})
         self.prompt_ids: list[int] = []
-        self.gguf_path = self.f32_path.with_name(f"{variant.id}.gguf")  # the quantized file
+        self.gguf_path = self.f32_path.with_name(f"{self.variant.id}.gguf")  # the quantized file
+
+    def _dtype(self) -> str:
+        return self.variant.quant  # the file's quantization type
 
     def load(self):
         from llama_cpp import Llama

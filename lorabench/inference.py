@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorabench import backends
 from lorabench.case_kinds import CUDA_PEAK, PROCESS_PEAK, CaseKind, register
 from lorabench.config import BenchConfig
 from lorabench.precision import resolve_dtype
+from lorabench.protocol import ResolvedCase
 
 # The timing protocol of every inference variant, transformers and GGUF alike.
 WARMUP_CALLS = 2  # the first generate call pays one-off costs (kernel selection, caches): ~6x a later one here
@@ -43,9 +45,11 @@ class Variant:
     merged: bool = False  # whether the adapter is folded into the base weights
     markers: tuple[str, ...] = ()
 
-    def base_config(self, dtype: str) -> BenchConfig:
-        """The loading configuration of this variant's base (``dtype``: its weights, or a quantized one's compute)."""
-        return BenchConfig(self.id, method="lora", quant=self.quant, double_quant=self.quant == "nf4", dtype=dtype)
+    def base_config(self, dtype: str = "auto") -> BenchConfig:
+        """The loading configuration of this variant's base (``dtype``: its weights, or a quantized one's
+        compute); a quantized base takes double quantization wherever its format allows it."""
+        return BenchConfig(self.id, method="lora", quant=self.quant,
+                           double_quant=backends.takes_double_quant(self.quant), dtype=dtype)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -72,9 +76,14 @@ def _case_ids() -> list[str]:
     return [v.id for v in VARIANTS] + [v.id for v in GGUF_VARIANTS]
 
 
+def columns(device: str) -> tuple:
+    """The summary's columns of an inference record (transformers and GGUF variants alike)."""
+    return (CUDA_PEAK if device.startswith("cuda") else PROCESS_PEAK,) + COLUMNS
+
+
 # Only the rules that name these cases apply: the "*" rules are written for fine-tuning.
-KIND = register(CaseKind("inference", case_ids=_case_ids, wildcard_rules=False,
-                         columns=lambda device: (CUDA_PEAK if device.startswith("cuda") else PROCESS_PEAK,) + COLUMNS))
+KIND = register(CaseKind("inference", case_ids=_case_ids, wildcard_rules=False, columns=columns,
+                         runner="lorabench.inference:InferenceRun"))
 
 
 def load_variant(variant: Variant, source, adapter_dir: str | Path | None, device, dtype: str = "auto"):
@@ -83,11 +92,20 @@ def load_variant(variant: Variant, source, adapter_dir: str | Path | None, devic
     Raises:
         ValueError: the variant needs an adapter and ``adapter_dir`` is ``None``.
     """
+    return load_variant_as(variant, variant.base_config(resolve_dtype(dtype, device)), source, adapter_dir, device)
+
+
+def load_variant_as(variant: Variant, config: BenchConfig, source, adapter_dir: str | Path | None, device):
+    """:func:`load_variant` with the base's loading configuration resolved already (an inference case's).
+
+    Raises:
+        ValueError: the variant needs an adapter and ``adapter_dir`` is ``None``.
+    """
     from peft import PeftModel
 
     from lorabench.models import load_model
 
-    model = load_model(source, variant.base_config(resolve_dtype(dtype, device)), device).model
+    model = load_model(source, config, device).model
     if variant.adapter:
         if adapter_dir is None:
             raise ValueError(f"variant {variant.id} needs a trained adapter directory")
@@ -229,43 +247,69 @@ def variant_result_config(variant: Variant, dtype: str, new_tokens: int, repeats
             "dtype": dtype, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "batch_size": 1}
 
 
-class InferenceRun:
-    """One inference variant in phases, so a timer can drive the measured calls in between.
-
-    ``prepare`` starts the memory meters and loads the variant; ``call`` runs one timed
-    ``generate`` (the first ``warmup`` calls are warm-up and excluded from every figure);
-    ``finish`` stops the meters, records the statistics and then, outside the memory
-    window, the greedy generations that semantic drift compares.
+@dataclass(frozen=True)
+class InferenceParams:
+    """What an inference case is beside its model (:attr:`lorabench.protocol.ResolvedCase.params`).
 
     Args:
         variant: which form of the model.
-        source: the base model (:class:`lorabench.models.ModelSource`).
         adapter_dir: the trained adapter (``None`` only for a variant without one).
-        tokenizer: the model's tokenizer.
         prompt: the prompt of the timed calls (batch 1).
-        device: where to run.
+        prompts: the held-out prompts generated after the meters stop, for semantic drift.
         new_tokens: tokens each timed call generates.
-        warmup: how many of the calls are warm-up.
+        warmup: how many calls are warm-up, before the measured ones.
+        repeats: the measured calls.
     """
 
-    def __init__(self, variant: Variant, *, source, adapter_dir, tokenizer, prompt: str, device, model_name: str,
-                 dataset: str, new_tokens: int = NEW_TOKENS, warmup: int = WARMUP_CALLS, repeats: int = MEASURED_CALLS,
-                 dtype: str = "auto") -> None:
+    variant: Any
+    adapter_dir: str | None
+    prompt: str
+    prompts: tuple[str, ...] = ()
+    new_tokens: int = NEW_TOKENS
+    warmup: int = WARMUP_CALLS
+    repeats: int = MEASURED_CALLS
+
+
+class InferenceRun:
+    """One inference variant in the case protocol's phases (kind ``inference``); a timed call is a step.
+
+    ``prepare`` starts the memory meters and loads the variant; ``step`` runs one timed
+    ``generate`` (the first ``warmup`` calls are warm-up and excluded from every figure);
+    ``finish`` stops the meters, records the statistics and then, outside the memory
+    window, the greedy generations that semantic drift compares (:attr:`outputs`).
+
+    Args:
+        case: the resolved case: ``params`` an :class:`InferenceParams`, ``config`` the variant's base
+            configuration resolved (:meth:`Variant.base_config`), ``data`` the model's tokenizer.
+    """
+
+    base_eval = None
+
+    @classmethod
+    def data(cls, case: ResolvedCase):
+        """The model's tokenizer (the prompts are encoded with it)."""
+        from lorabench.models import load_tokenizer
+
+        return load_tokenizer(case.source)
+
+    def __init__(self, case: ResolvedCase) -> None:
         from lorabench.environment import machine
         from lorabench.meters import memory_meters
         from lorabench.result import CaseResult
 
-        self.variant, self.source, self.adapter_dir, self.tokenizer = variant, source, adapter_dir, tokenizer
-        self.device, self.new_tokens, self.warmup, self.repeats = device, new_tokens, warmup, repeats
-        dtype = resolve_dtype(dtype, device)
-        self.prompt, self.dtype = prompt, dtype
-        self.result = CaseResult(case_id=variant.id, config_id=variant.id, model=model_name, dataset=dataset,
-                                 device=str(device), environment=dict(machine()),
-                                 config={"kind": "inference", **variant_result_config(variant, dtype, new_tokens,
-                                                                                      repeats, warmup)})
-        self.meters = memory_meters(device)
+        params = case.params
+        self.case, self.params, self.variant, self.source = case, params, params.variant, case.source
+        self.adapter_dir, self.tokenizer, self.device = params.adapter_dir, case.data, case.device
+        self.new_tokens, self.warmup, self.repeats = params.new_tokens, params.warmup, params.repeats
+        self.rounds, self.warmup_rounds = params.repeats, params.warmup
+        self.prompt, self.dtype = params.prompt, self._dtype()
+        self.result = CaseResult(case_id=case.case_id, config_id=self.variant.id, model=case.model,
+                                 dataset=case.dataset, device=str(case.device), environment=dict(machine()),
+                                 config={"kind": "inference", **variant_result_config(
+                                     self.variant, self.dtype, self.new_tokens, self.repeats, self.warmup)})
+        self.meters = memory_meters(case.device)
         self.timings: list[GenerationTiming] = []
-        self.model = self.input_ids = None
+        self.model = self.input_ids = self.outputs = None
 
     def prepare(self) -> None:
         self.meters.start()
@@ -275,15 +319,21 @@ class InferenceRun:
         self.record_size()
         self.encode_prompt()
 
-    def call(self) -> None:
+    def step(self) -> None:
         self.timings.append(self.timed_call())
         self.meters.sample()  # averages are over call ends, as they are over step ends in training
+
+    def control(self) -> None:
+        """No control workload: inference figures are not gated on a ratio to one."""
 
     # What differs between runtimes; a subclass for another runtime overrides these.
     load_source = "wall clock: from_pretrained, adapter load and merge where the variant has them"
 
+    def _dtype(self) -> str:
+        return self.case.config.dtype  # resolved: the weights', or a quantized base's compute dtype
+
     def load(self):
-        return load_variant(self.variant, self.source, self.adapter_dir, self.device, self.dtype)
+        return load_variant_as(self.variant, self.case.config, self.source, self.adapter_dir, self.device)
 
     def record_size(self) -> None:
         from lorabench.footprint import MIB, weight_bytes
@@ -300,17 +350,15 @@ class InferenceRun:
     def generations(self, prompts: list[str]) -> list[str]:
         return greedy_texts(self.model, self.tokenizer, prompts, self.device)
 
-    def finish(self, prompts: list[str]) -> list[str]:
-        """Record memory and timing statistics, then generate for ``prompts`` (drift) and free the model.
-
-        Returns:
-            The greedy generations for ``prompts``.
+    def finish(self):
+        """Record memory and timing statistics, then generate for the drift prompts (:attr:`outputs`) and
+        free the model.
 
         Raises:
             ValueError: no measured call generated two tokens.
         """
         while len(self.timings) < self.warmup + self.repeats:  # where the timer ran fewer (--benchmark-disable)
-            self.call()
+            self.step()
         result = self.result
         for reading in self.meters.stop():
             result.merge(reading)
@@ -320,9 +368,9 @@ class InferenceRun:
         for name, value in summarize_timings(measured).items():
             result.set(name, value, source=source)
         result.step_ms_curve = [t.total_s * 1000 for t in self.timings]
-        texts = self.generations(prompts)
+        self.outputs = self.generations(list(self.params.prompts))
         self.close()
-        return texts
+        return result
 
     def close(self) -> None:
         import gc

@@ -64,7 +64,8 @@ def training_columns(device: str) -> tuple:
     return peaks + TRAINING_COLUMNS
 
 
-register(CaseKind(DEFAULT_KIND, case_ids=lambda: [c.id for c in DEFAULT_CONFIGS], columns=training_columns))
+register(CaseKind(DEFAULT_KIND, case_ids=lambda: [c.id for c in DEFAULT_CONFIGS], columns=training_columns,
+                   runner="lorabench.runner:CaseRun"))
 
 DEFAULT_MODEL = "tiny-llama"
 DEFAULT_DATASET = "digit-reverse"

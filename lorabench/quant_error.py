@@ -11,10 +11,12 @@ ordering the QLoRA paper reports.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lorabench import backends
 from lorabench.case_kinds import CaseKind, register
+from lorabench.protocol import ResolvedCase
 
 QUANT_TYPES = tuple(f.quant for f in backends.formats())  # every registered format
 # configuration ids gates name: normal matrices, the --model's layers, the pretrained MiniLM encoder's layers
@@ -32,7 +34,7 @@ def _columns(_device: str) -> tuple:
 
 # Only the rules that name these cases apply: the "*" rules are written for fine-tuning.
 KIND = register(CaseKind("quant_error", case_ids=lambda: (NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_CASE_ID),
-                         columns=_columns, wildcard_rules=False))
+                         columns=_columns, wildcard_rules=False, runner="lorabench.quant_error:QuantErrorRun"))
 
 @dataclass(frozen=True)
 class LayerError:
@@ -92,6 +94,16 @@ def linear_weights(model):
             if isinstance(m, torch.nn.Linear) and m is not head]
 
 
+def causal_lm_weights(path: str, trust_remote_code: bool = False):
+    """(name, weight) of a causal LM checkpoint's linear layers (:func:`linear_weights`), as stored (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
+    return linear_weights(model)
+
+
 def summarize(layers: list[LayerError]) -> dict[str, float]:
     """``{quant}_rel_error_mean`` and ``{quant}_rel_error_max`` over layers, plus ``quant_error_layers``.
 
@@ -120,3 +132,59 @@ def quant_error_result(case_id: str, model: str, layers: list[LayerError]):
         result.set(name, value, source="relative Frobenius error of the backend's quantize/dequantize round trip")
     result.details["layers"] = [{"name": layer.name, "shape": list(layer.shape), **layer.errors} for layer in layers]
     return result
+
+
+@dataclass(frozen=True)
+class QuantErrorParams:
+    """What a quantization-error case measures (:attr:`lorabench.protocol.ResolvedCase.params`).
+
+    Args:
+        weights: returns the named matrices; a module-level function or a ``functools.partial`` of one,
+            so that the case pickles (:func:`normal_weights`, ``partial(causal_lm_weights, path)``).
+        quant_types: the formats whose round trips it measures (every registered one).
+    """
+
+    weights: Callable[[], list]
+    quant_types: tuple[str, ...] = QUANT_TYPES
+
+
+class QuantErrorRun:
+    """A quantization-error case in the case protocol's phases (kind ``quant_error``): ``prepare`` loads the
+    matrices, the one timed ``step`` round-trips every one through every format, ``finish`` makes the record.
+
+    Args:
+        case: the resolved case: ``params`` a :class:`QuantErrorParams`; no configuration, no data.
+    """
+
+    base_eval = None
+    rounds, warmup_rounds = 1, 0
+
+    @classmethod
+    def data(cls, case: ResolvedCase) -> None:
+        """None: the matrices are loaded in ``prepare``."""
+        return None
+
+    def __init__(self, case: ResolvedCase) -> None:
+        self.case = case
+        self.weights: list | None = None
+        self.layers: list[LayerError] = []
+        self.outputs = None
+
+    def prepare(self) -> None:
+        self.weights = self.case.params.weights()
+
+    def step(self) -> None:
+        self.layers = layer_errors(self.weights, self.case.params.quant_types)
+
+    def control(self) -> None:
+        """No control workload: nothing here is gated on time."""
+
+    def finish(self):
+        if not self.layers:  # where the timer ran no round (pytest-benchmark disabled)
+            self.step()
+        result = quant_error_result(self.case.case_id, self.case.model, self.layers)
+        self.close()
+        return result
+
+    def close(self) -> None:
+        self.weights = None

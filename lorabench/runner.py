@@ -1,9 +1,13 @@
-"""Run one case end to end: load, adapt, train with meters attached, evaluate, record.
+"""Fine-tuning one case end to end: load, adapt, train with meters attached, evaluate, record.
 
-:class:`CaseRun` is the engine's one way to run a case, and :func:`measure` drives it.
-It knows nothing of pytest: the step timer is passed in (pytest-benchmark's
-``pedantic`` in the suite, :func:`lorabench.training.simple_timer` elsewhere), and
-:mod:`lorabench.isolation` runs the same phases in a child process.
+:class:`TrainingRun` is what every training kind shares through the case protocol
+(:mod:`lorabench.protocol`): the memory meters and budget, the Trainer driven one optimizer step
+at a time, live tensor bytes, the memory record, and turning out-of-memory and divergence into a
+partial result. :class:`CaseRun` is fine-tuning a causal LM on it (the matrix's kind);
+:class:`lorabench.classify.ClassifyRun` is sentence classification on it. Neither knows pytest
+nor where it runs: :mod:`lorabench.launch` resolves the case, builds its data and runs it in this
+process, a case process or torchrun's ranks, and :func:`lorabench.protocol.measure` drives it with
+a timer (pytest-benchmark's ``pedantic`` in the suite, :func:`lorabench.training.simple_timer` elsewhere).
 """
 
 from __future__ import annotations
@@ -15,34 +19,35 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lorabench.adapters import check_case_adapter, record_adapter
 from lorabench.accuracy import record_accuracy
 from lorabench.budget import MemoryBudget
-from lorabench.config import BenchConfig, resolve
-from lorabench.data import TaskData, collator, tokenize
+from lorabench.case_kinds import DEFAULT_KIND
+from lorabench.config import BenchConfig
+from lorabench.data import TaskData, collator, load_task_data, tokenize
 from lorabench.environment import machine
 from lorabench.estimate.case import record_prediction
 from lorabench.matrix import Case
 from lorabench.meters import Meters, RssMeter, cuda_meter
-from lorabench.models import ModelSource, apply_adapter, load_model
+from lorabench.models import ModelSource, apply_adapter, load_model, load_tokenizer
 from lorabench.precision import torch_dtype
+# measure and Timer: still importable from here, where callers of the fine-tuning run have imported them
+from lorabench.protocol import CaseAborted, ResolvedCase, RunOptions, Timer, measure  # noqa: F401
 from lorabench.quality import eval_loss
 from lorabench.recording import record_memory, record_model, record_speed, record_train_loss
 from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
 from lorabench.tensor_meter import TensorMeter
 from lorabench.integrations import publish
-from lorabench.training import DivergenceError, DivergenceRule, StepRunner, make_trainer, simple_timer
+from lorabench.training import DivergenceError, DivergenceRule, StepRunner, make_trainer
 
 log = logging.getLogger("lorabench.progress")
 
 # Reference rows scored for forgetting, before and after training: two extra eval passes per
 # case, so a subset keeps them cheap (128 rows, 640 scored tokens on the embedded task).
 REFERENCE_EXAMPLES = 128
-
-Timer = Callable[[Callable[[], Any], int, int, Callable[[], None]], Any]  # (step, rounds, warmup_rounds, control)
 
 
 @dataclass(frozen=True)
@@ -85,113 +90,85 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
-class CaseAborted(Exception):
-    """A case stopped early (out of memory, divergence); ``result`` holds what was measured."""
+class TrainingRun:
+    """A training case in the protocol's phases: the part every training kind shares.
 
-    def __init__(self, result: CaseResult) -> None:
-        super().__init__(result.error)
-        self.result = result
-
-
-class CaseRun:
-    """One case in three phases, so a timer can drive the training steps in between.
-
-    ``prepare`` loads and adapts the model and builds the Trainer; ``step`` runs one
-    optimizer step; ``finish`` completes any steps the timer did not run, stops the
-    meters and evaluates. A phase that runs out of memory or diverges raises
-    :class:`CaseAborted` with the partial result; any other error propagates.
+    ``prepare`` starts the meters, loads the kind's model (:meth:`_load`), evaluates it before training
+    (:meth:`_evaluate_before`) and builds the Trainer; ``step`` runs one optimizer step with live tensor
+    bytes tracked over the warm-up; ``finish`` completes any steps the timer did not run, stops the
+    meters, records memory and hands over to the kind's records (:meth:`_record_trained`). A phase that
+    runs out of memory or diverges raises :class:`lorabench.protocol.CaseAborted` with the partial
+    result; any other error propagates.
 
     Args:
-        case: the configuration, model and data set.
-        case_id: the pytest id, recorded with the result.
-        source: the resolved model.
-        tokens_for: tokenized data for a resolved configuration.
-        device: where to train.
-        report_to: the Trainer's ``report_to`` (``none``, ``tensorboard``, ``wandb``).
-        log_dir: where those integrations write.
-        memory_budget: bytes the case may use (``--memory-budget``); ``None`` for no cap.
-        adapter_dir: where to keep the trained adapter (``None``: a temporary directory).
-        parallel: this rank's part in a multi-process case (:class:`lorabench.distributed.RankParallel`):
-            it shards and wraps the model; ``None`` for a case in one process.
-        cpu_threads: torch's intra-op threads for a case on the CPU (``None``: leave torch's setting).
+        case: the resolved case; ``case.data`` has ``train`` and ``eval`` splits, tokenized.
     """
 
-    def __init__(self, case: Case, *, case_id: str, source: ModelSource,
-                 tokens_for: Callable[[BenchConfig], TokenizedTask], device, report_to: str = "none",
-                 log_dir: str | None = None, memory_budget: int | None = None,
-                 adapter_dir: str | None = None, base_eval: BaseEvaluation | None = None,
-                 parallel=None, cpu_threads: int | None = None) -> None:
-        self.config = config = resolve(case.config, source.defaults, device)
-        self.case_id = case_id
-        self.source = source
-        self.tokens_for = tokens_for
-        self.device = device
-        self.report_to = report_to
-        self.log_dir = log_dir
-        self.adapter_dir = adapter_dir
-        self.parallel = parallel
-        self.cpu_threads = cpu_threads if device.type == "cpu" else None
+    divergence = True  # stop on a loss that breaks the configuration's DivergenceRule (else only NaN/inf)
+
+    def __init__(self, case: ResolvedCase) -> None:
+        self.case = case
+        self.config = config = case.config
+        self.case_id = case.case_id
+        self.source = case.source
+        self.device = device = case.device
+        self.options = options = case.options
+        self.parallel = options.parallel
+        self.cpu_threads = options.cpu_threads if device.type == "cpu" else None
         self._threads_before: int | None = None
         self.on_cuda = device.type == "cuda"
-        self.result = CaseResult(
-            case_id=case_id,
-            config_id=config.id,
-            model=case.model,
-            dataset=case.dataset,
-            device=str(device),
-            config=config.to_dict(),
-            environment=dict(machine()),
-        )
+        self.result = self._new_result()
         self.rss = RssMeter()  # also the memory budget's baseline
         self.meters = Meters(self.rss, cuda_meter(device))
-        self.budget = MemoryBudget(memory_budget, device) if memory_budget else None
+        self.budget = MemoryBudget(options.memory_budget, device) if options.memory_budget else None
         if self.budget:
             self.result.environment["memory_budget_mib"] = self.budget.limit_mib
         self.model = self.trainer = self.step_runner = self.tokens = self.collate = None
         self.tensors: TensorMeter | None = None
-        self.eos_token_id = None
-        self.base_eval = base_eval
+        self.base_eval = options.base_eval
+        self.outputs = None
+        self.rounds, self.warmup_rounds = config.steps - config.warmup_steps, config.warmup_steps
         self.started = 0.0
-        self._current_phase: tuple[str, float] | None = None
+
+    # ----- what a kind says --------------------------------------------------
+    def _new_result(self) -> CaseResult:
+        raise NotImplementedError
+
+    def _before_load(self) -> None:
+        """Anything before the meters start (seeds, threads)."""
+
+    def _load(self):
+        """The kind's model, ready to train (adapter attached): ``(model, tokenizer, load seconds)``."""
+        raise NotImplementedError
+
+    def _collator(self, tokenizer):
+        raise NotImplementedError
+
+    def _evaluate_before(self) -> None:
+        """Evaluate the model before training, into the record."""
+
+    def _record_trained(self, train_s: float) -> None:
+        """The kind's records after training (speed, quality), with the meters stopped."""
+        raise NotImplementedError
 
     # ----- phases ------------------------------------------------------------
     def prepare(self) -> None:
-        from transformers import set_seed
-
         with self._guard():
-            config, result = self.config, self.result
-            set_seed(config.seed)
-            self._set_threads()
-            self._record_load("start")
-            self._phase("load", f"loading {self.source.spec} ({config.quant}, {config.dtype}, {config.method})")
-            self.tokens = self.tokens_for(config)
+            config = self.config
+            self._before_load()
+            self.tokens = self.case.data
             self._start_meters()
-            loaded = load_model(self.source, config, self.device)
-            self.model = apply_adapter(loaded.model, config)
-            if self.parallel is not None:  # FSDP: each rank keeps its shard (weights_mib is the shard's)
-                self.model = self.parallel.shard(self.model)
-            record_model(result, self.model, load_s=loaded.load_s)
-            self.collate = collator(loaded.tokenizer)
-            self.eos_token_id = loaded.tokenizer.eos_token_id
-            self._phase("eval_before", "evaluating the base model" if self.base_eval is None
-                        else "reusing this session's evaluation of the same base")
-            if self.base_eval is None:
-                held_out = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
-                                     device=self.device, eos_token_id=self.eos_token_id)
-                self.base_eval = BaseEvaluation(held_out, self._reference_loss())
-                shared = "measured in this case"
-            else:
-                shared = "shared: measured once per model, data set and base (quantization, dtype, length, batch)"
-            result.set("eval_loss_before", self.base_eval.held_out.loss, source=shared)
-            record_accuracy(result, self.base_eval.held_out, has_answers=self.tokens.task.has_answers,
-                            seq_len=config.seq_len, stage="_before")
+            self.model, tokenizer, load_s = self._load()
+            record_model(self.result, self.model, load_s=load_s, **self._model_record())
+            self.collate = self._collator(tokenizer)
+            self._evaluate_before()
             self._phase("train", f"training {config.steps} steps")
-            self.trainer = make_trainer(self.model, loaded.tokenizer, self.tokens.train, self.collate, config,
-                                        self.device, self.report_to, self.log_dir)
+            self.trainer = make_trainer(self.model, tokenizer, self.tokens.train, self.collate, config,
+                                        self.device, self.options.report_to, self.options.log_dir)
             if self.parallel is not None:  # DDP: the Trainer's steps go through the wrapper that all-reduces
                 self.trainer.model_wrapped = self.parallel.wrap(self.model)
             self.step_runner = StepRunner(self.trainer, on_step_end=self._on_step_end,
-                                          divergence=DivergenceRule.of(config),
+                                          divergence=DivergenceRule.of(config) if self.divergence else None,
                                           compute_dtype=torch_dtype(config.dtype))
             self.tensors = TensorMeter(self.model, self.trainer.optimizer, self.device, config.warmup_steps,
                                        off=self.parallel.tensor_reason if self.parallel is not None else "")
@@ -209,31 +186,12 @@ class CaseRun:
 
     def finish(self) -> CaseResult:
         with self._guard():
-            config, result = self.config, self.result
             # where the timer ran fewer (pytest-benchmark disabled)
-            self.step_runner.run_until(config.steps, lambda: self.tensors.run(self.step_runner.step))
+            self.step_runner.run_until(self.config.steps, lambda: self.tensors.run(self.step_runner.step))
             train_s = time.perf_counter() - self.started
             self.step_runner.end()
-            record_memory(result, self._stop_meters(), self.step_runner, self.trainer, self.on_cuda)
-            record_prediction(result, self.source, config, self.tensors, self.step_runner.record.shapes, self.device)
-            record_speed(result, self.step_runner, config, train_s, self.model, self.device)
-            self._phase("eval_after", "evaluating the trained model")
-            after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
-                              device=self.device, eos_token_id=self.eos_token_id)
-            _record_quality(result, self.step_runner, after)
-            record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
-            _record_task_change(result, self.base_eval.reference, self._reference_loss())
-            # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
-            if self.parallel is None:
-                self._phase("adapter_check", "saving, reloading and merging the adapter")
-                check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval,
-                                   self.collate, self.adapter_dir)
-            else:
-                record_adapter(result, None, reason=self.parallel.adapter_reason)
-            self._phase(None, "")
-            self._record_load("end")
-            self._judge_budget()
-            publish(self.report_to, self.log_dir, result, step=config.steps)
+            record_memory(self.result, self._stop_meters(), self.step_runner, self.trainer, self.on_cuda)
+            self._record_trained(train_s)
         self.close()
         return self.result
 
@@ -252,6 +210,141 @@ class CaseRun:
             import torch
 
             torch.cuda.empty_cache()
+
+    # ----- helpers -------------------------------------------------------------
+    def _model_record(self) -> dict:
+        """Keyword arguments of :func:`lorabench.recording.record_model` for this kind."""
+        return {}
+
+    def _phase(self, name: str | None, what: str) -> None:
+        """A phase boundary; fine-tuning times and logs its phases, other kinds need not."""
+
+    def _start_meters(self) -> None:
+        self.meters.start()
+        if self.budget:
+            self.budget.start(self.rss.before)
+
+    def _stop_meters(self):
+        if self.budget:
+            self.budget.stop()
+        return self.meters.stop()
+
+    def _on_step_end(self, step: int) -> None:
+        self.meters.sample()
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Turn out-of-memory and divergence into :class:`CaseAborted` with the partial result."""
+        try:
+            yield
+        except DivergenceError as exc:
+            self.result.details["diverged_at_step"] = exc.step
+            self._abort(STATUS_DIVERGED, f"{exc} (configuration {self.config.id})")
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            self._abort(STATUS_DOES_NOT_FIT, f"out of memory: {type(exc).__name__}: {first_line}".rstrip(": "))
+
+    def _abort(self, status: str, error: str) -> None:
+        result = self.result
+        result.status, result.error = status, error
+        if self.meters.running:
+            for reading in self._stop_meters():
+                result.merge(reading)
+        _record_partial(result, self.step_runner)
+        self.close()
+        raise CaseAborted(result) from None
+
+
+class CaseRun(TrainingRun):
+    """Fine-tuning a causal LM (the matrix's kind, ``finetune``): the configuration's base, quantized by its
+    backend, with its adapter (or every weight) trained; then held-out loss, accuracy, forgetting, the
+    memory model's prediction and the adapter's save/reload/merge check.
+
+    Args:
+        case: the resolved case (:func:`lorabench.launch.resolve_case`); ``case.data`` is its
+            :class:`TokenizedTask`, ``case.options`` its :class:`lorabench.protocol.RunOptions`
+            (``parallel``: this rank's part in a multi-process case, which shards and wraps the model).
+
+    ``CaseRun(case, case_id=..., source=..., tokens_for=..., device=..., **options)`` with a
+    :class:`lorabench.matrix.Case` still works: the case is resolved and tokenized through
+    :func:`lorabench.launch.resolve_case` first.
+    """
+
+    @classmethod
+    def data(cls, case: ResolvedCase) -> TokenizedTask:
+        """The case's data set tokenized for its model and sequence length."""
+        return tokenize_task(load_task_data(case.dataset), load_tokenizer(case.source), case.config.seq_len)
+
+    def __init__(self, case: ResolvedCase | Case, **called_with) -> None:
+        if not isinstance(case, ResolvedCase):
+            case = _resolved_from(case, **called_with)
+        super().__init__(case)
+        self.eos_token_id = None
+        self._current_phase: tuple[str, float] | None = None
+
+    def _new_result(self) -> CaseResult:
+        case, config = self.case, self.config
+        return CaseResult(case_id=case.case_id, config_id=config.id, model=case.model, dataset=case.dataset,
+                          device=str(case.device), config=config.to_dict(), environment=dict(machine()))
+
+    def _before_load(self) -> None:
+        from transformers import set_seed
+
+        config = self.config
+        set_seed(config.seed)
+        self._set_threads()
+        self._record_load("start")
+        self._phase("load", f"loading {self.source.spec} ({config.quant}, {config.dtype}, {config.method})")
+
+    def _load(self):
+        loaded = load_model(self.source, self.config, self.device)
+        model = apply_adapter(loaded.model, self.config)
+        if self.parallel is not None:  # FSDP: each rank keeps its shard (weights_mib is the shard's)
+            model = self.parallel.shard(model)
+        self.eos_token_id = loaded.tokenizer.eos_token_id
+        return model, loaded.tokenizer, loaded.load_s
+
+    def _collator(self, tokenizer):
+        return collator(tokenizer)
+
+    def _evaluate_before(self) -> None:
+        config, result = self.config, self.result
+        self._phase("eval_before", "evaluating the base model" if self.base_eval is None
+                    else "reusing this session's evaluation of the same base")
+        if self.base_eval is None:
+            held_out = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
+                                 device=self.device, eos_token_id=self.eos_token_id)
+            self.base_eval = BaseEvaluation(held_out, self._reference_loss())
+            shared = "measured in this case"
+        else:
+            shared = "shared: measured once per model, data set and base (quantization, dtype, length, batch)"
+        result.set("eval_loss_before", self.base_eval.held_out.loss, source=shared)
+        record_accuracy(result, self.base_eval.held_out, has_answers=self.tokens.task.has_answers,
+                        seq_len=config.seq_len, stage="_before")
+
+    def _record_trained(self, train_s: float) -> None:
+        config, result = self.config, self.result
+        record_prediction(result, self.source, config, self.tensors, self.step_runner.record.shapes, self.device)
+        record_speed(result, self.step_runner, config, train_s, self.model, self.device)
+        self._phase("eval_after", "evaluating the trained model")
+        after = eval_loss(self.model, self.tokens.eval, self.collate, batch_size=config.batch_size,
+                          device=self.device, eos_token_id=self.eos_token_id)
+        _record_quality(result, self.step_runner, after)
+        record_accuracy(result, after, has_answers=self.tokens.task.has_answers, seq_len=config.seq_len)
+        _record_task_change(result, self.base_eval.reference, self._reference_loss())
+        # last: it saves, reloads and merges the adapter, so every other figure comes from the trained model itself
+        if self.parallel is None:
+            self._phase("adapter_check", "saving, reloading and merging the adapter")
+            check_case_adapter(result, self.model, self.source, config, self.device, self.tokens.eval,
+                               self.collate, self.options.adapter_dir)
+        else:
+            record_adapter(result, None, reason=self.parallel.adapter_reason)
+        self._phase(None, "")
+        self._record_load("end")
+        self._judge_budget()
+        publish(self.options.report_to, self.options.log_dir, result, step=config.steps)
 
     # ----- helpers -------------------------------------------------------------
     def _set_threads(self) -> None:
@@ -287,16 +380,6 @@ class CaseRun:
         rows = reference.select(range(min(REFERENCE_EXAMPLES, len(reference))))
         return eval_loss(self.model, rows, self.collate, batch_size=self.config.batch_size, device=self.device)
 
-    def _start_meters(self) -> None:
-        self.meters.start()
-        if self.budget:
-            self.budget.start(self.rss.before)
-
-    def _stop_meters(self):
-        if self.budget:
-            self.budget.stop()
-        return self.meters.stop()
-
     def _judge_budget(self) -> None:
         """A case whose measured peak passed the budget between two watchdog samples does not fit either."""
         if not self.budget:
@@ -315,46 +398,15 @@ class CaseRun:
             log.info("%s: step %d/%d loss %.4f elapsed %.1f s, training ETA %.0f s", self.case_id, step, steps,
                      self.step_runner.record.losses[-1], time.perf_counter() - self.started, eta)
 
-    @contextlib.contextmanager
-    def _guard(self):
-        """Turn out-of-memory and divergence into :class:`CaseAborted` with the partial result."""
-        try:
-            yield
-        except DivergenceError as exc:
-            self.result.details["diverged_at_step"] = exc.step
-            self._abort(STATUS_DIVERGED, f"{exc} (configuration {self.config.id})")
-        except Exception as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            self._abort(STATUS_DOES_NOT_FIT, f"out of memory: {type(exc).__name__}: {first_line}".rstrip(": "))
 
-    def _abort(self, status: str, error: str) -> None:
-        result = self.result
-        result.status, result.error = status, error
-        if self.meters.running:
-            for reading in self._stop_meters():
-                result.merge(reading)
-        _record_partial(result, self.step_runner)
-        self.close()
-        raise CaseAborted(result) from None
+def _resolved_from(case: Case, *, case_id: str, source: ModelSource, device,
+                   tokens_for: Callable[[BenchConfig], TokenizedTask], **options) -> ResolvedCase:
+    """A matrix case given the way callers gave it before the launch layer, resolved and tokenized by it."""
+    from lorabench.launch import resolve_case  # deferred: the launch layer sits above the kinds
 
-
-def measure(run, timer: Timer = simple_timer) -> CaseResult:
-    """Drive a case run (in this process or another): prepare, timed steps, finish.
-
-    Returns:
-        The result, also when the case aborted (``status`` says how).
-    """
-    try:
-        run.prepare()
-        warmup = run.config.warmup_steps
-        timer(run.step, run.config.steps - warmup, warmup, run.control)
-        return run.finish()
-    except CaseAborted as exc:
-        return exc.result
-    finally:
-        run.close()
+    resolved = resolve_case(DEFAULT_KIND, case_id=case_id, model=case.model, dataset=case.dataset, device=device,
+                            config=case.config, source=source, options=RunOptions(**options))
+    return replace(resolved, data=tokens_for(resolved.config))
 
 
 def _record_partial(result: CaseResult, runner: StepRunner | None) -> None:

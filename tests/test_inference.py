@@ -95,17 +95,19 @@ def test_timed_generate_stamps_exactly_the_new_tokens(tiny_llama, cpu):
 def test_warm_up_calls_are_left_out_of_every_figure(tiny_llama, cpu):
     """A run whose timer called once (pytest-benchmark disabled) is topped up; the figures cover
     only the calls after the warm-up, the curve all of them."""
-    from lorabench.inference import InferenceRun
-    from lorabench.models import load_tokenizer
+    from lorabench.inference import InferenceParams
+    from lorabench.launch import InlineLauncher, resolve_case
 
-    run = InferenceRun(variant_by_id("infer_base"), source=tiny_llama, adapter_dir=None,
-                       tokenizer=load_tokenizer(tiny_llama), prompt="rev 4821=", device=cpu, model_name="tiny-llama",
-                       dataset="digit-reverse", new_tokens=4, warmup=2, repeats=3)
+    variant = variant_by_id("infer_base")
+    params = InferenceParams(variant, adapter_dir=None, prompt="rev 4821=", prompts=("rev 4821=", "rev 0093="),
+                             new_tokens=4, warmup=2, repeats=3)
+    case = resolve_case("inference", case_id=variant.id, model="tiny-llama", dataset="digit-reverse", device=cpu,
+                        config=variant.base_config(), source=tiny_llama, params=params)
+    run = InlineLauncher().start(case)  # the tokenizer is the data the launcher builds
     run.prepare()
-    run.call()
-    texts = run.finish(["rev 4821=", "rev 0093="])
-    result = run.result
-    assert len(texts) == 2 and run.model is None
+    run.step()
+    result = run.finish()
+    assert len(run.outputs) == 2 and run.model is None
     assert len(result.step_ms_curve) == 5 and result.metrics["inference_repeats"] == 3
     measured = sorted(result.step_ms_curve[2:])
     assert result.metrics["latency_ms"] == pytest.approx(measured[1])  # the median of the 3 measured calls

@@ -9,22 +9,20 @@ from pathlib import Path
 import pytest
 
 from lorabench import integrations
+from lorabench.case_kinds import DEFAULT_KIND
 from lorabench.config import BenchConfig
-from lorabench.data import load_task_data
 from lorabench.errors import ConfigError
-from lorabench.matrix import Case
-from lorabench.models import load_tokenizer
-from lorabench.runner import CaseRun, measure, tokenize_task
+from lorabench.launch import InlineLauncher, resolve_case
+from lorabench.protocol import RunOptions, measure
 from lorabench.session import open_session
 from lorabench.training import TRAINER_DIR_PREFIX
 
 
-def _case_run(source, device, report_to="none", log_dir=None, **fields) -> CaseRun:
-    tokenizer = load_tokenizer(source)
-    task = load_task_data("digit-reverse")
-    case = Case("tiny-llama", "digit-reverse", BenchConfig("lora", **fields))
-    return CaseRun(case, case_id="lora", source=source, device=device, report_to=report_to, log_dir=log_dir,
-                   tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len))
+def _case_run(source, device, report_to="none", log_dir=None, **fields):
+    case = resolve_case(DEFAULT_KIND, case_id="lora", model="tiny-llama", dataset="digit-reverse", device=device,
+                        config=BenchConfig("lora", **fields), source=source,
+                        options=RunOptions(report_to=report_to, log_dir=log_dir))
+    return InlineLauncher().start(case)
 
 
 @pytest.fixture

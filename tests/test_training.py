@@ -6,11 +6,13 @@ import math
 
 import pytest
 
+from lorabench.case_kinds import DEFAULT_KIND
 from lorabench.config import BenchConfig, resolve
 from lorabench.data import collator, load_task_data
-from lorabench.matrix import Case
+from lorabench.launch import InlineLauncher, resolve_case
 from lorabench.models import apply_adapter, load_model, load_tokenizer
-from lorabench.runner import CaseRun, measure, tokenize_task
+from lorabench.protocol import RunOptions
+from lorabench.runner import tokenize_task
 from lorabench.training import DivergenceError, StepRunner, make_trainer, simple_timer
 
 
@@ -49,12 +51,9 @@ def test_divergence_names_the_step(tiny_llama, cpu):
 def test_a_case_records_every_metric_or_why_not(tiny_llama, cpu):
     from lorabench.metrics import FINETUNE_METRICS
 
-    case = Case("tiny-llama", "digit-reverse", BenchConfig("qlora_nf4", quant="nf4", double_quant=True, steps=6))
-    tokenizer = load_tokenizer(tiny_llama)
-    task = load_task_data("digit-reverse")
-    run = CaseRun(case, case_id="qlora_nf4", source=tiny_llama, device=cpu,
-                  tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len))
-    result = measure(run)
+    case = resolve_case(DEFAULT_KIND, case_id="qlora_nf4", model="tiny-llama", dataset="digit-reverse", device=cpu,
+                        config=BenchConfig("qlora_nf4", quant="nf4", double_quant=True, steps=6), source=tiny_llama)
+    result = InlineLauncher().run(case)
     assert result.status == "ok"
     assert set(result.metrics) | set(result.absent) == FINETUNE_METRICS
     assert not set(result.metrics) & set(result.absent)
@@ -86,19 +85,17 @@ def test_report_to_tensorboard_streams_every_step(tiny_llama, cpu, tmp_path):
 def test_a_case_runs_its_steps_on_the_threads_asked_and_gives_them_back(tiny_llama, cpu):
     import torch
 
-    case = Case("tiny-llama", "digit-reverse", BenchConfig("lora", steps=4, warmup_steps=2))
-    tokenizer = load_tokenizer(tiny_llama)
-    task = load_task_data("digit-reverse")
+    case = resolve_case(DEFAULT_KIND, case_id="lora", model="tiny-llama", dataset="digit-reverse", device=cpu,
+                        config=BenchConfig("lora", steps=4, warmup_steps=2), source=tiny_llama,
+                        options=RunOptions(cpu_threads=1))
     before = torch.get_num_threads()
     seen = []
-    run = CaseRun(case, case_id="lora", source=tiny_llama, device=cpu, cpu_threads=1,
-                  tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len))
 
     def timer(step, rounds, warmup_rounds, control):
         seen.append(torch.get_num_threads())
         simple_timer(step, rounds, warmup_rounds, control)
 
-    result = measure(run, timer)
+    result = InlineLauncher().run(case, timer)
     assert seen == [1] and result.environment["torch_threads"] == 1
     assert torch.get_num_threads() == before  # the pytest process (--isolate none) is left as it was
 

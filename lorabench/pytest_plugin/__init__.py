@@ -5,9 +5,11 @@ It brings the command-line options (``--model``, ``--dataset``, ``--steps``, ``-
 the gates of ``thresholds.yaml`` (checked with every input before any case trains), and these fixtures:
 
 - ``bench_session``: the run's matrix, device, gates and results so far;
-- ``model_source``, ``tokenizer_for``, ``task_data``, ``task_tokens``: session caches of models and data;
-- ``finetune_result``: runs ``bench_case`` (in its own process unless ``--isolate none``) under
-  pytest-benchmark, gates it and records it; a test asserts on it with :func:`assert_case_passed`;
+- ``model_source``, ``tokenizer_for``, ``task_data``, ``task_tokens``, ``case_data``: session caches of models
+  and data;
+- ``finetune_result``: runs ``bench_case`` through its launcher (:mod:`lorabench.launch`: in its own
+  process unless ``--isolate none``) under pytest-benchmark, gates it and records it; a test asserts on
+  it with :func:`assert_case_passed`;
 - ``inference_adapter``, ``measure_inference``, ``gguf_export`` and their caches: inference cases.
 
 Helpers for a test body: :func:`record_result` (gate and keep a result a test built itself),

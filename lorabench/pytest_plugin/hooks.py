@@ -174,7 +174,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     session = metafunc.config.stash[SESSION_KEY]
     # pytest-timeout's signal method fails the case and lets the session go on; an isolated
-    # case's process is killed on the way out (IsolatedCaseRun.close).
+    # case's process is killed on the way out (lorabench.isolation.CaseProcess.stop).
     limit = [pytest.mark.timeout(session.case_timeout_s, method="signal")] if session.case_timeout_s else []
     params = [
         pytest.param(case, id=case_id, marks=[getattr(pytest.mark, m) for m in case.config.markers] + limit)
