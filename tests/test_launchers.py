@@ -14,7 +14,7 @@ import pytest
 from lorabench import case_kinds
 from lorabench.config import BenchConfig
 from lorabench.launch import InlineLauncher, ProcessLauncher, TorchrunLauncher, launcher_for, resolve_case
-from lorabench.protocol import CaseRunner, RunOptions, build_runner
+from lorabench.protocol import CaseRunner, RunOptions, build_runner, measure, runner_class
 from lorabench.result import STATUS_OK, CaseResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,10 +93,7 @@ def test_every_registered_kind_has_a_runner_and_a_small_case_here():
     with_runner = {name for name, kind in case_kinds.kinds().items() if kind.runner}
     assert with_runner == set(SMALL_CASES)
     for name in with_runner:
-        from lorabench.protocol import runner_class
-
-        cls = runner_class(name)
-        assert callable(getattr(cls, "data", None)), name
+        assert callable(getattr(runner_class(name), "data", None)), name
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +106,9 @@ def test_a_kind_runs_inline_and_in_its_own_process_with_the_same_figures(kind, t
     case = SMALL_CASES[kind](tiny_llama, cpu, gguf_dir)
     inline_run = InlineLauncher().start(case)
     assert isinstance(inline_run, CaseRunner)
-    inline = _run(inline_run)
+    inline = measure(inline_run)
     process_run = ProcessLauncher(quiet=True).start(case)
-    process = _run(process_run)
+    process = measure(process_run)
     for result in (inline, process):
         assert isinstance(result, CaseResult)
         assert result.status == STATUS_OK, result.error
@@ -123,12 +120,6 @@ def test_a_kind_runs_inline_and_in_its_own_process_with_the_same_figures(kind, t
     assert inline_run.outputs == process_run.outputs  # an inference variant's generations; None elsewhere
 
 
-def _run(run):
-    from lorabench.protocol import measure
-
-    return measure(run)
-
-
 def test_a_launcher_builds_the_data_once_and_passes_the_resolved_case_down(tiny_llama, cpu):
     calls = []
     case = _finetune(tiny_llama, cpu, None)
@@ -138,9 +129,9 @@ def test_a_launcher_builds_the_data_once_and_passes_the_resolved_case_down(tiny_
         calls.append(resolved.config)
         return "tokens"
 
-    with_data = InlineLauncher().start(replace(case, kind="finetune"), data_for)
-    assert calls == [case.config] and with_data.tokens is None and with_data.case.data == "tokens"
-    assert build_runner(with_data.case).case.data == "tokens"  # built data is never built again
+    run = InlineLauncher().start(case, data_for)
+    assert calls == [case.config] and run.case.data == "tokens" and run.config is case.config
+    assert build_runner(run.case).case.data == "tokens" and len(calls) == 1  # built data is never built again
 
 
 def test_the_launcher_follows_world_size_then_isolate():
