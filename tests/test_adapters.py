@@ -59,7 +59,10 @@ QUANTS = ("none", "int8", "nf4")
 
 
 def _config(quant: str, source):
-    return resolve(BenchConfig(f"p_{quant}", quant=quant, double_quant=quant == "nf4"), source.defaults, torch.device("cpu"))
+    # bf16 on any CPU (emulated where it has no bf16 instructions): the tolerances below are those of a bf16
+    # base, and `dtype: auto` gives fp32 on an AVX2-only machine
+    config = BenchConfig(f"p_{quant}", quant=quant, double_quant=quant == "nf4", dtype="bf16")
+    return resolve(config, source.defaults, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
