@@ -18,24 +18,20 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from lorabench.adapters import check_case_adapter, record_adapter
 from lorabench.accuracy import record_accuracy
 from lorabench.budget import MemoryBudget
-from lorabench.case_kinds import DEFAULT_KIND
 from lorabench.config import BenchConfig
 from lorabench.data import TaskData, collator, load_task_data, tokenize
 from lorabench.environment import machine
 from lorabench.estimate.case import record_prediction
-from lorabench.matrix import Case
 from lorabench.meters import Meters, RssMeter, cuda_meter
-from lorabench.models import ModelSource, apply_adapter, load_model, load_tokenizer
+from lorabench.models import apply_adapter, load_model, load_tokenizer
 from lorabench.precision import torch_dtype
-# measure and Timer: still importable from here, where callers of the fine-tuning run have imported them
-from lorabench.protocol import CaseAborted, ResolvedCase, RunOptions, Timer, measure  # noqa: F401
+from lorabench.protocol import CaseAborted, ResolvedCase
 from lorabench.quality import eval_loss
 from lorabench.recording import record_memory, record_model, record_speed, record_train_loss
 from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
@@ -266,10 +262,6 @@ class CaseRun(TrainingRun):
         case: the resolved case (:func:`lorabench.launch.resolve_case`); ``case.data`` is its
             :class:`TokenizedTask`, ``case.options`` its :class:`lorabench.protocol.RunOptions`
             (``parallel``: this rank's part in a multi-process case, which shards and wraps the model).
-
-    ``CaseRun(case, case_id=..., source=..., tokens_for=..., device=..., **options)`` with a
-    :class:`lorabench.matrix.Case` still works: the case is resolved and tokenized through
-    :func:`lorabench.launch.resolve_case` first.
     """
 
     @classmethod
@@ -277,9 +269,7 @@ class CaseRun(TrainingRun):
         """The case's data set tokenized for its model and sequence length."""
         return tokenize_task(load_task_data(case.dataset), load_tokenizer(case.source), case.config.seq_len)
 
-    def __init__(self, case: ResolvedCase | Case, **called_with) -> None:
-        if not isinstance(case, ResolvedCase):
-            case = _resolved_from(case, **called_with)
+    def __init__(self, case: ResolvedCase) -> None:
         super().__init__(case)
         self.eos_token_id = None
         self._current_phase: tuple[str, float] | None = None
@@ -397,16 +387,6 @@ class CaseRun(TrainingRun):
             eta = statistics.median(seconds) * (steps - step)
             log.info("%s: step %d/%d loss %.4f elapsed %.1f s, training ETA %.0f s", self.case_id, step, steps,
                      self.step_runner.record.losses[-1], time.perf_counter() - self.started, eta)
-
-
-def _resolved_from(case: Case, *, case_id: str, source: ModelSource, device,
-                   tokens_for: Callable[[BenchConfig], TokenizedTask], **options) -> ResolvedCase:
-    """A matrix case given the way callers gave it before the launch layer, resolved and tokenized by it."""
-    from lorabench.launch import resolve_case  # deferred: the launch layer sits above the kinds
-
-    resolved = resolve_case(DEFAULT_KIND, case_id=case_id, model=case.model, dataset=case.dataset, device=device,
-                            config=case.config, source=source, options=RunOptions(**options))
-    return replace(resolved, data=tokens_for(resolved.config))
 
 
 def _record_partial(result: CaseResult, runner: StepRunner | None) -> None:

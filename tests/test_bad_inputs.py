@@ -860,15 +860,17 @@ def _session(bad: BadInput, workdir: Path):
 
 
 def _train_first_lora_case(session) -> str:
+    from lorabench.launch import InlineLauncher, resolve_case
     from lorabench.models import load_tokenizer
-    from lorabench.runner import CaseRun, measure, tokenize_task
+    from lorabench.runner import tokenize_task
 
     i, case = next((i, c) for i, c in enumerate(session.matrix.cases())
                    if c.config.method == "lora" and not c.config.quantized)
-    source, task = session.model_source(case.model), session.task(case.dataset)
-    tokenizer = load_tokenizer(source)
-    result = measure(CaseRun(case, case_id=session.matrix.ids()[i], source=source, device=session.device,
-                             tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len)))
+    resolved = resolve_case("finetune", case_id=session.matrix.ids()[i], model=case.model, dataset=case.dataset,
+                            device=session.device, config=case.config, source=session.model_source(case.model))
+    # the data set as the session read it (a --dataset file's rows), tokenized for the case
+    result = InlineLauncher().run(resolved, data_for=lambda c: tokenize_task(session.task(c.dataset),
+                                                                             load_tokenizer(c.source), c.config.seq_len))
     return f"status {result.status}: {result.error}"
 
 

@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 from lorabench.config import BenchConfig
-from lorabench.matrix import Case
-from lorabench.runner import CaseRun, measure, tokenize_task
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GATES = "version: 1\nprofiles: {}\n"
@@ -49,17 +47,13 @@ def no_gates(tmp_path_factory) -> Path:
 # ----- determinism ---------------------------------------------------------------
 @pytest.mark.integration
 def test_same_seed_gives_identical_losses_on_the_cpu(tiny_llama, cpu):
-    from lorabench.data import load_task_data
-    from lorabench.models import load_tokenizer
+    from lorabench.launch import InlineLauncher, resolve_case
 
-    task, tokenizer = load_task_data("digit-reverse"), load_tokenizer(tiny_llama)
     # QLoRA: bitsandbytes' NF4 kernels under the bf16 LoRA path, the most moving parts of one case
     config = BenchConfig(id="qlora", quant="nf4", double_quant=True, steps=4)
-    runs = [
-        measure(CaseRun(Case("tiny-llama", "digit-reverse", config), case_id=config.id, source=tiny_llama,
-                        tokens_for=lambda c: tokenize_task(task, tokenizer, c.seq_len), device=cpu))
-        for _ in range(2)
-    ]
+    case = resolve_case("finetune", case_id=config.id, model="tiny-llama", dataset="digit-reverse", device=cpu,
+                        config=config, source=tiny_llama)
+    runs = [InlineLauncher().run(case) for _ in range(2)]
     assert runs[0].status == runs[1].status == "ok"
     assert runs[0].loss_curve == runs[1].loss_curve  # bit for bit
     assert runs[0].metrics["eval_loss"] == runs[1].metrics["eval_loss"]
