@@ -28,7 +28,9 @@ from lorabench.case_kinds import CaseKind, register
 from lorabench.errors import LorabenchError
 from lorabench.inference import (
     DRIFT_NEW_TOKENS,
+    GGUF_VARIANTS,
     GenerationTiming,
+    GGUFVariant,
     InferenceParams,
     InferenceRun,
     columns,
@@ -59,19 +61,6 @@ def skip_reason() -> str | None:
         return f"the gguf extra is not installed (no {', '.join(missing)}): {INSTALL_HINT}"
     return None
 
-
-@dataclass(frozen=True)
-class GGUFVariant:
-    """The merged model as llama.cpp serves it, at one quantization type."""
-
-    id: str
-    quant: str  # a key of FILE_TYPES
-    adapter: bool = True
-    merged: bool = True
-
-
-# Q8_0 first: the Q4_0 gates compare with it
-GGUF_VARIANTS: tuple[GGUFVariant, ...] = (GGUFVariant("gguf_q8_0", "Q8_0"), GGUFVariant("gguf_q4_0", "Q4_0"))
 
 # The runner of the GGUF variants. Their records are inference records (``config["kind"]`` says
 # ``inference``: one summary table, the inference kind's ids and rules), so this registers the runner alone.

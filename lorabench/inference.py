@@ -70,9 +70,22 @@ COLUMNS = (
 )
 
 
-def _case_ids() -> list[str]:
-    from lorabench.gguf import GGUF_VARIANTS  # another runtime's variants, recorded as inference cases
+@dataclass(frozen=True)
+class GGUFVariant:
+    """The merged model as llama.cpp serves it (:mod:`lorabench.gguf` runs it), at one quantization type:
+    another runtime's variant, recorded as an inference case."""
 
+    id: str
+    quant: str  # a key of lorabench.gguf.FILE_TYPES
+    adapter: bool = True
+    merged: bool = True
+
+
+# Q8_0 first: the Q4_0 gates compare with it
+GGUF_VARIANTS: tuple[GGUFVariant, ...] = (GGUFVariant("gguf_q8_0", "Q8_0"), GGUFVariant("gguf_q4_0", "Q4_0"))
+
+
+def _case_ids() -> list[str]:
     return [v.id for v in VARIANTS] + [v.id for v in GGUF_VARIANTS]
 
 
