@@ -191,3 +191,67 @@ def test_an_unknown_preset_names_the_known_ones():
 
     with pytest.raises(ModelError, match="no such preset; known: .*llama-3.1-8b"):
         hf_config("preset:llama-9")
+
+
+def _canonical(events):
+    """A tracked step's allocations and frees with each storage named by its birth order, not its id()."""
+    name, out = {}, []
+    for born, (key, nbytes) in enumerate(events):
+        if nbytes is not None:
+            name[key] = born  # a freed storage's id can come back for a new one
+        out.append((name.get(key), nbytes))
+    return out
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_cached_meta_kernels_give_the_step_that_running_every_kernel_gives(quant, monkeypatch):
+    # the kernel cache is the fit search's speed-up: the same storages, born and freed in the same order
+    from lorabench.estimate import Predictor, step
+    from lorabench.estimate.build import meta_model
+
+    config = BenchConfig("q", method="lora", quant=quant, double_quant=quant == "nf4", gradient_checkpointing=True)
+    resolved = Predictor(hf_config("tiny-llama"), config, target="cuda")._resolved(2, 16)
+    shapes = ((2, 16), (3, 24), (2, 16))  # the last one's every kernel call is answered from the cache
+
+    def tracked(cached: bool) -> list:
+        monkeypatch.setattr(step, "CACHE_KERNELS", cached)
+        model = meta_model(hf_config("tiny-llama"), resolved)
+        trainer = step.prepared_trainer(model, resolved, "cuda")
+        steps = [step.track_training(model, resolved, batch_size=b, seq_len=t, target="cuda", trainer=trainer)
+                 for b, t in shapes]
+        return [(_canonical(s.events), s.state_events, s.managed_bytes, s.phases) for s in steps]
+
+    monkeypatch.setattr(step, "_KERNEL_OUTPUTS", {})
+    uncached = tracked(False)
+    assert not step._KERNEL_OUTPUTS
+    cached = tracked(True)
+    assert step._KERNEL_OUTPUTS, "the cached runs kept nothing: the cache was not used"
+    assert cached == uncached
+
+
+def test_the_kernel_cache_answers_pure_calls_and_runs_views_and_resizes():
+    from lorabench.estimate.step import MetaKernelCache
+
+    store = {}
+    a = torch.empty(4, 6, dtype=torch.bfloat16, device="meta")
+    with MetaKernelCache(store) as cache:
+        first = a * 2
+        second = a * 2  # same operator and input layout: answered from the first call
+        assert (cache.misses, cache.hits) == (1, 1)
+        assert second.untyped_storage()._cdata != first.untyped_storage()._cdata  # a new storage, not the old one
+        assert (second.shape, second.stride(), second.dtype) == (first.shape, first.stride(), first.dtype)
+        a * 2.0  # another scalar type is another call
+        assert cache.misses == 2
+        sliced = a[:, 1:].contiguous()
+        assert sliced.shape == (4, 5) and sliced.untyped_storage().nbytes() == 4 * 5 * 2
+        view = a.t()  # a view aliases its input: always run
+        assert view.untyped_storage()._cdata == a.untyped_storage()._cdata
+        hits = cache.hits
+        assert a.add_(1) is a and a.add_(1) is a  # in place: the argument itself, answered the second time
+        assert cache.hits == hits + 1
+        b = torch.empty(2, device="meta")
+        b.resize_(8)  # changes its argument's layout: always run
+        assert b.shape == (8,)
+        bypassed = cache.bypassed
+        b.resize_(8)
+        assert cache.bypassed == bypassed + 1

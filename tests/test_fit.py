@@ -108,6 +108,29 @@ def test_the_largest_batch_that_fits_does_and_one_more_does_not(quant):
     assert at <= budget.mib < beyond
 
 
+def test_the_searched_largest_sizes_are_a_linear_scan_of_uncached_predictions(monkeypatch):
+    # the search runs on cached meta kernels (lorabench.estimate.step.MetaKernelCache); a scan from 1 runs
+    # every kernel: a figure the cache changed would move the first size that does not fit
+    from lorabench.estimate import Predictor, step
+
+    config = BenchConfig("c", method="lora")
+    hf = hf_config("tiny-llama")
+    budget = Budget.parse("18.5MiB")  # on the CPU: tensor bytes, which grow with every row and token
+    case = fit_case("tiny-llama", hf, config, [budget], batch_size=16, seq_len=16, target="cpu")
+    monkeypatch.setattr(step, "CACHE_KERNELS", False)
+    exact = Predictor(hf, config, target="cpu", extrapolate_layers=True)
+
+    def scan(peak) -> int:
+        n = 1
+        while peak(n) <= budget.mib:
+            n += 1
+        return n - 1
+
+    assert case.fits == {"18.5MiB": False}
+    assert case.max_batch_size["18.5MiB"] == scan(lambda b: exact.predict(b, 16).peak_mib) >= 2
+    assert case.max_seq_len["18.5MiB"] == scan(lambda t: exact.predict(16, t).peak_mib) >= 2
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--memory", "24XB"], "--memory '24XB': expected a size like 6GiB"),
     (["--memory", "24GiB", "--model", "preset:llama-9"], "no such preset; known:"),

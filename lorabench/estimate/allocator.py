@@ -161,6 +161,14 @@ class AllocationLog(TensorTracker):
     ``(key, nbytes)`` for an allocation, ``(key, None)`` for a free); storages alive when it starts
     (parameters, optimizer state) come first, in the order they are registered."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # see __torch_dispatch__ below
+
+    # The tracker's own dispatch, without the dynamo guard torch wraps around every mode's: it costs a few
+    # microseconds of each operator call, and a meta run is never compiled.
+    __torch_dispatch__ = getattr(TensorTracker.__torch_dispatch__, "__wrapped__", TensorTracker.__torch_dispatch__)
+
     def __init__(self, *args, **kwargs) -> None:
         self.events: list[tuple[int, int | None]] = []
         self.managed_bytes = 0  # storages in CUDA managed memory (``is_paged``): not the allocator's
@@ -178,7 +186,10 @@ class AllocationLog(TensorTracker):
         before = len(self._live)
         super()._register(t, phase, role)
         added = len(self._live) - before
-        if added:
+        if added == 1:  # the common case: one new storage, the newest key
+            key = next(reversed(self._live))
+            self.events.append((key, self._live[key].nbytes))
+        elif added:
             newest = list(itertools.islice(reversed(self._live), added))
             self.events.extend((key, self._live[key].nbytes) for key in reversed(newest))
 
