@@ -8,10 +8,10 @@ Marked ``slow``: together they take about a minute or more on a 2-core CPU.
 
 import pytest
 
-from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, encoder_linear_weights, encoder_source
-from lorabench.launch import InlineLauncher, resolve_case
+from lorabench.kinds.classify import CONFIGS, DATASET_NAME, MODEL_NAME, encoder_linear_weights, encoder_source
+from lorabench.run.launch import InlineLauncher, resolve_case
 from lorabench.pytest_plugin import assert_case_passed, record_result, step_timer
-from lorabench.quant_error import MINILM_CASE_ID, QuantErrorParams
+from lorabench.kinds.quant_error import MINILM_CASE_ID, QuantErrorParams
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 

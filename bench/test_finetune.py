@@ -8,7 +8,7 @@ checks the gates in thresholds.yaml.
 import pytest
 
 from lorabench.pytest_plugin import assert_case_passed, report_case
-from lorabench.allure_results import DOES_NOT_FIT
+from lorabench.report.allure_results import DOES_NOT_FIT
 from lorabench.result import STATUS_DOES_NOT_FIT
 
 

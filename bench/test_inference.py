@@ -9,8 +9,8 @@ variant ids (infer_*).
 
 import pytest
 
-from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, VARIANTS, WARMUP_CALLS, InferenceParams
-from lorabench.launch import resolve_case
+from lorabench.kinds.inference import MEASURED_CALLS, NEW_TOKENS, VARIANTS, WARMUP_CALLS, InferenceParams
+from lorabench.run.launch import resolve_case
 from lorabench.pytest_plugin import assert_case_passed
 
 

@@ -11,9 +11,9 @@ thresholds.yaml under gguf_q4_0 and gguf_q8_0.
 
 import pytest
 
-from lorabench.gguf import GGUF_VARIANTS, GGUFParams
-from lorabench.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
-from lorabench.launch import resolve_case
+from lorabench.kinds.gguf import GGUF_VARIANTS, GGUFParams
+from lorabench.kinds.inference import MEASURED_CALLS, NEW_TOKENS, WARMUP_CALLS
+from lorabench.run.launch import resolve_case
 from lorabench.pytest_plugin import assert_case_passed
 
 pytestmark = pytest.mark.gguf

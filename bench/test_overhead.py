@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from lorabench.case_kinds import DEFAULT_KIND
-from lorabench.launch import InlineLauncher, ProcessLauncher, resolve_case
+from lorabench.run.launch import InlineLauncher, ProcessLauncher, resolve_case
 from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.proofs.overhead import BareLoop, compare, round_trip_s, step_pair
 
@@ -32,7 +32,7 @@ def test_harness_overhead(benchmark, bench_session, model_source, case_data):
     suite_s, bare_s = [], []
 
     def pair():
-        run.control()  # the suite's untimed control workload (lorabench.control), as in every case
+        run.control()  # the suite's untimed control workload (lorabench.meters.control), as in every case
         step_pair(run.step, bare.step, suite_s, bare_s)
 
     benchmark.group = "overhead"

@@ -10,9 +10,9 @@ from functools import partial
 
 import pytest
 
-from lorabench.launch import InlineLauncher, resolve_case
+from lorabench.run.launch import InlineLauncher, resolve_case
 from lorabench.pytest_plugin import assert_case_passed, record_result, step_timer
-from lorabench.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID, QuantErrorParams, causal_lm_weights, normal_weights
+from lorabench.kinds.quant_error import MODEL_CASE_ID, NORMAL_CASE_ID, QuantErrorParams, causal_lm_weights, normal_weights
 
 
 def _record(case_id, model, weights, benchmark, bench_session):

@@ -1,5 +1,5 @@
 import sys
 
-from lorabench.cli import main
+from lorabench.commands.main import main
 
 sys.exit(main())

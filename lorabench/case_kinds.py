@@ -3,7 +3,7 @@
 A record says its kind in ``config["kind"]`` (fine-tuning records of the matrix carry none:
 ``finetune``). Each kind registers itself from its own module with :func:`register`: its
 runner (the class that runs one of its cases through the case protocol,
-:mod:`lorabench.protocol`), the case ids thresholds.yaml may name, the summary's columns,
+:mod:`lorabench.kinds.protocol`), the case ids thresholds.yaml may name, the summary's columns,
 whether the ``"*"`` rules of thresholds.yaml (written for fine-tuning) apply to it, and any
 metric of its own that :mod:`lorabench.metrics` does not define. Nothing else names the kinds:
 the launchers, the session, the gates and the summary ask this registry, so adding a kind is
@@ -29,8 +29,8 @@ PROCESS_PEAK: Column = ("peak_rss_delta_mib", "process RSS+ MiB", "process memor
 CUDA_PEAK: Column = ("peak_alloc_mib", "peak alloc MiB", "peak GPU memory (allocator)")
 
 DEFAULT_KIND = "finetune"
-BUILT_IN_MODULES = ("lorabench.matrix", "lorabench.classify", "lorabench.inference", "lorabench.gguf",
-                    "lorabench.quant_error")
+BUILT_IN_MODULES = ("lorabench.matrix", "lorabench.kinds.classify", "lorabench.kinds.inference", "lorabench.kinds.gguf",
+                    "lorabench.kinds.quant_error")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class CaseKind:
         metrics: metrics of its own, added to :data:`lorabench.metrics.METRICS` (lorabench's kinds define
             theirs there).
         runner: where the class that runs one of its cases lives, ``"module:Class"``
-            (:class:`lorabench.protocol.CaseRunner`); imported only when a case of the kind runs, so that
+            (:class:`lorabench.kinds.protocol.CaseRunner`); imported only when a case of the kind runs, so that
             the registry stays importable without torch. ``""`` for a kind whose records come from
             elsewhere (a stored record of a plugin's kind).
     """

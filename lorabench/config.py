@@ -25,13 +25,13 @@ METHODS = ("full", "lora")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 TARGET_MODULE_PRESETS = ("all-linear", "attention")
-# How a case spreads over processes (lorabench/distributed.py): one process, or world_size ranks
+# How a case spreads over processes (lorabench/run/distributed.py): one process, or world_size ranks
 # under torchrun with DistributedDataParallel or FSDP2 (fully_shard).
 STRATEGIES = ("none", "ddp", "fsdp")
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Seeds reach numpy (``np.random.seed``), which takes 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
-# Divergence beyond NaN (lorabench.training.DivergenceRule): a loss that climbs past this
+# Divergence beyond NaN (lorabench.training.loop.DivergenceRule): a loss that climbs past this
 # multiple of its first step, or does not once fall below its first step over this many steps.
 DIVERGENCE_FACTOR = 2.0
 DIVERGENCE_WINDOW = 10
@@ -61,7 +61,7 @@ class BenchConfig:
             bitsandbytes: 4-bit ``nf4`` / ``fp4``, LLM.int8 ``int8``).
         double_quant: quantize the 4-bit scales again (QLoRA's double quantization; nf4 and fp4).
         dtype: weight dtype of an unquantized base, compute dtype of a quantized one; ``auto``
-            (the default) takes the device's native dtype (:mod:`lorabench.precision`).
+            (the default) takes the device's native dtype (:mod:`lorabench.backends.precision`).
         rank, alpha, dropout: LoRA hyper-parameters.
         target_modules: ``all-linear``, ``attention``, or a list of module names.
         optimizer: ``adamw`` (torch), ``adamw_8bit`` or ``paged_adamw_8bit`` (bitsandbytes).
@@ -180,7 +180,7 @@ def resolve(config: BenchConfig, defaults: TrainDefaults, device=None) -> BenchC
     Raises:
         ConfigError: ``dtype`` is ``auto`` and no device is given to resolve it.
     """
-    from lorabench.precision import AUTO, resolve_dtype
+    from lorabench.backends.precision import AUTO, resolve_dtype
 
     if config.dtype == AUTO and device is None:
         raise ConfigError(f"configuration {config.id!r}: dtype 'auto' needs the device to resolve it")

@@ -16,7 +16,7 @@ from lorabench import yamlio
 from lorabench.case_kinds import CUDA_PEAK, DEFAULT_KIND, PROCESS_PEAK, TENSOR_PEAK, CaseKind, register
 from lorabench.config import BenchConfig, apply_overrides
 from lorabench.errors import ConfigError
-from lorabench.real_model import REAL_MODELS
+from lorabench.models.real_model import REAL_MODELS
 
 BASELINE_ID = "full"
 SWEEP_RANKS = (8, 16, 32, 64)
@@ -37,7 +37,7 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
         BenchConfig(f"qlora_nf4_r{r}", method="lora", quant="nf4", double_quant=True, rank=r, alpha=SWEEP_ALPHA, tags=("sweep",))
         for r in SWEEP_RANKS
     ),
-    # LoRA on two processes (lorabench/distributed.py), scaled against `lora`: DDP keeps a whole replica
+    # LoRA on two processes (lorabench/run/distributed.py), scaled against `lora`: DDP keeps a whole replica
     # per rank, FSDP2 a half of every weight. gloo on the CPU, NCCL on CUDA (one GPU per rank).
     BenchConfig("lora_ddp2", method="lora", world_size=2, strategy="ddp"),
     BenchConfig("lora_fsdp2", method="lora", world_size=2, strategy="fsdp"),
@@ -47,7 +47,7 @@ DEFAULT_CONFIGS: tuple[BenchConfig, ...] = (
 TRAINING_COLUMNS = (
     ("weights_mib", "weights MiB", "weight memory"),
     ("step_ms", "step ms", "step time"),
-    # the figure that gates speed, beside the raw wall clock it is computed from (lorabench.control)
+    # the figure that gates speed, beside the raw wall clock it is computed from (lorabench.meters.control)
     ("step_control_ratio", "step/control", "step time over its control"),
     ("tokens_per_s", "tokens/s", "throughput"),
     ("train_loss_final", "train loss", "final train loss"),
@@ -65,7 +65,7 @@ def training_columns(device: str) -> tuple:
 
 
 register(CaseKind(DEFAULT_KIND, case_ids=lambda: [c.id for c in DEFAULT_CONFIGS], columns=training_columns,
-                   runner="lorabench.runner:CaseRun"))
+                   runner="lorabench.kinds.finetune:CaseRun"))
 
 DEFAULT_MODEL = "tiny-llama"
 DEFAULT_DATASET = "digit-reverse"
@@ -187,7 +187,7 @@ def build_matrix(
 
 def default_dataset(models: list[str]) -> str:
     """The data set a run takes when none is given: an embedded real model's own where the run holds
-    only that model (its forgetting reference is prose, :mod:`lorabench.real_text`), else digit-reverse."""
+    only that model (its forgetting reference is prose, :mod:`lorabench.data.real_text`), else digit-reverse."""
     own = {REAL_MODELS[m].dataset if m in REAL_MODELS else DEFAULT_DATASET for m in models}
     return own.pop() if len(own) == 1 else DEFAULT_DATASET
 

@@ -49,7 +49,7 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("grads_mib", "MiB", "lower", "memory", "gradient bytes after the last backward pass"),
     _m("optimizer_state_mib", "MiB", "lower", "memory", "optimizer state bytes after the last step"),
     _m("other_mib", "MiB", "lower", "memory", "peak minus weights, gradients and optimizer state: activations, buffers, workspace"),
-    # memory: live tensor bytes over the warm-up steps (lorabench.tensor_tracker), any device
+    # memory: live tensor bytes over the warm-up steps (lorabench.meters.tensor_tracker), any device
     _m("tensor_peak_mib", "MiB", "lower", "memory", "peak of live tensor bytes in the training steps; the sum of the tensor_* parts"),
     _m("tensor_params_mib", "MiB", "lower", "memory", "at the tensor peak: parameters, quantized storage, quantization state"),
     _m("tensor_buffers_mib", "MiB", "lower", "memory", "at the tensor peak: the model's registered buffers"),
@@ -112,14 +112,14 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("eval_loss", "nats", "lower", "quality", "held-out loss after training, token-weighted"),
     _m("perplexity", "ratio", "lower", "quality", "exp(eval_loss)"),
     _m("eval_examples", "count", None, "quality", "held-out examples scored"),
-    # adapters: save, reload, merge (lorabench.adapters)
+    # adapters: save, reload, merge (lorabench.models.adapters)
     _m("adapter_mib", "MiB", "lower", "size", "the saved adapter's bytes on disk (safetensors + config)"),
     _m("reload_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, trained vs reloaded adapter"),
     _m("merge_max_abs_diff", "logit", "lower", "quality", "max |logit| difference, merged vs unmerged adapter"),
     _m("merge_argmax_agree_pct", "%", "higher", "quality", "positions with the same greedy token, merged vs unmerged"),
     _m("adapter_check_s", "s", "lower", "speed", "wall time of the adapter save, reload and merge check (one-shot)",
        gated=False),
-    # task accuracy and forgetting (lorabench.accuracy, lorabench.quality)
+    # task accuracy and forgetting (lorabench.evaluation.accuracy, lorabench.evaluation.heldout)
     _m("accuracy_pct", "%", "higher", "quality", "held-out answers matched exactly by greedy decoding, after training"),
     _m("accuracy_ci_low_pct", "%", "higher", "quality", "lower bound of accuracy_pct's 95% Wilson interval"),
     _m("accuracy_ci_high_pct", "%", "higher", "quality", "upper bound of accuracy_pct's 95% Wilson interval"),
@@ -132,7 +132,7 @@ _FINETUNE: tuple[Metric, ...] = (
     _m("reference_loss", "nats", "lower", "quality", "loss on the same reference text after training"),
     _m("forgetting_nats", "nats", "lower", "quality", "reference_loss minus reference_loss_before: what training cost elsewhere"),
 )
-# What a multi-process case (world_size > 1, lorabench.distributed) adds; its per-device memory figures
+# What a multi-process case (world_size > 1, lorabench.run.distributed) adds; its per-device memory figures
 # above are the largest rank's, and tokens_per_s / samples_per_s the sum over ranks.
 _DISTRIBUTED: tuple[Metric, ...] = (
     _m("world_size", "count", None, "size", "ranks (processes, one device each) the case trained on"),
@@ -141,7 +141,7 @@ _DISTRIBUTED: tuple[Metric, ...] = (
        "tokens_per_s over world_size x the single-device case's tokens_per_s (100% is linear scaling)", gated=False),
 )
 _INFERENCE: tuple[Metric, ...] = (
-    # inference (lorabench.inference): statistics over the measured repeats, warm-up excluded
+    # inference (lorabench.kinds.inference): statistics over the measured repeats, warm-up excluded
     _m("ttft_ms", "ms", "lower", "speed", "median time to first token (prefill + first sampling step)"),
     _m("ttft_ms_p90", "ms", "lower", "speed", "90th percentile of the time to first token"),
     _m("decode_tokens_per_s", "tokens/s", "higher", "speed", "median decode rate after the first token, batch 1"),
@@ -149,7 +149,7 @@ _INFERENCE: tuple[Metric, ...] = (
     _m("latency_ms_p90", "ms", "lower", "speed", "90th percentile of the end-to-end generate time"),
     _m("new_tokens", "count", None, "speed", "tokens generated per timed call"),
     _m("inference_repeats", "count", None, "speed", "measured generate calls (after warm-up)"),
-    # semantic drift (lorabench.drift): generations against the base model's, all-MiniLM-L6-v2 embeddings
+    # semantic drift (lorabench.evaluation.drift): generations against the base model's, all-MiniLM-L6-v2 embeddings
     _m("drift_cosine_mean", "cosine", "higher", "quality", "mean cosine similarity of generations to the base's"),
     _m("drift_cosine_min", "cosine", "higher", "quality", "lowest cosine similarity of a generation to the base's"),
     _m("drift_exact_match_pct", "%", "higher", "quality", "generations identical to the base model's"),
@@ -161,7 +161,7 @@ _INFERENCE: tuple[Metric, ...] = (
        "generations identical to the unmerged bf16 adapter's"),
 )
 _QUANT_ERROR: tuple[Metric, ...] = (
-    # quantization error (lorabench.quant_error): relative Frobenius error of a quantize/dequantize round trip,
+    # quantization error (lorabench.kinds.quant_error): relative Frobenius error of a quantize/dequantize round trip,
     # one pair per format of every registered backend (nf4_rel_error_mean, nf4_rel_error_max, fp4_..., ...)
     _m("quant_error_layers", "count", None, "quality", "weight matrices measured for quantization error"),
     *(m for f in backends.formats() for m in (

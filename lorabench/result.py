@@ -54,7 +54,7 @@ class CaseResult:
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)  # breakdowns behind a metric (per-layer errors)
     # With --seeds: each seed's record ({"seed", "status", "error", "metrics"} and every one of STEP_CURVES),
-    # and per metric {"n", "sd", "ci_low", "ci_high"}; ``metrics`` then holds the means (lorabench.seeds).
+    # and per metric {"n", "sd", "ci_low", "ci_high"}; ``metrics`` then holds the means (lorabench.evaluation.seeds).
     seeds: list[dict[str, Any]] = field(default_factory=list)
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -70,7 +70,7 @@ class CaseResult:
             self.sources[name] = source
 
     def merge(self, reading) -> None:
-        """Put a meter's reading (:class:`lorabench.meters.Reading`) into the record: its figures, their
+        """Put a meter's reading (:class:`lorabench.meters.memory.Reading`) into the record: its figures, their
         sources, and the reason for each figure it could not measure."""
         for name, value in reading.metrics.items():
             self.set(name, value, source=reading.sources.get(name, ""))
@@ -98,7 +98,7 @@ class CaseResult:
 
 
 # A metric whose stored value is not a finite number is read as absent with this reason, so that a gate
-# reading B treats it as a regression (lorabench.compare) rather than as "not measured".
+# reading B treats it as a regression (lorabench.gates.compare) rather than as "not measured".
 INVALID_STORED = "stored value is not a finite number"
 _TEXT_FIELDS = ("case_id", "config_id", "model", "dataset", "device", "status")
 _MAPPING_FIELDS = ("config", "absent", "sources", "environment", "details", "spread")

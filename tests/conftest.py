@@ -78,7 +78,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_llama():
     """The embedded tiny Llama checkpoint (shipped in the package: nothing is built)."""
-    from lorabench.models import resolve_model
+    from lorabench.models.loading import resolve_model
 
     return resolve_model("tiny-llama")
 
@@ -90,7 +90,7 @@ def quick_zoo(tmp_path, monkeypatch):
     of mechanics (building, caching, loading, quantizing); the weights have learned nothing."""
     from dataclasses import replace
 
-    from lorabench import zoo
+    from lorabench.models import zoo
 
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     for name, spec in list(zoo.ZOO.items()):

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lorabench.accuracy import record_accuracy, wilson_interval
-from lorabench.quality import EvalLoss
+from lorabench.evaluation.accuracy import record_accuracy, wilson_interval
+from lorabench.evaluation.heldout import EvalLoss
 from lorabench.result import CaseResult
 
 
@@ -93,9 +93,9 @@ def test_teacher_forced_exact_match_agrees_with_greedy_generation(tiny_llama, cp
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorabench.data import collator, embedded_reverse, tokenize
-    from lorabench.models import load_tokenizer
-    from lorabench.quality import eval_loss
+    from lorabench.data.tasks import collator, embedded_reverse, tokenize
+    from lorabench.models.loading import load_tokenizer
+    from lorabench.evaluation.heldout import eval_loss
 
     task = embedded_reverse()
     rows = datasets.concatenate_datasets([task.reference.select(range(24)), task.eval.select(range(8))])
@@ -121,7 +121,7 @@ def test_teacher_forced_exact_match_agrees_with_greedy_generation(tiny_llama, cp
 
 
 def test_task_change_records_gain_and_forgetting_or_says_why_not():
-    from lorabench.runner import _record_task_change
+    from lorabench.kinds.finetune import _record_task_change
 
     result = _result()
     result.metrics.update(accuracy_pct=80.0, accuracy_before_pct=5.0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench.adapters import adapter_size_bytes, check_adapter, compare_logits, record_adapter
+from lorabench.models.adapters import adapter_size_bytes, check_adapter, compare_logits, record_adapter
 from lorabench.config import BenchConfig, resolve
-from lorabench.models import apply_adapter, load_model, load_tokenizer
+from lorabench.models.loading import apply_adapter, load_model, load_tokenizer
 from lorabench.result import CaseResult
 
 

@@ -13,7 +13,7 @@ from lorabench import backends
 from lorabench.backends.base import Format, QuantBackend
 from lorabench.config import BenchConfig
 from lorabench.errors import ConfigError
-from lorabench.footprint import param_counts, quantized_linear_ratio, weight_bytes
+from lorabench.meters.footprint import param_counts, quantized_linear_ratio, weight_bytes
 
 OUT, IN = 64, 128  # two layers of this shape, the first with a bias: 8192 weights each
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,8 +156,8 @@ def test_bytes_of_every_format_match_a_hand_count(build, layer_bytes, bias_bytes
 
 
 def test_flops_count_each_base_weight_once_under_an_adapter(tiny_llama, cpu):
-    from lorabench.flops import matmul_params
-    from lorabench.models import apply_adapter, load_model
+    from lorabench.meters.flops import matmul_params
+    from lorabench.models.loading import apply_adapter, load_model
 
     config = BenchConfig("q", quant="nf4", double_quant=True)
     model = load_model(tiny_llama, config, cpu).model
@@ -177,7 +177,7 @@ def test_torchao_int8_is_registered_with_its_own_marker():
 
 def test_torchao_loads_every_linear_but_the_head_and_its_ratio_is_exact(tiny_llama, cpu):
     """4 layers x (q, k, v, o: 256 x 256; gate, up: 704 x 256; down: 256 x 704), per row an fp32 scale and int8 zero."""
-    from lorabench.models import load_model
+    from lorabench.models.loading import load_model
 
     model = load_model(tiny_llama, BenchConfig("q", quant="torchao_int8"), cpu).model
     shapes = 4 * [(256, 256)] * 4 + 4 * [(704, 256), (704, 256), (256, 704)]
@@ -188,7 +188,7 @@ def test_torchao_loads_every_linear_but_the_head_and_its_ratio_is_exact(tiny_lla
 
 def test_lora_on_a_torchao_base_gets_gradients_through_the_int8_layers(tiny_llama, cpu):
     from lorabench.config import resolve
-    from lorabench.models import apply_adapter, load_model
+    from lorabench.models.loading import apply_adapter, load_model
 
     config = resolve(BenchConfig("q", quant="torchao_int8"), tiny_llama.defaults, cpu)
     model = apply_adapter(load_model(tiny_llama, config, cpu).model, config)
@@ -202,7 +202,7 @@ def test_lora_on_a_torchao_base_gets_gradients_through_the_int8_layers(tiny_llam
 
 
 def test_a_peft_wrapper_is_not_counted_as_a_second_quantized_layer(tiny_llama, cpu):
-    from lorabench.models import apply_adapter, load_model
+    from lorabench.models.loading import apply_adapter, load_model
 
     config = BenchConfig("q", quant="torchao_int8")
     model = load_model(tiny_llama, config, cpu).model
@@ -221,7 +221,7 @@ def test_torchao_builds_on_the_meta_device_with_the_bytes_of_a_real_load(tiny_ll
 
     from lorabench.config import resolve
     from lorabench.estimate.build import meta_model
-    from lorabench.models import apply_adapter, load_model
+    from lorabench.models.loading import apply_adapter, load_model
 
     config = resolve(BenchConfig("q", quant="torchao_int8"), tiny_llama.defaults, cpu)
     real = apply_adapter(load_model(tiny_llama, config, cpu).model, config)

@@ -37,7 +37,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorabench.session import open_session  # noqa: E402
+from lorabench.pytest_plugin.session import open_session  # noqa: E402
 
 GATES_HEAD = "version: 1\nprofiles:\n  default:\n"
 STARTUP, ACCEPTED, TRAINING, COMMAND = "refused at start-up", "read as given", "stopped in training", "command"
@@ -130,7 +130,7 @@ def _tensors(shapes: dict[str, tuple[int, ...]]) -> bytes:
 
 def save_tokenizer(directory: Path) -> None:
     """The zoo's character tokenizer, saved as a checkpoint's tokenizer files."""
-    from lorabench.zoo import build_tokenizer
+    from lorabench.models.zoo import build_tokenizer
 
     build_tokenizer().save_pretrained(directory)
 
@@ -860,9 +860,9 @@ def _session(bad: BadInput, workdir: Path):
 
 
 def _train_first_lora_case(session) -> str:
-    from lorabench.launch import InlineLauncher, resolve_case
-    from lorabench.models import load_tokenizer
-    from lorabench.runner import tokenize_task
+    from lorabench.run.launch import InlineLauncher, resolve_case
+    from lorabench.models.loading import load_tokenizer
+    from lorabench.kinds.finetune import tokenize_task
 
     i, case = next((i, c) for i, c in enumerate(session.matrix.cases())
                    if c.config.method == "lora" and not c.config.quantized)
@@ -875,7 +875,7 @@ def _train_first_lora_case(session) -> str:
 
 
 def _run_command(bad: BadInput, workdir: Path) -> tuple[int, str]:
-    from lorabench.cli import main
+    from lorabench.commands.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

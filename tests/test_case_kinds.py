@@ -11,11 +11,11 @@ from lorabench import case_kinds
 from lorabench.case_kinds import CaseKind, kind_of, known_case_ids, register
 from lorabench.metrics import METRICS, Metric
 from lorabench.result import CaseResult
-from lorabench.session import open_session
-from lorabench.summary import render_summary
+from lorabench.pytest_plugin.session import open_session
+from lorabench.report.summary import render_summary
 
 ROOT = Path(__file__).resolve().parent.parent
-KIND_MODULES = ("lorabench.classify", "lorabench.inference", "lorabench.gguf", "lorabench.quant_error")
+KIND_MODULES = ("lorabench.kinds.classify", "lorabench.kinds.inference", "lorabench.kinds.gguf", "lorabench.kinds.quant_error")
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_a_kind_cannot_redefine_a_metric():
 
 
 def test_the_session_imports_no_kind_of_case_by_name():
-    tree = ast.parse((ROOT / "lorabench" / "session.py").read_text())
+    tree = ast.parse((ROOT / "lorabench" / "pytest_plugin" / "session.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not imported & set(KIND_MODULES)

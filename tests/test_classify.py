@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorabench.classify import CONFIGS, HEAD, add_lora, load_classifier, model_path, review_sentiment
+from lorabench.kinds.classify import CONFIGS, HEAD, add_lora, load_classifier, model_path, review_sentiment
 
 
 def _adjective(text: str, nouns_and_fillers: set[str]) -> str:
@@ -11,7 +11,7 @@ def _adjective(text: str, nouns_and_fillers: set[str]) -> str:
 
 
 def test_eval_sentences_use_adjectives_never_trained_on():
-    from lorabench import classify
+    from lorabench.kinds import classify
 
     train, eval_ = review_sentiment()
     fillers = set(classify._NOUNS) | {w for t in classify._TEMPLATES for w in t.replace(",", "").split()}

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorabench import compare_output
-from lorabench.cli import main
-from lorabench.compare import (
+from lorabench.report import compare_output
+from lorabench.commands.main import main
+from lorabench.gates.compare import (
     IMPROVED,
     NEW,
     PER_STEP_METRICS,
@@ -25,7 +25,7 @@ from lorabench.compare import (
     parse_tolerances,
 )
 from lorabench.errors import HistoryError, ThresholdError
-from lorabench.history import StoredRun, latest_runs, load_runs, read_run, select_run
+from lorabench.storage.history import StoredRun, latest_runs, load_runs, read_run, select_run
 from lorabench.metrics import METRICS
 from lorabench.result import STATUS_DOES_NOT_FIT, CaseResult
 
@@ -163,7 +163,7 @@ def test_a_median_past_the_tolerance_whose_bound_is_not_is_not_a_regression():
 @given(st.lists(st.floats(1, 1e3), min_size=3, max_size=25), st.lists(st.floats(1, 1e3), min_size=3, max_size=25),
        st.floats(0.25, 4.0))
 def test_the_shift_bounds_bracket_the_estimate_and_a_scaled_copy_reads_its_factor(xs, ys, factor):
-    from lorabench.compare import step_ratio_shift
+    from lorabench.gates.compare import step_ratio_shift
 
     def timed(steps):
         r = case(steps=[1.0, 1.0] + steps)

@@ -7,11 +7,11 @@ import copy
 import json
 from pathlib import Path
 
-from lorabench import compare_output
-from lorabench.cli import main
-from lorabench.compare import REGRESSED, compare_runs
-from lorabench.history import read_run
-from lorabench.textsafe import markdown
+from lorabench.report import compare_output
+from lorabench.commands.main import main
+from lorabench.gates.compare import REGRESSED, compare_runs
+from lorabench.storage.history import read_run
+from lorabench.report.textsafe import markdown
 
 DATA = Path(__file__).resolve().parent / "data"
 # two unchanged `pytest bench/ -m qlora --steps 20` runs, one after the other on a 2-core machine shared with

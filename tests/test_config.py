@@ -18,7 +18,7 @@ from lorabench.config import (
     resolve,
 )
 from lorabench.errors import ConfigError
-from lorabench.precision import native_dtype
+from lorabench.backends.precision import native_dtype
 
 
 @st.composite

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 
-from lorabench.data import load_task_data, tokenize
-from lorabench.zoo import build_tokenizer
+from lorabench.data.tasks import load_task_data, tokenize
+from lorabench.models.zoo import build_tokenizer
 
 
 def test_embedded_eval_strings_are_never_trained_on():

@@ -9,7 +9,7 @@ Rules:
 - ``lorabench/``, ``bench/``, ``fixtures/`` and ``conftest.py`` import only core dependencies,
   except on a guarded optional path: inside ``try: ... except ImportError``, through
   ``pytest.importorskip``, or lazily (inside a function) in a module that names the extra's
-  install command (``lorabench[EXTRA]``), as lorabench/gguf.py does;
+  install command (``lorabench[EXTRA]``), as lorabench/kinds/gguf.py does;
 - ``tests/`` may also import the ``test`` extra.
 """
 

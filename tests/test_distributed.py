@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorabench.config import BenchConfig
-from lorabench.distributed import combine_ranks, record_scaling
+from lorabench.run.distributed import combine_ranks, record_scaling
 from lorabench.errors import ConfigError
 from lorabench.result import STATUS_DOES_NOT_FIT, CaseResult
 
@@ -75,7 +75,7 @@ def test_scaling_efficiency_against_the_single_device_case():
 def test_a_case_needs_one_gpu_per_rank(monkeypatch):
     import torch
 
-    from lorabench.distributed import devices_missing
+    from lorabench.run.distributed import devices_missing
 
     config = BenchConfig("lora_ddp2", world_size=2, strategy="ddp")
     assert devices_missing(config, torch.device("cpu")) == ""  # ranks share the CPU's cores
@@ -88,8 +88,8 @@ def test_a_launch_that_dies_before_rank_0_connects_says_what_torchrun_printed(tm
     import sys
     from multiprocessing.connection import Listener
 
-    from lorabench.distributed import _accept
-    from lorabench.isolation import ChildFailed
+    from lorabench.run.distributed import _accept
+    from lorabench.run.isolation import ChildFailed
 
     output = tmp_path / "ranks.log"
     with output.open("w") as out:
@@ -166,8 +166,8 @@ def test_two_rank_cases_record_every_rank_and_pass_the_shipped_gates(two_rank_ru
 def test_a_rank_leaves_live_tensor_bytes_absent_and_says_why():
     import torch
 
-    from lorabench.distributed import TENSOR_REASON, RankParallel
-    from lorabench.tensor_meter import TENSOR_METRICS, TensorMeter
+    from lorabench.run.distributed import TENSOR_REASON, RankParallel
+    from lorabench.meters.tensor_meter import TENSOR_METRICS, TensorMeter
 
     meter = TensorMeter(None, None, torch.device("cpu"), 3, off=RankParallel("ddp", torch.device("cpu")).tensor_reason)
     assert meter.run(lambda: 7) == 7  # the step runs, untracked

@@ -19,7 +19,9 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from markdown_it import MarkdownIt
 
-from lorabench import case_kinds, cli
+from lorabench import case_kinds
+
+from lorabench.commands import main as cli
 from lorabench.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parent.parent

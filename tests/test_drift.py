@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench.drift import drift, paired_cosine
+from lorabench.evaluation.drift import drift, paired_cosine
 
 
 def test_paired_cosine_pairs_rows():
@@ -23,7 +23,7 @@ def test_paired_cosine_rejects_unequal_or_empty_sets():
 
 @pytest.fixture(scope="module")
 def encoder():
-    from lorabench.drift import load_encoder
+    from lorabench.evaluation.drift import load_encoder
 
     return load_encoder()
 
@@ -56,7 +56,7 @@ def test_drift_needs_one_generation_per_baseline_generation(encoder):
 
 
 def test_record_drift_names_whose_generations_it_compared_with():
-    from lorabench.drift import DriftReading, record_drift, record_no_drift
+    from lorabench.evaluation.drift import DriftReading, record_drift, record_no_drift
     from lorabench.result import CaseResult
 
     result = CaseResult("c", "infer_merged", "m", "d", "cpu", {})

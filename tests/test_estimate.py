@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from lorabench.config import BenchConfig
 from lorabench.estimate import hf_config, predict, with_layers
 from lorabench.backends.bitsandbytes import _code_cache_untouched, _int8params, _params4bit
-from lorabench.footprint import unique_bytes
-from lorabench.presets import names
-from lorabench.tensor_tracker import model_state_tensors
-from lorabench.zoo import ZOO
+from lorabench.meters.footprint import unique_bytes
+from lorabench.models.presets import names
+from lorabench.meters.tensor_tracker import model_state_tensors
+from lorabench.models.zoo import ZOO
 
 FORMATS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int8", False), ("none", False)]
 
@@ -90,13 +90,13 @@ def _measured_peak(spec: str, config: BenchConfig) -> tuple[int, tuple[int, int]
     from transformers import AutoModelForCausalLM, set_seed
 
     from lorabench.config import resolve
-    from lorabench.data import collator, load_task_data
-    from lorabench.precision import torch_dtype
-    from lorabench.models import apply_adapter
-    from lorabench.runner import tokenize_task
-    from lorabench.tensor_tracker import TensorTracker
-    from lorabench.training import StepRunner, make_trainer
-    from lorabench.zoo import build_tokenizer, model_config
+    from lorabench.data.tasks import collator, load_task_data
+    from lorabench.backends.precision import torch_dtype
+    from lorabench.models.loading import apply_adapter
+    from lorabench.kinds.finetune import tokenize_task
+    from lorabench.meters.tensor_tracker import TensorTracker
+    from lorabench.training.loop import StepRunner, make_trainer
+    from lorabench.models.zoo import build_tokenizer, model_config
 
     set_seed(0)
     config = resolve(config, ZOO[spec].defaults, torch.device("cpu")).replace(batch_size=4, steps=4, warmup_steps=3)

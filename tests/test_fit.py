@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorabench.cli import main
+from lorabench.commands.main import main
 from lorabench.config import BenchConfig
 from lorabench.estimate import hf_config, predict
-from lorabench.fit import Budget, fit_case
+from lorabench.commands.fit import Budget, fit_case
 
 ISSUE_KEYS = {"config": str, "gradient_checkpointing": bool, "batch_size": int, "seq_len": int,
               "predicted_peak_mib": float, "components_mib": dict, "fits": dict}
@@ -68,7 +68,7 @@ def _one_config(tmp_path):
 
 
 def test_a_directory_with_only_config_json_is_a_model_for_fit(tmp_path, capsys):
-    from lorabench.presets import raw
+    from lorabench.models.presets import raw
 
     model = tmp_path / "llama7b"
     model.mkdir()
@@ -147,7 +147,7 @@ def test_bad_input_is_named_and_exits_2(argv, message, capsys):
 @given(largest=st.integers(-3, 3000), guess=st.integers(0, 4000), limit=st.none() | st.integers(1, 5000),
        slope=st.floats(0.1, 10.0), curve=st.floats(0.0, 0.01))
 def test_settling_from_any_guess_finds_the_largest_size_that_fits(largest, guess, limit, slope, curve):
-    from lorabench.fit import _settle
+    from lorabench.commands.fit import _settle
 
     calls = []
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lorabench.config import BenchConfig
-from lorabench.flops import matmul_params, model_shape, peak_flops, training_flops
-from lorabench.models import apply_adapter, load_model
+from lorabench.meters.flops import matmul_params, model_shape, peak_flops, training_flops
+from lorabench.models.loading import apply_adapter, load_model
 
 
 def test_full_fine_tuning_is_6n_plus_the_attention_term():

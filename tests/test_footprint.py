@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench.footprint import (
+from lorabench.meters.footprint import (
     grad_bytes,
     optimizer_state_bytes,
     param_counts,
@@ -41,7 +41,7 @@ def test_adamw_state_is_two_moments_per_trainable_parameter():
 def test_quantized_layers_against_their_bf16_bytes(tiny_llama, cpu, quant, low, high):
     """4-bit: 4 bits a weight plus block scales; int8: 8 bits plus one fp32 scale per row."""
     from lorabench.config import BenchConfig
-    from lorabench.models import load_model
+    from lorabench.models.loading import load_model
 
     config = BenchConfig("q", quant=quant, double_quant=quant == "nf4")
     model = load_model(tiny_llama, config, cpu).model

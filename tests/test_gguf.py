@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from lorabench import gguf
+from lorabench.kinds import gguf
 
 
 def test_missing_extra_is_named_with_the_install_command(monkeypatch):
@@ -102,7 +102,7 @@ def test_an_unknown_quantization_is_named(f32_file):
 def test_a_model_that_is_not_llama_is_refused_with_the_supported_list(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lorabench.zoo import build_tokenizer
+    from lorabench.models.zoo import build_tokenizer
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=98))
     with pytest.raises(gguf.GGUFError, match="model_type 'gpt2' is not exported to GGUF here; exported: llama"):

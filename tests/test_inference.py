@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorabench.inference import (
+from lorabench.kinds.inference import (
     VARIANTS,
     GenerationTiming,
     TokenClock,
@@ -83,8 +83,8 @@ def test_variants_are_known_by_id():
 
 def test_timed_generate_stamps_exactly_the_new_tokens(tiny_llama, cpu):
     """On the real tiny model: the streamer sees every new token, and EOS does not stop the call."""
-    from lorabench.inference import load_variant, timed_generate
-    from lorabench.models import load_tokenizer
+    from lorabench.kinds.inference import load_variant, timed_generate
+    from lorabench.models.loading import load_tokenizer
 
     model = load_variant(variant_by_id("infer_base"), tiny_llama, None, cpu)
     ids = load_tokenizer(tiny_llama)("rev 4821=", return_tensors="pt")["input_ids"]
@@ -95,8 +95,8 @@ def test_timed_generate_stamps_exactly_the_new_tokens(tiny_llama, cpu):
 def test_warm_up_calls_are_left_out_of_every_figure(tiny_llama, cpu):
     """A run whose timer called once (pytest-benchmark disabled) is topped up; the figures cover
     only the calls after the warm-up, the curve all of them."""
-    from lorabench.inference import InferenceParams
-    from lorabench.launch import InlineLauncher, resolve_case
+    from lorabench.kinds.inference import InferenceParams
+    from lorabench.run.launch import InlineLauncher, resolve_case
 
     variant = variant_by_id("infer_base")
     params = InferenceParams(variant, adapter_dir=None, prompt="rev 4821=", prompts=("rev 4821=", "rev 0093="),

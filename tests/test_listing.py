@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lorabench.cli import main
+from lorabench.commands.main import main
 from lorabench.matrix import DEFAULT_CONFIGS, build_matrix
-from lorabench.listing import list_lines, split_fields
+from lorabench.commands.listing import list_lines, split_fields
 
 
 def test_the_built_in_list_names_every_configuration_with_its_markers(capsys, monkeypatch):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorabench import meters
-from lorabench.meters import RssMeter
+from lorabench.meters import memory as meters
+from lorabench.meters.memory import RssMeter
 
 MIB = 1024 * 1024
 

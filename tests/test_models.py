@@ -15,9 +15,9 @@ import torch
 from lorabench.config import BenchConfig, resolve
 from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.errors import ModelError
-from lorabench.models import apply_adapter, attention_module_names, load_model, resolve_model, split_hub_id
-from lorabench.precision import native_dtype, torch_dtype
-from lorabench.zoo import ZOO
+from lorabench.models.loading import apply_adapter, attention_module_names, load_model, resolve_model, split_hub_id
+from lorabench.backends.precision import native_dtype, torch_dtype
+from lorabench.models.zoo import ZOO
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA = next(c.id for c in DEFAULT_CONFIGS if c.method == "lora" and c.quant == "none")  # LoRA on an unquantized base

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.scaleout import cpu_cores
+from lorabench.run.scaleout import cpu_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("qlora_nf4_r8", "qlora_nf4_r16", "qlora_nf4_r32")

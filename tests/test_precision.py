@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench import precision
+from lorabench.backends import precision
 from lorabench.matrix import DEFAULT_CONFIGS
 
 

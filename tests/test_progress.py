@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lorabench.progress import ZOO_FIXED_CONTROLS, ZOO_PRETRAIN_STEP_CONTROLS, ZOO_STEP_CONTROLS, \
+from lorabench.run.progress import ZOO_FIXED_CONTROLS, ZOO_PRETRAIN_STEP_CONTROLS, ZOO_STEP_CONTROLS, \
     estimate_from_control, estimate_from_history, estimate_zoo_builds, plan_line, with_builds
 from pathlib import Path
 
-from lorabench.history import StoredRun
+from lorabench.storage.history import StoredRun
 from lorabench.result import CaseResult
 
 
@@ -37,7 +37,7 @@ def test_estimate_from_history_sums_the_phases_of_the_latest_run_holding_every_c
         return r
 
     runs = [run(case("a", 10.0), case("b", 20.0), number=1), run(case("a", 5.0), number=2)]
-    monkeypatch.setattr("lorabench.history.load_runs", lambda storage: runs)
+    monkeypatch.setattr("lorabench.storage.history.load_runs", lambda storage: runs)
     tmp_path.mkdir(exist_ok=True)
     assert estimate_from_history(tmp_path, ["a", "b"]) == (32.0, "stored run 0001_x (abc)")
     assert estimate_from_history(tmp_path, ["a"])[0] == 6.0  # the latest run holding it
@@ -55,7 +55,7 @@ def test_plan_line_says_cases_device_dtype_and_time():
 
 
 def test_the_estimate_counts_every_seed_and_spreads_over_the_workers():
-    from lorabench.progress import for_run
+    from lorabench.run.progress import for_run
 
     assert for_run((120.0, "stored run 0003_x"), seeds=3) == (360.0, "stored run 0003_x, x 3 seeds")
     seconds, source = for_run((120.0, "stored run 0003_x"), seeds=3, workers=2)
@@ -68,7 +68,7 @@ def _controller(tmp_path, workers: int, **options):
     from types import SimpleNamespace
 
     from lorabench.pytest_plugin.hooks import SESSION_KEY
-    from lorabench.session import open_session
+    from lorabench.pytest_plugin.session import open_session
 
     bench = open_session(root=tmp_path, **options)
     return SimpleNamespace(option=SimpleNamespace(numprocesses=workers), stash={SESSION_KEY: bench})

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorabench.quant_error import (
+from lorabench.kinds.quant_error import (
     NORMAL_CASE_ID,
     QUANT_TYPES,
     layer_errors,
@@ -18,7 +18,7 @@ from lorabench.quant_error import (
     summarize,
 )
 from lorabench.case_kinds import known_case_ids
-from lorabench.thresholds import FAIL, PASS, evaluate_gate, load_thresholds
+from lorabench.gates.thresholds import FAIL, PASS, evaluate_gate, load_thresholds
 
 
 def test_round_trips_keep_shape_and_stay_close():

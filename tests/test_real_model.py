@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.chat import prompt_token_ids
+from lorabench.data.chat import prompt_token_ids
 from lorabench.config import BenchConfig, resolve
-from lorabench.data import REAL_MODEL_EVAL_EXAMPLES, load_task_data, tokenize
+from lorabench.data.tasks import REAL_MODEL_EVAL_EXAMPLES, load_task_data, tokenize
 from lorabench.errors import ModelError
 from lorabench.matrix import DEFAULT_DATASET, build_matrix, default_dataset
-from lorabench.models import resolve_model
-from lorabench.real_model import REAL_MODELS, is_available
-from lorabench.real_text import MIN_CHARS, PROSE_ROWS, is_prose, prose_rows
-from lorabench.zoo import build_tokenizer
+from lorabench.models.loading import resolve_model
+from lorabench.models.real_model import REAL_MODELS, is_available
+from lorabench.data.real_text import MIN_CHARS, PROSE_ROWS, is_prose, prose_rows
+from lorabench.models.zoo import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "smollm2-135m"
@@ -135,7 +135,7 @@ ONE_STEP_CONFIGS = [
 def test_the_tokenizer_and_the_tied_embeddings_survive_the_conversion(source):
     import torch
 
-    from lorabench.models import load_model
+    from lorabench.models.loading import load_model
 
     config = resolve(BenchConfig("lora"), source.defaults, torch.device("cpu"))
     loaded = load_model(source, config, torch.device("cpu"))
@@ -151,8 +151,8 @@ def test_the_tokenizer_and_the_tied_embeddings_survive_the_conversion(source):
 def test_one_training_step_on_the_real_model(source, config, quantized_layer):
     import torch
 
-    from lorabench.data import collator
-    from lorabench.models import apply_adapter, load_model
+    from lorabench.data.tasks import collator
+    from lorabench.models.loading import apply_adapter, load_model
 
     config = resolve(config, source.defaults, torch.device("cpu"))
     loaded = load_model(source, config, torch.device("cpu"))

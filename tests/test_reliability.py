@@ -47,7 +47,7 @@ def no_gates(tmp_path_factory) -> Path:
 # ----- determinism ---------------------------------------------------------------
 @pytest.mark.integration
 def test_same_seed_gives_identical_losses_on_the_cpu(tiny_llama, cpu):
-    from lorabench.launch import InlineLauncher, resolve_case
+    from lorabench.run.launch import InlineLauncher, resolve_case
 
     # QLoRA: bitsandbytes' NF4 kernels under the bf16 LoRA path, the most moving parts of one case
     config = BenchConfig(id="qlora", quant="nf4", double_quant=True, steps=4)
@@ -79,7 +79,7 @@ def test_divergence_fails_the_case_naming_the_step(no_gates):
     ([0.0, 0.5, 0.5, 0.5], None),                                       # a zero start gives nothing to compare
 ])
 def test_divergence_rule_names_the_rule_and_the_steps(losses, verdict):
-    from lorabench.training import DivergenceRule
+    from lorabench.training.loop import DivergenceRule
 
     rule = DivergenceRule(factor=2.0, window=4)
     reasons = [rule.check(losses[:k]) for k in range(1, len(losses) + 1)]
@@ -98,7 +98,7 @@ def mid_size_checkpoint(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorabench.zoo import build_tokenizer
+    from lorabench.models.zoo import build_tokenizer
 
     out = tmp_path_factory.mktemp("mid-llama")
     tokenizer = build_tokenizer()
@@ -188,7 +188,7 @@ def test_an_interrupted_run_leaves_earlier_history_whole(sig, no_gates, earlier_
 def test_ctrl_c_to_the_process_group_mid_case_stores_no_run_and_compare_fail_passes(no_gates, earlier_history,
                                                                                    tmp_path):
     """Ctrl-C at a terminal reaches the whole process group: the pytest process and the case's own process."""
-    from lorabench.history import InterruptedRunError, read_run
+    from lorabench.storage.history import InterruptedRunError, read_run
 
     storage, scratch = tmp_path / "history", tmp_path / "tmp"
     shutil.copytree(earlier_history, storage)
@@ -229,7 +229,7 @@ def test_ctrl_c_to_the_process_group_mid_case_stores_no_run_and_compare_fail_pas
 def test_a_save_that_dies_half_way_leaves_no_result_file(tmp_path, monkeypatch):
     import logging
 
-    from lorabench.storage import AtomicFileStorage
+    from lorabench.storage.atomic import AtomicFileStorage
 
     storage = AtomicFileStorage(tmp_path, logging.getLogger("test"))
     storage.save({"benchmarks": [], "n": 1}, "first")
@@ -305,8 +305,8 @@ def test_a_save_on_a_full_disk_leaves_no_partial_file_and_goes_to_the_fallback(t
     import logging
     import tempfile
 
-    from lorabench import storage as storage_module
-    from lorabench.storage import AtomicFileStorage, make_atomic
+    from lorabench.storage import atomic as storage_module
+    from lorabench.storage.atomic import AtomicFileStorage, make_atomic
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     history = tmp_path / "history"
@@ -337,7 +337,7 @@ def test_benchmark_json_that_cannot_be_written_goes_to_the_fallback(tmp_path, mo
     import tempfile
     from types import SimpleNamespace
 
-    from lorabench.storage import protect_json_output
+    from lorabench.storage.atomic import protect_json_output
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "out").write_text("a file, not a directory")
@@ -356,10 +356,10 @@ ODD = "$x^^2$ <b>x</b> | `tick` " + "\u00e9\u4e2d" * 150
 
 
 def test_a_report_of_names_with_mathtext_html_pipes_backticks_and_long_unicode(tmp_path):
-    from lorabench.history import StoredRun
-    from lorabench.report import write_report
+    from lorabench.storage.history import StoredRun
+    from lorabench.report.pages import write_report
     from lorabench.result import CaseResult
-    from lorabench.summary import render_summary
+    from lorabench.report.summary import render_summary
 
     results = []
     for i, (config_id, rank) in enumerate((("base " + ODD, 8), ("lora " + ODD, 16))):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.history import read_run
-from lorabench.report import write_report
+from lorabench.storage.history import read_run
+from lorabench.report.pages import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 STORED_RUN = Path(__file__).parent / "data" / "stored-run.json"

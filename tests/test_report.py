@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.allure_results import CATEGORIES, gates_csv, metrics_csv, not_measured_csv, write_launch_files
-from lorabench.summary import columns_for
-from lorabench.cli import main
-from lorabench.history import StoredRun, read_run
+from lorabench.report.allure_results import CATEGORIES, gates_csv, metrics_csv, not_measured_csv, write_launch_files
+from lorabench.report.summary import columns_for
+from lorabench.commands.main import main
+from lorabench.storage.history import StoredRun, read_run
 from lorabench.matrix import short_name
-from lorabench.plots import base_label, front_is_decided, memory_metric, panels, pareto_front, write_plots
-from lorabench.report import build_groups, hyper_parameters, model_by_dataset, write_report
+from lorabench.report.plots import base_label, front_is_decided, memory_metric, panels, pareto_front, write_plots
+from lorabench.report.pages import build_groups, hyper_parameters, model_by_dataset, write_report
 from lorabench.result import STATUS_DOES_NOT_FIT, CaseResult
 
 STORED_RUN = Path(__file__).parent / "data" / "stored-run.json"  # a real autosaved run of three cases
@@ -111,7 +111,7 @@ def test_gates_table_in_markdown_html_and_allure(tmp_path):
     ]
     write_report(stored(result("full"), failing), tmp_path)
     md = (tmp_path / "summary.md").read_text()
-    # Markdown-escaped (lorabench.textsafe): renders as "eval_loss <= 2.0 * lora.eval_loss"
+    # Markdown-escaped (lorabench.report.textsafe): renders as "eval_loss <= 2.0 * lora.eval_loss"
     assert ("| fail | qlora_nf4-tiny-llama-digit-reverse | tiny-llama | digit-reverse | "
             "eval_loss &lt;= 2.0 \\* lora.eval_loss | 0.9 | &lt;= 0.8 | thresholds.yaml:37 |") in md
     assert md.index("| fail |") < md.index("| not evaluated |") < md.index("| pass |")
@@ -294,7 +294,7 @@ def test_categories_match_the_messages_the_bench_produces(message, category):
 
 
 def test_a_failed_case_reads_as_one_block():
-    from lorabench.failures import failure_block
+    from lorabench.report.failures import failure_block
 
     r = result("qlora_nf4", quant="nf4", eval_loss=0.0912)
     assert failure_block(r) is None

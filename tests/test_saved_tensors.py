@@ -52,7 +52,7 @@ def kept_bytes(output: torch.Tensor, exclude: list[torch.Tensor]) -> int:
 
 
 def _weights(layer: torch.nn.Module) -> list[torch.Tensor]:
-    from lorabench.tensor_tracker import model_state_tensors
+    from lorabench.meters.tensor_tracker import model_state_tensors
 
     params, buffers = model_state_tensors(layer)
     return params + buffers

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorabench import scaleout
+from lorabench.run import scaleout
 from lorabench.errors import ConfigError, HistoryError
 from lorabench.matrix import DEFAULT_CONFIGS, single_device_id
-from lorabench.merge import merge_runs
+from lorabench.commands.merge import merge_runs
 
 IDS = [c.id for c in DEFAULT_CONFIGS]
 
@@ -131,7 +131,7 @@ def test_merging_refuses_a_case_run_twice_or_runs_of_two_commits():
 
 
 def test_compare_names_the_differences_inside_a_merged_run():
-    from lorabench.compare import machine_warnings
+    from lorabench.gates.compare import machine_warnings
 
     warnings = machine_warnings({"cpu": "x"}, {"cpu": "x", "merged_differences": ["cpu: 'x' (a), 'y' (b)"]})
     assert warnings == ["run B joins slices whose machines differ in cpu: 'x' (a), 'y' (b); its figures may not "

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.cli import main
-from lorabench.compare import IMPROVED, UNCHANGED, compare_cases, Tolerances
+from lorabench.commands.main import main
+from lorabench.gates.compare import IMPROVED, UNCHANGED, compare_cases, Tolerances
 from lorabench.matrix import DEFAULT_CONFIGS
 from lorabench.errors import ConfigError
 from lorabench.result import STATUS_ERROR, CaseResult
-from lorabench.seeds import SeedPlan, combine, interval, parse_seeds, separated
+from lorabench.evaluation.seeds import SeedPlan, combine, interval, parse_seeds, separated
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA = next(c.id for c in DEFAULT_CONFIGS if c.method == "lora" and c.quant == "none")  # LoRA on an unquantized base
@@ -71,8 +71,8 @@ def test_an_accuracy_interval_over_two_seeds_stays_within_0_and_100_percent():
 
 
 def test_combine_keeps_every_per_step_curve_of_every_seed():
-    """The CPU-time curves too: compare's per-step speed test on a CPU case divides them (lorabench.compare)."""
-    from lorabench.compare import measured_step_ratios
+    """The CPU-time curves too: compare's per-step speed test on a CPU case divides them (lorabench.gates.compare)."""
+    from lorabench.gates.compare import measured_step_ratios
     from lorabench.result import STEP_CURVES
 
     runs = [run("q", seed) for seed in (1, 2)]

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lorabench.cli import main
-from lorabench.compare import REGRESSED, UNCHANGED, Tolerances, compare_runs
+from lorabench.commands.main import main
+from lorabench.gates.compare import REGRESSED, UNCHANGED, Tolerances, compare_runs
 from lorabench.errors import HistoryError
-from lorabench.history import INTERRUPTED_KEY, InterruptedRunError, read_run, select_run
+from lorabench.storage.history import INTERRUPTED_KEY, InterruptedRunError, read_run, select_run
 from lorabench.result import INVALID_STORED, read_record
 
 STORED = Path(__file__).parent / "data" / "stored-run.json"
@@ -109,7 +109,7 @@ def test_a_run_of_benchmarks_without_timings_or_records_is_still_not_a_result(tm
 
 def test_the_plugin_marks_an_interrupted_runs_json_and_the_storage_keeps_it_out_of_the_history(tmp_path, monkeypatch):
     from lorabench.pytest_plugin import hooks
-    from lorabench.storage import AtomicFileStorage, make_atomic
+    from lorabench.storage.atomic import AtomicFileStorage, make_atomic
     from pytest_benchmark.storage.file import FileStorage
 
     config = SimpleNamespace(stash=pytest.Stash())
@@ -218,7 +218,7 @@ def test_a_record_field_of_the_wrong_type_is_named_with_the_file_and_benchmark(k
 
 
 def test_a_seeds_non_finite_figure_is_left_out_of_the_seeds_statistics():
-    from lorabench.seeds import seed_values
+    from lorabench.evaluation.seeds import seed_values
 
     extra = record(stored(), "lora")
     extra["seeds"] = [{"seed": 1, "status": "ok", "metrics": {"eval_loss": 0.7}},
@@ -354,7 +354,7 @@ def many_cases(n: int) -> dict:
 
 
 def test_a_panel_past_the_named_limit_draws_its_cases_unnamed(tmp_path, capsys):
-    from lorabench.plots import NAMED_CASES_MAX
+    from lorabench.report.plots import NAMED_CASES_MAX
 
     n = 2 * NAMED_CASES_MAX  # a third are full fine-tuning, which the rank plot leaves out
     write(tmp_path, 1, many_cases(n))

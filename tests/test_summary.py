@@ -9,10 +9,10 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorabench.history import read_run
+from lorabench.storage.history import read_run
 from lorabench.result import CaseResult
-from lorabench.tables import FILE_WIDTH
-from lorabench.summary import describe, findings, format_delta, relative_change, render_summary, verdict
+from lorabench.report.tables import FILE_WIDTH
+from lorabench.report.summary import describe, findings, format_delta, relative_change, render_summary, verdict
 
 DATA = Path(__file__).resolve().parent / "data"
 positive = st.floats(1e-3, 1e6, allow_nan=False)
@@ -76,7 +76,7 @@ def test_summary_has_a_baseline_column_and_computed_findings():
 
 def seeded(config_id: str, **per_seed) -> CaseResult:
     """A record combined from one run per seed: ``eval_loss=[0.5, 0.6, 0.7]`` gives three seeds."""
-    from lorabench.seeds import combine
+    from lorabench.evaluation.seeds import combine
 
     n = len(next(iter(per_seed.values())))
     runs = []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.history import latest_runs
+from lorabench.storage.history import latest_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE = "qlora_nf4_r8"

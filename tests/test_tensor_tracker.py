@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench.tensor_tracker import CATEGORIES, TensorTracker
+from lorabench.meters.tensor_tracker import CATEGORIES, TensorTracker
 
 
 def _model(frozen_first: bool = False) -> torch.nn.Module:

@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorabench.errors import ThresholdError
-from lorabench.history import read_run
+from lorabench.storage.history import read_run
 from lorabench.case_kinds import known_case_ids
-from lorabench.thresholds import (
+from lorabench.gates.thresholds import (
     FAIL, NOT_EVALUABLE, NOT_EVALUATED, OPS, PASS, Gate, evaluate_gate, load_thresholds, parse_thresholds,
 )
 

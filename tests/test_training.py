@@ -8,12 +8,12 @@ import pytest
 
 from lorabench.case_kinds import DEFAULT_KIND
 from lorabench.config import BenchConfig, resolve
-from lorabench.data import collator, load_task_data
-from lorabench.launch import InlineLauncher, resolve_case
-from lorabench.models import apply_adapter, load_model, load_tokenizer
-from lorabench.protocol import RunOptions
-from lorabench.runner import tokenize_task
-from lorabench.training import DivergenceError, StepRunner, make_trainer, simple_timer
+from lorabench.data.tasks import collator, load_task_data
+from lorabench.run.launch import InlineLauncher, resolve_case
+from lorabench.models.loading import apply_adapter, load_model, load_tokenizer
+from lorabench.kinds.protocol import RunOptions
+from lorabench.kinds.finetune import tokenize_task
+from lorabench.training.loop import DivergenceError, StepRunner, make_trainer, simple_timer
 
 
 def _runner(source, device, **fields):
@@ -103,7 +103,7 @@ def test_a_case_runs_its_steps_on_the_threads_asked_and_gives_them_back(tiny_lla
 def test_the_control_leaves_the_training_random_state_alone(cpu):
     import torch
 
-    from lorabench.control import ControlWorkload
+    from lorabench.meters.control import ControlWorkload
 
     torch.manual_seed(7)
     expected = torch.rand(3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from lorabench import zoo
+from lorabench.models import zoo
 from lorabench.errors import ModelError
 
 

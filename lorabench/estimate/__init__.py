@@ -32,8 +32,8 @@ from lorabench.config import BenchConfig
 from lorabench.estimate.allocator import AllocatorPeaks, replay
 from lorabench.estimate.allocator import SOURCE as ALLOCATOR_SOURCE
 from lorabench.estimate.runtime import CUBLAS_WORKSPACE, CUDA_CONTEXT, RuntimeTerm, workspace_blocks
-from lorabench.footprint import MIB
-from lorabench.tensor_tracker import CATEGORIES, TensorPeak
+from lorabench.meters.footprint import MIB
+from lorabench.meters.tensor_tracker import CATEGORIES, TensorPeak
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Figure:
 
 
 FIGURE_COUNTERS = {  # name -> (metric of the run it compares with, what that counter is)
-    "tensor": ("tensor_peak_mib", "peak live tensor bytes (lorabench.tensor_tracker), any device"),
+    "tensor": ("tensor_peak_mib", "peak live tensor bytes (lorabench.meters.tensor_tracker), any device"),
     "allocated": ("peak_alloc_mib", "torch.cuda.max_memory_allocated"),
     "reserved": ("peak_reserved_mib", "torch.cuda.max_memory_reserved"),
     "device": ("device_used_max_mib", "NVML device memory in use"),
@@ -161,10 +161,10 @@ def hf_config(spec: str, *, trust_remote_code: bool = False):
     """
     from pathlib import Path
 
-    from lorabench import presets
+    from lorabench.models import presets
     from lorabench.estimate.model_check import read_config
-    from lorabench.models import hub_snapshot, resolve_model
-    from lorabench.zoo import ZOO, model_config
+    from lorabench.models.loading import hub_snapshot, resolve_model
+    from lorabench.models.zoo import ZOO, model_config
 
     if presets.is_preset(spec):
         return presets.hf_config(spec)
@@ -222,7 +222,7 @@ class Predictor:
 
     def _resolved(self, batch_size: int, seq_len: int) -> BenchConfig:
         from lorabench.config import TrainDefaults, resolve
-        from lorabench.precision import predicted_dtype
+        from lorabench.backends.precision import predicted_dtype
 
         # steps and learning rate change no tensor; the Trainer wants them set
         open_fields = TrainDefaults(steps=self.config.warmup_steps + 1, batch_size=batch_size, seq_len=seq_len,

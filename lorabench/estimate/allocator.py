@@ -27,7 +27,7 @@ import bisect
 import itertools
 from dataclasses import dataclass
 
-from lorabench.tensor_tracker import TensorTracker
+from lorabench.meters.tensor_tracker import TensorTracker
 
 MIN_BLOCK = 512  # kMinBlockSize
 SMALL_SIZE = 1 << 20  # kSmallSize: the largest small-pool request

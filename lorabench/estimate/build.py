@@ -5,7 +5,7 @@ The model is built from its transformers config with ``from_config`` under
 (:meth:`lorabench.backends.QuantBackend.quantize_meta`: bitsandbytes through transformers'
 own quantizer and its ``Params4bit`` / ``Int8Params`` code, torchao through ``quantize_``),
 so every packed weight, scale and code book gets its real shape and dtype.
-The adapter is attached by :func:`lorabench.models.apply_adapter`, the same call a
+The adapter is attached by :func:`lorabench.models.loading.apply_adapter`, the same call a
 real case makes (``prepare_model_for_kbit_training``'s fp32 upcasts included).
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from lorabench import backends
 from lorabench.config import BenchConfig
-from lorabench.models import apply_adapter
-from lorabench.precision import torch_dtype
+from lorabench.models.loading import apply_adapter
+from lorabench.backends.precision import torch_dtype
 
 
 def meta_model(hf_config, config: BenchConfig):

@@ -9,7 +9,7 @@ import logging
 from lorabench.config import BenchConfig
 from lorabench.estimate.device import TARGETS
 from lorabench.result import CaseResult
-from lorabench.tensor_meter import PEAK_METRIC, TensorMeter
+from lorabench.meters.tensor_meter import PEAK_METRIC, TensorMeter
 
 log = logging.getLogger("lorabench.estimate")
 PREDICTED = "predicted_peak_mib"
@@ -31,7 +31,7 @@ def record_prediction(result: CaseResult, source, config: BenchConfig, tensors: 
 
     Args:
         result: the case's result; ``tensor_peak_mib`` is read from it.
-        source: the case's model (:class:`lorabench.models.ModelSource`).
+        source: the case's model (:class:`lorabench.models.loading.ModelSource`).
         config: the resolved configuration.
         tensors: the case's tensor meter.
         shapes: padded (batch, length) of every step run so far.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorabench.footprint import MIB
+from lorabench.meters.footprint import MIB
 
 MATMUL_THREADS = 2  # the main thread (forward, optimizer) and the autograd engine's CUDA device thread (backward)
 CUBLAS_WORKSPACE_BYTES = 4096 * 8 * 1024  # the Hopper (sm90) default; :4096:2:16:8 = 8.125 MiB on other GPUs

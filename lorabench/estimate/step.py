@@ -1,8 +1,8 @@
 """Training steps on the meta device under the tensor tracker: the same calls a case makes.
 
-The Trainer is built by :func:`lorabench.training.make_trainer` (so the optimizer, its
+The Trainer is built by :func:`lorabench.training.loop.make_trainer` (so the optimizer, its
 parameter groups and bitsandbytes' 32-bit override for embeddings are the real ones),
-and each step repeats :meth:`lorabench.training.StepRunner.step`: the batch of every
+and each step repeats :meth:`lorabench.training.loop.StepRunner.step`: the batch of every
 micro-batch, ``Trainer.training_step`` (forward, loss, backward), gradient clipping,
 the optimizer and scheduler steps, and ``zero_grad``.
 
@@ -35,8 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lorabench.config import BenchConfig
 from lorabench.estimate.device import emulate, use_foreach
 from lorabench.estimate.allocator import AllocationLog
-from lorabench.tensor_tracker import TensorPeak
-from lorabench.training import MAX_GRAD_NORM, make_trainer
+from lorabench.meters.tensor_tracker import TensorPeak
+from lorabench.training.loop import MAX_GRAD_NORM, make_trainer
 
 CACHE_KERNELS = True  # False: every operator runs its meta kernel (the cache's own check)
 KERNEL_CACHE_ENTRIES = 50_000  # the cache is emptied past this many input signatures

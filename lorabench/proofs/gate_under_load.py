@@ -157,8 +157,8 @@ class _PairFigures(NamedTuple):
 def _pair_figures(storage: Path, run_a: str, run_b: str) -> _PairFigures:
     """The changes (percent) of step_control_ratio and step_ms between two stored runs, and the lower
     confidence bound of the per-step ratios' shift, for the first case: one load and one comparison."""
-    from lorabench.compare import DEFAULT_ALPHA, compare_runs, step_ratio_shift
-    from lorabench.history import select_run
+    from lorabench.gates.compare import DEFAULT_ALPHA, compare_runs, step_ratio_shift
+    from lorabench.storage.history import select_run
 
     a, b = select_run(run_a, storage), select_run(run_b, storage)
     case_id = min(a.results)

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 
 from lorabench.config import BenchConfig
-from lorabench.data import collator
-from lorabench.models import ModelSource, apply_adapter, load_model, load_tokenizer
-from lorabench.training import MAX_GRAD_NORM
+from lorabench.data.tasks import collator
+from lorabench.models.loading import ModelSource, apply_adapter, load_model, load_tokenizer
+from lorabench.training.loop import MAX_GRAD_NORM
 
 
 class BareLoop:

@@ -7,7 +7,7 @@ the gates of ``thresholds.yaml`` (checked with every input before any case train
 - ``bench_session``: the run's matrix, device, gates and results so far;
 - ``model_source``, ``tokenizer_for``, ``task_data``, ``task_tokens``, ``case_data``: session caches of models
   and data;
-- ``finetune_result``: runs ``bench_case`` through its launcher (:mod:`lorabench.launch`: in its own
+- ``finetune_result``: runs ``bench_case`` through its launcher (:mod:`lorabench.run.launch`: in its own
   process unless ``--isolate none``) under pytest-benchmark, gates it and records it; a test asserts on
   it with :func:`assert_case_passed`;
 - ``inference_adapter``, ``measure_inference``, ``gguf_export`` and their caches: inference cases.

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.quiet import OwnRecordsOnly, quiet_libraries  # first: before any Hugging Face library is imported
+from lorabench.run.quiet import OwnRecordsOnly, quiet_libraries  # first: before any Hugging Face library is imported
 from lorabench.errors import LorabenchError
-from lorabench.session import (
+from lorabench.pytest_plugin.session import (
     AUTO_THREADS,
     DEFAULT_CASE_TIMEOUT_S,
     ISOLATION,
@@ -23,10 +23,10 @@ from lorabench.session import (
     BenchSession,
     open_session,
 )
-from lorabench.allure_results import CASE_ERROR, GATE_FAILED
-from lorabench.failures import failure_block, failure_index, failure_report
-from lorabench.storage import json_output_path
-from lorabench.summary import render_summary
+from lorabench.report.allure_results import CASE_ERROR, GATE_FAILED
+from lorabench.report.failures import failure_block, failure_index, failure_report
+from lorabench.storage.atomic import json_output_path
+from lorabench.report.summary import render_summary
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
 # set once this process collects a bench case: until then the plugin leaves a run as it is (pytest loads
@@ -113,7 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """After pytest-benchmark has set up its storage: make its writes atomic, with a fallback on failure."""
-    from lorabench.storage import make_atomic, protect_json_output
+    from lorabench.storage.atomic import make_atomic, protect_json_output
 
     benchmark_session = getattr(session.config, "_benchmarksession", None)
     bench = session.config.stash.get(SESSION_KEY, None)
@@ -155,8 +155,8 @@ def _active(config: pytest.Config) -> bool:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """A run whose results went to a fallback location fails (pytest-benchmark has saved by now);
     with --alluredir: the launch's environment (device, versions) and result categories."""
-    from lorabench import allure_results
-    from lorabench.environment import machine
+    from lorabench.report import allure_results
+    from lorabench.meters.environment import machine
 
     bench = session.config.stash.get(SESSION_KEY, None)
     if bench is not None and bench.save_failures and session.exitstatus == pytest.ExitCode.OK:
@@ -174,7 +174,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     session = metafunc.config.stash[SESSION_KEY]
     # pytest-timeout's signal method fails the case and lets the session go on; an isolated
-    # case's process is killed on the way out (lorabench.isolation.CaseProcess.stop).
+    # case's process is killed on the way out (lorabench.run.isolation.CaseProcess.stop).
     limit = [pytest.mark.timeout(session.case_timeout_s, method="signal")] if session.case_timeout_s else []
     params = [
         pytest.param(case, id=case_id, marks=[getattr(pytest.mark, m) for m in case.config.markers] + limit)
@@ -269,7 +269,7 @@ def _storage_path(config: pytest.Config) -> Path | None:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    from lorabench.environment import machine
+    from lorabench.meters.environment import machine
 
     if not _active(config):
         return
@@ -289,8 +289,8 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
     """Mark the JSON of a run that Ctrl-C (SIGINT) or ``pytest.exit`` stopped: pytest-benchmark still saves
     the rounds the interrupted case had timed, with no record. The storage writes a marked run outside
-    the history (lorabench.storage), and every reader passes over one (lorabench.history)."""
-    from lorabench.history import INTERRUPTED_KEY
+    the history (lorabench.storage.atomic), and every reader passes over one (lorabench.storage.history)."""
+    from lorabench.storage.history import INTERRUPTED_KEY
 
     session = config.stash.get(_PYTEST_SESSION, None)
     if session is not None and session.exitstatus == pytest.ExitCode.INTERRUPTED:
@@ -301,7 +301,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A case's failure block (lorabench.failures) whole under FAILURES, one line in the short summary."""
+    """A case's failure block (lorabench.report.failures) whole under FAILURES, one line in the short summary."""
     report = yield
     failed = call.excinfo is not None and call.excinfo.errisinstance(pytest.fail.Exception)
     text = str(call.excinfo.value.msg) if failed else ""

@@ -4,14 +4,14 @@ Under ``pytest -n N`` the controller collects and measures nothing; each worker 
 of the cases and, when it finishes, sends back (``workeroutput``) its result records and its
 pytest-benchmark measurements. The controller then stores one run with all of them, prints one
 summary, and records the worker count in ``machine_info``. The logic lives in
-:mod:`lorabench.scaleout`.
+:mod:`lorabench.run.scaleout`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from lorabench import scaleout
+from lorabench.run import scaleout
 from lorabench.errors import LorabenchError
 
 _OUTPUT_KEY = "lorabench"
@@ -131,7 +131,7 @@ def _gated_item(nodeid: str, cases: dict, known: set[str]) -> scaleout.GatedItem
 
 
 def _groups(config: pytest.Config, nodeids: list[str]) -> list[str | None]:
-    """Each node id's group (:func:`lorabench.scaleout.gate_groups`), or ``None`` where it may run anywhere.
+    """Each node id's group (:func:`lorabench.run.scaleout.gate_groups`), or ``None`` where it may run anywhere.
 
     The thresholds file is read here without touching the session, whose own reading
     (lorabench.pytest_plugin.hooks) decides what is gated.
@@ -140,7 +140,7 @@ def _groups(config: pytest.Config, nodeids: list[str]) -> list[str | None]:
         pytest.UsageError: the thresholds file is malformed.
     """
     from lorabench.case_kinds import known_case_ids
-    from lorabench.thresholds import SELF, load_thresholds
+    from lorabench.gates.thresholds import SELF, load_thresholds
 
     bench = _bench(config)
     if bench is None:

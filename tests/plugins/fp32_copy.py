@@ -7,9 +7,9 @@ for AdamW's two fp32 moments, invisible to a count of ``optimizer.state``.
 
 from __future__ import annotations
 
-import lorabench.runner
+import lorabench.kinds.finetune
 
-_make_trainer = lorabench.runner.make_trainer
+_make_trainer = lorabench.kinds.finetune.make_trainer
 
 
 def _keep_copy(optimizer, args, kwargs) -> None:
@@ -24,4 +24,4 @@ def make_trainer(*args, **kwargs):
     return trainer
 
 
-lorabench.runner.make_trainer = make_trainer
+lorabench.kinds.finetune.make_trainer = make_trainer

@@ -1,0 +1,1 @@
+"""Data: the embedded tasks, user data sets, chat templates and held-out prose."""

@@ -1,0 +1,1 @@
+"""Gates: thresholds.yaml's rules and the comparison of two stored runs."""
