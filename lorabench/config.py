@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from lorabench import backends
 from lorabench.errors import ConfigError
+from lorabench import yamlio
+from lorabench.backends.precision import AUTO, resolve_dtype
 
 METHODS = ("full", "lora")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -180,7 +182,6 @@ def resolve(config: BenchConfig, defaults: TrainDefaults, device=None) -> BenchC
     Raises:
         ConfigError: ``dtype`` is ``auto`` and no device is given to resolve it.
     """
-    from lorabench.backends.precision import AUTO, resolve_dtype
 
     if config.dtype == AUTO and device is None:
         raise ConfigError(f"configuration {config.id!r}: dtype 'auto' needs the device to resolve it")
@@ -208,7 +209,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     Raises:
         ConfigError: no ``=``, or an unknown key.
     """
-    from lorabench import yamlio
 
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rank=32")

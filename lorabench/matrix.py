@@ -17,6 +17,7 @@ from lorabench.case_kinds import CUDA_PEAK, DEFAULT_KIND, PROCESS_PEAK, TENSOR_P
 from lorabench.config import BenchConfig, apply_overrides
 from lorabench.errors import ConfigError
 from lorabench.models.real_model import REAL_MODELS
+from lorabench.paths import read_text
 
 BASELINE_ID = "full"
 SWEEP_RANKS = (8, 16, 32, 64)
@@ -193,7 +194,6 @@ def default_dataset(models: list[str]) -> str:
 
 
 def _read_matrix_file(path: Path) -> tuple[list[str], list[str], list[BenchConfig]]:
-    from lorabench.paths import read_text
 
     text = read_text(path, "--matrix")
     try:

@@ -37,6 +37,11 @@ from lorabench.errors import ConfigError
 from lorabench.estimate import FIGURE_COUNTERS, Prediction
 from lorabench.meters.footprint import MIB
 from lorabench.report.tables import render_table, wrap
+from lorabench.estimate import Predictor
+from lorabench.estimate import hf_config
+from lorabench.matrix import short_name
+from lorabench.models.loading import train_defaults
+from lorabench.report.plots import _pyplot, _save
 
 SCALED = ("activations", "temporaries")  # tensor parts that grow with the batch and the length; the rest is fixed
 ALLOCATOR_SCALED = ("allocator_rounding", "allocator_cached")  # the caching allocator's overhead: grows with them too
@@ -96,7 +101,6 @@ class FitCase:
 
 def default_shape(spec: str) -> TrainDefaults:
     """The batch size and length a model trains with when the command leaves them open."""
-    from lorabench.models.loading import train_defaults
 
     return train_defaults(spec)
 
@@ -104,7 +108,6 @@ def default_shape(spec: str) -> TrainDefaults:
 def fit_case(model: str, hf_config, config: BenchConfig, budgets: list[Budget], *, batch_size: int, seq_len: int,
              target: str) -> FitCase:
     """Predict one case and judge it against every budget (the device total on CUDA, tensor bytes on the CPU)."""
-    from lorabench.estimate import Predictor
 
     predictor = Predictor(hf_config, config, target=target, extrapolate_layers=True)
     peaks: dict[tuple[int, int], float] = {}
@@ -296,7 +299,6 @@ def run_fit(models: list[str], budgets: list[Budget], *, batch_size: int | None,
         ModelError: a model spec names nothing known, or its config.json has a bad shape field.
         ConfigError: a bad target, or a length past a model's positions.
     """
-    from lorabench.estimate import hf_config
 
     planned = []
     for spec in models:
@@ -377,8 +379,6 @@ def write_json(cases: list[FitCase], path: Path) -> None:
 
 def plot(cases: list[FitCase], budgets: list[Budget], out: Path) -> list[Path]:
     """A stacked bar per case (its parts, GiB) with a line per budget; PNG and SVG."""
-    from lorabench.report.plots import _pyplot, _save
-    from lorabench.matrix import short_name
 
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)

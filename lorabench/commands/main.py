@@ -26,6 +26,20 @@ import sys
 from pathlib import Path
 
 from lorabench.errors import HistoryError, LorabenchError
+from lorabench import yamlio
+from lorabench.commands.merge import default_output, merge_runs
+from lorabench.config import parse_override
+from lorabench.errors import HistoryError
+from lorabench.errors import StorageError
+from lorabench.errors import ThresholdError
+from lorabench.gates.compare import Tolerances, parse_tolerances
+from lorabench.gates.compare import compare_runs
+from lorabench.matrix import build_matrix
+from lorabench.paths import read_text
+from lorabench.run.quiet import quiet_libraries
+from lorabench.storage.history import latest_runs, run_problem, select_run
+from lorabench.storage.history import latest_runs, select_run
+from lorabench.storage.history import read_json, select_run
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 NEGATIVE_SIZE = re.compile(r"^-\d+(\.\d+)?\s*[A-Za-z]*$")  # a negative number, or size, is a value, not an option
@@ -137,10 +151,7 @@ def storage_path(text: str) -> Path:
 
 
 def _compare(args) -> int:
-    from lorabench.report import compare_output
-    from lorabench.gates.compare import compare_runs
-    from lorabench.errors import HistoryError
-    from lorabench.storage.history import latest_runs, run_problem, select_run
+    from lorabench.report import compare_output  # deferred: imports rich
 
     for option, path in (("--csv", args.csv), ("--json", args.json), ("--markdown", args.markdown)):
         if path is not None:
@@ -179,10 +190,6 @@ def _compare(args) -> int:
 def _tolerances(path: Path | None):
     """The ``compare:`` section of the thresholds file (its gates are the bench's business): of ``path``,
     which must exist, or of ./thresholds.yaml where it exists; else the built-in tolerances."""
-    from lorabench import yamlio
-    from lorabench.gates.compare import Tolerances, parse_tolerances
-    from lorabench.errors import ThresholdError
-    from lorabench.paths import read_text
 
     if path is None:
         path = Path("thresholds.yaml")
@@ -197,9 +204,7 @@ def _tolerances(path: Path | None):
 
 
 def _merge(args) -> int:
-    from lorabench.storage.history import read_json, select_run
-    from lorabench.commands.merge import default_output, merge_runs
-    from lorabench.storage.atomic import write_run
+    from lorabench.storage.atomic import write_run  # deferred: imports pytest_benchmark
 
     if args.out is not None:
         check_output_file(args.out, "merge --out")
@@ -218,8 +223,7 @@ def _merge(args) -> int:
 
 
 def _report(args) -> int:
-    from lorabench.storage.history import latest_runs, select_run
-    from lorabench.report.pages import write_report
+    from lorabench.report.pages import write_report  # deferred: imports rich
 
     check_output_dir(args.out, "report --out")
     skipped: list[str] = []
@@ -235,9 +239,7 @@ def _report(args) -> int:
 
 
 def _list(args) -> int:
-    from lorabench.config import parse_override
-    from lorabench.commands.listing import list_lines
-    from lorabench.matrix import build_matrix
+    from lorabench.commands.listing import list_lines  # deferred: imports rich
 
     overrides = dict(parse_override(text) for text in args.overrides)
     matrix = build_matrix(matrix_file=args.matrix, models=args.model, datasets=args.dataset, overrides=overrides)
@@ -257,8 +259,7 @@ def check_output_dir(directory: Path, option: str) -> None:
     Raises:
         StorageError: naming the option, the folder and why (a component that is a file, read-only, ...).
     """
-    from lorabench.errors import StorageError
-    from lorabench.storage.atomic import describe_os_error
+    from lorabench.storage.atomic import describe_os_error  # deferred: imports pytest_benchmark
 
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -274,7 +275,6 @@ def check_output_file(path: Path, option: str) -> None:
     Raises:
         StorageError: naming the option, the file and why.
     """
-    from lorabench.errors import StorageError
 
     if path.is_dir():
         raise StorageError(f"{option} {path}: a folder, not a file; name the file to write")
@@ -282,10 +282,7 @@ def check_output_file(path: Path, option: str) -> None:
 
 
 def _fit(args) -> int:
-    from lorabench.config import parse_override
-    from lorabench.commands.fit import Budget, check_outputs, check_shape, plot, render, run_fit, write_json
-    from lorabench.matrix import build_matrix
-    from lorabench.run.quiet import quiet_libraries
+    from lorabench.commands.fit import Budget, check_outputs, check_shape, plot, render, run_fit, write_json  # deferred: imports rich, torch
 
     quiet_libraries()  # the libraries' deprecation notices and optional-kernel messages say nothing about the answer
     check_shape(args.batch_size, args.seq_len)

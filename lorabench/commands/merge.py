@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lorabench.errors import HistoryError
+from lorabench.errors import ConfigError
+from lorabench.gates.compare import MACHINE_KEYS
+from lorabench.run.scaleout import parse_shard
+from lorabench.storage.history import RUN_FILE
 
 LOAD_KEYS = ("load_avg_1m_start", "load_avg_1m_end")
 
@@ -27,7 +31,6 @@ class Merged:
 
 
 def _machine_keys(machines: list[dict[str, Any]]) -> list[str]:
-    from lorabench.gates.compare import MACHINE_KEYS
 
     keys = [k for k in MACHINE_KEYS if any(k in m for m in machines)]
     keys += sorted({k for m in machines for k in m if k.endswith("_version")} - set(keys))
@@ -89,8 +92,6 @@ def merge_runs(runs: list[tuple[str, dict[str, Any]]]) -> Merged:
 
 def _missing(shards: list[str | None]) -> list[str]:
     """A warning when the runs are slices of one ``--shard I/N`` split and some slice is not among them."""
-    from lorabench.errors import ConfigError
-    from lorabench.run.scaleout import parse_shard
 
     try:
         parsed = [parse_shard(s) for s in shards if s]
@@ -107,7 +108,6 @@ def _missing(shards: list[str | None]) -> list[str]:
 def default_output(storage: Path, data: dict[str, Any]) -> Path:
     """``<storage>/merged/NNNN_merged_<commit>.json``: the next number there, so the joined run is the
     latest stored run that ``compare`` and ``report`` pick by default."""
-    from lorabench.storage.history import RUN_FILE
 
     folder = storage / "merged"
     numbers = [int(m.group(1)) for p in folder.glob("*.json") if (m := RUN_FILE.match(p.name))] if folder.is_dir() else []

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from lorabench.data.chat import prompt_token_ids
 from lorabench.errors import DatasetError
 from lorabench.data.real_text import prose_rows
+from lorabench.paths import expand
+from lorabench.paths import problem
 
 if TYPE_CHECKING:
     import datasets
@@ -138,7 +140,6 @@ def load_task_data(spec: str, *, seed: int = 0) -> TaskData:
     Raises:
         DatasetError: the data set is missing, empty, of mixed row schemas, or lacks the needed columns.
     """
-    from lorabench.paths import expand
 
     if spec in EMBEDDED_DATASETS:
         return EMBEDDED_DATASETS[spec](seed)
@@ -153,7 +154,6 @@ def load_task_data(spec: str, *, seed: int = 0) -> TaskData:
 def _from_file(path: Path, seed: int) -> TaskData:
     import glob
 
-    from lorabench.paths import problem
 
     why = problem(path, "file")
     if why == "a directory, not a file":

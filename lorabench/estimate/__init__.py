@@ -34,6 +34,11 @@ from lorabench.estimate.allocator import SOURCE as ALLOCATOR_SOURCE
 from lorabench.estimate.runtime import CUBLAS_WORKSPACE, CUDA_CONTEXT, RuntimeTerm, workspace_blocks
 from lorabench.meters.footprint import MIB
 from lorabench.meters.tensor_tracker import CATEGORIES, TensorPeak
+from lorabench.backends.precision import predicted_dtype
+from lorabench.config import TrainDefaults, resolve
+from lorabench.models import presets
+from lorabench.models.loading import hub_snapshot, resolve_model
+from lorabench.models.zoo import ZOO, model_config
 
 
 @dataclass(frozen=True)
@@ -161,10 +166,7 @@ def hf_config(spec: str, *, trust_remote_code: bool = False):
     """
     from pathlib import Path
 
-    from lorabench.models import presets
-    from lorabench.estimate.model_check import read_config
-    from lorabench.models.loading import hub_snapshot, resolve_model
-    from lorabench.models.zoo import ZOO, model_config
+    from lorabench.estimate.model_check import read_config  # deferred: lorabench.estimate.model_check imports this module
 
     if presets.is_preset(spec):
         return presets.hf_config(spec)
@@ -211,7 +213,7 @@ class Predictor:
     """
 
     def __init__(self, hf_config, config: BenchConfig, *, target: str = "cpu", extrapolate_layers: bool = False):
-        from lorabench.estimate.device import check_target
+        from lorabench.estimate.device import check_target  # deferred: lorabench.estimate.device imports this module
 
         check_target(target)
         self.hf_config, self.config, self.target = hf_config, config, target
@@ -221,8 +223,6 @@ class Predictor:
         self._built: dict[int, tuple[object, object, str]] = {}
 
     def _resolved(self, batch_size: int, seq_len: int) -> BenchConfig:
-        from lorabench.config import TrainDefaults, resolve
-        from lorabench.backends.precision import predicted_dtype
 
         # steps and learning rate change no tensor; the Trainer wants them set
         open_fields = TrainDefaults(steps=self.config.warmup_steps + 1, batch_size=batch_size, seq_len=seq_len,
@@ -231,8 +231,8 @@ class Predictor:
                                            dtype=predicted_dtype(self.config.dtype, self.target)), open_fields)
 
     def _run(self, layers: int, config: BenchConfig, batch_size: int, seq_len: int):
-        from lorabench.estimate.build import meta_model
-        from lorabench.estimate.step import prepared_trainer, track_training
+        from lorabench.estimate.build import meta_model  # deferred: lorabench.estimate.build imports this module
+        from lorabench.estimate.step import prepared_trainer, track_training  # deferred: lorabench.estimate.step imports this module
 
         if layers not in self._built:
             model = meta_model(with_layers(self.hf_config, layers), config)

@@ -10,6 +10,7 @@ from lorabench.config import BenchConfig
 from lorabench.estimate.device import TARGETS
 from lorabench.result import CaseResult
 from lorabench.meters.tensor_meter import PEAK_METRIC, TensorMeter
+from lorabench.estimate import predict
 
 log = logging.getLogger("lorabench.estimate")
 PREDICTED = "predicted_peak_mib"
@@ -51,7 +52,6 @@ def record_prediction(result: CaseResult, source, config: BenchConfig, tensors: 
         return
     from transformers import AutoConfig
 
-    from lorabench.estimate import predict
 
     batch_size, seq_len = max(shapes[:tensors.result.steps], key=lambda s: s[0] * s[1])
     hf = AutoConfig.from_pretrained(source.path, local_files_only=True, trust_remote_code=source.trust_remote_code)

@@ -25,6 +25,8 @@ neither, so for meta tensors the first answers "none" and the second stays quiet
 from __future__ import annotations
 
 import contextlib
+from lorabench import backends
+from lorabench.errors import ConfigError
 
 TARGETS = ("cpu", "cuda")
 _HALF = ("float16", "bfloat16")
@@ -37,7 +39,6 @@ def check_target(target: str) -> None:
         ConfigError: ``target`` is not one of :data:`TARGETS`.
     """
     if target not in TARGETS:
-        from lorabench.errors import ConfigError
 
         raise ConfigError(f"target device {target!r}: choose one of {', '.join(TARGETS)}")
 
@@ -97,7 +98,6 @@ def emulate(target: str):
     import torch.nn.functional as F
     from transformers import PreTrainedModel, masking_utils
 
-    from lorabench import backends
 
     check_target(target)
     patches = ((F, "scaled_dot_product_attention", _fused_sdpa(target, F.scaled_dot_product_attention)),

@@ -42,6 +42,8 @@ from lorabench.errors import ThresholdError
 from lorabench.storage.history import StoredRun
 from lorabench.metrics import METRICS, Metric
 from lorabench.result import INVALID_STORED, STATUS_OK, CaseResult
+from lorabench.evaluation.seeds import seed_values
+from lorabench.meters.control import paired_ratios, ratio_in_cpu_time
 
 DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 15.0, "quality": 5.0, "size": 0.0}
 DEFAULT_ALPHA = 0.05
@@ -298,7 +300,6 @@ def _seed_p_value(metric: str, a: CaseResult, b: CaseResult) -> tuple[float, str
 
     from scipy.stats import ttest_1samp, ttest_ind
 
-    from lorabench.evaluation.seeds import seed_values
 
     va, vb = seed_values(a, metric), seed_values(b, metric)
     if len(va) < 2 and len(vb) < 2 or not va or not vb:
@@ -333,7 +334,6 @@ def measured_step_ratios(result: CaseResult) -> list[float]:
     """Step over its control of every measured (post-warm-up) step, of every seed that ran, in the clock the
     case's ``step_control_ratio`` used (CPU time on the CPU, wall time elsewhere); empty where no control
     was stored."""
-    from lorabench.meters.control import paired_ratios, ratio_in_cpu_time
 
     # (runs stored before the CPU-time curves existed have only the wall-time ones)
     cpu_time = ratio_in_cpu_time(result.device.split(":")[0]) and any(_measured(result, "control_cpu_ms_curve"))

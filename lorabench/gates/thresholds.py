@@ -54,6 +54,8 @@ from lorabench.data.tasks import EVAL_FRACTION, MAX_EVAL_EXAMPLES
 from lorabench.errors import ThresholdError
 from lorabench.metrics import CUDA_ONLY, METRICS, can_be_negative
 from lorabench.models.zoo import ZOO
+from lorabench.gates.compare import parse_tolerances
+from lorabench.paths import read_text
 
 TOP_LEVEL_KEYS = ("version", "profiles", "compare")
 CHECKPOINTING_SELECTORS = {"checkpointing": True, "no-checkpointing": False}
@@ -228,7 +230,6 @@ def load_thresholds(path: str | Path, known_configs: Iterable[str]) -> Threshold
     Raises:
         ThresholdError: with the file, line, key and what is allowed.
     """
-    from lorabench.paths import read_text
 
     path = Path(path)
     return parse_thresholds(read_text(path, "--thresholds", ThresholdError), str(path), set(known_configs))
@@ -259,7 +260,6 @@ def parse_thresholds(text: str, filename: str, known_configs: set[str]) -> Thres
         section = yamlio.construct(top["compare"][1]) or {}
         if not isinstance(section, dict):
             raise ThresholdError(f"{filename}:{top['compare'][1].start_mark.line + 1}: 'compare' must be a mapping")
-        from lorabench.gates.compare import parse_tolerances
 
         parse_tolerances(section, f"{filename}:{top['compare'][1].start_mark.line + 1}")
     if "profiles" not in top:

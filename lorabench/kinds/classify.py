@@ -29,6 +29,7 @@ from lorabench.kinds.protocol import ResolvedCase
 from lorabench.training.recording import record_speed, record_train_loss
 from lorabench.result import CaseResult
 from lorabench.kinds.finetune import TrainingRun
+from lorabench.kinds.quant_error import linear_weights
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DATASET_NAME = "review-sentiment"
@@ -113,7 +114,6 @@ def encoder_linear_weights():
     import torch
     from transformers import AutoModel
 
-    from lorabench.kinds.quant_error import linear_weights
 
     return linear_weights(AutoModel.from_pretrained(model_path(), dtype=torch.float32, local_files_only=True))
 

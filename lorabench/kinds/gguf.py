@@ -37,6 +37,7 @@ from lorabench.kinds.inference import (
     timing_from_stamps,
 )
 from lorabench.kinds.protocol import ResolvedCase
+from lorabench.meters.footprint import MIB
 
 INSTALL_HINT = 'pip install "lorabench[gguf]"  (llama-cpp-python compiles llama.cpp: about 7.5 minutes on 2 cores)'
 REQUIRED_MODULES = ("llama_cpp", "gguf")
@@ -259,7 +260,6 @@ class GGUFRun(InferenceRun):
                      verbose=False)
 
     def record_size(self) -> None:
-        from lorabench.meters.footprint import MIB
 
         self.result.set("weights_mib", self.gguf_path.stat().st_size / MIB, source="bytes of the quantized GGUF file")
 

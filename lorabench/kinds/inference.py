@@ -27,6 +27,12 @@ from lorabench.case_kinds import CUDA_PEAK, PROCESS_PEAK, CaseKind, register
 from lorabench.config import BenchConfig
 from lorabench.backends.precision import resolve_dtype
 from lorabench.kinds.protocol import ResolvedCase
+from lorabench.meters.environment import machine
+from lorabench.meters.footprint import MIB, weight_bytes
+from lorabench.meters.memory import memory_meters
+from lorabench.models.loading import load_model
+from lorabench.models.loading import load_tokenizer
+from lorabench.result import CaseResult
 
 # The timing protocol of every inference variant, transformers and GGUF alike.
 WARMUP_CALLS = 2  # the first generate call pays one-off costs (kernel selection, caches): ~6x a later one here
@@ -116,7 +122,6 @@ def load_variant_as(variant: Variant, config: BenchConfig, source, adapter_dir: 
     """
     from peft import PeftModel
 
-    from lorabench.models.loading import load_model
 
     model = load_model(source, config, device).model
     if variant.adapter:
@@ -301,14 +306,10 @@ class InferenceRun:
     @classmethod
     def data(cls, case: ResolvedCase):
         """The model's tokenizer (the prompts are encoded with it)."""
-        from lorabench.models.loading import load_tokenizer
 
         return load_tokenizer(case.source)
 
     def __init__(self, case: ResolvedCase) -> None:
-        from lorabench.meters.environment import machine
-        from lorabench.meters.memory import memory_meters
-        from lorabench.result import CaseResult
 
         params = case.params
         self.case, self.params, self.variant, self.source = case, params, params.variant, case.source
@@ -349,7 +350,6 @@ class InferenceRun:
         return load_variant_as(self.variant, self.case.config, self.source, self.adapter_dir, self.device)
 
     def record_size(self) -> None:
-        from lorabench.meters.footprint import MIB, weight_bytes
 
         self.result.set("weights_mib", weight_bytes(self.model) / MIB,
                         source="storage bytes of parameters, buffers, quantization state")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from lorabench import backends
 from lorabench.case_kinds import CaseKind, register
 from lorabench.kinds.protocol import ResolvedCase
+from lorabench.result import CaseResult
 
 QUANT_TYPES = tuple(f.quant for f in backends.formats())  # every registered format
 # configuration ids gates name: normal matrices, the --model's layers, the pretrained MiniLM encoder's layers
@@ -122,7 +123,6 @@ def summarize(layers: list[LayerError]) -> dict[str, float]:
 
 def quant_error_result(case_id: str, model: str, layers: list[LayerError]):
     """The record of one quantization-error case: summary metrics, per-layer errors in ``details``."""
-    from lorabench.result import CaseResult
 
     summary = summarize(layers)
     round_trips = {q: f"{backends.backend_for(q).name}: {backends.format_for(q).note}" for q in layers[0].errors}

@@ -9,6 +9,7 @@ import platform
 
 from lorabench import backends
 from lorabench.meters.control import CONTROL_VERSION
+import lorabench
 
 # every quantization backend's library too: a backend's figures move with its version
 LIBRARIES = ("torch", "transformers", "peft", *(b.install for b in backends.backends()), "accelerate", "datasets",
@@ -28,7 +29,6 @@ def library_versions() -> dict[str, str | None]:
 @functools.lru_cache(maxsize=1)
 def omp_wait_policy() -> str:
     """How idle OpenMP threads wait in this process: ``OMP_WAIT_POLICY`` as OpenMP read it at torch's import."""
-    import lorabench
 
     value = os.environ.get("OMP_WAIT_POLICY") or "unset (the OpenMP runtime's default: spin, then sleep)"
     if not lorabench.OMP_WAIT_POLICY_APPLIED:

@@ -18,6 +18,7 @@ dequantize-then-multiply does the same multiply-adds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from lorabench import backends
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s by the exact name torch.cuda.get_device_name
 # reports, from the vendors' data sheets: bf16 where the GPU has it, else fp16.
@@ -64,7 +65,6 @@ def matmul_params(model) -> tuple[int, int]:
     Only a layer's own weight counts: peft's LoRA wrappers reuse the class names and forward
     ``weight`` to the layer they wrap, which is counted once, as itself.
     """
-    from lorabench import backends
 
     linear_types = backends.linear_type_names()
     frozen = trainable = 0

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from lorabench import backends
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 _FORWARD, _BACKWARD, _OPTIMIZER = "forward", "backward", "optimizer"
@@ -89,7 +90,6 @@ def model_state_tensors(model) -> tuple[list[Any], list[Any]]:
         ``(params, buffers)``: tensors owned by the model's modules; a quantized layer's packed
         weight and its quantization state (scales, code books) count as parameters.
     """
-    from lorabench import backends
 
     params: list[Any] = []
     buffers: list[Any] = []

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorabench.meters.footprint import MIB
+from lorabench.models.loading import load_model, prepare_base
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 
@@ -100,7 +101,6 @@ def check_adapter(model, source, config, device, batch, directory: str | Path) -
     """
     from peft import PeftModel
 
-    from lorabench.models.loading import load_model, prepare_base
 
     started = time.perf_counter()
     model.save_pretrained(directory, safe_serialization=True)

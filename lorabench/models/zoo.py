@@ -34,6 +34,7 @@ from typing import Any
 from lorabench.models.checkpoints import safetensors_problem
 from lorabench.config import TrainDefaults
 from lorabench.errors import ModelError
+from lorabench.data.tasks import collator, pretraining_examples, tokenize
 
 log = logging.getLogger("lorabench.zoo")
 
@@ -276,7 +277,6 @@ def _pretrain(model, tokenizer, recipe: PretrainRecipe) -> None:
     """Plain fp32 training on copy/sort/reverse problems: model preparation, not part of any measurement."""
     import torch
 
-    from lorabench.data.tasks import collator, pretraining_examples, tokenize
 
     import datasets
 

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+from lorabench.gates.compare import DEFAULT_ALPHA, compare_runs, step_ratio_shift
+from lorabench.storage.history import select_run
 
 SLOWDOWN_DIR = Path(__file__).resolve().parent / "slowdown"
 DEFAULT_CASE = "qlora_nf4 and not sweep"
@@ -157,8 +159,6 @@ class _PairFigures(NamedTuple):
 def _pair_figures(storage: Path, run_a: str, run_b: str) -> _PairFigures:
     """The changes (percent) of step_control_ratio and step_ms between two stored runs, and the lower
     confidence bound of the per-step ratios' shift, for the first case: one load and one comparison."""
-    from lorabench.gates.compare import DEFAULT_ALPHA, compare_runs, step_ratio_shift
-    from lorabench.storage.history import select_run
 
     a, b = select_run(run_a, storage), select_run(run_b, storage)
     case_id = min(a.results)

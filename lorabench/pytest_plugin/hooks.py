@@ -27,6 +27,12 @@ from lorabench.report.allure_results import CASE_ERROR, GATE_FAILED
 from lorabench.report.failures import failure_block, failure_index, failure_report
 from lorabench.storage.atomic import json_output_path
 from lorabench.report.summary import render_summary
+from lorabench.matrix import selection_keywords
+from lorabench.meters.environment import machine
+from lorabench.pytest_plugin import markers
+from lorabench.report import allure_results
+from lorabench.storage.atomic import make_atomic, protect_json_output
+from lorabench.storage.history import INTERRUPTED_KEY
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
 # set once this process collects a bench case: until then the plugin leaves a run as it is (pytest loads
@@ -98,7 +104,6 @@ _SESSION_OPTIONS = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from lorabench.pytest_plugin import markers
 
     markers.register(config)
     if config.getoption("report_to") == "wandb":
@@ -113,7 +118,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """After pytest-benchmark has set up its storage: make its writes atomic, with a fallback on failure."""
-    from lorabench.storage.atomic import make_atomic, protect_json_output
 
     benchmark_session = getattr(session.config, "_benchmarksession", None)
     bench = session.config.stash.get(SESSION_KEY, None)
@@ -155,8 +159,6 @@ def _active(config: pytest.Config) -> bool:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """A run whose results went to a fallback location fails (pytest-benchmark has saved by now);
     with --alluredir: the launch's environment (device, versions) and result categories."""
-    from lorabench.report import allure_results
-    from lorabench.meters.environment import machine
 
     bench = session.config.stash.get(SESSION_KEY, None)
     if bench is not None and bench.save_failures and session.exitstatus == pytest.ExitCode.OK:
@@ -185,7 +187,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Give each bench case its ``-k`` words: ``config[ID]``, ``model[NAME]``, ``dataset[NAME]``."""
-    from lorabench.matrix import selection_keywords
 
     params = getattr(getattr(item, "callspec", None), "params", {})
     session = item.config.stash.get(SESSION_KEY, None)
@@ -269,7 +270,6 @@ def _storage_path(config: pytest.Config) -> Path | None:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    from lorabench.meters.environment import machine
 
     if not _active(config):
         return
@@ -290,7 +290,6 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
     """Mark the JSON of a run that Ctrl-C (SIGINT) or ``pytest.exit`` stopped: pytest-benchmark still saves
     the rounds the interrupted case had timed, with no record. The storage writes a marked run outside
     the history (lorabench.storage.atomic), and every reader passes over one (lorabench.storage.history)."""
-    from lorabench.storage.history import INTERRUPTED_KEY
 
     session = config.stash.get(_PYTEST_SESSION, None)
     if session is not None and session.exitstatus == pytest.ExitCode.INTERRUPTED:

@@ -7,6 +7,7 @@ each quantization backend registers its own (``qlora``, ``nf4``, ...: :func:`lor
 from __future__ import annotations
 
 import pytest
+from lorabench import backends
 
 MARKERS = {
     "full": "full fine-tuning (every weight trains)",
@@ -30,7 +31,6 @@ MARKERS = {
 
 def register(config: pytest.Config) -> None:
     """Add the bench's markers and every quantization backend's to ``config``."""
-    from lorabench import backends
 
     for name, text in (MARKERS | backends.markers()).items():
         config.addinivalue_line("markers", f"{name}: {text}")

@@ -13,6 +13,10 @@ import pytest
 
 from lorabench.run import scaleout
 from lorabench.errors import LorabenchError
+from lorabench.case_kinds import known_case_ids
+from lorabench.gates.thresholds import SELF, load_thresholds
+from lorabench.matrix import single_device_id
+from lorabench.result import CaseResult
 
 _OUTPUT_KEY = "lorabench"
 
@@ -48,7 +52,7 @@ def _is_controller(config: pytest.Config) -> bool:
 
 
 def _bench(config: pytest.Config):
-    from lorabench.pytest_plugin.hooks import SESSION_KEY
+    from lorabench.pytest_plugin.hooks import SESSION_KEY  # deferred: imports allure, pytest_benchmark, rich
 
     return config.stash.get(SESSION_KEY, None)
 
@@ -124,7 +128,6 @@ def _gated_item(nodeid: str, cases: dict, known: set[str]) -> scaleout.GatedItem
     case = cases.get(param_id)
     if case is None:
         return scaleout.GatedItem("", param_id) if param_id in known else None
-    from lorabench.matrix import single_device_id
 
     configs = [c.config for c in cases.values()]
     return scaleout.GatedItem(f"{case.model}|{case.dataset}", case.config.id, single_device_id(case.config, configs))
@@ -139,8 +142,6 @@ def _groups(config: pytest.Config, nodeids: list[str]) -> list[str | None]:
     Raises:
         pytest.UsageError: the thresholds file is malformed.
     """
-    from lorabench.case_kinds import known_case_ids
-    from lorabench.gates.thresholds import SELF, load_thresholds
 
     bench = _bench(config)
     if bench is None:
@@ -234,7 +235,6 @@ def pytest_testnodedown(node, error) -> None:
     """Fold a finished worker's results into the session (summary) and pytest-benchmark (storage)."""
     import json
 
-    from lorabench.result import CaseResult
 
     config = node.config
     output = getattr(node, "workeroutput", None) or {}
@@ -306,7 +306,7 @@ def pytest_xdist_node_collection_finished(node, ids) -> None:
 def _controller_plan(config: pytest.Config, ids: list[str]) -> list[str]:
     """The controller's lines before scheduling: more workers than cores (each case then competes for a
     core and its timings read slower), and the run's plan with its expected time over the workers."""
-    from lorabench.pytest_plugin.hooks import _storage_path
+    from lorabench.pytest_plugin.hooks import _storage_path  # deferred: imports allure, pytest_benchmark, rich
 
     workers, cores = int(config.option.numprocesses), scaleout.cpu_cores()
     lines = []

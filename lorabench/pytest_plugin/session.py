@@ -29,6 +29,16 @@ from lorabench.paths import expand, not_empty
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.evaluation.seeds import SeedPlan, parse_seeds
 from lorabench.gates.thresholds import GateOutcome, Thresholds, evaluate_gate, load_thresholds
+from lorabench.config import resolve
+from lorabench.data.tasks import load_task_data
+from lorabench.meters.control import ControlWorkload
+from lorabench.models.loading import check_dtype_supported, train_defaults
+from lorabench.models.loading import resolve_device
+from lorabench.models.loading import resolve_model
+from lorabench.models.loading import train_defaults
+from lorabench.models.zoo import ZOO
+from lorabench.models.zoo import ZOO, is_cached
+from lorabench.run import preflight
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 ISOLATION = ("process", "none")
@@ -75,7 +85,6 @@ class BenchSession:
 
     @property
     def device(self):
-        from lorabench.models.loading import resolve_device
 
         if self._device is None:
             self._device = resolve_device(self.device_choice)
@@ -83,7 +92,6 @@ class BenchSession:
 
     def model_source(self, spec: str):
         """The resolved ``--model`` (a zoo model is built on first use), cached for the session."""
-        from lorabench.models.loading import resolve_model
 
         if spec not in self._models:
             self._models[spec] = resolve_model(spec, trust_remote_code=self.trust_remote_code)
@@ -91,7 +99,6 @@ class BenchSession:
 
     def task(self, spec: str):
         """The loaded ``--dataset`` with its train/eval split, cached for the session."""
-        from lorabench.data.tasks import load_task_data
 
         if spec not in self._tasks:
             self._tasks[spec] = load_task_data(spec)
@@ -119,10 +126,6 @@ class BenchSession:
         Raises:
             LorabenchError: the first bad input, named.
         """
-        from lorabench.run import preflight
-        from lorabench.config import resolve
-        from lorabench.models.loading import check_dtype_supported, train_defaults
-        from lorabench.models.zoo import ZOO, is_cached
 
         cases = self.matrix.cases() if cases is None else cases
         for config in {c.config.id: c.config for c in cases}.values():
@@ -180,7 +183,6 @@ class BenchSession:
         Raises:
             LorabenchError: a directory that cannot be written or lacks room, or a case id too long for a file name.
         """
-        from lorabench.run import preflight
 
         if storage is not None:
             preflight.check_output_dir(storage, "--benchmark-storage", cases)
@@ -196,9 +198,6 @@ class BenchSession:
     def plan_line(self, cases: list, case_ids: list[str], storage: Path | None, workers: int = 1) -> str:
         """The first line of a run (lorabench.run.progress): cases, device, dtypes and the expected time, with
         ``--seeds`` and the ``workers`` of ``-n``."""
-        from lorabench.config import resolve
-        from lorabench.meters.control import ControlWorkload
-        from lorabench.models.loading import train_defaults
         from lorabench.run.progress import (
             estimate_from_control,
             estimate_from_history,
@@ -207,7 +206,6 @@ class BenchSession:
             plan_line,
             with_builds,
         )
-        from lorabench.models.zoo import ZOO, is_cached
 
         # the plan's own resolution of every case (steps, dtypes); each case is resolved where it is launched
         resolved = [resolve(c.config, train_defaults(c.model), self.device) for c in cases]
@@ -239,7 +237,6 @@ class BenchSession:
         """
         if self.cpu_threads is not None:
             return self.cpu_threads
-        from lorabench.models.zoo import ZOO
 
         return 1 if model in ZOO else None
 

@@ -31,6 +31,9 @@ from lorabench.report.failures import gate_rows, gate_value_text
 from lorabench.metrics import METRICS
 from lorabench.result import CaseResult, plain_reason
 from lorabench.report.summary import columns_for
+from lorabench.report.pages import write_report
+from lorabench.report.plots import loss_curve_png
+from lorabench.storage.history import StoredRun
 
 # Test messages the categories below match (set in bench/test_finetune.py and lorabench/pytest_plugin/case.py).
 GATE_FAILED = "gate(s) failed"
@@ -103,7 +106,6 @@ def gates_csv(result: CaseResult) -> str:
 
 
 def attach_result(result: CaseResult) -> None:
-    from lorabench.report.plots import loss_curve_png
 
     allure.attach(metrics_csv(result), name="metrics", attachment_type=allure.attachment_type.CSV)
     if result.absent:
@@ -170,8 +172,6 @@ def run_gates_csv(results: list[CaseResult]) -> str:
 
 def attach_run(results: list[CaseResult], machine: dict) -> None:
     """The run's comparison across configurations and its gates, as Allure global attachments."""
-    from lorabench.storage.history import StoredRun
-    from lorabench.report.pages import write_report
 
     if not results:
         return

@@ -40,6 +40,7 @@ from lorabench.report.summary import (
     pick_baseline,
     table_cells,
 )
+from lorabench.report import plots
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 NUMERIC_CELL = re.compile(r"^[-+]?[\d,.]+%?( ± [\d,.]+)?( \([-+][\d.]+%\))?$")  # right-aligned in HTML tables
@@ -196,7 +197,6 @@ def write_report(run: StoredRun, out: Path, progress: Callable[[str], None] = la
     Returns:
         The files written.
     """
-    from lorabench.report import plots
 
     started = time.perf_counter()
     results = list(run.results.values())

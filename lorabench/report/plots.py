@@ -21,6 +21,7 @@ from lorabench.metrics import METRICS
 from lorabench.result import STATUS_OK, CaseResult
 from lorabench.evaluation.seeds import separated
 from lorabench.report.textsafe import plot_label
+from lorabench.matrix import short_name
 
 FORMATS = ("png", "svg")
 PANEL_SIZE = (6.4, 4.2)  # inches per model x data set panel
@@ -125,7 +126,6 @@ def _unnamed_note(ax, cases: int) -> None:
 
 
 def _panel_axes(ax, model: str, dataset: str, x: str, y: str) -> None:
-    from lorabench.matrix import short_name
 
     ax.set_title(plot_label(f"{short_name(model)} on {short_name(dataset)}"), fontsize=10)
     ax.set(xlabel=_label(x), ylabel=_label(y))

@@ -40,6 +40,7 @@ from lorabench.run.isolation import ChildFailed, send_logs
 from lorabench.kinds.protocol import ResolvedCase, build_runner, serve
 from lorabench.run.quiet import QUIET_ENV
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, STATUS_OK, CaseResult
+from lorabench.training.recording import record_train_loss
 
 ENV_ADDRESS = "LORABENCH_PARENT_ADDRESS"
 ENV_AUTHKEY = "LORABENCH_PARENT_AUTHKEY"
@@ -301,7 +302,6 @@ def combine_ranks(ranks: list[CaseResult], strategy: str) -> CaseResult:
     Returns:
         A new record; the status is the first rank's that is not ``ok``, else ``ok``.
     """
-    from lorabench.training.recording import record_train_loss
 
     result = copy.deepcopy(ranks[0])
     world = len(ranks)

@@ -21,6 +21,12 @@ from typing import Any
 from lorabench.data.chat import prompt_token_ids
 from lorabench.config import BenchConfig
 from lorabench.errors import ConfigError, StorageError
+from lorabench.models.checkpoints import check_covers_architecture, stored_tensors
+from lorabench.models.loading import _ATTENTION_PARENT
+from lorabench.models.loading import load_tokenizer
+from lorabench.models.zoo import ZOO
+from lorabench.models.zoo import ZOO, build_tokenizer, model_config
+from lorabench.models.zoo import cache_root
 
 log = logging.getLogger("lorabench.preflight")
 
@@ -60,8 +66,6 @@ def model_facts(spec: str, source=None, *, trust_remote_code: bool = False) -> M
     """
     from transformers import AutoConfig
 
-    from lorabench.models.loading import load_tokenizer
-    from lorabench.models.zoo import ZOO
 
     if spec in ZOO:
         return _zoo_facts(spec)
@@ -74,7 +78,6 @@ def model_facts(spec: str, source=None, *, trust_remote_code: bool = False) -> M
 
 @functools.lru_cache(maxsize=None)
 def _zoo_facts(name: str) -> ModelFacts:
-    from lorabench.models.zoo import ZOO, build_tokenizer, model_config
 
     tokenizer = build_tokenizer()
     config = model_config(ZOO[name], tokenizer)
@@ -106,7 +109,6 @@ def _check_weights_are_the_models(model, config, directory: Path, spec: str) -> 
     """
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    from lorabench.models.checkpoints import check_covers_architecture, stored_tensors
 
     if getattr(config, "quantization_config", None):
         return
@@ -142,7 +144,6 @@ def check_target_modules(config: BenchConfig, facts: ModelFacts) -> None:
 
 
 def _in_attention(name: str) -> bool:
-    from lorabench.models.loading import _ATTENTION_PARENT
 
     return _ATTENTION_PARENT.search(name.rsplit(".", 1)[0]) is not None
 
@@ -262,7 +263,7 @@ def check_writable(directory: Path, option: str) -> None:
     Raises:
         StorageError: the directory cannot be made or written, with the reason in words.
     """
-    from lorabench.storage.atomic import describe_os_error
+    from lorabench.storage.atomic import describe_os_error  # deferred: imports pytest_benchmark
 
     try:
         _probe_write(directory)
@@ -287,8 +288,7 @@ def check_zoo_cache(to_build: list[str]) -> None:
     Raises:
         StorageError: the cache directory cannot be made or written, naming the variable.
     """
-    from lorabench.storage.atomic import describe_os_error
-    from lorabench.models.zoo import cache_root
+    from lorabench.storage.atomic import describe_os_error  # deferred: imports pytest_benchmark
 
     if not to_build:
         return

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from lorabench.errors import HistoryError
+from lorabench.storage.history import load_runs
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,6 @@ def estimate_from_history(storage: Path | None, case_ids: list[str]) -> tuple[fl
     Returns:
         (seconds, which run), or ``None`` when no stored run holds them all.
     """
-    from lorabench.errors import HistoryError
-    from lorabench.storage.history import load_runs
 
     if storage is None or not storage.is_dir():
         return None

@@ -15,6 +15,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from lorabench.config import BenchConfig
+from lorabench.meters.control import ControlWorkload
+from lorabench.meters.footprint import grad_bytes
 
 TRAINER_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 MAX_GRAD_NORM = 1.0
@@ -145,7 +147,6 @@ class StepRunner:
 
     def __init__(self, trainer, *, on_step_end=None, divergence: DivergenceRule | None = None,
                  compute_dtype=None) -> None:
-        from lorabench.meters.control import ControlWorkload
 
         self.trainer = trainer
         self.model = trainer.model_wrapped  # the model itself, or its DistributedDataParallel wrapper
@@ -178,7 +179,6 @@ class StepRunner:
         """One optimizer step: ``grad_accum`` forward/backward passes, clip, update. Returns the loss."""
         import torch
 
-        from lorabench.meters.footprint import grad_bytes
 
         trainer, model = self.trainer, self.model
         if len(self.record.control_seconds) == self.steps_done:  # every step gets its control

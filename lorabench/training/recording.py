@@ -21,6 +21,8 @@ from lorabench.meters.footprint import (
 )
 from lorabench.result import CaseResult
 from lorabench.training.loop import StepRunner
+from lorabench.meters.control import paired_ratios, ratio_in_cpu_time
+from lorabench.meters.flops import matmul_params, model_shape, peak_flops, training_flops
 
 
 def record_model(result: CaseResult, model, *, unquantized_reason: str = "the base model has no quantized linear layer",
@@ -62,7 +64,6 @@ def record_memory(result: CaseResult, readings, runner: StepRunner, trainer, on_
 
 def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, train_s: float, model, device) -> None:
     """Wall-clock speed (informational under load), and the step time against the control (gated)."""
-    from lorabench.meters.control import paired_ratios, ratio_in_cpu_time
 
     rec = runner.record
     w = config.warmup_steps
@@ -92,7 +93,6 @@ def record_speed(result: CaseResult, runner: StepRunner, config: BenchConfig, tr
 
 def record_flops(result: CaseResult, rec, warmup: int, model, config: BenchConfig, device) -> None:
     """MFU (PaLM's model FLOPs) and HFU (with recompute) against the GPU's dense peak for the dtype."""
-    from lorabench.meters.flops import matmul_params, model_shape, peak_flops, training_flops
 
     if device.type != "cuda":
         for name in ("mfu_pct", "hfu_pct"):
