@@ -37,7 +37,7 @@ def test_estimate_from_history_sums_the_phases_of_the_latest_run_holding_every_c
         return r
 
     runs = [run(case("a", 10.0), case("b", 20.0), number=1), run(case("a", 5.0), number=2)]
-    monkeypatch.setattr("lorabench.storage.history.load_runs", lambda storage: runs)
+    monkeypatch.setattr("lorabench.run.progress.load_runs", lambda storage: runs)
     tmp_path.mkdir(exist_ok=True)
     assert estimate_from_history(tmp_path, ["a", "b"]) == (32.0, "stored run 0001_x (abc)")
     assert estimate_from_history(tmp_path, ["a"])[0] == 6.0  # the latest run holding it

@@ -25,6 +25,7 @@ neither, so for meta tensors the first answers "none" and the second stays quiet
 from __future__ import annotations
 
 import contextlib
+
 from lorabench import backends
 from lorabench.errors import ConfigError
 

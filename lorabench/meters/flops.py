@@ -18,6 +18,7 @@ dequantize-then-multiply does the same multiply-adds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from lorabench import backends
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s by the exact name torch.cuda.get_device_name

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
 from lorabench import backends
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")

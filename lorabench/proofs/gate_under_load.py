@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
 from lorabench.gates.compare import DEFAULT_ALPHA, compare_runs, step_ratio_shift
 from lorabench.storage.history import select_run
 

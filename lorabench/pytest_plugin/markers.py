@@ -7,6 +7,7 @@ each quantization backend registers its own (``qlora``, ``nf4``, ...: :func:`lor
 from __future__ import annotations
 
 import pytest
+
 from lorabench import backends
 
 MARKERS = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
 from lorabench.errors import HistoryError
 from lorabench.storage.history import load_runs
 

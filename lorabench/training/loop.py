@@ -14,6 +14,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
+
 from lorabench.config import BenchConfig
 from lorabench.meters.control import ControlWorkload
 from lorabench.meters.footprint import grad_bytes
