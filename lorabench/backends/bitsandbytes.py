@@ -15,6 +15,9 @@ from typing import Any
 
 from lorabench.backends.base import Format, QuantBackend
 
+# Deferred imports: bitsandbytes, torch, transformers inside the functions that use them: what only reads a
+# configuration or a stored run starts without them.
+
 BLOCKSIZE = 64  # bitsandbytes' default 4-bit block on CPU and CUDA
 
 

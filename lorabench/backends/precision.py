@@ -18,6 +18,9 @@ import functools
 import platform
 from pathlib import Path
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 AUTO = "auto"
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # /proc/cpuinfo flags that mean bf16 arithmetic in hardware

@@ -21,6 +21,9 @@ from typing import Any
 
 from lorabench.backends.base import Format, QuantBackend
 
+# Deferred imports: torch, torchao, transformers inside the functions that use them: what only reads a
+# configuration or a stored run starts without them.
+
 
 class _DropMissingKernelNotice(logging.Filter):
     """torchao's wheel ships CUDA kernels built for other Python and GPU versions; importing it logs

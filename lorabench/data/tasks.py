@@ -16,6 +16,7 @@ pre-training format are the reference text for forgetting.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 from dataclasses import dataclass, replace
@@ -27,6 +28,9 @@ from lorabench.errors import DatasetError
 from lorabench.data.real_text import prose_rows
 from lorabench.paths import expand
 from lorabench.paths import problem
+
+# Deferred imports: datasets, numpy, pyarrow, transformers inside the functions that use them: what only
+# reads a configuration or a stored run starts without them.
 
 if TYPE_CHECKING:
     import datasets
@@ -152,9 +156,6 @@ def load_task_data(spec: str, *, seed: int = 0) -> TaskData:
 
 
 def _from_file(path: Path, seed: int) -> TaskData:
-    import glob
-
-
     why = problem(path, "file")
     if why == "a directory, not a file":
         why += f"; name one data file, or every file of a kind with {GLOB_PREFIX}{path}/*.jsonl"
@@ -212,8 +213,6 @@ def _no_rows(path: Path, builder: str) -> str | None:
 
 
 def _from_glob(pattern: str, seed: int) -> TaskData:
-    import glob
-
     where = f"--dataset {GLOB_PREFIX}{pattern}"
     if not pattern.strip():
         raise DatasetError(f"{where}: empty pattern; e.g. {GLOB_PREFIX}data/*.jsonl")

@@ -25,6 +25,7 @@ against its own counter (:mod:`lorabench.estimate.case`).
 
 from __future__ import annotations
 
+from pathlib import Path
 import copy
 from dataclasses import dataclass, field
 
@@ -39,6 +40,9 @@ from lorabench.config import TrainDefaults, resolve
 from lorabench.models import presets
 from lorabench.models.loading import hub_snapshot, resolve_model
 from lorabench.models.zoo import ZOO, model_config
+
+# Deferred imports: transformers inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,6 @@ def hf_config(spec: str, *, trust_remote_code: bool = False):
         ModelError: the spec names no known model, not a causal language model, or its config.json has
             a shape field missing or out of range (:mod:`lorabench.estimate.model_check`).
     """
-    from pathlib import Path
 
     from lorabench.estimate.model_check import read_config  # deferred: lorabench.estimate.model_check imports this module
 
@@ -223,7 +226,6 @@ class Predictor:
         self._built: dict[int, tuple[object, object, str]] = {}
 
     def _resolved(self, batch_size: int, seq_len: int) -> BenchConfig:
-
         # steps and learning rate change no tensor; the Trainer wants them set
         open_fields = TrainDefaults(steps=self.config.warmup_steps + 1, batch_size=batch_size, seq_len=seq_len,
                                     lr_full=1e-5, lr_lora=1e-4)

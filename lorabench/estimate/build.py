@@ -15,6 +15,10 @@ from lorabench import backends
 from lorabench.config import BenchConfig
 from lorabench.models.loading import apply_adapter
 from lorabench.backends.precision import torch_dtype
+import torch
+
+# Deferred imports: transformers inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
 
 
 def meta_model(hf_config, config: BenchConfig):
@@ -27,7 +31,6 @@ def meta_model(hf_config, config: BenchConfig):
     Returns:
         The model (a peft model for LoRA); every tensor on the meta device.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(config.dtype)

@@ -12,6 +12,9 @@ from lorabench.result import CaseResult
 from lorabench.meters.tensor_meter import PEAK_METRIC, TensorMeter
 from lorabench.estimate import predict
 
+# Deferred imports: transformers inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
+
 log = logging.getLogger("lorabench.estimate")
 PREDICTED = "predicted_peak_mib"
 ERROR = "prediction_error_pct"

@@ -28,6 +28,11 @@ import contextlib
 
 from lorabench import backends
 from lorabench.errors import ConfigError
+import torch
+import torch.nn.functional as F
+
+# Deferred imports: transformers inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
 
 TARGETS = ("cpu", "cuda")
 _HALF = ("float16", "bfloat16")
@@ -40,13 +45,10 @@ def check_target(target: str) -> None:
         ConfigError: ``target`` is not one of :data:`TARGETS`.
     """
     if target not in TARGETS:
-
         raise ConfigError(f"target device {target!r}: choose one of {', '.join(TARGETS)}")
 
 
 def _fused_sdpa(target: str, original):
-    import torch
-
     aten = torch.ops.aten
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -96,7 +98,6 @@ def emulate(target: str):
     Raises:
         ConfigError: ``target`` is not ``cpu`` or ``cuda``.
     """
-    import torch.nn.functional as F
     from transformers import PreTrainedModel, masking_utils
 
 

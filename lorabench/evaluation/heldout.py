@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 
 @dataclass(frozen=True)
 class EvalLoss:

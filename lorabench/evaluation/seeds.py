@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from lorabench.errors import ConfigError
 from lorabench.result import STATUS_OK, STEP_CURVES, CaseResult
 
+# Deferred imports: scipy inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 CONFIDENCE = 0.95
 MAX_SEEDS = 100
 

@@ -45,6 +45,9 @@ from lorabench.result import INVALID_STORED, STATUS_OK, CaseResult
 from lorabench.evaluation.seeds import seed_values
 from lorabench.meters.control import paired_ratios, ratio_in_cpu_time
 
+# Deferred imports: scipy inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 DEFAULT_TOLERANCE_PCT = {"default": 5.0, "memory": 10.0, "speed": 15.0, "quality": 5.0, "size": 0.0}
 DEFAULT_ALPHA = 0.05
 # Judged on the per-step samples as well as on the median: the step/control ratio of each step (and the
@@ -296,7 +299,6 @@ def _seed_p_value(metric: str, a: CaseResult, b: CaseResult) -> tuple[float, str
     Welch's t-test when both ran several seeds, a one-sample t-test of the repeated side against the
     other's single value when one did. ``None`` when neither ran several seeds, or the test is undefined
     (no variance on either side)."""
-    import math
 
     from scipy.stats import ttest_1samp, ttest_ind
 

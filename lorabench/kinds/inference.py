@@ -16,6 +16,7 @@ first to the last stamp. On CUDA the device is synchronized before the start clo
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from lorabench.meters.memory import memory_meters
 from lorabench.models.loading import load_model
 from lorabench.models.loading import load_tokenizer
 from lorabench.result import CaseResult
+
+# Deferred imports: numpy, peft, torch inside the functions that use them: what only reads a configuration or
+# a stored run starts without them.
 
 # The timing protocol of every inference variant, transformers and GGUF alike.
 WARMUP_CALLS = 2  # the first generate call pays one-off costs (kernel selection, caches): ~6x a later one here
@@ -310,7 +314,6 @@ class InferenceRun:
         return load_tokenizer(case.source)
 
     def __init__(self, case: ResolvedCase) -> None:
-
         params = case.params
         self.case, self.params, self.variant, self.source = case, params, params.variant, case.source
         self.adapter_dir, self.tokenizer, self.device = params.adapter_dir, case.data, case.device
@@ -350,7 +353,6 @@ class InferenceRun:
         return load_variant_as(self.variant, self.case.config, self.source, self.adapter_dir, self.device)
 
     def record_size(self) -> None:
-
         self.result.set("weights_mib", weight_bytes(self.model) / MIB,
                         source="storage bytes of parameters, buffers, quantization state")
 
@@ -386,8 +388,6 @@ class InferenceRun:
         return result
 
     def close(self) -> None:
-        import gc
-
         self.model = None
         gc.collect()
         if self.device.type == "cuda":

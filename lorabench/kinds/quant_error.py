@@ -19,6 +19,9 @@ from lorabench.case_kinds import CaseKind, register
 from lorabench.kinds.protocol import ResolvedCase
 from lorabench.result import CaseResult
 
+# Deferred imports: torch, transformers inside the functions that use them: what only reads a configuration
+# or a stored run starts without them.
+
 QUANT_TYPES = tuple(f.quant for f in backends.formats())  # every registered format
 # configuration ids gates name: normal matrices, the --model's layers, the pretrained MiniLM encoder's layers
 NORMAL_CASE_ID, MODEL_CASE_ID, MINILM_CASE_ID = "quant_error_normal", "quant_error_model", "quant_error_minilm"

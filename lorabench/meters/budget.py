@@ -15,12 +15,16 @@ Either way the case records "does not fit" with the memory it reached.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
 
 from lorabench.errors import ConfigError
 from lorabench.meters.footprint import MIB
+
+# Deferred imports: psutil, torch inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -106,8 +110,6 @@ class MemoryBudget:
         return None
 
     def _watch(self, rss_before: int) -> None:
-        import os
-
         import psutil
 
         process = psutil.Process()

@@ -26,6 +26,9 @@ import math
 import time
 from typing import NamedTuple
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 # CUDA: about 1 ms of fp32 matrix products on a data-centre GPU. CPU: one block of the tiny zoo's
 # shape (hidden 256, 4 heads, MLP 704) on a batch of 16 x 14 tokens, ~10-20 ms on a 2-core CPU.
 # Fixed, so that a control time is comparable across runs of the same machine.

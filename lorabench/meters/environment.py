@@ -11,6 +11,9 @@ from lorabench import backends
 from lorabench.meters.control import CONTROL_VERSION
 import lorabench
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them; pynvml (CUDA machines only) where needed: optional.
+
 # every quantization backend's library too: a backend's figures move with its version
 LIBRARIES = ("torch", "transformers", "peft", *(b.install for b in backends.backends()), "accelerate", "datasets",
              "pytest-benchmark")

@@ -13,6 +13,9 @@ from typing import Any
 
 from lorabench import backends
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 MIB = 1024 * 1024
 
 

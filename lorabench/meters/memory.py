@@ -19,6 +19,7 @@ Averages are means of samples taken at the end of every training step.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import re
 import statistics
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Protocol
 
 from lorabench.meters.footprint import MIB
+
+# Deferred imports: psutil, torch inside the functions that use them: what only reads a configuration or a
+# stored run starts without them; pynvml (CUDA machines only) where needed: optional.
 
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -129,7 +133,6 @@ def reset_peak_rss() -> bool:
 
 def release_freed_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so a case starts from a clean baseline."""
-    import ctypes
 
     gc.collect()
     try:

@@ -43,6 +43,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from lorabench import backends
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 _FORWARD, _BACKWARD, _OPTIMIZER = "forward", "backward", "optimizer"
@@ -124,8 +126,6 @@ def tensors_in(value: Any, _seen: set[int] | None = None) -> Iterable[Any]:
 
 def _storages(t) -> list[Any]:
     if is_traceable_wrapper_subclass(t):
-        from torch.distributed._tools.common_utils import get_untyped_storages
-
         return list(get_untyped_storages(t))
     return [t.untyped_storage()]
 
@@ -226,8 +226,6 @@ class TensorTracker(TorchDispatchMode):
         return self._live.get(id(t.untyped_storage()))
 
     def _install_hooks(self) -> None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
         def mark_grad(p) -> None:
             if p.grad is not None:
                 self._register(p.grad, _BACKWARD, "grads")

@@ -20,6 +20,7 @@ top-1 agreement, and gated with its own, looser tolerance in ``thresholds.yaml``
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from pathlib import Path
 
 from lorabench.meters.footprint import MIB
 from lorabench.models.loading import load_model, prepare_base
+
+# Deferred imports: peft, torch inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 
@@ -144,7 +148,6 @@ def check_case_adapter(result, model, source, config, device, eval_tokens, colla
         eval_tokens: the tokenized held-out split; its first :data:`CHECK_EXAMPLES` rows are used.
         directory: where to keep the adapter; a temporary directory (deleted after) when ``None``.
     """
-    import tempfile
 
     if config.method != "lora":
         record_adapter(result, None, reason="full fine-tuning trains every weight: there is no adapter to save or merge")

@@ -17,6 +17,9 @@ from typing import Any
 
 from lorabench.errors import ModelError
 
+# Deferred imports: safetensors, transformers inside the functions that use them: what only reads a
+# configuration or a stored run starts without them.
+
 # What from_pretrained looks for, in its order of preference.
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 _PICKLE_MAGIC = b"\x80"  # torch's legacy (pre-zip) format starts with a pickle protocol byte

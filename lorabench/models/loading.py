@@ -23,6 +23,9 @@ from lorabench.backends.precision import resolve_dtype, torch_dtype
 from lorabench.models import real_model
 from lorabench.models.zoo import ZOO, checkpoint_dir
 
+# Deferred imports: huggingface_hub, peft, torch, transformers inside the functions that use them: what only
+# reads a configuration or a stored run starts without them.
+
 # Defaults for a real checkpoint, where the configuration leaves them open.
 CHECKPOINT_TRAIN_DEFAULTS = TrainDefaults(steps=100, batch_size=4, seq_len=512, lr_full=2e-5, lr_lora=2e-4)
 _ATTENTION_PARENT = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")

@@ -27,6 +27,9 @@ from lorabench.config import TrainDefaults
 from lorabench.errors import ModelError
 from lorabench.models.zoo import build_once, cache_root
 
+# Deferred imports: torch, transformers inside the functions that use them: what only reads a configuration
+# or a stored run starts without them.
+
 log = logging.getLogger("lorabench.zoo")
 
 REAL_RECIPE_VERSION = 1  # bump when the conversion changes

@@ -36,6 +36,9 @@ from lorabench.config import TrainDefaults
 from lorabench.errors import ModelError
 from lorabench.data.tasks import collator, pretraining_examples, tokenize
 
+# Deferred imports: datasets, tokenizers, torch, transformers inside the functions that use them: what only
+# reads a configuration or a stored run starts without them.
+
 log = logging.getLogger("lorabench.zoo")
 
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}

@@ -29,6 +29,9 @@ from typing import NamedTuple
 from lorabench.gates.compare import DEFAULT_ALPHA, compare_runs, step_ratio_shift
 from lorabench.storage.history import select_run
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 SLOWDOWN_DIR = Path(__file__).resolve().parent / "slowdown"
 DEFAULT_CASE = "qlora_nf4 and not sweep"
 DEFAULT_STEPS = 20

@@ -19,6 +19,9 @@ from lorabench.data.tasks import collator
 from lorabench.models.loading import ModelSource, apply_adapter, load_model, load_tokenizer
 from lorabench.training.loop import MAX_GRAD_NORM
 
+# Deferred imports: torch, transformers inside the functions that use them: what only reads a configuration
+# or a stored run starts without them.
+
 
 class BareLoop:
     """forward, backward, clip, AdamW step: nothing else."""

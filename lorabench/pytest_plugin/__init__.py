@@ -18,6 +18,8 @@ protocol: one pytest-benchmark round per optimizer step after warm-up). Disable 
 ``-p no:lorabench``.
 """
 
+import importlib
+
 # registered with this module, hooks first (it quiets the Hugging Face libraries before any of them is
 # imported): then pytest-xdist and --shard, then the fixtures
 pytest_plugins = [
@@ -39,6 +41,5 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
 
     return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)

@@ -33,6 +33,7 @@ from lorabench.pytest_plugin import markers
 from lorabench.report import allure_results
 from lorabench.storage.atomic import make_atomic, protect_json_output
 from lorabench.storage.history import INTERRUPTED_KEY
+from pytest_benchmark.storage.file import FileStorage
 
 SESSION_KEY = pytest.StashKey[BenchSession]()
 # set once this process collects a bench case: until then the plugin leaves a run as it is (pytest loads
@@ -104,7 +105,6 @@ _SESSION_OPTIONS = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
-
     markers.register(config)
     if config.getoption("report_to") == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -237,7 +237,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _outputs(config: pytest.Config) -> dict:
     """Where pytest-benchmark will write this run: its storage directory (when saving) and --benchmark-json."""
-    from pytest_benchmark.storage.file import FileStorage
 
     benchmark_session = getattr(config, "_benchmarksession", None)
     if benchmark_session is None:
@@ -270,7 +269,6 @@ def _storage_path(config: pytest.Config) -> Path | None:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-
     if not _active(config):
         return
     machine_info.update(machine())

@@ -9,6 +9,7 @@ summary, and records the worker count in ``machine_info``. The logic lives in
 
 from __future__ import annotations
 
+import json
 import pytest
 
 from lorabench.run import scaleout
@@ -17,6 +18,9 @@ from lorabench.case_kinds import known_case_ids
 from lorabench.gates.thresholds import SELF, load_thresholds
 from lorabench.matrix import single_device_id
 from lorabench.result import CaseResult
+
+# Deferred imports: xdist inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
 
 _OUTPUT_KEY = "lorabench"
 
@@ -233,7 +237,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     """Fold a finished worker's results into the session (summary) and pytest-benchmark (storage)."""
-    import json
 
 
     config = node.config

@@ -42,6 +42,9 @@ from lorabench.report.summary import (
 )
 from lorabench.report import plots
 
+# Deferred imports: jinja2 inside the functions that use them: what only reads a configuration or a stored
+# run starts without them.
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 NUMERIC_CELL = re.compile(r"^[-+]?[\d,.]+%?( ± [\d,.]+)?( \([-+][\d.]+%\))?$")  # right-aligned in HTML tables
 # Hyper-parameters shown per configuration: BenchConfig's fields but its id and markers.

@@ -12,6 +12,7 @@ solid only where the 95% intervals of its points' losses separate, else dashed a
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from lorabench.result import STATUS_OK, CaseResult
 from lorabench.evaluation.seeds import separated
 from lorabench.report.textsafe import plot_label
 from lorabench.matrix import short_name
+
+# Deferred imports: matplotlib inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
 
 FORMATS = ("png", "svg")
 PANEL_SIZE = (6.4, 4.2)  # inches per model x data set panel
@@ -74,7 +78,6 @@ def panels(results: list[CaseResult]) -> list[tuple[str, str, list[CaseResult]]]
 
 def _figure(n: int, title: str):
     """A figure with ``n`` panels in a near-square grid, at most three a row."""
-    import math
 
     plt = _pyplot()
     cols = min(math.ceil(math.sqrt(max(n, 1))), 3)
@@ -126,7 +129,6 @@ def _unnamed_note(ax, cases: int) -> None:
 
 
 def _panel_axes(ax, model: str, dataset: str, x: str, y: str) -> None:
-
     ax.set_title(plot_label(f"{short_name(model)} on {short_name(dataset)}"), fontsize=10)
     ax.set(xlabel=_label(x), ylabel=_label(y))
     ax.margins(x=0.18, y=0.12)  # room for the case names written beside the points

@@ -21,6 +21,8 @@ same configuration.
 
 from __future__ import annotations
 
+from multiprocessing.connection import Client
+from multiprocessing.connection import Listener
 import copy
 import logging
 import os
@@ -41,6 +43,9 @@ from lorabench.kinds.protocol import ResolvedCase, build_runner, serve
 from lorabench.run.quiet import QUIET_ENV
 from lorabench.result import STATUS_DOES_NOT_FIT, STATUS_ERROR, STATUS_OK, CaseResult
 from lorabench.training.recording import record_train_loss
+
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
 
 ENV_ADDRESS = "LORABENCH_PARENT_ADDRESS"
 ENV_AUTHKEY = "LORABENCH_PARENT_AUTHKEY"
@@ -150,8 +155,6 @@ def _rank_main(payload_path: str) -> int:
         dist.init_process_group("gloo")
     conn = None
     if rank == 0:
-        from multiprocessing.connection import Client
-
         host, port = os.environ[ENV_ADDRESS].rsplit(":", 1)
         conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[ENV_AUTHKEY]))
         send_logs(conn)
@@ -195,7 +198,6 @@ class TorchrunRanks:
     def start(self):
         """Launch torchrun; returns the connection rank 0 made back to this process."""
         import torch
-        from multiprocessing.connection import Listener
 
         config = self.case.config
         authkey = secrets.token_bytes(32)

@@ -28,6 +28,9 @@ from lorabench.models.zoo import ZOO
 from lorabench.models.zoo import ZOO, build_tokenizer, model_config
 from lorabench.models.zoo import cache_root
 
+# Deferred imports: torch, transformers inside the functions that use them: what only reads a configuration
+# or a stored run starts without them.
+
 log = logging.getLogger("lorabench.preflight")
 
 # Layer types a LoRA adapter can wrap (peft's LoRA layers, under their class names).
@@ -78,7 +81,6 @@ def model_facts(spec: str, source=None, *, trust_remote_code: bool = False) -> M
 
 @functools.lru_cache(maxsize=None)
 def _zoo_facts(name: str) -> ModelFacts:
-
     tokenizer = build_tokenizer()
     config = model_config(ZOO[name], tokenizer)
     return ModelFacts(name, config, tokenizer, _module_types(_meta_model(config, False)))
@@ -144,7 +146,6 @@ def check_target_modules(config: BenchConfig, facts: ModelFacts) -> None:
 
 
 def _in_attention(name: str) -> bool:
-
     return _ATTENTION_PARENT.search(name.rsplit(".", 1)[0]) is not None
 
 

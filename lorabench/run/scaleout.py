@@ -16,6 +16,7 @@ cases, so every xdist worker and every CI job computes the same answer:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +25,9 @@ from typing import Any
 
 from lorabench.errors import ConfigError
 from lorabench.paths import not_empty
+
+# Deferred imports: pytest_benchmark, torch inside the functions that use them: what only reads a
+# configuration or a stored run starts without them.
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -289,7 +293,6 @@ class WorkerBenchmark:
 
 def export_benchmark(metadata) -> dict[str, Any]:
     """A worker's benchmark as the plain JSON types pytest-benchmark would store (execnet carries only those)."""
-    import json
 
     from pytest_benchmark.utils import safe_dumps
 

@@ -16,6 +16,7 @@ never enters the history, and its finished cases are not lost.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -49,7 +50,6 @@ class SaveFailure:
 
 def describe_os_error(exc: OSError) -> str:
     """An ``OSError`` in words, the same whatever user runs it (root included)."""
-    import errno
 
     words = {
         errno.EACCES: "read-only or not permitted",

@@ -16,6 +16,9 @@ import time
 from lorabench.errors import ConfigError
 from lorabench.result import CaseResult
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 # The package each integration needs, and how to install it.
 PACKAGES = {
     "tensorboard": ("tensorboard", "python -m pip install tensorboard"),

@@ -10,6 +10,7 @@ Trainer's callbacks (TensorBoard, W&B) still receive every step's loss through
 
 from __future__ import annotations
 
+import os
 import math
 import tempfile
 import time
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from lorabench.config import BenchConfig
 from lorabench.meters.control import ControlWorkload
 from lorabench.meters.footprint import grad_bytes
+
+# Deferred imports: torch, transformers inside the functions that use them: what only reads a configuration
+# or a stored run starts without them.
 
 TRAINER_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 MAX_GRAD_NORM = 1.0
@@ -87,7 +91,6 @@ def make_trainer(model, tokenizer, train_dataset, collate, config: BenchConfig, 
         log_dir: where the integrations write (TensorBoard event files, W&B's offline run); if ``None``, the
             Trainer's temporary output directory, removed when training ends.
     """
-    import os
 
     from transformers import PrinterCallback, Trainer, TrainingArguments
 

@@ -24,6 +24,9 @@ from lorabench.training.loop import StepRunner
 from lorabench.meters.control import paired_ratios, ratio_in_cpu_time
 from lorabench.meters.flops import matmul_params, model_shape, peak_flops, training_flops
 
+# Deferred imports: torch inside the functions that use them: what only reads a configuration or a stored run
+# starts without them.
+
 
 def record_model(result: CaseResult, model, *, unquantized_reason: str = "the base model has no quantized linear layer",
                  load_s: float | None = None) -> None:

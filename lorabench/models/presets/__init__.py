@@ -14,6 +14,9 @@ from typing import Any
 
 from lorabench.errors import ModelError
 
+# Deferred imports: transformers inside the functions that use them: what only reads a configuration or a
+# stored run starts without them.
+
 PREFIX = "preset:"
 _DIR = Path(__file__).parent
 
