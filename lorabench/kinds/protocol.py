@@ -179,15 +179,21 @@ def runner_class(kind: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def with_data(case: ResolvedCase, data_for: Callable[[ResolvedCase], Any] | None = None) -> ResolvedCase:
+    """``case`` with its data built, once: from ``data_for`` where given (a session's cache), else by its
+    kind's runner (``Runner.data(case)``); a case whose data is built already is returned as it is."""
+    if case.data is not None:
+        return case
+    data = data_for(case) if data_for is not None else runner_class(case.kind).data(case)
+    return replace(case, data=data)
+
+
 def build_runner(case: ResolvedCase) -> CaseRunner:
     """The runner of a resolved case, its data built where the launcher did not build it.
 
     The one place a runner is made from a case, in this process, a case process or a rank.
     """
-    cls = runner_class(case.kind)
-    if case.data is None:
-        case = replace(case, data=cls.data(case))
-    return cls(case)
+    return runner_class(case.kind)(with_data(case))
 
 
 # ----- the worker side: phases as commands over a connection -------------------------------
@@ -209,7 +215,7 @@ def serve(conn, build: Callable[[], CaseRunner], group=None) -> int:
         build: makes the runner (a worker passes ``lambda: build_runner(case)``).
         group: a multi-process case's ranks (:class:`lorabench.run.distributed.RankGroup`): it broadcasts each
             command from the first rank, ends a step with a barrier, gathers every rank's record at finish,
-            and labels a failure with the rank; ``None`` for one process.
+            labels a failure with the rank and raises it; one process (:class:`OneProcess`) when omitted.
 
     Returns:
         The exit status: 0 when the case finished or was told to end, 1 when it aborted.
@@ -217,30 +223,26 @@ def serve(conn, build: Callable[[], CaseRunner], group=None) -> int:
     Raises:
         The error of a rank in a group, after reporting it (torchrun then ends every rank).
     """
+    group = group or OneProcess()
     try:
         run = build()
         run.prepare()
         _reply(conn, ("ready", {"base_eval": run.base_eval, "rounds": run.rounds,
                                 "warmup_rounds": run.warmup_rounds}))
         while True:
-            command = _next_command(conn)
-            if group is not None:
-                command = group.broadcast(command)
+            command = group.broadcast(_next_command(conn))
             if command == "step":
                 loss = run.step()
-                if group is not None:
-                    group.barrier()  # the step ends when every rank's step has
+                group.barrier()  # the step ends when every rank's step has
                 _reply(conn, ("stepped", loss))
             elif command == "control":
                 run.control()
-                if group is not None:
-                    group.barrier()
+                group.barrier()
                 _reply(conn, ("controlled", None))
             elif command == "ping":
                 _reply(conn, ("pong", None))
             elif command == "finish":
-                record = run.finish().to_extra_info()
-                _reply(conn, ("result", group.gather(record) if group is not None else record, run.outputs))
+                _reply(conn, ("result", group.gather(run.finish().to_extra_info()), run.outputs))
                 return 0
             else:
                 return 0
@@ -248,11 +250,29 @@ def serve(conn, build: Callable[[], CaseRunner], group=None) -> int:
         _reply(conn, ("aborted", exc.result.to_extra_info()))
         return 1
     except BaseException as exc:
-        label = f"{group.label}: " if group is not None else ""
+        label = f"{group.label}: " if group.label else ""
         _reply(conn, ("failed", f"{label}{type(exc).__name__}: {exc}", traceback.format_exc()))
-        if group is not None:
+        if group.raises:
             raise
         return 1
+
+
+class OneProcess:
+    """The group of a single-process case for :func:`serve`: nothing to broadcast, wait for or gather. A
+    failure is reported and the process ends with status 1 (a group's ranks raise it instead, so that
+    torchrun ends them all)."""
+
+    label = ""
+    raises = False
+
+    def broadcast(self, command):
+        return command
+
+    def barrier(self) -> None:
+        pass
+
+    def gather(self, record):
+        return record
 
 
 def _next_command(conn):

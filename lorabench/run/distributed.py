@@ -110,6 +110,8 @@ class RankGroup:
     """The ranks of a multi-process case as the worker command loop (:func:`lorabench.kinds.protocol.serve`) sees them:
     each command broadcast from rank 0, a barrier ending each step, every rank's record gathered on rank 0."""
 
+    raises = True  # torchrun ends every rank when one fails
+
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.label = f"rank {rank}"

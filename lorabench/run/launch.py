@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from lorabench.config import BenchConfig, resolve
@@ -36,7 +35,7 @@ from lorabench.kinds.protocol import (
     Timer,
     build_runner,
     measure,
-    runner_class,
+    with_data,
 )
 from lorabench.result import CaseResult
 from lorabench.training.loop import simple_timer
@@ -72,15 +71,6 @@ def resolve_case(kind: str, *, case_id: str, model: str, dataset: str, device, c
         config = resolve(config, source.defaults, device)
     return ResolvedCase(kind=kind, case_id=case_id, model=model, dataset=dataset, device=device, config=config,
                         source=source, params=params, data=data, options=options or RunOptions())
-
-
-def with_data(case: ResolvedCase, data_for: DataFor | None = None) -> ResolvedCase:
-    """``case`` with its data built, once: from ``data_for`` where given, else by its kind's runner
-    (``Runner.data(case)``); a case whose data is built already is returned as it is."""
-    if case.data is not None:
-        return case
-    data = data_for(case) if data_for is not None else runner_class(case.kind).data(case)
-    return replace(case, data=data)
 
 
 class Launcher:
