@@ -327,11 +327,6 @@ def _measured(result: CaseResult, curve: str) -> list[list[float]]:
     return [list(c[warmup:]) for c in curves]
 
 
-def measured_step_ms(result: CaseResult) -> list[float]:
-    """The wall time of every measured (post-warm-up) step, of every seed that ran."""
-    return [ms for steps in _measured(result, "step_ms_curve") for ms in steps]
-
-
 def measured_step_ratios(result: CaseResult) -> list[float]:
     """Step over its control of every measured (post-warm-up) step, of every seed that ran, in the clock the
     case's ``step_control_ratio`` used (CPU time on the CPU, wall time elsewhere); empty where no control
